@@ -1,0 +1,304 @@
+"""The experiment schema: one YAML file describes data, model, task, training and scaling.
+
+Every section is a pydantic model with ``extra="forbid"`` so a typo is an error, and
+every field carries a description so the JSON Schema (``forgeml config schema``) and
+the configuration reference are generated from this file alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the field path and the reason."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class WaferSource(Section):
+    """The built-in wafer-map generator (nine WM-811K pattern classes), cached as Parquet."""
+
+    kind: Literal["wafer"] = "wafer"
+    samples_per_class: int = Field(
+        1000, ge=10, description="Maps generated per defect class (nine classes)."
+    )
+    image_size: int = Field(32, ge=16, le=128, description="Side of the square wafer map in dies.")
+    shards: int = Field(8, ge=1, le=256, description="Number of Parquet files written.")
+
+
+class ParquetSource(Section):
+    """Parquet files with an image column (flattened or nested arrays) and an integer label."""
+
+    kind: Literal["parquet"] = "parquet"
+    path: str = Field(description="Local path or s3:// URI of a Parquet file or folder.")
+    id_column: str = Field(
+        "sample_id", description="Column with a stable row id; the split is a hash of it."
+    )
+    image_column: str = Field("image", description="Column holding the wafer map.")
+    label_column: str = Field("label", description="Column holding the integer class index.")
+    image_size: int = Field(ge=1, description="Side of the square map stored in image_column.")
+    class_names: list[str] = Field(min_length=2, description="Class names, by label index.")
+
+
+Source = Annotated[WaferSource | ParquetSource, Field(discriminator="kind")]
+
+
+class SplitConfig(Section):
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for test.")
+
+
+class AugmentConfig(Section):
+    """Train-only augmentation applied inside the Ray Data pipeline, fresh every epoch."""
+
+    rotate90: bool = Field(True, description="Random multiples of 90 degree rotation.")
+    flip: bool = Field(True, description="Random horizontal and vertical flips.")
+
+
+class DataConfig(Section):
+    source: Source = Field(default_factory=WaferSource, description="Where rows come from.")
+    cache: bool = Field(
+        True,
+        description="Keep preprocessed splits in the object store; turn off for data "
+        "larger than the object store, which then streams from storage every epoch.",
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic split.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Train-only.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> DataConfig:
+        if self.split.val_fraction + self.split.test_fraction >= 0.8:
+            raise ValueError(
+                "split.val_fraction + split.test_fraction must be < 0.8 "
+                f"(got {self.split.val_fraction + self.split.test_fraction:g})"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class CNNConfig(Section):
+    """A stack of conv blocks (conv-BN-ReLU, pooling) and a linear classifier."""
+
+    kind: Literal["cnn"] = "cnn"
+    width: int = Field(32, ge=4, le=512, description="Channels of the first block; doubles per block.")
+    depth: int = Field(3, ge=1, le=6, description="Number of conv blocks.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the classifier.")
+
+
+ModelConfig = Annotated[CNNConfig, Field(discriminator="kind")]
+
+
+class ClassificationTask(Section):
+    kind: Literal["classification"] = "classification"
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+
+
+TaskConfig = Annotated[ClassificationTask, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------- train
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Decoupled (AdamW) or L2 (SGD) decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
+
+
+class ConstantSchedule(Section):
+    kind: Literal["constant"] = "constant"
+
+
+class CosineSchedule(Section):
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last epoch (per step)."""
+
+    kind: Literal["cosine"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0, description="Epochs of linear warm-up.")
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Final lr as a share of lr.")
+
+
+class StepSchedule(Section):
+    kind: Literal["step"] = "step"
+    step_epochs: int = Field(5, ge=1, description="Multiply lr by gamma every step_epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Decay factor.")
+
+
+class PlateauSchedule(Section):
+    """Reduce lr when the early-stopping metric stops improving."""
+
+    kind: Literal["plateau"] = "plateau"
+    factor: float = Field(0.5, gt=0, lt=1, description="Multiply lr by this on a plateau.")
+    patience: int = Field(2, ge=0, description="Epochs without improvement before reducing.")
+
+
+Schedule = Annotated[
+    ConstantSchedule | CosineSchedule | StepSchedule | PlateauSchedule,
+    Field(discriminator="kind"),
+]
+
+VALIDATION_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = Field(True, description="Stop when the metric stops improving.")
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field(
+        "val_loss", description="Validation metric watched by early stopping and checkpoints."
+    )
+    mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
+    patience: int = Field(4, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
+
+
+class CheckpointConfig(Section):
+    keep_top_k: int = Field(2, ge=1, description="Checkpoints kept, best by the watched metric.")
+
+
+class TrainConfig(Section):
+    max_epochs: int = Field(12, ge=1, description="Upper bound on epochs.")
+    batch_size: int = Field(128, ge=1, description="Per-worker batch size.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: Schedule = Field(default_factory=CosineSchedule, description="LR schedule.")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    grad_clip_norm: float | None = Field(1.0, gt=0, description="Clip gradients; null disables.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="Worker failures recovered from the last checkpoint (-1: always)."
+    )
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker; null: cpus_per_worker."
+    )
+
+
+class StorageConfig(Section):
+    root: str = Field(
+        "~/forgeml",
+        description="Local folder or s3://bucket/prefix holding datasets, runs and models.",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, moto, ...); null uses AWS or AWS_ENDPOINT_URL."
+    )
+    region: str | None = Field(None, description="S3 region; null uses the AWS default chain.")
+
+
+class ExperimentConfig(Section):
+    """One experiment: the model it registers, and everything needed to reproduce it."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="Registered model name (lowercase, digits, '.', '_', '-').",
+    )
+    seed: int = Field(0, ge=0, description="Seeds data generation, split and initialisation.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=CNNConfig, description="Model family.")
+    task: TaskConfig = Field(default_factory=ClassificationTask, description="What is predicted.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_path(loc: tuple, raw: Any) -> str:
+    """Dotted path of an error location, without the tags pydantic adds for unions."""
+    parts, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("kind", part) == part:
+            continue  # the discriminator tag of a tagged union, not a field
+        parts.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def _format_validation_error(error: ValidationError, raw: Any, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or item["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {_field_path(item['loc'], raw)}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into a key path and a YAML-parsed value (``3`` is an int)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``a.b=value`` into the raw config mapping, creating sections as needed."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"override {text!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment, apply ``--set`` overrides and validate it.
+
+    Raises ConfigError naming every offending field path; never touches Ray.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, raw, source)) from None
+
+
+def json_schema() -> str:
+    return json.dumps(ExperimentConfig.model_json_schema(), indent=2)

@@ -1,0 +1,1 @@
+"""Data: sources, fitted preprocessing and the Ray Data pipeline."""

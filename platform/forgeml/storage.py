@@ -1,0 +1,220 @@
+"""One filesystem for local folders and S3 (pyarrow.fs), atomic writes, and the model registry.
+
+Layout under the storage root::
+
+    datasets/<name>/<fingerprint>/part-*.parquet   generated or ingested data
+    runs/<run_name>/                               Ray Train storage: checkpoints, state
+    models/<model>/v<N>/                           model packages
+    models/<model>/latest                          text file naming the newest version
+
+A version directory becomes visible to readers only when its ``_COMPLETE`` marker is
+written, after every file of the package; ``latest`` moves after that. A crash
+mid-write therefore leaves an invisible, incomplete directory, never a broken model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from forgeml.config import StorageConfig
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "_COMPLETE"
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+class Storage:
+    """Paths under a storage root on the local disk or S3, with one API for both."""
+
+    def __init__(self, cfg: StorageConfig):
+        self.cfg = cfg
+        if cfg.root.startswith("s3://"):
+            self.scheme = "s3"
+            self.fs = _s3_filesystem(cfg)
+            self.base = cfg.root[len("s3://") :].rstrip("/")
+        elif "://" in cfg.root:
+            raise ValueError(f"storage.root must be a local path or s3:// URI (got {cfg.root!r})")
+        else:
+            self.scheme = "file"
+            self.fs = pafs.LocalFileSystem()
+            self.base = str(Path(cfg.root).expanduser().resolve())
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    def path(self, *parts: str) -> str:
+        """A path for ``self.fs`` (no scheme) under the root."""
+        return "/".join([self.base, *parts])
+
+    def uri(self, *parts: str) -> str:
+        """A user-facing location: a local path, or an s3:// URI."""
+        path = self.path(*parts)
+        return path if self.is_local else f"s3://{path}"
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def list_dirs(self, path: str) -> list[str]:
+        """Names of the sub-directories of ``path`` (empty if it does not exist)."""
+        if not self.exists(path):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def list_files(self, path: str, suffix: str = "") -> list[str]:
+        if not self.exists(path):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        return sorted(
+            i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        )
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def read_text(self, path: str) -> str:
+        return self.read_bytes(path).decode()
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file so that readers see the old content or the new, never a part.
+
+        Local files go through a temporary file and ``os.replace``; an S3 PUT is atomic.
+        """
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        else:
+            with self.fs.open_output_stream(path) as stream:
+                stream.write(data)
+
+    def write_text(self, path: str, text: str) -> None:
+        self.write_bytes(path, text.encode())
+
+    def delete_dir(self, path: str) -> None:
+        if self.exists(path):
+            self.fs.delete_dir(path)
+
+
+def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
+    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {"region": cfg.region} if cfg.region else {}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: int
+    uri: str
+    path: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:v{self.version}"
+
+
+class ModelRegistry:
+    """Versions of named model packages under ``<root>/models``."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def _model_dir(self, name: str) -> str:
+        return self.storage.path("models", name)
+
+    def _version_numbers(self, name: str, complete_only: bool) -> list[int]:
+        numbers = []
+        for entry in self.storage.list_dirs(self._model_dir(name)):
+            match = _VERSION_DIR.match(entry)
+            if not match:
+                continue
+            marker = f"{self._model_dir(name)}/{entry}/{COMPLETE_MARKER}"
+            if complete_only and not self.storage.exists(marker):
+                continue
+            numbers.append(int(match.group(1)))
+        return sorted(numbers)
+
+    def models(self) -> list[str]:
+        return [m for m in self.storage.list_dirs(self.storage.path("models")) if self.versions(m)]
+
+    def versions(self, name: str) -> list[int]:
+        """Complete versions of ``name``, oldest first."""
+        return self._version_numbers(name, complete_only=True)
+
+    def _version(self, name: str, version: int) -> ModelVersion:
+        return ModelVersion(
+            name,
+            version,
+            self.storage.uri("models", name, f"v{version}"),
+            self.storage.path("models", name, f"v{version}"),
+        )
+
+    def resolve(self, ref: str) -> ModelVersion:
+        """``name``, ``name:latest`` or ``name:vN`` to a complete version; KeyError if absent."""
+        name, _, tag = ref.partition(":")
+        versions = self.versions(name)
+        if not versions:
+            raise KeyError(f"no registered model named {name!r} under {self.storage.uri('models')}")
+        if tag in ("", "latest"):
+            latest_file = f"{self._model_dir(name)}/latest"
+            if self.storage.exists(latest_file):
+                number = int(self.storage.read_text(latest_file).strip().lstrip("v"))
+                if number in versions:
+                    return self._version(name, number)
+            return self._version(name, versions[-1])
+        match = _VERSION_DIR.match(tag)
+        if not match or int(match.group(1)) not in versions:
+            raise KeyError(f"model {name!r} has no version {tag!r}; versions: {versions}")
+        return self._version(name, int(match.group(1)))
+
+    def register(self, name: str, files: dict[str, bytes]) -> ModelVersion:
+        """Write a new version holding ``files`` and point ``latest`` at it.
+
+        The version number is one past every existing directory, complete or not, so a
+        crashed write is never reused. Two registrations of the same name racing on S3
+        (no exclusive create there) could pick one number; serialise them upstream.
+        """
+        existing = self._version_numbers(name, complete_only=False)
+        number = (existing[-1] if existing else 0) + 1
+        version = self._version(name, number)
+        if self.storage.is_local:
+            os.makedirs(self._model_dir(name), exist_ok=True)
+            os.mkdir(version.path)  # exclusive: fails if another writer took this number
+        try:
+            for filename, data in files.items():
+                self.storage.write_bytes(f"{version.path}/{filename}", data)
+            self.storage.write_text(f"{version.path}/{COMPLETE_MARKER}", uuid.uuid4().hex)
+        except BaseException:
+            self.storage.delete_dir(version.path)
+            raise
+        self.storage.write_text(f"{self._model_dir(name)}/latest", f"v{number}\n")
+        logger.info("registered %s at %s", version.ref, version.uri)
+        return version
+
+    def read(self, version: ModelVersion, filename: str) -> bytes:
+        return self.storage.read_bytes(f"{version.path}/{filename}")

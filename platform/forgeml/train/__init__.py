@@ -1,0 +1,1 @@
+"""Training: the per-worker loop (``loop.py``) and the TorchTrainer built from a config."""

@@ -1,0 +1,215 @@
+"""The per-worker training loop run by Ray Train on every DDP rank.
+
+Reads top to bottom: build the model, optimizer and schedule from the config; restore
+the latest checkpoint if Ray Train hands one over (a restarted worker group or
+``--resume``); then per epoch train on this rank's shard, validate, decide on early
+stopping, and report metrics with a checkpoint. All ranks take the same decisions
+because every number they decide on is all-reduced first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from forgeml.config import ExperimentConfig
+from forgeml.models import build_model
+from forgeml.tasks import build_task
+from forgeml.train.early_stopping import EarlyStopping
+from forgeml.train.optim import LRSchedule, build_optimizer
+
+logger = logging.getLogger("forgeml.train")
+
+CHECKPOINT_FILE = "state.pt"
+BATCH_DTYPES = {"image": torch.float32, "label": torch.int64}
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _autocast(cfg: ExperimentConfig, device: torch.device):
+    use_bf16 = cfg.train.precision == "bf16" or (
+        cfg.train.precision == "auto" and device.type == "cuda"
+    )
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Train one rank. Returns (on every rank) the run's status and per-epoch history."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    class_names = tuple(config["class_names"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads or max(int(cfg.scaling.cpus_per_worker), 1))
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg.task, class_names)
+    model = build_model(cfg.model, tuple(config["input_shape"]), task.num_outputs)
+    model = ray.train.torch.prepare_model(model)
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
+    schedule = LRSchedule(
+        cfg.train.schedule,
+        optimizer,
+        steps_per_epoch=config["steps_per_epoch"],
+        max_epochs=cfg.train.max_epochs,
+        metric_mode=cfg.train.early_stopping.mode,
+    )
+    stopper = EarlyStopping(cfg.train.early_stopping)
+    history: list[dict] = []
+    start_epoch = 1
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        stopper.load_state_dict(state["early_stopping"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        if rank == 0:
+            logger.info("resumed from the checkpoint of epoch %d", state["epoch"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    watched = cfg.train.early_stopping.metric
+    run_started = time.monotonic()
+    status = "completed"
+
+    for epoch in range(start_epoch, cfg.train.max_epochs + 1):
+        epoch_started = time.monotonic()
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for batch in train_shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            dtypes=BATCH_DTYPES,
+            device=device,
+            local_shuffle_buffer_size=4 * cfg.train.batch_size,
+        ):
+            images, labels = batch["image"], batch["label"]
+            with _autocast(cfg, device):
+                loss = task.loss(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
+            optimizer.step()
+            schedule.after_step()
+            loss_sum += loss.detach().double() * len(labels)
+            seen += len(labels)
+        train_seconds = time.monotonic() - epoch_started
+        total_loss, total_seen = _all_reduce_sum([loss_sum.item(), seen], device)
+        train_loss = total_loss / max(total_seen, 1)
+
+        model.eval()
+        metrics = task.validation_metrics().to(device)
+        val_loss_sum, val_seen = 0.0, 0
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(
+                batch_size=4 * cfg.train.batch_size, dtypes=BATCH_DTYPES, device=device
+            ):
+                with _autocast(cfg, device):
+                    logits = model(batch["image"])
+                val_loss_sum += task.loss(logits, batch["label"]).item() * len(batch["label"])
+                val_seen += len(batch["label"])
+                metrics.update(task.predict(logits), batch["label"])
+        computed = {k: float(v) for k, v in metrics.compute().items()}
+        val_total, val_count = _all_reduce_sum([val_loss_sum, val_seen], device)
+
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_total / max(val_count, 1),
+            **{f"val_{name}": value for name, value in computed.items()},
+            "lr": schedule.lr,
+            "samples_per_s": total_seen / max(train_seconds, 1e-9),
+            "epoch_s": time.monotonic() - epoch_started,
+        }
+        history.append(record)
+
+        if not math.isfinite(train_loss) or not math.isfinite(record["val_loss"]):
+            status = "diverged"
+            ray.train.report(record)
+            break
+
+        stop = stopper.update(record[watched], epoch)
+        schedule.after_epoch(record[watched])
+        record["best_epoch"] = stopper.best_epoch
+
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "early_stopping": stopper.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                    },
+                    Path(folder) / CHECKPOINT_FILE,
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(record, checkpoint=checkpoint)
+
+        if rank == 0:
+            elapsed = time.monotonic() - run_started
+            done = epoch - start_epoch + 1
+            eta = elapsed / done * (cfg.train.max_epochs - epoch)
+            logger.info(
+                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_accuracy %.4f  "
+                "val_macro_f1 %.4f  lr %.2e  %.0f samples/s  elapsed %s  eta %s",
+                epoch,
+                cfg.train.max_epochs,
+                train_loss,
+                record["val_loss"],
+                record["val_accuracy"],
+                record["val_macro_f1"],
+                record["lr"],
+                record["samples_per_s"],
+                _format_seconds(elapsed),
+                _format_seconds(eta),
+            )
+        if stop:
+            status = "early_stopped"
+            if rank == 0:
+                logger.info(
+                    "early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                    watched,
+                    stopper.epochs_without_improvement,
+                    stopper.best,
+                    stopper.best_epoch,
+                )
+            break
+
+    return {"status": status, "history": history, "world_size": world_size}

@@ -1,0 +1,81 @@
+"""Optimizers and learning-rate schedules built from config.
+
+A schedule advances after every optimizer step (warm-up and cosine need step
+resolution), after every epoch (step decay), or on the validation metric (plateau);
+``LRSchedule`` hides which, so the loop calls both hooks and stays one shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from forgeml.config import (
+    ConstantSchedule,
+    CosineSchedule,
+    OptimizerConfig,
+    PlateauSchedule,
+    StepSchedule,
+)
+
+
+def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
+
+
+class LRSchedule:
+    """Wraps one torch scheduler with per-step and per-epoch hooks."""
+
+    def __init__(self, cfg, optimizer, steps_per_epoch: int, max_epochs: int, metric_mode: str):
+        self.cfg = cfg
+        self.optimizer = optimizer
+        if isinstance(cfg, CosineSchedule):
+            warmup = max(int(cfg.warmup_epochs * steps_per_epoch), 0)
+            total = max(steps_per_epoch * max_epochs, warmup + 1)
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+                cosine = 0.5 * (1 + math.cos(math.pi * progress))
+                return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        elif isinstance(cfg, StepSchedule):
+            self.scheduler = torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=cfg.step_epochs, gamma=cfg.gamma
+            )
+        elif isinstance(cfg, PlateauSchedule):
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=metric_mode, factor=cfg.factor, patience=cfg.patience
+            )
+        elif isinstance(cfg, ConstantSchedule):
+            self.scheduler = None
+        else:
+            raise TypeError(f"unknown schedule {cfg!r}")
+
+    def after_step(self) -> None:
+        if isinstance(self.cfg, CosineSchedule):
+            self.scheduler.step()
+
+    def after_epoch(self, metric: float) -> None:
+        if isinstance(self.cfg, StepSchedule):
+            self.scheduler.step()
+        elif isinstance(self.cfg, PlateauSchedule):
+            self.scheduler.step(metric)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict() if self.scheduler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler:
+            self.scheduler.load_state_dict(state)

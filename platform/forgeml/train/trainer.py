@@ -1,0 +1,169 @@
+"""From a config to a registered model: prepare data, fit a TorchTrainer, evaluate, register.
+
+The driver side of training. Runs on the embedded runtime, a ``ray start`` cluster or
+a KubeRay cluster alike; ``runtime.connect()`` decides which.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from forgeml import runtime
+from forgeml.config import ExperimentConfig
+from forgeml.data.pipeline import PreparedData, prepare_data
+from forgeml.data.sources import open_source
+from forgeml.evaluate import evaluate, reference_statistics
+from forgeml.model_package import PackageContents, package_files
+from forgeml.models import build_model
+from forgeml.storage import ModelRegistry, ModelVersion, Storage
+from forgeml.tasks import build_task
+from forgeml.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; nothing was registered."""
+
+
+@dataclass
+class TrainingOutcome:
+    run_name: str
+    run_uri: str
+    status: str
+    epochs: int
+    version: ModelVersion
+    metrics: dict
+
+
+def resolve_run_name(cfg: ExperimentConfig, storage: Storage, resume: bool | str) -> str:
+    """A fresh timestamped run name, or the run to continue for ``--resume [RUN]``."""
+    if resume is False:
+        return f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    runs = [r for r in storage.list_dirs(storage.path("runs")) if r.startswith(f"{cfg.name}-")]
+    if resume is True:
+        if not runs:
+            raise FileNotFoundError(
+                f"--resume: no earlier run of {cfg.name!r} under {storage.uri('runs')}"
+            )
+        return runs[-1]
+    if resume not in runs:
+        raise FileNotFoundError(f"--resume: no run {resume!r} under {storage.uri('runs')}")
+    return resume
+
+
+def build_trainer(cfg: ExperimentConfig, storage: Storage, data: PreparedData, run_name: str):
+    input_shape = (1, data.preprocessor.image_size, data.preprocessor.image_size)
+    rows_per_worker = math.ceil(data.sizes["train"] / cfg.scaling.num_workers)
+    early = cfg.train.early_stopping
+    run_config = ray.train.RunConfig(
+        name=run_name,
+        storage_path=storage.path("runs"),
+        storage_filesystem=None if storage.is_local else storage.fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.train.checkpoint.keep_top_k,
+            checkpoint_score_attribute=early.metric,
+            checkpoint_score_order=early.mode,
+        ),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "experiment": cfg.model_dump(mode="json"),
+            "class_names": list(data.class_names),
+            "input_shape": list(input_shape),
+            "steps_per_epoch": math.ceil(rows_per_worker / cfg.train.batch_size),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=run_config,
+        datasets=data.as_trainer_datasets(),
+    )
+
+
+def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingOutcome:
+    """Train, evaluate on the test split and register a model package.
+
+    Raises TrainingDiverged when the loss is not finite (nothing registered) and lets
+    Ray Train's TrainingFailedError through when workers fail beyond ``max_failures``.
+    """
+    started = time.monotonic()
+    storage = Storage(cfg.storage)
+    run_name = resolve_run_name(cfg, storage, resume)
+    source = open_source(cfg.data.source, storage, cfg.seed)
+    runtime.connect()
+    data = prepare_data(cfg, source)
+    trainer = build_trainer(cfg, storage, data, run_name)
+    logger.info("training %s as run %s (%s)", cfg.name, run_name, storage.uri("runs", run_name))
+    result = trainer.fit()
+    outcome = result.return_value
+    history = outcome["history"]
+    if outcome["status"] == "diverged":
+        last = history[-1]
+        raise TrainingDiverged(
+            f"training diverged at epoch {last['epoch']}: train_loss={last['train_loss']}, "
+            f"val_loss={last['val_loss']}; lower train.optimizer.lr "
+            f"(was {cfg.train.optimizer.lr:g}) or set train.grad_clip_norm. "
+            "No model version was registered."
+        )
+
+    early = cfg.train.early_stopping
+    best = result.get_best_checkpoint(early.metric, early.mode)
+    with best.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu")
+    task = build_task(cfg.task, data.class_names)
+    input_shape = (1, data.preprocessor.image_size, data.preprocessor.image_size)
+    model = build_model(cfg.model, input_shape, task.num_outputs)
+    model.load_state_dict(state["model"])
+    evaluation = evaluate(model, task, data.test, data.preprocessor)
+
+    metrics = {
+        "test": evaluation.metrics,
+        "best_epoch": state["epoch"],
+        "selected_by": {"metric": early.metric, "mode": early.mode},
+        "status": outcome["status"],
+        "history": history,
+        "data": {"rows": data.sizes, "class_names": list(data.class_names)},
+        "run": {
+            "name": run_name,
+            "uri": storage.uri("runs", run_name),
+            "workers": outcome["world_size"],
+            "use_gpu": cfg.scaling.use_gpu,
+            "wall_s": round(time.monotonic() - started, 1),
+        },
+    }
+    version = ModelRegistry(storage).register(
+        cfg.name,
+        package_files(
+            PackageContents(
+                config=cfg,
+                preprocessor=data.preprocessor,
+                state_dict=state["model"],
+                input_shape=input_shape,
+                class_names=data.class_names,
+                metrics=metrics,
+                reference=reference_statistics(evaluation, data.class_names),
+            )
+        ),
+    )
+    return TrainingOutcome(
+        run_name=run_name,
+        run_uri=storage.uri("runs", run_name),
+        status=outcome["status"],
+        epochs=len(history),
+        version=version,
+        metrics=metrics,
+    )
