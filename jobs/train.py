@@ -1,6 +1,6 @@
 """Train, evaluate and register a model: what `ray job submit -- python jobs/train.py` runs.
 
-    python jobs/train.py --config examples/wafer/config.yaml [--set train.max_epochs=3] [--resume]
+python jobs/train.py --config examples/wafer/config.yaml [--set train.max_epochs=3] [--resume]
 """
 
 import sys

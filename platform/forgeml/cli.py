@@ -1,9 +1,9 @@
 """The ``forgeml`` command line; the scripts in ``jobs/`` call the same functions.
 
-    forgeml train --config examples/wafer/config.yaml [--set train.max_epochs=3] [--resume [RUN]]
-    forgeml config schema
-    forgeml config validate --config FILE [--set ...]
-    forgeml models list [--config FILE | --storage-root ROOT]
+forgeml train --config examples/wafer/config.yaml [--set train.max_epochs=3] [--resume [RUN]]
+forgeml config schema
+forgeml config validate --config FILE [--set ...]
+forgeml models list [--config FILE | --storage-root ROOT]
 """
 
 from __future__ import annotations

@@ -93,7 +93,9 @@ class CNNConfig(Section):
     """A stack of conv blocks (conv-BN-ReLU, pooling) and a linear classifier."""
 
     kind: Literal["cnn"] = "cnn"
-    width: int = Field(32, ge=4, le=512, description="Channels of the first block; doubles per block.")
+    width: int = Field(
+        32, ge=4, le=512, description="Channels of the first block; doubles per block."
+    )
     depth: int = Field(3, ge=1, le=6, description="Number of conv blocks.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the classifier.")
 

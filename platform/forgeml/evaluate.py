@@ -23,8 +23,13 @@ class Evaluation:
     defect_fraction: np.ndarray
 
 
-def evaluate(model: torch.nn.Module, task, dataset: ray.data.Dataset, preprocessor: WaferPreprocessor,
-             batch_size: int = 512) -> Evaluation:
+def evaluate(
+    model: torch.nn.Module,
+    task,
+    dataset: ray.data.Dataset,
+    preprocessor: WaferPreprocessor,
+    batch_size: int = 512,
+) -> Evaluation:
     """Test metrics (torchmetrics) plus the per-row outputs the reference statistics need."""
     model.eval()
     metrics = task.test_metrics()
@@ -60,16 +65,21 @@ def reference_statistics(evaluation: Evaluation, class_names: tuple[str, ...]) -
         "inputs": {"defect_fraction": _histogram(evaluation.defect_fraction, 0.0, 1.0)},
         "predictions": {
             "class_share": dict(
-                zip(class_names, (np.bincount(predicted, minlength=k) / len(predicted)).tolist(),
-                    strict=True)
+                zip(
+                    class_names,
+                    (np.bincount(predicted, minlength=k) / len(predicted)).tolist(),
+                    strict=True,
+                )
             ),
             "confidence": _histogram(evaluation.probabilities.max(1), 0.0, 1.0),
         },
         "labels": {
             "class_share": dict(
-                zip(class_names,
+                zip(
+                    class_names,
                     (np.bincount(evaluation.labels, minlength=k) / len(evaluation.labels)).tolist(),
-                    strict=True)
+                    strict=True,
+                )
             )
         },
     }

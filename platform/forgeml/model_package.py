@@ -1,11 +1,11 @@
 """The model package: the one directory that train writes and evaluate, tune and serve read.
 
-    config.yaml        the fully resolved experiment config
-    preprocessor.json  fitted preprocessing state
-    model.pt           weights plus what rebuilds the module (model config, input shape)
-    metrics.json       test metrics and the training history
-    reference.json     input and prediction statistics for drift detection
-    MODEL_CARD.md      what it is, data, metrics, intended use, limits
+config.yaml        the fully resolved experiment config
+preprocessor.json  fitted preprocessing state
+model.pt           weights plus what rebuilds the module (model config, input shape)
+metrics.json       test metrics and the training history
+reference.json     input and prediction statistics for drift detection
+MODEL_CARD.md      what it is, data, metrics, intended use, limits
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ def load_model(registry: ModelRegistry, ref: str) -> LoadedModel:
     """Rebuild a registered model (eval mode, CPU) with its preprocessing and task."""
     version = registry.resolve(ref)
     config = config_from_dict(yaml.safe_load(registry.read(version, "config.yaml")), ref)
-    preprocessor = WaferPreprocessor.from_dict(json.loads(registry.read(version, "preprocessor.json")))
+    preprocessor = WaferPreprocessor.from_dict(
+        json.loads(registry.read(version, "preprocessor.json"))
+    )
     saved = torch.load(io.BytesIO(registry.read(version, "model.pt")), map_location="cpu")
     if saved.get("format") != MODEL_FORMAT:
         raise ValueError(f"{version.ref}: unsupported model.pt format {saved.get('format')}")

@@ -28,7 +28,9 @@ def assign_split(ids: np.ndarray, seed: int, val_fraction: float, test_fraction:
     with np.errstate(over="ignore"):
         hashed = splitmix64(ids.astype(np.uint64) ^ splitmix64(np.array([seed], np.uint64)))
     u = (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+    return np.where(
+        u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train")
+    )
 
 
 def decode_images(column, image_size: int, name: str = "image") -> np.ndarray:

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from forgeml.cli import main
+from forgeml.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+from tests.conftest import REPO, tiny_raw_config, write_config
+
+EXAMPLE = REPO / "examples" / "wafer" / "config.yaml"
+
+
+def test_example_config_loads_with_overrides():
+    cfg = load_config(EXAMPLE, ["train.max_epochs=3", "train.optimizer.lr=1e-4", "seed=5"])
+    assert cfg.train.max_epochs == 3
+    assert cfg.train.optimizer.lr == pytest.approx(1e-4)
+    assert cfg.seed == 5
+    assert cfg.model.kind == "cnn"
+
+
+def test_override_creates_nested_sections_and_parses_yaml_values():
+    raw = apply_overrides({}, ["train.schedule.kind=step", "data.augment.flip=false"])
+    assert raw == {"train": {"schedule": {"kind": "step"}}, "data": {"augment": {"flip": False}}}
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "reason"),
+    [
+        ("train.max_epochs=0", "train.max_epochs", "greater than or equal to 1"),
+        ("train.optimizer.lr=-0.1", "train.optimizer.lr", "greater than 0"),
+        ("model.colour=red", "model.colour", "Extra inputs are not permitted"),
+        ("scaling.num_workers=two", "scaling.num_workers", "valid integer"),
+        ("train.schedule.kind=linear", "train.schedule", "does not match any of the expected tags"),
+        ("train.early_stopping.metric=val_auc", "train.early_stopping.metric", "val_loss"),
+    ],
+)
+def test_bad_fields_are_named_with_the_reason(tmp_path, override, path, reason):
+    config = write_config(tmp_path / "c.yaml", tiny_raw_config(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        load_config(config, [override])
+    line = next(line for line in str(info.value).splitlines() if line.strip().startswith(path))
+    assert reason in line
+
+
+def test_split_fractions_must_leave_training_rows(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_raw_config(tmp_path))
+    with pytest.raises(ConfigError, match="val_fraction \\+ split.test_fraction must be < 0.8"):
+        load_config(config, ["data.split.val_fraction=0.45", "data.split.test_fraction=0.45"])
+
+
+def test_override_into_a_value_is_rejected(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_raw_config(tmp_path))
+    with pytest.raises(ConfigError, match="seed is a value, not a section"):
+        load_config(config, ["seed.x=1"])
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        load_config(config, ["train.max_epochs"])
+
+
+def test_schema_is_valid_json_schema_with_descriptions(capsys):
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == set(ExperimentConfig.model_fields)
+    lr = schema["$defs"]["OptimizerConfig"]["properties"]["lr"]
+    assert lr["exclusiveMinimum"] == 0 and lr["description"]

@@ -1,0 +1,109 @@
+import numpy as np
+
+from forgeml.data import wafer
+from forgeml.data.preprocessing import WaferPreprocessor, assign_split, augment, decode_images
+
+
+def test_generator_is_deterministic_per_seed():
+    a = wafer.generate(5, 24, seed=3)
+    b = wafer.generate(5, 24, seed=3)
+    c = wafer.generate(5, 24, seed=4)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_generator_is_class_balanced_and_uses_wm811k_codes():
+    rows = wafer.generate(20, 32, seed=0)
+    assert np.bincount(rows["label"]).tolist() == [20] * len(wafer.CLASS_NAMES)
+    assert set(np.unique(rows["image"])) <= {wafer.OUTSIDE, wafer.GOOD, wafer.DEFECT}
+    assert rows["image"].shape == (180, 32 * 32)
+
+
+def _defect_share(label: str, n: int = 40, size: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    k = wafer.CLASS_NAMES.index(label)
+    maps = np.stack([wafer.generate_map(k, size, rng) for _ in range(n)])
+    inside = (maps != wafer.OUTSIDE).sum((1, 2))
+    return (maps == wafer.DEFECT).sum((1, 2)) / inside
+
+
+def test_pattern_densities_follow_their_definitions():
+    assert _defect_share("none").max() < 0.08
+    assert _defect_share("near-full").min() > 0.7
+    random = _defect_share("random")
+    assert 0.15 < random.mean() < 0.5
+
+
+def test_edge_ring_defects_sit_on_the_rim_and_center_defects_in_the_middle():
+    size, rng = 32, np.random.default_rng(2)
+    y, x = np.mgrid[0:size, 0:size]
+    r = np.hypot(y - (size - 1) / 2, x - (size - 1) / 2) / (size / 2)
+
+    def mean_defect_radius(label):
+        k = wafer.CLASS_NAMES.index(label)
+        return np.mean(
+            [r[wafer.generate_map(k, size, rng) == wafer.DEFECT].mean() for _ in range(30)]
+        )
+
+    assert mean_defect_radius("edge-ring") > 0.8
+    assert mean_defect_radius("center") < 0.35
+
+
+def test_maps_vary_within_a_class():
+    rng = np.random.default_rng(0)
+    k = wafer.CLASS_NAMES.index("scratch")
+    maps = {wafer.generate_map(k, 32, rng).tobytes() for _ in range(20)}
+    assert len(maps) == 20
+
+
+def test_split_is_a_stable_function_of_id_and_seed():
+    ids = np.arange(20000)
+    split = assign_split(ids, seed=1, val_fraction=0.15, test_fraction=0.15)
+    shuffled = np.random.default_rng(0).permutation(ids)
+    np.testing.assert_array_equal(assign_split(shuffled, 1, 0.15, 0.15), split[shuffled])
+    shares = {name: np.mean(split == name) for name in ("train", "val", "test")}
+    assert abs(shares["test"] - 0.15) < 0.01 and abs(shares["val"] - 0.15) < 0.01
+    other = assign_split(ids, seed=2, val_fraction=0.15, test_fraction=0.15)
+    assert np.mean(other != split) > 0.3
+
+
+def test_preprocessor_standardises_with_fitted_moments_and_round_trips():
+    images = np.array([[[0, 1], [2, 1]]], dtype=np.uint8)
+    x = images.astype(np.float64)
+    pre = WaferPreprocessor.from_moments(2, x.size, x.sum(), (x**2).sum())
+    assert pre.mean == 1.0 and np.isclose(pre.std, np.sqrt(0.5))
+    out = pre.transform(images)
+    assert out.shape == (1, 1, 2, 2) and out.dtype == np.float32
+    assert np.isclose(out.mean(), 0) and np.isclose(out.std(), 1)
+    assert WaferPreprocessor.from_dict(pre.to_dict()) == pre
+
+
+def test_preprocessor_rejects_wrong_shapes():
+    pre = WaferPreprocessor(image_size=4, mean=1, std=1)
+    try:
+        pre.transform(np.zeros((2, 3, 3), np.uint8))
+    except ValueError as exc:
+        assert "(N, 4, 4)" in str(exc)
+    else:
+        raise AssertionError("a 3x3 map passed a 4x4 preprocessor")
+
+
+def test_decode_accepts_flat_and_object_columns():
+    flat = np.arange(2 * 9, dtype=np.uint8).reshape(2, 9)
+    objects = np.empty(2, dtype=object)
+    objects[:] = [flat[0], flat[1]]
+    np.testing.assert_array_equal(decode_images(objects, 3), flat.reshape(2, 3, 3))
+    np.testing.assert_array_equal(decode_images(flat, 3), flat.reshape(2, 3, 3))
+
+
+def test_augmentation_only_rotates_and_flips():
+    rng = np.random.default_rng(0)
+    images = rng.random((64, 1, 8, 8)).astype(np.float32)
+    out = augment(images, rotate90=True, flip=True, rng=rng)
+    assert not np.array_equal(out, images)
+    for original, changed in zip(images, out, strict=True):
+        variants = [np.rot90(original, k, axes=(1, 2)) for k in range(4)]
+        variants += [v[..., ::-1] for v in variants]
+        assert any(np.array_equal(changed, v) for v in variants)
+    np.testing.assert_array_equal(augment(images, False, False, rng), images)
