@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from forgeml.config import ExperimentConfig, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]

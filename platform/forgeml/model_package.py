@@ -17,10 +17,9 @@ from datetime import datetime, timezone
 
 import torch
 import yaml
-
-import forgeml
 from pydantic import TypeAdapter
 
+import forgeml
 from forgeml.config import ExperimentConfig, ModelConfig, config_from_dict
 from forgeml.data.preprocessing import WaferPreprocessor
 from forgeml.models import build_model

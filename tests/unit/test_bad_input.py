@@ -1,8 +1,8 @@
 """Bad input to the train entry point: a clear error, exit code != 0, and no Ray work."""
 
 import ray
-
 from forgeml.cli import EXIT_BAD_INPUT, main
+
 from tests.conftest import tiny_raw_config, write_config
 
 

@@ -1,9 +1,9 @@
 import json
 
 import pytest
-
 from forgeml.cli import main
 from forgeml.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+
 from tests.conftest import REPO, tiny_raw_config, write_config
 
 EXAMPLE = REPO / "examples" / "wafer" / "config.yaml"

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from forgeml.config import ClassificationTask as ClassificationConfig
 from forgeml.config import CNNConfig
 from forgeml.models import build_model, registered_models

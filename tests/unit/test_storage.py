@@ -1,7 +1,6 @@
 import pytest
-
 from forgeml.config import StorageConfig
-from forgeml.storage import COMPLETE_MARKER, ModelRegistry, Storage
+from forgeml.storage import ModelRegistry, Storage
 
 
 def test_register_versions_and_latest(store):

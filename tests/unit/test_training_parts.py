@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from forgeml.config import (
     CosineSchedule,
     EarlyStoppingConfig,

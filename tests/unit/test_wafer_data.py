@@ -1,5 +1,4 @@
 import numpy as np
-
 from forgeml.data import wafer
 from forgeml.data.preprocessing import WaferPreprocessor, assign_split, augment, decode_images
 
