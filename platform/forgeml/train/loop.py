@@ -83,6 +83,7 @@ def train_loop_per_worker(config: dict) -> dict:
     )
     stopper = EarlyStopping(cfg.train.early_stopping)
     history: list[dict] = []
+    resumed_from: list[int] = []  # epochs this run restarted from, across all restarts
     start_epoch = 1
 
     checkpoint = ray.train.get_checkpoint()
@@ -94,6 +95,7 @@ def train_loop_per_worker(config: dict) -> dict:
         schedule.load_state_dict(state["schedule"])
         stopper.load_state_dict(state["early_stopping"])
         history = state["history"]
+        resumed_from = [*state["resumed_from"], state["epoch"]]
         start_epoch = state["epoch"] + 1
         if rank == 0:
             logger.info("resumed from the checkpoint of epoch %d", state["epoch"])
@@ -176,6 +178,7 @@ def train_loop_per_worker(config: dict) -> dict:
                         "early_stopping": stopper.state_dict(),
                         "epoch": epoch,
                         "history": history,
+                        "resumed_from": resumed_from,
                     },
                     Path(folder) / CHECKPOINT_FILE,
                 )
@@ -212,4 +215,9 @@ def train_loop_per_worker(config: dict) -> dict:
                 )
             break
 
-    return {"status": status, "history": history, "world_size": world_size}
+    return {
+        "status": status,
+        "history": history,
+        "resumed_from": resumed_from,
+        "world_size": world_size,
+    }

@@ -141,6 +141,7 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
             "name": run_name,
             "uri": storage.uri("runs", run_name),
             "workers": outcome["world_size"],
+            "resumed_from_epochs": outcome["resumed_from"],
             "use_gpu": cfg.scaling.use_gpu,
             "wall_s": round(time.monotonic() - started, 1),
         },

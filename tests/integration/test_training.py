@@ -1,0 +1,164 @@
+"""Training on the shared local Ray runtime: DDP, worker failure, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from forgeml.cli import EXIT_DIVERGED, main
+from forgeml.config import StorageConfig
+from forgeml.model_package import load_model
+from forgeml.storage import ModelRegistry, Storage
+from forgeml.train.trainer import run_training
+
+from tests.conftest import REPO, tiny_config, tiny_raw_config, write_config
+
+PACKAGE_FILES = {
+    "config.yaml",
+    "preprocessor.json",
+    "model.pt",
+    "metrics.json",
+    "reference.json",
+    "MODEL_CARD.md",
+}
+
+
+def _checkpoints(store: Path) -> list[Path]:
+    return sorted(p for p in store.glob("runs/*/checkpoint_*") if p.is_dir())
+
+
+def _last_registered_epoch(store: Path) -> int:
+    """The epoch of the newest checkpoint Ray Train has registered (0 if none yet).
+
+    A checkpoint folder appears while it is still being uploaded; only the controller's
+    snapshot says that a checkpoint is complete and will be restored from.
+    """
+    for snapshot in store.glob("runs/*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if latest:
+            return latest["metrics"]["epoch"]
+    return 0
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::RayTrainWorker"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_two_worker_ddp_fit_registers_a_complete_package(ray_runtime, store):
+    cfg = tiny_config(store, scaling={"num_workers": 2}, train={"checkpoint": {"keep_top_k": 1}})
+    outcome = run_training(cfg)
+
+    assert outcome.metrics["run"]["workers"] == 2
+    assert [h["epoch"] for h in outcome.metrics["history"]] == [1, 2]
+    assert outcome.version.ref == "tiny-wafer:v1"
+    package = store / "models" / "tiny-wafer" / "v1"
+    assert {p.name for p in package.iterdir()} >= PACKAGE_FILES
+    metrics = json.loads((package / "metrics.json").read_text())
+    test = metrics["test"]
+    assert 0.0 <= test["accuracy"] <= 1.0
+    assert len(test["confusion_matrix"]["matrix"]) == 9
+    assert sum(map(sum, test["confusion_matrix"]["matrix"])) == metrics["data"]["rows"]["test"]
+    # the first epochs of a tiny CNN still learn: the training loss goes down
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+    loaded = load_model(ModelRegistry(Storage(cfg.storage)), "tiny-wafer")
+    assert loaded.version.version == 1
+    assert loaded.class_names[0] == "none"
+    assert loaded.preprocessor.image_size == 16
+    assert len(_checkpoints(store)) == 1  # two epochs reported, the best one kept
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):
+    cfg = tiny_config(store, train={"max_epochs": 8, "max_failures": 2})
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if _last_registered_epoch(store) >= 1:
+                for pid in _train_worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    outcome = run_training(cfg)
+    killer.join(timeout=5)
+
+    assert killed, "no training worker was found to kill"
+    resumed = outcome.metrics["run"]["resumed_from_epochs"]
+    assert len(resumed) == 1 and 1 <= resumed[0] < 8
+    assert [h["epoch"] for h in outcome.metrics["history"]] == list(range(1, 9))
+    assert outcome.status == "completed"
+
+
+def test_resume_continues_a_stopped_run(ray_runtime, store, tmp_path):
+    raw = tiny_raw_config(store, train={"max_epochs": 10})
+    config = write_config(tmp_path / "tiny.yaml", raw)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while (
+        _last_registered_epoch(store) < 2 and driver.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, "the run finished before it could be stopped"
+    registry = ModelRegistry(Storage(StorageConfig(root=str(store))))
+    assert registry.versions("tiny-wafer") == []
+
+    code = main(["train", "--config", str(config), "--resume"])
+
+    assert code == 0
+    version = registry.resolve("tiny-wafer")
+    metrics = json.loads(registry.read(version, "metrics.json"))
+    resumed = metrics["run"]["resumed_from_epochs"]
+    assert len(resumed) == 1 and resumed[0] >= 2
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 11))
+    assert len(list((store / "runs").iterdir())) == 1
+
+
+def test_nan_loss_is_a_clear_error_and_registers_nothing(ray_runtime, store, tmp_path, capsys):
+    raw = tiny_raw_config(
+        store,
+        train={
+            "max_epochs": 3,
+            "grad_clip_norm": None,
+            "max_failures": 0,
+            "optimizer": {"name": "sgd", "lr": 1e30},
+        },
+    )
+    code = main(["train", "--config", str(write_config(tmp_path / "nan.yaml", raw))])
+    err = capsys.readouterr().err
+    assert code == EXIT_DIVERGED
+    assert "training diverged at epoch 1" in err
+    assert "lower train.optimizer.lr (was 1e+30)" in err
+    assert ModelRegistry(Storage(StorageConfig(root=str(store)))).versions("tiny-wafer") == []
