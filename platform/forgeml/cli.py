@@ -12,7 +12,14 @@ import argparse
 import logging
 import sys
 
-from forgeml.config import ConfigError, ExperimentConfig, StorageConfig, json_schema, load_config
+from forgeml.config import (
+    ConfigError,
+    ExperimentConfig,
+    StorageConfig,
+    json_schema,
+    load_config,
+    reference_markdown,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -48,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="inspect the experiment schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("schema", help="print the JSON Schema of experiment files")
+    config_commands.add_parser("docs", help="print the configuration reference (Markdown)")
     validate = config_commands.add_parser("validate", help="check a config and print it resolved")
     _add_config_arguments(validate)
 
@@ -114,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "config" and args.config_command == "schema":
             print(json_schema())
+            return 0
+        if args.command == "config" and args.config_command == "docs":
+            print(reference_markdown(), end="")
             return 0
         if args.command == "config" and args.config_command == "validate":
             cfg: ExperimentConfig = load_config(args.config, args.overrides)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,7 +29,7 @@ class Section(BaseModel):
 class WaferSource(Section):
     """The built-in wafer-map generator (nine WM-811K pattern classes), cached as Parquet."""
 
-    kind: Literal["wafer"] = "wafer"
+    kind: Literal["wafer"] = Field("wafer", description="Selects this variant.")
     samples_per_class: int = Field(
         1000, ge=10, description="Maps generated per defect class (nine classes)."
     )
@@ -40,7 +40,7 @@ class WaferSource(Section):
 class ParquetSource(Section):
     """Parquet files with an image column (flattened or nested arrays) and an integer label."""
 
-    kind: Literal["parquet"] = "parquet"
+    kind: Literal["parquet"] = Field("parquet", description="Selects this variant.")
     path: str = Field(description="Local path or s3:// URI of a Parquet file or folder.")
     id_column: str = Field(
         "sample_id", description="Column with a stable row id; the split is a hash of it."
@@ -73,8 +73,12 @@ class DataConfig(Section):
         description="Keep preprocessed splits in the object store; turn off for data "
         "larger than the object store, which then streams from storage every epoch.",
     )
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic split.")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Train-only.")
+    split: SplitConfig = Field(
+        default_factory=SplitConfig, description="Deterministic split by a hash of row id and seed."
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Train-only augmentation."
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self) -> DataConfig:
@@ -92,7 +96,7 @@ class DataConfig(Section):
 class CNNConfig(Section):
     """A stack of conv blocks (conv-BN-ReLU, pooling) and a linear classifier."""
 
-    kind: Literal["cnn"] = "cnn"
+    kind: Literal["cnn"] = Field("cnn", description="Selects this variant.")
     width: int = Field(
         32, ge=4, le=512, description="Channels of the first block; doubles per block."
     )
@@ -104,7 +108,7 @@ ModelConfig = Annotated[CNNConfig, Field(discriminator="kind")]
 
 
 class ClassificationTask(Section):
-    kind: Literal["classification"] = "classification"
+    kind: Literal["classification"] = Field("classification", description="Selects this variant.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
 
 
@@ -122,19 +126,19 @@ class OptimizerConfig(Section):
 
 
 class ConstantSchedule(Section):
-    kind: Literal["constant"] = "constant"
+    kind: Literal["constant"] = Field("constant", description="Selects this variant.")
 
 
 class CosineSchedule(Section):
     """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last epoch (per step)."""
 
-    kind: Literal["cosine"] = "cosine"
+    kind: Literal["cosine"] = Field("cosine", description="Selects this variant.")
     warmup_epochs: float = Field(1.0, ge=0, description="Epochs of linear warm-up.")
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Final lr as a share of lr.")
 
 
 class StepSchedule(Section):
-    kind: Literal["step"] = "step"
+    kind: Literal["step"] = Field("step", description="Selects this variant.")
     step_epochs: int = Field(5, ge=1, description="Multiply lr by gamma every step_epochs.")
     gamma: float = Field(0.1, gt=0, le=1, description="Decay factor.")
 
@@ -142,7 +146,7 @@ class StepSchedule(Section):
 class PlateauSchedule(Section):
     """Reduce lr when the early-stopping metric stops improving."""
 
-    kind: Literal["plateau"] = "plateau"
+    kind: Literal["plateau"] = Field("plateau", description="Selects this variant.")
     factor: float = Field(0.5, gt=0, lt=1, description="Multiply lr by this on a plateau.")
     patience: int = Field(2, ge=0, description="Epochs without improvement before reducing.")
 
@@ -172,10 +176,16 @@ class CheckpointConfig(Section):
 class TrainConfig(Section):
     max_epochs: int = Field(12, ge=1, description="Upper bound on epochs.")
     batch_size: int = Field(128, ge=1, description="Per-worker batch size.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
     schedule: Schedule = Field(default_factory=CosineSchedule, description="LR schedule.")
-    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = Field(
+        default_factory=EarlyStoppingConfig,
+        description="The watched validation metric: early stopping, checkpoint ranking, "
+        "plateau schedule and the registered (best) epoch all use it.",
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoint retention."
+    )
     grad_clip_norm: float | None = Field(1.0, gt=0, description="Clip gradients; null disables.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
@@ -213,12 +223,16 @@ class ExperimentConfig(Section):
         description="Registered model name (lowercase, digits, '.', '_', '-').",
     )
     seed: int = Field(0, ge=0, description="Seeds data generation, split and initialisation.")
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Where datasets, runs and models live."
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Source and preprocessing.")
     model: ModelConfig = Field(default_factory=CNNConfig, description="Model family.")
     task: TaskConfig = Field(default_factory=ClassificationTask, description="What is predicted.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+    scaling: ScalingConfig = Field(
+        default_factory=ScalingConfig, description="Ray Train workers and their resources."
+    )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -304,3 +318,65 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentC
 
 def json_schema() -> str:
     return json.dumps(ExperimentConfig.model_json_schema(), indent=2)
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        text = " | ".join(json.dumps(arg) for arg in get_args(annotation))
+    else:
+        text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "").replace("|", "\\|")
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Section models referenced by a field annotation (unions and Annotated included)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in getattr(annotation, "__args__", ()) or getattr(annotation, "__metadata__", ()):
+        found += _models_in(arg)
+    if hasattr(annotation, "__origin__") and hasattr(annotation, "__metadata__"):
+        found += _models_in(annotation.__origin__)
+    return found
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from these models."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `forgeml config docs` from `platform/forgeml/config.py`; do not edit.",
+        "Every section rejects unknown keys. `--set path=value` overrides any field.",
+    ]
+    seen: set[type[BaseModel]] = set()
+
+    def section(model: type[BaseModel], path: str) -> None:
+        if model in seen and model is not ExperimentConfig:
+            return
+        seen.add(model)
+        lines.extend(["", f"## `{path}` ({model.__name__})", ""])
+        if model.__doc__ and model is not Section:
+            lines.extend([" ".join(model.__doc__.split()), ""])
+        lines.extend(["| field | type | default | description |", "|---|---|---|---|"])
+        nested = []
+        for name, field in model.model_fields.items():
+            models = _models_in(field.annotation)
+            if models:
+                kinds = [m.model_fields["kind"].default for m in models if "kind" in m.model_fields]
+                kind = f"one of kind: {', '.join(kinds)}" if kinds else "section"
+                lines.append(f"| `{name}` | {kind} | | {field.description or ''} |")
+                nested += [(m, f"{path}.{name}" if path else name) for m in models]
+                continue
+            default = "required" if field.is_required() else f"`{json.dumps(field.default)}`"
+            lines.append(
+                f"| `{name}` | `{_type_name(field.annotation)}` | {default} | "
+                f"{field.description or ''} |"
+            )
+        for child, child_path in nested:
+            section(child, child_path)
+
+    section(ExperimentConfig, "")
+    return (
+        "\n".join(lines).replace("## `` (ExperimentConfig)", "## top level (ExperimentConfig)")
+        + "\n"
+    )

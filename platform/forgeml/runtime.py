@@ -1,31 +1,54 @@
 """Which Ray runtime a job runs on: the cluster it was submitted to, or an embedded one.
 
-``ray.init()`` with no address joins ``RAY_ADDRESS`` (set by ``ray job submit``) or a
-``ray start`` cluster on this machine, and otherwise starts an embedded local runtime.
+``RAY_ADDRESS`` (set by ``ray job submit``) or a live ``ray start`` cluster on this
+machine is joined; otherwise an embedded local runtime starts. A cluster that died
+without ``ray stop`` leaves its address file behind, and a plain ``ray.init()`` would
+then wait a minute for it and fail; ``connect`` starts an embedded runtime instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
+from ray._private.utils import read_ray_address
 
 logger = logging.getLogger(__name__)
+
+
+def _reachable(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _address() -> str | None:
+    """None to let Ray join RAY_ADDRESS or the local cluster, "local" to start embedded."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    recorded = read_ray_address()
+    if recorded and not _reachable(recorded):
+        logger.warning("ignoring the stale local Ray cluster address %s (not reachable)", recorded)
+        return "local"
+    return None
 
 
 def connect() -> None:
     """Join or start Ray once per process; quiet Ray Data's progress bars in logs."""
     if ray.is_initialized():
         return
-    joined = os.environ.get("RAY_ADDRESS")
-    ray.init(configure_logging=True, logging_level=logging.WARNING)
+    ray.init(address=_address(), configure_logging=True, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()
     logger.info(
-        "ray %s: %s with %g CPUs, %g GPUs",
+        "ray %s at %s: %g CPUs, %g GPUs",
         ray.__version__,
-        f"joined {joined}" if joined else "runtime ready",
+        ray.get_runtime_context().gcs_address,
         resources.get("CPU", 0),
         resources.get("GPU", 0),
     )

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import ray
-
 from forgeml.config import StorageConfig
 from forgeml.storage import ModelRegistry, Storage
+
 from tests.conftest import REPO, tiny_raw_config, write_config
 from tests.integration.conftest import free_port
 

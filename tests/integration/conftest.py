@@ -32,7 +32,7 @@ def ray_runtime():
     before Ray starts so that every worker inherits them."""
     saved = {key: os.environ.get(key) for key in S3_ENV}
     os.environ.update(S3_ENV)
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -2,7 +2,13 @@ import json
 
 import pytest
 from forgeml.cli import main
-from forgeml.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+from forgeml.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    load_config,
+    reference_markdown,
+)
 
 from tests.conftest import REPO, tiny_raw_config, write_config
 
@@ -62,3 +68,10 @@ def test_schema_is_valid_json_schema_with_descriptions(capsys):
     assert set(schema["properties"]) == set(ExperimentConfig.model_fields)
     lr = schema["$defs"]["OptimizerConfig"]["properties"]["lr"]
     assert lr["exclusiveMinimum"] == 0 and lr["description"]
+
+
+def test_configuration_reference_is_generated_from_the_schema():
+    documented = (REPO / "docs" / "configuration.md").read_text()
+    assert documented == reference_markdown(), "run: forgeml config docs > docs/configuration.md"
+    for section in ("storage", "data.source", "train.schedule", "train.early_stopping", "scaling"):
+        assert f"## `{section}`" in documented

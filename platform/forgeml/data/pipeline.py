@@ -14,7 +14,7 @@ import numpy as np
 import ray
 import ray.data
 
-from forgeml.config import ExperimentConfig
+from forgeml.config import AugmentConfig, ExperimentConfig
 from forgeml.data.preprocessing import (
     WaferPreprocessor,
     assign_split,
@@ -28,15 +28,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PreparedData:
+    """Normalised splits (not augmented) and the state fitted on the training split."""
+
     train: ray.data.Dataset
     val: ray.data.Dataset
     test: ray.data.Dataset
     preprocessor: WaferPreprocessor
     class_names: tuple[str, ...]
     sizes: dict[str, int]
+    augment: AugmentConfig
 
     def as_trainer_datasets(self) -> dict[str, ray.data.Dataset]:
-        return {"train": self.train, "val": self.val}
+        """What the TorchTrainer streams: train shuffled by block and augmented, val as is."""
+        train = self.train.randomize_block_order()
+        if self.augment.rotate90 or self.augment.flip:
+            train = train.map_batches(
+                _augment,
+                fn_kwargs={"rotate90": self.augment.rotate90, "flip": self.augment.flip},
+                batch_format="numpy",
+            )
+        return {"train": train, "val": self.val}
 
 
 def _decode_split(batch, source: TableSource, split: str, seed: int, val: float, test: float):
@@ -110,19 +121,13 @@ def prepare_data(cfg: ExperimentConfig, source: TableSource) -> PreparedData:
         if size == 0:
             raise ValueError(f"the {name} split is empty: add data or change data.split")
 
-    train = splits["train"].randomize_block_order()
-    if cfg.data.augment.rotate90 or cfg.data.augment.flip:
-        train = train.map_batches(
-            _augment,
-            fn_kwargs={"rotate90": cfg.data.augment.rotate90, "flip": cfg.data.augment.flip},
-            batch_format="numpy",
-        )
     logger.info("data: %s", ", ".join(f"{k} {v} rows" for k, v in sizes.items()))
     return PreparedData(
-        train=train,
+        train=splits["train"],
         val=splits["val"],
         test=splits["test"],
         preprocessor=preprocessor,
         class_names=source.class_names,
         sizes=sizes,
+        augment=cfg.data.augment,
     )

@@ -1,0 +1,127 @@
+"""Steady-state training throughput: forgeml's Ray Train path against a plain PyTorch loop.
+
+Both train the same wafer CNN on the same training split with the same batch size,
+optimizer, augmentation and torch thread count; throughput counts training samples
+per second of the training phase of each epoch, after the first (warm-up) epoch.
+Prints one JSON object.
+
+    python benchmarks/train_throughput.py [--epochs 6] [--workers 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import ray
+import torch
+from forgeml.config import config_from_dict
+from forgeml.data.pipeline import prepare_data
+from forgeml.data.preprocessing import augment
+from forgeml.data.sources import open_source
+from forgeml.models import build_model
+from forgeml.storage import Storage
+from forgeml.tasks import build_task
+from forgeml.train.optim import LRSchedule, build_optimizer
+from forgeml.train.trainer import run_training
+
+
+def experiment(root: str, epochs: int, workers: int, threads: int, samples_per_class: int):
+    return config_from_dict(
+        {
+            "name": "bench-wafer",
+            "storage": {"root": root},
+            "data": {"source": {"kind": "wafer", "samples_per_class": samples_per_class}},
+            "model": {"kind": "cnn", "width": 16, "depth": 3, "dropout": 0.2},
+            "train": {
+                "max_epochs": epochs,
+                "batch_size": 128,
+                "early_stopping": {"enabled": False},
+            },
+            "scaling": {"num_workers": workers, "cpus_per_worker": 1, "torch_threads": threads},
+        }
+    )
+
+
+def plain_pytorch(cfg, images: np.ndarray, labels: np.ndarray, class_names) -> list[float]:
+    """The loop a user would write by hand over in-memory arrays; samples/s per epoch."""
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg.task, class_names)
+    model = build_model(cfg.model, images.shape[1:], task.num_outputs)
+    optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
+    steps = int(np.ceil(len(images) / cfg.train.batch_size))
+    schedule = LRSchedule(cfg.train.schedule, optimizer, steps, cfg.train.max_epochs, "min")
+    rng = np.random.default_rng(cfg.seed)
+    throughput = []
+    for _ in range(cfg.train.max_epochs):
+        model.train()
+        started = time.perf_counter()
+        order = rng.permutation(len(images))
+        for start in range(0, len(order), cfg.train.batch_size):
+            index = order[start : start + cfg.train.batch_size]
+            x = torch.from_numpy(augment(images[index], True, True, rng))
+            y = torch.from_numpy(labels[index])
+            loss = task.loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
+            optimizer.step()
+            schedule.after_step()
+        throughput.append(len(images) / (time.perf_counter() - started))
+    return throughput
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (per worker)")
+    parser.add_argument("--samples-per-class", type=int, default=1000)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as root:
+        cfg = experiment(root, args.epochs, args.workers, args.threads, args.samples_per_class)
+        ray.init(address="local", num_cpus=max(2, args.workers + 1), include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        data = prepare_data(cfg, open_source(cfg.data.source, Storage(cfg.storage), cfg.seed))
+        arrays = data.train.take_batch(data.sizes["train"], batch_format="numpy")
+        plain = plain_pytorch(cfg, arrays["image"], arrays["label"], data.class_names)
+
+        outcome = run_training(cfg)
+        ours = [h["samples_per_s"] for h in outcome.metrics["history"]]
+        ray.shutdown()
+
+    steady_plain = statistics.median(plain[1:])
+    steady_ours = statistics.median(ours[1:])
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                "workers": args.workers,
+                "torch_threads_per_worker": args.threads,
+                "batch_size": cfg.train.batch_size,
+                "train_rows": data.sizes["train"],
+                "epochs": args.epochs,
+                "plain_pytorch_samples_per_s": round(steady_plain, 1),
+                "forgeml_ray_train_samples_per_s": round(steady_ours, 1),
+                "ratio": round(steady_ours / steady_plain, 3),
+                "per_epoch": {
+                    "plain": [round(v) for v in plain],
+                    "forgeml": [round(v) for v in ours],
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

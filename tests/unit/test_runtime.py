@@ -1,0 +1,27 @@
+import socket
+
+from forgeml import runtime
+
+
+def test_stale_local_cluster_address_starts_an_embedded_runtime(tmp_path, monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "read_ray_address", lambda: dead)
+    assert runtime._address() == "local"
+
+
+def test_live_or_configured_clusters_are_joined(monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        live = f"127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(runtime, "read_ray_address", lambda: live)
+        assert runtime._address() is None
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert runtime._address() is None
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(runtime, "read_ray_address", lambda: None)
+    assert runtime._address() is None
