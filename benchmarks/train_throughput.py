@@ -104,7 +104,8 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "train_throughput",
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "torch": torch.__version__,
                 "workers": args.workers,
                 "torch_threads_per_worker": args.threads,
                 "batch_size": cfg.train.batch_size,
