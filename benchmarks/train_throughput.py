@@ -1,8 +1,9 @@
 """Steady-state training throughput: forgeml's Ray Train path against a plain PyTorch loop.
 
-Both train the same wafer CNN on the same training split with the same batch size,
-optimizer, augmentation and torch thread count; throughput counts training samples
-per second of the training phase of each epoch, after the first (warm-up) epoch.
+Both train the same wafer CNN on the same training split with the same batch size
+(per worker), optimizer, augmentation and total torch thread count; throughput counts
+training samples per second of the training phase of each epoch, after the first
+(warm-up) epoch.
 Prints one JSON object.
 
     python benchmarks/train_throughput.py [--epochs 6] [--workers 1] [--threads 2]
@@ -50,8 +51,11 @@ def experiment(root: str, epochs: int, workers: int, threads: int, samples_per_c
 
 
 def plain_pytorch(cfg, images: np.ndarray, labels: np.ndarray, class_names) -> list[float]:
-    """The loop a user would write by hand over in-memory arrays; samples/s per epoch."""
-    torch.set_num_threads(cfg.scaling.torch_threads)
+    """The loop a user would write by hand over in-memory arrays; samples/s per epoch.
+
+    It gets all the threads the Ray workers get together, so both use the same cores.
+    """
+    torch.set_num_threads(cfg.scaling.torch_threads * cfg.scaling.num_workers)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, class_names)
     model = build_model(cfg.model, images.shape[1:], task.num_outputs)

@@ -10,6 +10,9 @@ from forgeml.config import (
 from forgeml.train.early_stopping import EarlyStopping
 from forgeml.train.optim import LRSchedule, build_optimizer
 
+# The schedules are stepped without training steps in between; torch warns about that.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+
 
 def _schedule(cfg, steps_per_epoch=10, max_epochs=5, mode="min"):
     param = torch.nn.Parameter(torch.zeros(1))
