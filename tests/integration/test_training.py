@@ -13,7 +13,9 @@ from pathlib import Path
 
 import ray
 from forgeml.cli import EXIT_DIVERGED, main
-from forgeml.config import StorageConfig
+from forgeml.config import StorageConfig, WaferSource
+from forgeml.data.sources import write_wafer_dataset
+from forgeml.data.wafer import CLASS_NAMES
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
@@ -64,16 +66,37 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_two_worker_ddp_fit_registers_a_complete_package(ray_runtime, store):
-    cfg = tiny_config(store, scaling={"num_workers": 2}, train={"checkpoint": {"keep_top_k": 1}})
+def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
+    ray_runtime, store, tmp_path
+):
+    exported = tmp_path / "wm811k-export"
+    write_wafer_dataset(
+        Storage(StorageConfig(root=str(tmp_path))),
+        str(exported),
+        WaferSource(samples_per_class=30, image_size=16, shards=3),
+        seed=1,
+    )
+    source = {
+        "kind": "parquet",
+        "path": str(exported),
+        "image_size": 16,
+        "class_names": list(CLASS_NAMES),
+    }
+    cfg = tiny_config(
+        store,
+        data={"source": source},
+        scaling={"num_workers": 2},
+        train={"max_epochs": 3, "checkpoint": {"keep_top_k": 1}},
+    )
     outcome = run_training(cfg)
 
     assert outcome.metrics["run"]["workers"] == 2
-    assert [h["epoch"] for h in outcome.metrics["history"]] == [1, 2]
+    assert [h["epoch"] for h in outcome.metrics["history"]] == [1, 2, 3]
     assert outcome.version.ref == "tiny-wafer:v1"
     package = store / "models" / "tiny-wafer" / "v1"
     assert {p.name for p in package.iterdir()} >= PACKAGE_FILES
     metrics = json.loads((package / "metrics.json").read_text())
+    assert sum(metrics["data"]["rows"].values()) == 9 * 30
     test = metrics["test"]
     assert 0.0 <= test["accuracy"] <= 1.0
     assert len(test["confusion_matrix"]["matrix"]) == 9
@@ -84,9 +107,11 @@ def test_two_worker_ddp_fit_registers_a_complete_package(ray_runtime, store):
 
     loaded = load_model(ModelRegistry(Storage(cfg.storage)), "tiny-wafer")
     assert loaded.version.version == 1
-    assert loaded.class_names[0] == "none"
+    assert loaded.class_names == CLASS_NAMES
     assert loaded.preprocessor.image_size == 16
-    assert len(_checkpoints(store)) == 1  # two epochs reported, the best one kept
+    # three reported; Ray Train keeps the best one and, for resuming, the latest
+    assert 1 <= len(_checkpoints(store)) <= 2
+    assert not (store / "datasets").exists()  # read in place, nothing generated
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):
