@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from forgeml.config import (
     ConfigError,
@@ -61,11 +62,93 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="the model registry")
     models_commands = models.add_subparsers(dest="models_command", required=True)
-    listing = models_commands.add_parser("list", help="registered models and versions")
-    where = listing.add_mutually_exclusive_group()
+    _add_storage_arguments(models_commands.add_parser("list", help="registered models"))
+
+    serving = commands.add_parser("serve", help="serve registered models with Ray Serve")
+    serve_commands = serving.add_subparsers(dest="serve_command", required=True)
+    run = serve_commands.add_parser("run", help="deploy on the Ray cluster and serve over HTTP")
+    build = serve_commands.add_parser(
+        "build", help="print a Serve config (serve deploy, RayService)"
+    )
+    for sub in (run, build):
+        _add_serve_arguments(sub)
+    return parser
+
+
+def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--config", help="use this experiment's storage settings")
     where.add_argument("--storage-root", help="local folder or s3://bucket/prefix")
-    return parser
+    parser.add_argument("--storage-endpoint-url", help="S3 endpoint for --storage-root")
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        required=True,
+        metavar="NAME[:vN]",
+        help="a registered model, newest version unless :vN is given (repeatable)",
+    )
+    _add_storage_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 in clusters)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without bearer-token authentication (default: token required)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="serve.PATH=VALUE",
+        help="override a serve setting of every model, e.g. --set serve.max_batch_size=16",
+    )
+
+
+def _storage_config(args: argparse.Namespace) -> StorageConfig:
+    if args.config:
+        return load_config(args.config).storage
+    if args.storage_root:
+        return StorageConfig(root=args.storage_root, endpoint_url=args.storage_endpoint_url)
+    return StorageConfig()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import yaml
+
+    from forgeml.serve.app import AppArgs, build_app, serve_config
+
+    bad = [o for o in args.overrides if not o.startswith("serve.")]
+    if bad:
+        raise ConfigError(f"--set when serving may only change serve.* settings (got {bad})")
+    app_args = AppArgs(
+        models=args.models,
+        storage=_storage_config(args),
+        auth=not args.no_auth,
+        overrides=args.overrides,
+    )
+    if args.serve_command == "build":
+        print(yaml.safe_dump(serve_config(app_args, args.host, args.port), sort_keys=False), end="")
+        return 0
+    from ray import serve
+
+    from forgeml import runtime
+
+    application = build_app(app_args)
+    runtime.connect()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application, name="forgeml", route_prefix="/")
+    print(f"serving {', '.join(args.models)} at http://{args.host}:{args.port}/v1/models")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete("forgeml")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -100,13 +183,7 @@ def _train(args: argparse.Namespace) -> int:
 def _models_list(args: argparse.Namespace) -> int:
     from forgeml.storage import ModelRegistry, Storage
 
-    if args.config:
-        storage_cfg = load_config(args.config).storage
-    elif args.storage_root:
-        storage_cfg = StorageConfig(root=args.storage_root)
-    else:
-        storage_cfg = StorageConfig()
-    registry = ModelRegistry(Storage(storage_cfg))
+    registry = ModelRegistry(Storage(_storage_config(args)))
     for name in registry.models():
         latest = registry.resolve(name)
         versions = ", ".join(f"v{v}" for v in registry.versions(name))
@@ -132,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "models":
             return _models_list(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        if args.command == "serve":
+            return _serve(args)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"forgeml: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     raise AssertionError(f"unhandled command {args}")

@@ -204,6 +204,44 @@ class ScalingConfig(Section):
     )
 
 
+class AutoscalingConfig(Section):
+    """Ray Serve autoscaling of each model deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(2, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Load must persist this long to add.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Idle this long to remove.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServeConfig(Section):
+    """How the registered model is served; stored in the package, overridable at deploy."""
+
+    max_batch_size: int = Field(32, ge=1, description="Requests merged into one forward pass.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="Longest wait for a batch to fill."
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="Concurrent requests per replica.")
+    cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved per model replica.")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs per model replica.")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per model replica.")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Replica autoscaling."
+    )
+    max_body_bytes: int = Field(4_000_000, ge=1024, description="Larger request bodies get 413.")
+    max_instances: int = Field(256, ge=1, description="Instances allowed in one request.")
+
+
 class StorageConfig(Section):
     root: str = Field(
         "~/forgeml",
@@ -233,6 +271,7 @@ class ExperimentConfig(Section):
     scaling: ScalingConfig = Field(
         default_factory=ScalingConfig, description="Ray Train workers and their resources."
     )
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve deployment.")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

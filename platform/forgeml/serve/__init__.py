@@ -1,0 +1,1 @@
+"""Serving: a Ray Serve application for registered model packages."""

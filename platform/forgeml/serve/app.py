@@ -1,0 +1,390 @@
+"""The Ray Serve application: a FastAPI gateway in front of one deployment per model version.
+
+    GET  /healthz                                   liveness (no auth)
+    GET  /readyz                                    every model replica answers (no auth)
+    GET  /v1/models                                 served models and versions
+    POST /v1/models/{name}/predict                  newest served version of a model
+    POST /v1/models/{name}/versions/{version}/predict
+
+Each model deployment loads its package (weights plus the stored preprocessing, so
+serving computes exactly what evaluation computed), batches concurrent requests with
+``@serve.batch`` and autoscales by the package's ``serve`` section. Every error is a JSON
+body with a code, a message and the request id; no stack trace leaves the server.
+
+No ``from __future__ import annotations`` here: Serve re-wraps the ingress methods, and
+FastAPI could then no longer resolve string annotations of their parameters.
+"""
+
+
+import json
+import logging
+import os
+import secrets
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+import forgeml
+from forgeml.config import (
+    ExperimentConfig,
+    StorageConfig,
+    apply_overrides,
+    config_from_dict,
+)
+from forgeml.model_package import load_model
+from forgeml.serve.schemas import (
+    ErrorResponse,
+    ModelInfo,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+)
+from forgeml.storage import ModelRegistry, ModelVersion, Storage
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "FORGEML_SERVE_TOKEN"
+TOKEN_FILE_ENV = "FORGEML_SERVE_TOKEN_FILE"
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``build_app``: what ``forgeml serve build`` writes into a Serve config."""
+
+    models: list[str] = Field(min_length=1, description="Model refs: name, name:latest or name:vN.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    auth: bool = Field(True, description="Require a bearer token on /v1 routes.")
+    overrides: list[str] = Field(
+        default_factory=list, description="serve.* overrides applied to every model's config."
+    )
+
+
+def read_token(auth: bool) -> str | None:
+    """The bearer token from FORGEML_SERVE_TOKEN or the file FORGEML_SERVE_TOKEN_FILE names."""
+    if not auth:
+        return None
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token and os.environ.get(TOKEN_FILE_ENV):
+        token = Path(os.environ[TOKEN_FILE_ENV]).read_text().strip()
+    if not token:
+        raise ValueError(
+            f"serving needs a bearer token: set {TOKEN_ENV} or {TOKEN_FILE_ENV} "
+            "(or serve without authentication with --no-auth)"
+        )
+    return token
+
+
+# --------------------------------------------------------------------------- models
+
+
+@serve.deployment
+class ModelServer:
+    """One registered model version: its preprocessing, its module, batched inference."""
+
+    def __init__(self, ref: str, storage: dict):
+        self.loaded = load_model(ModelRegistry(Storage(StorageConfig(**storage))), ref)
+        cfg = self.loaded.config.serve
+        torch.set_num_threads(cfg.torch_threads)
+        self.predict.set_max_batch_size(cfg.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        """Class probabilities for each request's (n, H, W) maps, in one forward pass."""
+        sizes = [len(maps) for maps in requests]
+        inputs = torch.from_numpy(self.loaded.preprocessor.transform(np.concatenate(requests)))
+        with torch.inference_mode():
+            probabilities = self.loaded.task.predict(self.loaded.model(inputs)).numpy()
+        return np.split(probabilities, np.cumsum(sizes)[:-1])
+
+    def ready(self) -> str:
+        return self.loaded.version.ref
+
+
+# ---------------------------------------------------------------------------- gateway
+
+api = FastAPI(
+    title="forgeml",
+    version=forgeml.__version__,
+    description="Predictions from registered forgeml model packages.",
+    responses={
+        401: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        413: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+    },
+)
+bearer = HTTPBearer(auto_error=False)
+
+
+def _error(request: Request, code: int, message: str, headers: dict | None = None):
+    request_id = getattr(request.state, "request_id", "")
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return JSONResponse(
+        body, status_code=code, headers={REQUEST_ID_HEADER: request_id, **(headers or {})}
+    )
+
+
+class RequestLimits:
+    """Pure ASGI middleware: request ids, and a hard limit on body size (413).
+
+    It reads the body itself, up to the limit, before the app sees it, so an oversize
+    or unterminated body never reaches JSON parsing.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = scope["app"].state.max_body_bytes
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(REQUEST_ID_HEADER.lower().encode(), b"").decode()[:128]
+        scope.setdefault("state", {})["request_id"] = request_id or uuid.uuid4().hex
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                response = _error(Request(scope), 413, f"request body exceeds {limit} bytes")
+                await response(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (REQUEST_ID_HEADER.lower().encode(), scope["state"]["request_id"].encode()),
+                ]
+            await send(message)
+
+        await self.app(scope, replay, send_with_id)
+
+
+api.add_middleware(RequestLimits)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    errors = exc.errors()
+    if any(item["type"] == "json_invalid" for item in errors):
+        return _error(request, 422, "request body is not valid JSON")
+    problems = [
+        f"{'.'.join(str(p) for p in item['loc'] if p != 'body') or 'body'}: {item['msg']}"
+        for item in errors[:3]
+    ]
+    if len(errors) > 3:
+        problems.append(f"and {len(errors) - 3} more problems")
+    return _error(request, 422, "; ".join(problems))
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    return _error(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception):
+    logger.exception("request %s failed", getattr(request.state, "request_id", ""))
+    return _error(request, 500, "internal error; the request id identifies it in the logs")
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class Gateway:
+    """Routes requests to model versions, checks tokens, validates inputs."""
+
+    def __init__(self, models: dict, infos: dict[str, dict], token: str | None, limits: dict):
+        self.models: dict[str, DeploymentHandle] = models
+        self.infos = {ref: ModelInfo(**info) for ref, info in infos.items()}
+        self.token = token
+        self.max_instances = limits["max_instances"]
+        api.state.max_body_bytes = limits["max_body_bytes"]
+        self.latest: dict[str, str] = {}
+        for ref, info in sorted(self.infos.items(), key=lambda kv: int(kv[1].version[1:])):
+            self.latest[info.name] = ref
+
+    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if self.token is None:
+            return
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise HTTPException(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(credentials.credentials.encode(), self.token.encode()):
+            raise HTTPException(401, "invalid bearer token", {"WWW-Authenticate": "Bearer"})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            for handle in self.models.values():
+                await handle.ready.remote()
+        except Exception as exc:  # any replica failure means not ready
+            return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, 503)
+        return JSONResponse({"status": "ready", "models": sorted(self.models)})
+
+    @api.get("/v1/models", response_model=list[ModelInfo])
+    async def list_models(
+        self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> list[ModelInfo]:
+        self._authorize(credentials)
+        return list(self.infos.values())
+
+    @api.post("/v1/models/{name}/predict", response_model=PredictResponse)
+    async def predict_latest(
+        self,
+        name: str,
+        body: PredictRequest,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> PredictResponse:
+        self._authorize(credentials)
+        if name not in self.latest:
+            raise HTTPException(404, f"no served model named {name!r}; see /v1/models")
+        return await self._predict(self.latest[name], body)
+
+    @api.post("/v1/models/{name}/versions/{version}/predict", response_model=PredictResponse)
+    async def predict_version(
+        self,
+        name: str,
+        version: str,
+        body: PredictRequest,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> PredictResponse:
+        self._authorize(credentials)
+        ref = f"{name}:{version}"
+        if ref not in self.models:
+            served = sorted(r for r in self.models if r.startswith(f"{name}:"))
+            raise HTTPException(404, f"model version {ref!r} is not served; served: {served}")
+        return await self._predict(ref, body)
+
+    async def _predict(self, ref: str, body: PredictRequest) -> PredictResponse:
+        info = self.infos[ref]
+        if len(body.instances) > self.max_instances:
+            raise HTTPException(
+                413, f"{len(body.instances)} instances exceed the limit of {self.max_instances}"
+            )
+        expected = tuple(info.input_shape[1:])
+        maps = []
+        for i, instance in enumerate(body.instances):
+            try:
+                array = instance.to_array()
+            except ValueError as exc:
+                raise HTTPException(422, f"instances.{i}: {exc}") from None
+            if array.shape != expected:
+                raise HTTPException(
+                    422,
+                    f"instances.{i}: expected a {expected[0]}x{expected[1]} map, "
+                    f"got {'x'.join(map(str, array.shape))}",
+                )
+            maps.append(array)
+        probabilities = await self.models[ref].predict.remote(np.stack(maps))
+        return PredictResponse(
+            model=info.name,
+            version=info.version,
+            predictions=[
+                Prediction(
+                    label=info.classes[int(row.argmax())],
+                    confidence=float(row.max()),
+                    probabilities=dict(zip(info.classes, row.tolist(), strict=True)),
+                )
+                for row in probabilities
+            ],
+        )
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _serving_config(registry: ModelRegistry, version: ModelVersion, overrides: list[str]):
+    raw = yaml.safe_load(registry.read(version, "config.yaml"))
+    return config_from_dict(apply_overrides(raw, overrides), f"{version.ref}/config.yaml")
+
+
+def _model_info(registry: ModelRegistry, version: ModelVersion, cfg: ExperimentConfig) -> dict:
+    metrics = json.loads(registry.read(version, "metrics.json"))
+    size = json.loads(registry.read(version, "preprocessor.json"))["image_size"]
+    return {
+        "name": version.name,
+        "version": f"v{version.version}",
+        "task": cfg.task.kind,
+        "classes": metrics["data"]["class_names"],
+        "input_shape": [1, size, size],
+        "test_metrics": {k: v for k, v in metrics["test"].items() if isinstance(v, float)},
+    }
+
+
+def build_app(args: dict | AppArgs):
+    """The Serve application for ``args`` (a Serve application builder)."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    registry = ModelRegistry(Storage(args.storage))
+    token = read_token(args.auth)
+    models, infos, limits = {}, {}, {"max_body_bytes": 0, "max_instances": 0}
+    for requested in args.models:
+        version = registry.resolve(requested)
+        cfg = _serving_config(registry, version, args.overrides)
+        scaling = cfg.serve.autoscaling
+        models[version.ref] = ModelServer.options(
+            name=f"{version.name}-v{version.version}",
+            max_ongoing_requests=cfg.serve.max_ongoing_requests,
+            autoscaling_config={
+                "min_replicas": scaling.min_replicas,
+                "initial_replicas": max(scaling.min_replicas, 1),
+                "max_replicas": scaling.max_replicas,
+                "target_ongoing_requests": scaling.target_ongoing_requests,
+                "upscale_delay_s": scaling.upscale_delay_s,
+                "downscale_delay_s": scaling.downscale_delay_s,
+            },
+            ray_actor_options={
+                "num_cpus": cfg.serve.cpus_per_replica,
+                "num_gpus": cfg.serve.gpus_per_replica,
+            },
+        ).bind(version.ref, args.storage.model_dump())
+        infos[version.ref] = _model_info(registry, version, cfg)
+        limits["max_body_bytes"] = max(limits["max_body_bytes"], cfg.serve.max_body_bytes)
+        limits["max_instances"] = max(limits["max_instances"], cfg.serve.max_instances)
+    return Gateway.bind(models, infos, token, limits)
+
+
+def serve_config(args: AppArgs, host: str, port: int) -> dict:
+    """A Serve config file (``serve deploy``; a RayService's serveConfigV2) with pinned versions."""
+    registry = ModelRegistry(Storage(args.storage))
+    pinned = args.model_copy(update={"models": [registry.resolve(m).ref for m in args.models]})
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port},
+        "applications": [
+            {
+                "name": "forgeml",
+                "route_prefix": "/",
+                "import_path": "forgeml.serve.app:build_app",
+                "args": pinned.model_dump(mode="json"),
+            }
+        ],
+    }

@@ -1,0 +1,88 @@
+"""Typed HTTP requests and responses of the Serve application, one schema per task input."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Annotated
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DieCode = Annotated[int, Field(ge=0, le=2)]
+
+
+class ImageInstance(BaseModel):
+    """One wafer map: a square array of die codes (0 outside, 1 good, 2 defect), or the same
+    codes as the grey levels of a base64-encoded 8-bit PNG. Exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: list[list[DieCode]] | None = Field(None, description="Rows of die codes.")
+    image_png_base64: str | None = Field(None, description="Base64 PNG whose pixels are codes.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageInstance:
+        if (self.image is None) == (self.image_png_base64 is None):
+            raise ValueError("give exactly one of 'image' or 'image_png_base64'")
+        return self
+
+    def to_array(self) -> np.ndarray:
+        """The map as a (H, W) uint8 array; ValueError with a reason if it is not one."""
+        if self.image is not None:
+            widths = {len(row) for row in self.image}
+            if len(widths) != 1:
+                raise ValueError("'image' rows have different lengths")
+            return np.asarray(self.image, dtype=np.uint8)
+        try:
+            raw = base64.b64decode(self.image_png_base64, validate=True)
+            with Image.open(io.BytesIO(raw)) as png:
+                if png.format != "PNG":
+                    raise ValueError(f"'image_png_base64' holds {png.format}, not PNG")
+                array = np.asarray(png.convert("L") if png.mode != "L" else png)
+        except binascii.Error:
+            raise ValueError("'image_png_base64' is not valid base64") from None
+        except (UnidentifiedImageError, OSError):
+            raise ValueError("'image_png_base64' does not hold a readable PNG image") from None
+        if array.max(initial=0) > 2:
+            raise ValueError("PNG pixels must be die codes 0, 1 or 2")
+        return array.astype(np.uint8)
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[ImageInstance] = Field(min_length=1, description="Maps to classify.")
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="Most probable class.")
+    confidence: float = Field(description="Its probability.")
+    probabilities: dict[str, float] = Field(description="Probability per class.")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[Prediction]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    task: str
+    classes: list[str]
+    input_shape: list[int]
+    test_metrics: dict[str, float]
+
+
+class ErrorBody(BaseModel):
+    code: int
+    message: str
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

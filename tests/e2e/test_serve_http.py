@@ -1,0 +1,209 @@
+"""The Serve application over real HTTP on 127.0.0.1: predictions equal offline
+evaluation, every bad input is a clear 4xx, and bearer-token auth is on unless turned off."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import ray
+import requests
+import yaml
+from forgeml.cli import main
+from forgeml.data.wafer import CLASS_NAMES, generate_map
+from forgeml.evaluate import evaluate
+from forgeml.model_package import load_model
+from forgeml.serve.app import AppArgs, build_app
+from forgeml.storage import ModelRegistry, Storage
+from forgeml.train.trainer import run_training
+from PIL import Image
+from ray import serve
+
+from tests.conftest import tiny_config
+from tests.integration.conftest import free_port
+
+TOKEN = "serve-test-token"
+PREDICT = "/v1/models/tiny-wafer/predict"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny trained model served by two apps: with auth at /, without auth at /open."""
+    ray.shutdown()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+    store = tmp_path_factory.mktemp("store")
+    cfg = tiny_config(store)
+    run_training(cfg)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
+        serve.run(build_app(AppArgs(models=["tiny-wafer"], storage=cfg.storage)), name="secured")
+    open_app = build_app(AppArgs(models=["tiny-wafer:v1"], storage=cfg.storage, auth=False))
+    serve.run(open_app, name="open", route_prefix="/open")
+    yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _post(served, path, payload=None, token=TOKEN, data=None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.post(served["url"] + path, json=payload, data=data, headers=headers, timeout=60)
+
+
+def _maps(n: int, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([generate_map(i % len(CLASS_NAMES), 16, rng) for i in range(n)])
+
+
+def _png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_served_predictions_equal_offline_evaluation(served):
+    maps = _maps(18)
+    instances = [{"image": m.tolist()} for m in maps[:9]]
+    instances += [{"image_png_base64": _png(m)} for m in maps[9:]]
+
+    response = _post(served, PREDICT, {"instances": instances})
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "tiny-wafer" and body["version"] == "v1"
+    served_probs = np.array(
+        [[p["probabilities"][c] for c in CLASS_NAMES] for p in body["predictions"]]
+    )
+    loaded = load_model(ModelRegistry(Storage(served["cfg"].storage)), "tiny-wafer:v1")
+    dataset = ray.data.from_items(
+        [{"image": image, "label": 0} for image in loaded.preprocessor.transform(maps)]
+    )
+    offline = evaluate(loaded.model, loaded.task, dataset, loaded.preprocessor)
+    np.testing.assert_allclose(served_probs, offline.probabilities, rtol=1e-4, atol=1e-6)
+    labels = [CLASS_NAMES[i] for i in offline.probabilities.argmax(1)]
+    assert [p["label"] for p in body["predictions"]] == labels
+    assert response.headers["X-Request-ID"]
+
+
+def test_model_listing_health_and_readiness(served):
+    models = requests.get(
+        served["url"] + "/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    ).json()
+    assert [(m["name"], m["version"], m["input_shape"]) for m in models] == [
+        ("tiny-wafer", "v1", [1, 16, 16])
+    ]
+    assert models[0]["classes"] == list(CLASS_NAMES)
+    assert requests.get(served["url"] + "/healthz", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(served["url"] + "/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["models"] == ["tiny-wafer:v1"]
+    schema = requests.get(served["url"] + "/openapi.json", timeout=30).json()
+    assert "/v1/models/{name}/predict" in schema["paths"]
+
+
+GOOD = {"image": np.ones((16, 16), dtype=int).tolist()}
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "data", "status", "message"),
+    [
+        (
+            PREDICT,
+            {"instances": [{"image": [[1] * 8] * 8}]},
+            None,
+            422,
+            "expected a 16x16 map, got 8x8",
+        ),
+        (
+            PREDICT,
+            {"instances": [{"image": [[1] * 16] * 15 + [[1] * 3]}]},
+            None,
+            422,
+            "rows have different lengths",
+        ),
+        (PREDICT, {"instances": [{"image": [["x"] * 16] * 16}]}, None, 422, "valid integer"),
+        (
+            PREDICT,
+            {"instances": [{"image": [[7] * 16] * 16}]},
+            None,
+            422,
+            "less than or equal to 2",
+        ),
+        (PREDICT, None, '{"instances": [{"image": [[NaN]]}]}', 422, "finite number"),
+        (PREDICT, None, '{"instances": [{"image": [[Infinity]]}]}', 422, "finite number"),
+        (PREDICT, {"instances": []}, None, 422, "at least 1 item"),
+        (PREDICT, {"instances": [{}]}, None, 422, "exactly one of 'image' or 'image_png_base64'"),
+        (PREDICT, {"instances": [{"image_png_base64": "%%%"}]}, None, 422, "not valid base64"),
+        (PREDICT, {"instances": [{"image_png_base64": "aGVsbG8="}]}, None, 422, "readable PNG"),
+        (PREDICT, {"rows": []}, None, 422, "Extra inputs are not permitted"),
+        (PREDICT, None, "{not json", 422, "not valid JSON"),
+        (PREDICT, {"instances": [GOOD] * 300}, None, 413, "exceed the limit of 256"),
+        (PREDICT, None, "x" * 4_100_000, 413, "request body exceeds"),
+        (
+            "/v1/models/nope/predict",
+            {"instances": [GOOD]},
+            None,
+            404,
+            "no served model named 'nope'",
+        ),
+        (
+            "/v1/models/tiny-wafer/versions/v7/predict",
+            {"instances": [GOOD]},
+            None,
+            404,
+            "'tiny-wafer:v7' is not served",
+        ),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(served, path, payload, data, status, message):
+    headers = {"Content-Type": "application/json"} if data else None
+    response = requests.post(
+        served["url"] + path,
+        json=payload,
+        data=data,
+        headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})},
+        timeout=60,
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"]
+    assert error["code"] == status and error["request_id"]
+    assert "Traceback" not in response.text
+    # the replica survived: a good request still works
+    assert _post(served, PREDICT, {"instances": [GOOD]}).status_code == 200
+
+
+@pytest.mark.parametrize(("token", "message"), [(None, "missing"), ("nope", "invalid")])
+def test_requests_without_the_token_get_401(served, token, message):
+    response = _post(served, PREDICT, {"instances": [GOOD]}, token=token)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert message in response.json()["error"]["message"]
+    listing = requests.get(served["url"] + "/v1/models", timeout=30)
+    assert listing.status_code == 401
+
+
+def test_auth_can_be_turned_off_explicitly(served):
+    response = _post(served, "/open" + PREDICT, {"instances": [GOOD]}, token=None)
+    assert response.status_code == 200, response.text
+
+
+def test_serving_without_a_token_configured_refuses_to_start(served, monkeypatch, capsys):
+    monkeypatch.delenv("FORGEML_SERVE_TOKEN", raising=False)
+    monkeypatch.delenv("FORGEML_SERVE_TOKEN_FILE", raising=False)
+    root = served["cfg"].storage.root
+    assert main(["serve", "run", "--model", "tiny-wafer", "--storage-root", root]) == 2
+    assert "serving needs a bearer token" in capsys.readouterr().err
+
+
+def test_serve_build_pins_versions_for_serve_deploy(served, capsys):
+    root = served["cfg"].storage.root
+    assert main(["serve", "build", "--model", "tiny-wafer", "--storage-root", root]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    app = config["applications"][0]
+    assert app["import_path"] == "forgeml.serve.app:build_app"
+    assert app["args"]["models"] == ["tiny-wafer:v1"]
+    assert app["args"]["auth"] is True
+    assert AppArgs.model_validate(app["args"]).storage.root == root
