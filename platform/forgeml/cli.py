@@ -173,9 +173,13 @@ def _train(args: argparse.Namespace) -> int:
         )
     )
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
+    root = cfg.storage.root
     print(
-        f"use it: forgeml.model_package.load_model(registry, {outcome.version.ref!r}); "
-        f"metrics.json and MODEL_CARD.md are in that folder"
+        f"serve it: FORGEML_SERVE_TOKEN=... python jobs/serve.py --model {outcome.version.ref} "
+        f"--storage-root {root}\n"
+        f"then:     curl -H 'Authorization: Bearer ...' -H 'Content-Type: application/json' "
+        f"-d @maps.json "
+        f"http://127.0.0.1:8000/v1/models/{cfg.name}/predict"
     )
     return 0
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +35,14 @@ PREDICT = "/v1/models/tiny-wafer/predict"
 def served(tmp_path_factory):
     """A tiny trained model served by two apps: with auth at /, without auth at /open."""
     ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+    metrics_port = free_port()
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        configure_logging=False,
+        _metrics_export_port=metrics_port,
+    )
     store = tmp_path_factory.mktemp("store")
     cfg = tiny_config(store)
     run_training(cfg)
@@ -43,7 +53,11 @@ def served(tmp_path_factory):
         serve.run(build_app(AppArgs(models=["tiny-wafer"], storage=cfg.storage)), name="secured")
     open_app = build_app(AppArgs(models=["tiny-wafer:v1"], storage=cfg.storage, auth=False))
     serve.run(open_app, name="open", route_prefix="/open")
-    yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg}
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "cfg": cfg,
+        "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+    }
     serve.shutdown()
     ray.shutdown()
 
@@ -169,7 +183,8 @@ def test_bad_requests_get_a_clear_4xx(served, path, payload, data, status, messa
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert message in error["message"]
-    assert error["code"] == status and error["request_id"]
+    assert error["code"] == status
+    assert error["request_id"] == response.headers["X-Request-ID"]
     assert "Traceback" not in response.text
     # the replica survived: a good request still works
     assert _post(served, PREDICT, {"instances": [GOOD]}).status_code == 200
@@ -207,3 +222,56 @@ def test_serve_build_pins_versions_for_serve_deploy(served, capsys):
     assert app["args"]["models"] == ["tiny-wafer:v1"]
     assert app["args"]["auth"] is True
     assert AppArgs.model_validate(app["args"]).storage.root == root
+
+
+def test_prometheus_metrics_count_requests_by_code_model_and_version(served):
+    assert _post(served, PREDICT, {"instances": [GOOD, GOOD]}).status_code == 200
+    assert _post(served, PREDICT, {"instances": []}).status_code == 422
+    wanted = {
+        "ray_forgeml_requests_total": ['code="200"', 'model="tiny-wafer"', 'version="v1"'],
+        "ray_forgeml_request_latency_s_bucket": ['route="/v1/models/{name}/predict"'],
+        "ray_forgeml_batch_maps_bucket": ['model="tiny-wafer"'],
+    }
+    deadline = time.monotonic() + 60
+    while True:
+        text = requests.get(served["metrics"], timeout=10).text
+        lines = text.splitlines()
+        found = {
+            name: any(line.startswith(name) and all(t in line for t in tags) for line in lines)
+            for name, tags in wanted.items()
+        }
+        errors = [
+            line
+            for line in lines
+            if line.startswith("ray_forgeml_requests_total") and 'code="422"' in line
+        ]
+        if all(found.values()) and errors:
+            break
+        assert time.monotonic() < deadline, f"metrics missing: {found}, 422 seen: {bool(errors)}"
+        time.sleep(2)
+
+
+def test_access_logs_are_json_lines_with_the_request_id(served):
+    request_id = f"access-log-{time.time_ns()}"
+    response = requests.post(
+        served["url"] + PREDICT,
+        json={"instances": [GOOD]},
+        headers={"Authorization": f"Bearer {TOKEN}", "X-Request-ID": request_id},
+        timeout=60,
+    )
+    assert response.headers["X-Request-ID"] == request_id
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 30
+    while True:
+        records = [
+            json.loads(line)
+            for path in logs.glob("replica_secured_Gateway_*.log")
+            for line in path.read_text().splitlines()
+            if request_id in line
+        ]
+        if records:
+            break
+        assert time.monotonic() < deadline, "no access log line with the request id"
+        time.sleep(1)
+    assert records[0]["request_id"] == request_id
+    assert any("200" in r["message"] and "/predict" in r["message"] for r in records)

@@ -3,11 +3,10 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from forgeml.config import AutoscalingConfig
 from forgeml.serve.app import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 from forgeml.serve.schemas import ImageInstance
+from PIL import Image
 
 
 def _png(array: np.ndarray, mode: str = "L") -> str:

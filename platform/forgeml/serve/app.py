@@ -15,11 +15,11 @@ No ``from __future__ import annotations`` here: Serve re-wraps the ingress metho
 FastAPI could then no longer resolve string annotations of their parameters.
 """
 
-
 import json
 import logging
 import os
 import secrets
+import time
 import uuid
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -85,6 +86,39 @@ def read_token(auth: bool) -> str | None:
     return token
 
 
+# -------------------------------------------------------------------------- metrics
+
+LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+class GatewayMetrics:
+    """Request counts by route, model, version and status code, and latency, exported
+    through Ray's metrics agent (Prometheus names get the ``ray_`` prefix)."""
+
+    def __init__(self):
+        tags = ("route", "model", "version", "code")
+        self.requests = metrics.Counter(
+            "forgeml_requests", description="HTTP requests by outcome.", tag_keys=tags
+        )
+        self.latency = metrics.Histogram(
+            "forgeml_request_latency_s",
+            description="Time from request to response in the gateway.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=tags,
+        )
+
+    def record(self, state: dict, route: str, code: int, seconds: float) -> None:
+        tags = {
+            "route": route,
+            "model": state.get("model", ""),
+            "version": state.get("version", ""),
+            "code": str(code),
+        }
+        self.requests.inc(tags=tags)
+        self.latency.observe(seconds, tags=tags)
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -98,11 +132,20 @@ class ModelServer:
         torch.set_num_threads(cfg.torch_threads)
         self.predict.set_max_batch_size(cfg.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        version = self.loaded.version
+        self.batch_maps = metrics.Histogram(
+            "forgeml_batch_maps",
+            description="Maps per batched forward pass.",
+            boundaries=BATCH_BUCKETS,
+            tag_keys=("model", "version"),
+        )
+        self.batch_maps.set_default_tags({"model": version.name, "version": f"v{version.version}"})
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         """Class probabilities for each request's (n, H, W) maps, in one forward pass."""
         sizes = [len(maps) for maps in requests]
+        self.batch_maps.observe(sum(sizes))
         inputs = torch.from_numpy(self.loaded.preprocessor.transform(np.concatenate(requests)))
         with torch.inference_mode():
             probabilities = self.loaded.task.predict(self.loaded.model(inputs)).numpy()
@@ -137,7 +180,10 @@ def _error(request: Request, code: int, message: str, headers: dict | None = Non
 
 
 class RequestLimits:
-    """Pure ASGI middleware: request ids, and a hard limit on body size (413).
+    """Pure ASGI middleware: request ids, metrics, and a hard limit on body size (413).
+
+    Serve's proxy puts the request id into the X-Request-ID header of both the request
+    and the response; error bodies repeat it so a client can quote it.
 
     It reads the body itself, up to the limit, before the app sees it, so an oversize
     or unterminated body never reaches JSON parsing.
@@ -150,7 +196,10 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = scope["app"].state.max_body_bytes
+        started = time.perf_counter()
+        app_state = scope["app"].state
+        limit = app_state.max_body_bytes
+        status = {"code": 500}
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(REQUEST_ID_HEADER.lower().encode(), b"").decode()[:128]
         scope.setdefault("state", {})["request_id"] = request_id or uuid.uuid4().hex
@@ -164,6 +213,7 @@ class RequestLimits:
             if len(body) > limit:
                 response = _error(Request(scope), 413, f"request body exceeds {limit} bytes")
                 await response(scope, receive, send)
+                app_state.metrics.record(scope["state"], "", 413, time.perf_counter() - started)
                 return
         replayed = False
 
@@ -174,16 +224,18 @@ class RequestLimits:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        async def send_with_id(message):
+        async def send_recording_status(message):
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (REQUEST_ID_HEADER.lower().encode(), scope["state"]["request_id"].encode()),
-                ]
+                status["code"] = message["status"]
             await send(message)
 
-        await self.app(scope, replay, send_with_id)
+        try:
+            await self.app(scope, replay, send_recording_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "")
+            app_state.metrics.record(
+                scope["state"], route, status["code"], time.perf_counter() - started
+            )
 
 
 api.add_middleware(RequestLimits)
@@ -214,7 +266,11 @@ async def _unexpected_error(request: Request, exc: Exception):
     return _error(request, 500, "internal error; the request id identifies it in the logs")
 
 
-@serve.deployment(max_ongoing_requests=256)
+# Structured access logs: Serve writes one JSON line per request, request id included.
+ACCESS_LOGS = {"encoding": "JSON", "enable_access_log": True}
+
+
+@serve.deployment(max_ongoing_requests=256, logging_config=ACCESS_LOGS)
 @serve.ingress(api)
 class Gateway:
     """Routes requests to model versions, checks tokens, validates inputs."""
@@ -225,6 +281,7 @@ class Gateway:
         self.token = token
         self.max_instances = limits["max_instances"]
         api.state.max_body_bytes = limits["max_body_bytes"]
+        api.state.metrics = GatewayMetrics()
         self.latest: dict[str, str] = {}
         for ref, info in sorted(self.infos.items(), key=lambda kv: int(kv[1].version[1:])):
             self.latest[info.name] = ref
@@ -262,12 +319,13 @@ class Gateway:
         self,
         name: str,
         body: PredictRequest,
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> PredictResponse:
         self._authorize(credentials)
         if name not in self.latest:
             raise HTTPException(404, f"no served model named {name!r}; see /v1/models")
-        return await self._predict(self.latest[name], body)
+        return await self._predict(self.latest[name], body, request)
 
     @api.post("/v1/models/{name}/versions/{version}/predict", response_model=PredictResponse)
     async def predict_version(
@@ -275,6 +333,7 @@ class Gateway:
         name: str,
         version: str,
         body: PredictRequest,
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> PredictResponse:
         self._authorize(credentials)
@@ -282,10 +341,11 @@ class Gateway:
         if ref not in self.models:
             served = sorted(r for r in self.models if r.startswith(f"{name}:"))
             raise HTTPException(404, f"model version {ref!r} is not served; served: {served}")
-        return await self._predict(ref, body)
+        return await self._predict(ref, body, request)
 
-    async def _predict(self, ref: str, body: PredictRequest) -> PredictResponse:
+    async def _predict(self, ref: str, body: PredictRequest, request: Request) -> PredictResponse:
         info = self.infos[ref]
+        request.state.model, request.state.version = info.name, info.version
         if len(body.instances) > self.max_instances:
             raise HTTPException(
                 413, f"{len(body.instances)} instances exceed the limit of {self.max_instances}"
@@ -365,6 +425,7 @@ def build_app(args: dict | AppArgs):
                 "num_cpus": cfg.serve.cpus_per_replica,
                 "num_gpus": cfg.serve.gpus_per_replica,
             },
+            logging_config=ACCESS_LOGS,
         ).bind(version.ref, args.storage.model_dump())
         infos[version.ref] = _model_info(registry, version, cfg)
         limits["max_body_bytes"] = max(limits["max_body_bytes"], cfg.serve.max_body_bytes)
