@@ -15,8 +15,7 @@ import ray
 from forgeml.config import StorageConfig
 from forgeml.storage import ModelRegistry, Storage
 
-from tests.conftest import REPO, tiny_raw_config, write_config
-from tests.integration.conftest import free_port
+from tests.conftest import REPO, free_port, tiny_raw_config, write_config
 
 BIN = Path(sys.executable).parent
 

@@ -25,8 +25,7 @@ from forgeml.train.trainer import run_training
 from PIL import Image
 from ray import serve
 
-from tests.conftest import tiny_config
-from tests.integration.conftest import free_port
+from tests.conftest import free_port, tiny_config
 
 TOKEN = "serve-test-token"
 PREDICT = "/v1/models/tiny-wafer/predict"

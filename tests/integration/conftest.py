@@ -12,17 +12,13 @@ from pathlib import Path
 import pytest
 import ray
 
+from tests.conftest import free_port
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "forgeml-test",
     "AWS_SECRET_ACCESS_KEY": "forgeml-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
