@@ -10,10 +10,12 @@ import threading
 import time
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 import ray
 import requests
+import schemathesis
 import yaml
 from forgeml.cli import main
 from forgeml.data.wafer import CLASS_NAMES, generate_map
@@ -329,3 +331,28 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
         time.sleep(1)
     assert codes and set(codes) == {200}
     serve.delete("scaling")
+
+
+def test_schema_fuzz_never_gets_a_server_error(served):
+    """Requests generated from the served OpenAPI schema, for every route, with the token."""
+    schema = schemathesis.openapi.from_url(served["url"] + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 5
+    seen: list[tuple[str, int]] = []
+
+    for operation in operations:
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(
+            max_examples=20,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+        def call(case):
+            response = case.call(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+            seen.append((case.path, response.status_code))
+            assert response.status_code < 500, (case.path, case.body, response.text[:500])
+
+        call()
+    assert {code for _, code in seen} & {200, 422}
