@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 # Module level on purpose: FastAPI resolves the handler's (string) annotations here.
-from forgeml.serve.schemas import Prediction, PredictRequest, PredictResponse
+from forgeml.serve.schemas import PredictRequest, PredictResponse
 
 HERE = Path(__file__).resolve()
 
@@ -118,17 +118,8 @@ def plain_app(storage_root: str, ref: str):
         inputs = torch.from_numpy(loaded.preprocessor.transform(maps))
         with torch.inference_mode():
             probabilities = loaded.task.predict(loaded.model(inputs)).numpy()
-        return PredictResponse(
-            model=name,
-            version=f"v{loaded.version.version}",
-            predictions=[
-                Prediction(
-                    label=loaded.class_names[int(row.argmax())],
-                    confidence=float(row.max()),
-                    probabilities=dict(zip(loaded.class_names, row.tolist(), strict=True)),
-                )
-                for row in probabilities
-            ],
+        return PredictResponse.from_probabilities(
+            name, f"v{loaded.version.version}", list(loaded.class_names), probabilities
         )
 
     return app

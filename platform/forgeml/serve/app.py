@@ -47,7 +47,6 @@ from forgeml.model_package import load_model
 from forgeml.serve.schemas import (
     ErrorResponse,
     ModelInfo,
-    Prediction,
     PredictRequest,
     PredictResponse,
 )
@@ -365,17 +364,8 @@ class Gateway:
                 )
             maps.append(array)
         probabilities = await self.models[ref].predict.remote(np.stack(maps))
-        return PredictResponse(
-            model=info.name,
-            version=info.version,
-            predictions=[
-                Prediction(
-                    label=info.classes[int(row.argmax())],
-                    confidence=float(row.max()),
-                    probabilities=dict(zip(info.classes, row.tolist(), strict=True)),
-                )
-                for row in probabilities
-            ],
+        return PredictResponse.from_probabilities(
+            info.name, info.version, info.classes, probabilities
         )
 
 

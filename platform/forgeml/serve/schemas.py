@@ -68,6 +68,24 @@ class PredictResponse(BaseModel):
     version: str
     predictions: list[Prediction]
 
+    @classmethod
+    def from_probabilities(
+        cls, model: str, version: str, classes: list[str], probabilities: np.ndarray
+    ) -> PredictResponse:
+        """One prediction per row of an (n, classes) probability matrix."""
+        return cls(
+            model=model,
+            version=version,
+            predictions=[
+                Prediction(
+                    label=classes[int(row.argmax())],
+                    confidence=float(row.max()),
+                    probabilities=dict(zip(classes, row.tolist(), strict=True)),
+                )
+                for row in probabilities
+            ],
+        )
+
 
 class ModelInfo(BaseModel):
     name: str
