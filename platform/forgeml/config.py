@@ -156,8 +156,6 @@ Schedule = Annotated[
     Field(discriminator="kind"),
 ]
 
-VALIDATION_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
-
 
 class EarlyStoppingConfig(Section):
     enabled: bool = Field(True, description="Stop when the metric stops improving.")

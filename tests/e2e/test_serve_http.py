@@ -186,8 +186,7 @@ def test_bad_requests_get_a_clear_4xx(served, path, payload, data, status, messa
     error = response.json()["error"]
     assert message in error["message"]
     assert error["code"] == status
-    # Serve's request-id middleware may repeat the header on error responses
-    assert {v.strip() for v in response.headers["X-Request-ID"].split(",")} == {error["request_id"]}
+    assert response.headers["X-Request-ID"] == error["request_id"]
     assert "Traceback" not in response.text
     # the replica survived: a good request still works
     assert _post(served, PREDICT, {"instances": [GOOD]}).status_code == 200

@@ -62,7 +62,7 @@ def _decode_split(batch, source: TableSource, split: str, seed: int, val: float,
             f"column {source.label_column!r}: label {labels[bad][0]} outside 0..{n_classes - 1}"
         )
     images = decode_images(batch[source.image_column][keep], source.image_size, source.image_column)
-    return {"sample_id": ids[keep].astype(np.int64), "image": images, "label": labels}
+    return {"image": images, "label": labels}
 
 
 def _pixel_moments(batch):
@@ -71,7 +71,8 @@ def _pixel_moments(batch):
 
 
 def _normalise(batch, preprocessor: WaferPreprocessor):
-    return {"image": preprocessor.transform(batch["image"]), "label": batch["label"]}
+    batch["image"] = preprocessor.transform(batch["image"])
+    return batch
 
 
 def _augment(batch, rotate90: bool, flip: bool):

@@ -173,9 +173,8 @@ bearer = HTTPBearer(auto_error=False)
 def _error(request: Request, code: int, message: str, headers: dict | None = None):
     request_id = getattr(request.state, "request_id", "")
     body = {"error": {"code": code, "message": message, "request_id": request_id}}
-    return JSONResponse(
-        body, status_code=code, headers={REQUEST_ID_HEADER: request_id, **(headers or {})}
-    )
+    # Serve's proxy already puts the request id into the X-Request-ID response header.
+    return JSONResponse(body, status_code=code, headers=headers)
 
 
 class RequestLimits:

@@ -38,7 +38,6 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainingOutcome:
     run_name: str
-    run_uri: str
     status: str
     epochs: int
     version: ModelVersion
@@ -162,7 +161,6 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     )
     return TrainingOutcome(
         run_name=run_name,
-        run_uri=storage.uri("runs", run_name),
         status=outcome["status"],
         epochs=len(history),
         version=version,
