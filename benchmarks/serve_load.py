@@ -175,7 +175,7 @@ def main() -> None:
     import ray
     import requests
     from forgeml.config import config_from_dict
-    from forgeml.serve.app import AppArgs, build_app
+    from forgeml.serve.deploy import AppArgs, deploy
     from forgeml.train.trainer import run_training
     from ray import serve
 
@@ -219,7 +219,7 @@ def main() -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(AppArgs(models=[ref], storage=cfg.storage, auth=False)))
+        deploy(AppArgs(models=[ref], storage=cfg.storage, auth=False))
         url = f"http://127.0.0.1:{port}/v1/models/bench-wafer/predict"
         for c in args.concurrency:
             results["forgeml_serve"][c] = load(url, c, args.seconds, args.max_requests)

@@ -66,11 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serving = commands.add_parser("serve", help="serve registered models with Ray Serve")
     serve_commands = serving.add_subparsers(dest="serve_command", required=True)
-    run = serve_commands.add_parser("run", help="deploy on the Ray cluster and serve over HTTP")
+    run = serve_commands.add_parser(
+        "run", help="serve over HTTP until interrupted (embedded Ray runtime or a cluster)"
+    )
+    deploy = serve_commands.add_parser(
+        "deploy",
+        help="serve these versions on a running cluster, switching traffic without failed "
+        "requests, and return",
+    )
     build = serve_commands.add_parser(
         "build", help="print a Serve config (serve deploy, RayService)"
     )
-    for sub in (run, build):
+    for sub in (run, deploy, build):
         _add_serve_arguments(sub)
     return parser
 
@@ -120,7 +127,14 @@ def _storage_config(args: argparse.Namespace) -> StorageConfig:
 def _serve(args: argparse.Namespace) -> int:
     import yaml
 
-    from forgeml.serve.app import AppArgs, build_app, serve_config
+    from forgeml.serve.app import read_token
+    from forgeml.serve.deploy import (
+        GATEWAY_APP,
+        AppArgs,
+        deploy,
+        retire_unrouted_models,
+        serve_config,
+    )
 
     bad = [o for o in args.overrides if not o.startswith("serve.")]
     if bad:
@@ -138,16 +152,20 @@ def _serve(args: argparse.Namespace) -> int:
 
     from forgeml import runtime
 
-    application = build_app(app_args)
-    runtime.connect()
+    read_token(app_args.auth)  # refuse before starting anything
+    runtime.connect(require_cluster=args.serve_command == "deploy")
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application, name="forgeml", route_prefix="/")
-    print(f"serving {', '.join(args.models)} at http://{args.host}:{args.port}/v1/models")
+    serving = deploy(app_args)
+    refs = ", ".join(route.ref for route in serving.table.routes)
+    print(f"serving {refs} at http://{args.host}:{args.port}/v1/models")
+    if args.serve_command == "deploy":
+        return 0
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete("forgeml")
+        serve.delete(GATEWAY_APP)
+        retire_unrouted_models()
     return 0
 
 

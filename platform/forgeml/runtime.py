@@ -38,11 +38,20 @@ def _address() -> str | None:
     return None
 
 
-def connect() -> None:
-    """Join or start Ray once per process; quiet Ray Data's progress bars in logs."""
+def connect(require_cluster: bool = False) -> None:
+    """Join or start Ray once per process; quiet Ray Data's progress bars in logs.
+
+    With ``require_cluster`` an embedded runtime is refused: what is started on it
+    (a Serve deployment) would end with this process.
+    """
     if ray.is_initialized():
         return
-    ray.init(address=_address(), configure_logging=True, logging_level=logging.WARNING)
+    address = _address()
+    if require_cluster and (
+        address == "local" or not (os.environ.get("RAY_ADDRESS") or read_ray_address())
+    ):
+        raise ValueError("no running Ray cluster: start one (ray start --head) or set RAY_ADDRESS")
+    ray.init(address=address, configure_logging=True, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()
     logger.info(

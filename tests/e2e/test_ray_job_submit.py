@@ -1,4 +1,5 @@
-"""`ray start --head` with token authentication, then `ray job submit` of jobs/train.py."""
+"""`ray start --head` with token authentication, `ray job submit` of jobs/train.py, and
+`forgeml serve deploy` of the model it registered onto the same cluster."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import requests
 from forgeml.config import StorageConfig
 from forgeml.storage import ModelRegistry, Storage
 
@@ -30,7 +32,7 @@ def token_cluster(tmp_path_factory):
     ray.shutdown()  # the integration runtime, if this session started one
     home = tmp_path_factory.mktemp("home")
     token = secrets.token_hex(32)
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     env = {
         **os.environ,
         "HOME": str(home),
@@ -48,7 +50,7 @@ def token_cluster(tmp_path_factory):
             "--head",
             "--block",
             "--node-ip-address=127.0.0.1",
-            f"--port={free_port()}",
+            f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
             f"--ray-client-server-port={free_port()}",
@@ -74,7 +76,12 @@ def token_cluster(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)
             raise RuntimeError(f"ray start failed:\n{log.read_text()}\n{probe.stderr.decode()}")
         time.sleep(1)
-    yield {"address": address, "env": env, "home": home}
+    yield {
+        "address": address,
+        "gcs": f"127.0.0.1:{gcs_port}",
+        "env": env,
+        "store": home / "store",
+    }
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=60)
@@ -108,7 +115,7 @@ def _submit(cluster, env, config: Path, *extra: str) -> subprocess.CompletedProc
 
 
 def test_submitted_training_job_registers_its_model(token_cluster, tmp_path):
-    store = tmp_path / "store"
+    store = token_cluster["store"]
     config = write_config(tmp_path / "tiny.yaml", tiny_raw_config(store))
 
     job = _submit(token_cluster, token_cluster["env"], config)
@@ -118,6 +125,39 @@ def test_submitted_training_job_registers_its_model(token_cluster, tmp_path):
     assert "registered tiny-wafer:v1" in job.stdout
     registry = ModelRegistry(Storage(StorageConfig(root=str(store))))
     assert registry.versions("tiny-wafer") == [1]
+
+
+def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster):
+    """After the training job above: deploy returns, and the cluster keeps serving."""
+    token, port = secrets.token_hex(16), free_port()
+    env = {
+        **token_cluster["env"],
+        "RAY_ADDRESS": token_cluster["gcs"],
+        "FORGEML_SERVE_TOKEN": token,
+    }
+    command = [
+        str(BIN / "forgeml"),
+        "serve",
+        "deploy",
+        "--model",
+        "tiny-wafer",
+        "--storage-root",
+        str(token_cluster["store"]),
+        "--port",
+        str(port),
+    ]
+    deployed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    assert "serving tiny-wafer:v1" in deployed.stdout
+
+    response = requests.post(
+        f"http://127.0.0.1:{port}/v1/models/tiny-wafer/predict",
+        json={"instances": [{"image": [[1] * 16] * 16}]},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["version"] == "v1"
 
 
 @pytest.mark.parametrize(

@@ -21,11 +21,13 @@ from forgeml.cli import main
 from forgeml.data.wafer import CLASS_NAMES, generate_map
 from forgeml.evaluate import evaluate
 from forgeml.model_package import load_model
-from forgeml.serve.app import AppArgs, build_app
+from forgeml.serve.app import build_gateway, build_model_app
+from forgeml.serve.deploy import AppArgs, deploy
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 from PIL import Image
 from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
 from tests.conftest import free_port, tiny_config
 
@@ -52,9 +54,9 @@ def served(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
-        serve.run(build_app(AppArgs(models=["tiny-wafer"], storage=cfg.storage)), name="secured")
-    open_app = build_app(AppArgs(models=["tiny-wafer:v1"], storage=cfg.storage, auth=False))
-    serve.run(open_app, name="open", route_prefix="/open")
+        deploy(AppArgs(models=["tiny-wafer"], storage=cfg.storage), name="secured")
+    open_args = AppArgs(models=["tiny-wafer:v1"], storage=cfg.storage, auth=False)
+    deploy(open_args, name="open", route_prefix="/open")
     yield {
         "url": f"http://127.0.0.1:{port}",
         "cfg": cfg,
@@ -215,15 +217,32 @@ def test_serving_without_a_token_configured_refuses_to_start(served, monkeypatch
     assert "serving needs a bearer token" in capsys.readouterr().err
 
 
-def test_serve_build_pins_versions_for_serve_deploy(served, capsys):
+def test_serve_build_pins_versions_for_serve_deploy(served, capsys, monkeypatch):
     root = served["cfg"].storage.root
     assert main(["serve", "build", "--model", "tiny-wafer", "--storage-root", root]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
-    app = config["applications"][0]
-    assert app["import_path"] == "forgeml.serve.app:build_app"
-    assert app["args"]["models"] == ["tiny-wafer:v1"]
-    assert app["args"]["auth"] is True
-    assert AppArgs.model_validate(app["args"]).storage.root == root
+    ServeDeploySchema.model_validate(config)
+    apps = {app["name"]: app for app in config["applications"]}
+    assert set(apps) == {"tiny-wafer-v1", "forgeml"}
+    model = apps["tiny-wafer-v1"]
+    assert model["route_prefix"] is None
+    assert model["args"]["model"] == "tiny-wafer:v1"
+    assert model["args"]["storage"]["root"] == root
+    gateway = apps["forgeml"]
+    assert gateway["route_prefix"] == "/" and gateway["args"]["auth"] is True
+    (routes,) = [d["user_config"]["routes"] for d in gateway["deployments"]]
+    assert [(r["app"], r["info"]["version"]) for r in routes] == [("tiny-wafer-v1", "v1")]
+    # the import paths build applications from exactly these arguments
+    monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
+    for app in config["applications"]:
+        module, _, builder = app["import_path"].partition(":")
+        assert module == "forgeml.serve.app"
+        assert isinstance(
+            {"build_model_app": build_model_app, "build_gateway": build_gateway}[builder](
+                app["args"]
+            ),
+            serve.Application,
+        )
 
 
 def test_prometheus_metrics_count_requests_by_code_model_and_version(served):
@@ -294,17 +313,15 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
         "batch_wait_timeout_s": 0.05,
         "cpus_per_replica": 0.5,
     }
-    app = build_app(
-        AppArgs(
-            models=["tiny-wafer"],
-            storage=served["cfg"].storage,
-            auth=False,
-            overrides=[f"serve.{k}={v}" for k, v in settings.items()],
-        )
+    scaled = AppArgs(
+        models=["tiny-wafer:v1"],
+        storage=served["cfg"].storage,
+        auth=False,
+        overrides=[f"serve.{k}={v}" for k, v in settings.items()],
     )
-    serve.run(app, name="scaling", route_prefix="/scaling")
-    assert _running_replicas("scaling", "tiny-wafer-v1") == 1
-    url = served["url"] + "/scaling" + PREDICT
+    deploy(scaled, name="open", route_prefix="/open")
+    assert _running_replicas("tiny-wafer-v1", "ModelServer") == 1
+    url = served["url"] + "/open" + PREDICT
     stop, codes = threading.Event(), []
 
     def load():
@@ -317,7 +334,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
         worker.start()
     try:
         deadline = time.monotonic() + 60
-        while _running_replicas("scaling", "tiny-wafer-v1") < 2:
+        while _running_replicas("tiny-wafer-v1", "ModelServer") < 2:
             assert time.monotonic() < deadline, "no second replica under load"
             time.sleep(0.5)
     finally:
@@ -325,11 +342,10 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
         for worker in workers:
             worker.join()
     deadline = time.monotonic() + 90
-    while _running_replicas("scaling", "tiny-wafer-v1") > 1:
+    while _running_replicas("tiny-wafer-v1", "ModelServer") > 1:
         assert time.monotonic() < deadline, "the idle deployment did not scale back to 1"
         time.sleep(1)
     assert codes and set(codes) == {200}
-    serve.delete("scaling")
 
 
 def test_schema_fuzz_never_gets_a_server_error(served):
@@ -355,3 +371,44 @@ def test_schema_fuzz_never_gets_a_server_error(served):
 
         call()
     assert {code for _, code in seen} & {200, 422}
+
+
+def test_switching_to_a_new_version_under_load_fails_no_request(served, monkeypatch):
+    """Both gateways move from v1 to a newly registered v2 while clients keep calling;
+    v1's application is deleted once no gateway routes to it."""
+    storage = served["cfg"].storage
+    registry = ModelRegistry(Storage(storage))
+    v1 = registry.resolve("tiny-wafer:v1")
+    files = {p.name: p.read_bytes() for p in Path(v1.path).iterdir() if p.name != "_COMPLETE"}
+    assert registry.register("tiny-wafer", files).version == 2
+    urls = {"secured": served["url"] + PREDICT, "open": served["url"] + "/open" + PREDICT}
+    stop = threading.Event()
+    seen: dict[str, list[tuple[int, str]]] = {gateway: [] for gateway in urls}
+
+    def load(gateway):
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        with requests.Session() as session:
+            while not stop.is_set():
+                response = session.post(
+                    urls[gateway], json={"instances": [GOOD]}, headers=headers, timeout=60
+                )
+                seen[gateway].append((response.status_code, response.json().get("version")))
+
+    clients = [threading.Thread(target=load, args=(g,)) for g in urls for _ in range(2)]
+    for client in clients:
+        client.start()
+    try:
+        time.sleep(1)
+        monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
+        deploy(AppArgs(models=["tiny-wafer"], storage=storage), name="secured")
+        assert "tiny-wafer-v1" in serve.status().applications  # "open" still routes to it
+        deploy(AppArgs(models=["tiny-wafer"], storage=storage, auth=False), "open", "/open")
+        time.sleep(1)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    assert "tiny-wafer-v1" not in serve.status().applications
+    for gateway, results in seen.items():
+        assert [r for r in results if r[0] != 200] == [], gateway
+        assert len(results) > 50 and results[0][1] == "v1" and results[-1][1] == "v2", gateway

@@ -1,5 +1,7 @@
 import socket
 
+import pytest
+import ray
 from forgeml import runtime
 
 
@@ -25,3 +27,11 @@ def test_live_or_configured_clusters_are_joined(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setattr(runtime, "read_ray_address", lambda: None)
     assert runtime._address() is None
+
+
+def test_deploying_to_a_cluster_refuses_an_embedded_runtime(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "read_ray_address", lambda: None)
+    with pytest.raises(ValueError, match="no running Ray cluster"):
+        runtime.connect(require_cluster=True)
+    assert not ray.is_initialized()

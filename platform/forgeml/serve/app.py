@@ -1,4 +1,4 @@
-"""The Ray Serve application: a FastAPI gateway in front of one deployment per model version.
+"""The Ray Serve applications: a FastAPI gateway in front of one application per model version.
 
     GET  /healthz                                   liveness (no auth)
     GET  /readyz                                    every model replica answers (no auth)
@@ -6,21 +6,24 @@
     POST /v1/models/{name}/predict                  newest served version of a model
     POST /v1/models/{name}/versions/{version}/predict
 
-Each model deployment loads its package (weights plus the stored preprocessing, so
-serving computes exactly what evaluation computed), batches concurrent requests with
-``@serve.batch`` and autoscales by the package's ``serve`` section. Every error is a JSON
-body with a code, a message and the request id; no stack trace leaves the server.
+Each model version's ``ModelServer`` loads its package (weights plus the stored
+preprocessing, so serving computes exactly what evaluation computed), batches concurrent
+requests with ``@serve.batch`` and autoscales by the package's ``serve`` section. The
+gateway's routing table is its ``user_config``, so a new version is switched in place
+(``forgeml.serve.deploy``). Every error is a JSON body with a code, a message and the
+request id; no stack trace leaves the server.
 
 No ``from __future__ import annotations`` here: Serve re-wraps the ingress methods, and
 FastAPI could then no longer resolve string annotations of their parameters.
 """
 
-import json
+import asyncio
 import logging
 import os
 import secrets
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +35,12 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.serve import metrics
+from ray.serve import Application, Deployment, metrics
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 import forgeml
-from forgeml.config import (
-    ExperimentConfig,
-    StorageConfig,
-    apply_overrides,
-    config_from_dict,
-)
+from forgeml.config import ServeConfig, StorageConfig, apply_overrides, config_from_dict
 from forgeml.model_package import load_model
 from forgeml.serve.schemas import (
     ErrorResponse,
@@ -59,15 +57,8 @@ TOKEN_FILE_ENV = "FORGEML_SERVE_TOKEN_FILE"
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
-class AppArgs(BaseModel):
-    """Arguments of ``build_app``: what ``forgeml serve build`` writes into a Serve config."""
-
-    models: list[str] = Field(min_length=1, description="Model refs: name, name:latest or name:vN.")
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    auth: bool = Field(True, description="Require a bearer token on /v1 routes.")
-    overrides: list[str] = Field(
-        default_factory=list, description="serve.* overrides applied to every model's config."
-    )
+#: Longest wait, when the routing changes, for new versions to answer and old calls to end.
+SWITCH_TIMEOUT_S = 300.0
 
 
 def read_token(auth: bool) -> str | None:
@@ -268,21 +259,68 @@ async def _unexpected_error(request: Request, exc: Exception):
 ACCESS_LOGS = {"encoding": "JSON", "enable_access_log": True}
 
 
+class Route(BaseModel):
+    """One served model version: the Serve application running it and what clients see."""
+
+    app: str
+    info: ModelInfo
+    max_instances: int = Field(ge=1)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.info.name}:{self.info.version}"
+
+
+class RoutingTable(BaseModel):
+    """The gateway's ``user_config``: the model versions it routes to."""
+
+    routes: list[Route] = Field(default_factory=list)
+
+
 @serve.deployment(max_ongoing_requests=256, logging_config=ACCESS_LOGS)
 @serve.ingress(api)
 class Gateway:
     """Routes requests to model versions, checks tokens, validates inputs."""
 
-    def __init__(self, models: dict, infos: dict[str, dict], token: str | None, limits: dict):
-        self.models: dict[str, DeploymentHandle] = models
-        self.infos = {ref: ModelInfo(**info) for ref, info in infos.items()}
+    def __init__(self, token: str | None, max_body_bytes: int):
         self.token = token
-        self.max_instances = limits["max_instances"]
-        api.state.max_body_bytes = limits["max_body_bytes"]
+        api.state.max_body_bytes = max_body_bytes
         api.state.metrics = GatewayMetrics()
+        self.routes: dict[str, Route] = {}
+        self.handles: dict[str, DeploymentHandle] = {}
         self.latest: dict[str, str] = {}
-        for ref, info in sorted(self.infos.items(), key=lambda kv: int(kv[1].version[1:])):
-            self.latest[info.name] = ref
+        self.in_flight: Counter[str] = Counter()
+
+    async def reconfigure(self, table: dict) -> None:
+        """Switch to a new routing table without failing a request.
+
+        Versions new to the table must answer before traffic moves to them, and calls
+        still running on versions that left it finish before this returns. Serve applies
+        a ``user_config`` change in place, on every replica, and the deployer only
+        deletes a model's application after that, so no call can reach a deleted one.
+        """
+        routes = {route.ref: route for route in RoutingTable.model_validate(table).routes}
+        handles = {
+            ref: self.handles.get(ref) or serve.get_deployment_handle("ModelServer", route.app)
+            for ref, route in routes.items()
+        }
+        await asyncio.wait_for(
+            asyncio.gather(*(handles[ref].ready.remote() for ref in routes.keys() - self.routes)),
+            timeout=SWITCH_TIMEOUT_S,
+        )
+        dropped = self.routes.keys() - routes.keys()
+        self.routes, self.handles = routes, handles
+        newest_first = sorted(routes.values(), key=lambda r: int(r.info.version[1:]), reverse=True)
+        self.latest = {}
+        for route in newest_first:
+            self.latest.setdefault(route.info.name, route.ref)
+        deadline = time.monotonic() + SWITCH_TIMEOUT_S
+        while any(self.in_flight[ref] for ref in dropped) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def routed_apps(self) -> list[str]:
+        """The model applications this gateway sends traffic to (the deployer keeps these)."""
+        return [route.app for route in self.routes.values()]
 
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if self.token is None:
@@ -298,19 +336,21 @@ class Gateway:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
+        if not self.routes:
+            return JSONResponse({"status": "not ready", "reason": "no models routed"}, 503)
         try:
-            for handle in self.models.values():
+            for handle in self.handles.values():
                 await handle.ready.remote()
         except Exception as exc:  # any replica failure means not ready
             return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, 503)
-        return JSONResponse({"status": "ready", "models": sorted(self.models)})
+        return JSONResponse({"status": "ready", "models": sorted(self.routes)})
 
     @api.get("/v1/models", response_model=list[ModelInfo])
     async def list_models(
         self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> list[ModelInfo]:
         self._authorize(credentials)
-        return list(self.infos.values())
+        return [route.info for route in self.routes.values()]
 
     @api.post("/v1/models/{name}/predict", response_model=PredictResponse)
     async def predict_latest(
@@ -336,17 +376,19 @@ class Gateway:
     ) -> PredictResponse:
         self._authorize(credentials)
         ref = f"{name}:{version}"
-        if ref not in self.models:
-            served = sorted(r for r in self.models if r.startswith(f"{name}:"))
+        if ref not in self.routes:
+            served = sorted(r for r in self.routes if r.startswith(f"{name}:"))
             raise HTTPException(404, f"model version {ref!r} is not served; served: {served}")
         return await self._predict(ref, body, request)
 
     async def _predict(self, ref: str, body: PredictRequest, request: Request) -> PredictResponse:
-        info = self.infos[ref]
+        # No await until the call is counted in flight: a routing switch waits for it.
+        route, handle = self.routes[ref], self.handles[ref]
+        info = route.info
         request.state.model, request.state.version = info.name, info.version
-        if len(body.instances) > self.max_instances:
+        if len(body.instances) > route.max_instances:
             raise HTTPException(
-                413, f"{len(body.instances)} instances exceed the limit of {self.max_instances}"
+                413, f"{len(body.instances)} instances exceed the limit of {route.max_instances}"
             )
         expected = tuple(info.input_shape[1:])
         maps = []
@@ -362,79 +404,78 @@ class Gateway:
                     f"got {'x'.join(map(str, array.shape))}",
                 )
             maps.append(array)
-        probabilities = await self.models[ref].predict.remote(np.stack(maps))
+        self.in_flight[ref] += 1
+        try:
+            probabilities = await handle.predict.remote(np.stack(maps))
+        finally:
+            self.in_flight[ref] -= 1
         return PredictResponse.from_probabilities(
             info.name, info.version, info.classes, probabilities
         )
 
 
-# ---------------------------------------------------------------------------- building
+# ---------------------------------------------------------------------------- builders
 
 
-def _serving_config(registry: ModelRegistry, version: ModelVersion, overrides: list[str]):
+class ModelAppArgs(BaseModel):
+    """One model version's Serve application (``forgeml.serve.app:build_model_app``)."""
+
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*:v[0-9]+$", description="Pinned ref name:vN.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    overrides: list[str] = Field(
+        default_factory=list, description="serve.* overrides applied to the package's config."
+    )
+
+
+class GatewayArgs(BaseModel):
+    """The gateway application (``import_path: forgeml.serve.app:build_gateway``).
+
+    Which versions it routes to is its ``user_config``, a ``RoutingTable``."""
+
+    auth: bool = Field(True, description="Require a bearer token on /v1 routes.")
+    max_body_bytes: int = Field(ServeConfig().max_body_bytes, ge=1024)
+
+
+def serving_config(registry: ModelRegistry, version: ModelVersion, overrides: list[str]):
+    """The package's experiment config with serve.* overrides applied."""
     raw = yaml.safe_load(registry.read(version, "config.yaml"))
     return config_from_dict(apply_overrides(raw, overrides), f"{version.ref}/config.yaml")
 
 
-def _model_info(registry: ModelRegistry, version: ModelVersion, cfg: ExperimentConfig) -> dict:
-    metrics = json.loads(registry.read(version, "metrics.json"))
-    size = json.loads(registry.read(version, "preprocessor.json"))["image_size"]
-    return {
-        "name": version.name,
-        "version": f"v{version.version}",
-        "task": cfg.task.kind,
-        "classes": metrics["data"]["class_names"],
-        "input_shape": [1, size, size],
-        "test_metrics": {k: v for k, v in metrics["test"].items() if isinstance(v, float)},
-    }
-
-
-def build_app(args: dict | AppArgs):
-    """The Serve application for ``args`` (a Serve application builder)."""
-    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+def model_deployment(args: ModelAppArgs) -> Deployment:
+    """``ModelServer`` with the replica, batching and autoscaling settings of the package."""
     registry = ModelRegistry(Storage(args.storage))
-    token = read_token(args.auth)
-    models, infos, limits = {}, {}, {"max_body_bytes": 0, "max_instances": 0}
-    for requested in args.models:
-        version = registry.resolve(requested)
-        cfg = _serving_config(registry, version, args.overrides)
-        scaling = cfg.serve.autoscaling
-        models[version.ref] = ModelServer.options(
-            name=f"{version.name}-v{version.version}",
-            max_ongoing_requests=cfg.serve.max_ongoing_requests,
-            autoscaling_config={
-                "min_replicas": scaling.min_replicas,
-                "initial_replicas": max(scaling.min_replicas, 1),
-                "max_replicas": scaling.max_replicas,
-                "target_ongoing_requests": scaling.target_ongoing_requests,
-                "upscale_delay_s": scaling.upscale_delay_s,
-                "downscale_delay_s": scaling.downscale_delay_s,
-            },
-            ray_actor_options={
-                "num_cpus": cfg.serve.cpus_per_replica,
-                "num_gpus": cfg.serve.gpus_per_replica,
-            },
-            logging_config=ACCESS_LOGS,
-        ).bind(version.ref, args.storage.model_dump())
-        infos[version.ref] = _model_info(registry, version, cfg)
-        limits["max_body_bytes"] = max(limits["max_body_bytes"], cfg.serve.max_body_bytes)
-        limits["max_instances"] = max(limits["max_instances"], cfg.serve.max_instances)
-    return Gateway.bind(models, infos, token, limits)
+    cfg = serving_config(registry, registry.resolve(args.model), args.overrides).serve
+    scaling = cfg.autoscaling
+    return ModelServer.options(
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": scaling.min_replicas,
+            "initial_replicas": max(scaling.min_replicas, 1),
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+        },
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        logging_config=ACCESS_LOGS,
+    )
 
 
-def serve_config(args: AppArgs, host: str, port: int) -> dict:
-    """A Serve config file (``serve deploy``; a RayService's serveConfigV2) with pinned versions."""
-    registry = ModelRegistry(Storage(args.storage))
-    pinned = args.model_copy(update={"models": [registry.resolve(m).ref for m in args.models]})
-    return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": port},
-        "applications": [
-            {
-                "name": "forgeml",
-                "route_prefix": "/",
-                "import_path": "forgeml.serve.app:build_app",
-                "args": pinned.model_dump(mode="json"),
-            }
-        ],
-    }
+def bind_model(deployment: Deployment, args: ModelAppArgs) -> Application:
+    return deployment.bind(args.model, args.storage.model_dump())
+
+
+def build_model_app(args: dict | ModelAppArgs) -> Application:
+    """Serve application builder for one model version."""
+    args = ModelAppArgs.model_validate(args)
+    return bind_model(model_deployment(args), args)
+
+
+def bind_gateway(deployment: Deployment, args: GatewayArgs) -> Application:
+    return deployment.bind(read_token(args.auth), args.max_body_bytes)
+
+
+def build_gateway(args: dict | GatewayArgs) -> Application:
+    """Serve application builder for the gateway; its routing table comes as user_config."""
+    return bind_gateway(Gateway, GatewayArgs.model_validate(args))
