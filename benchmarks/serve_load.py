@@ -154,6 +154,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--max-requests", type=int, default=50_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--proxy",
+        choices=["haproxy", "default"],
+        default="haproxy",
+        help="Serve's HTTP ingress: HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1) or the Python proxy",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="serve.PATH=VALUE",
+        help="serve settings of the forgeml side, e.g. --set serve.torch_threads=2",
+    )
     parser.add_argument("--load", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--plain-server", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,10 +230,11 @@ def main() -> None:
             server.terminate()
             server.wait()
 
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if args.proxy == "haproxy" else "0"
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deploy(AppArgs(models=[ref], storage=cfg.storage, auth=False))
+        deploy(AppArgs(models=[ref], storage=cfg.storage, auth=False, overrides=args.overrides))
         url = f"http://127.0.0.1:{port}/v1/models/bench-wafer/predict"
         for c in args.concurrency:
             results["forgeml_serve"][c] = load(url, c, args.seconds, args.max_requests)
@@ -243,9 +258,8 @@ def main() -> None:
                 "benchmark": "serve_load",
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                 "seconds_per_level": args.seconds,
-                "proxy": "haproxy"
-                if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
-                else "default",
+                "proxy": args.proxy,
+                "serve_overrides": args.overrides,
                 **results,
                 "ratio_forgeml_to_plain": ratios,
             },
