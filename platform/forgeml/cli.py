@@ -1,6 +1,8 @@
 """The ``forgeml`` command line; the scripts in ``jobs/`` call the same functions.
 
 forgeml train --config examples/wafer/config.yaml [--set train.max_epochs=3] [--resume [RUN]]
+forgeml tune --config examples/wafer/tune.yaml [--set tune.num_trials=8] [--resume [SEARCH]]
+forgeml serve run|deploy|build --model NAME[:vN] [--storage-root ROOT]
 forgeml config schema
 forgeml config validate --config FILE [--set ...]
 forgeml models list [--config FILE | --storage-root ROOT]
@@ -9,6 +11,7 @@ forgeml models list [--config FILE | --storage-root ROOT]
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -51,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         metavar="RUN",
         help="continue the latest run of this experiment (or the named RUN) from its checkpoint",
+    )
+
+    tune = commands.add_parser(
+        "tune", help="search hyperparameters (the config's tune section) and register the best"
+    )
+    _add_config_arguments(tune)
+    tune.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="SEARCH",
+        help="finish the latest search of this experiment (or the named SEARCH)",
     )
 
     config = commands.add_parser("config", help="inspect the experiment schema")
@@ -202,6 +218,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.tune is None:
+        raise ConfigError(f"{args.config} has no tune section (see docs/configuration.md)")
+    from forgeml.tune.search import BEST_CONFIG_FILE, RESULTS_FILE, run_tuning
+
+    outcome = run_tuning(cfg, resume=args.resume)
+    columns = ["trial_id", *[c for c in outcome.trials if c.startswith("param.")]]
+    columns += [cfg.tune.metric, "epochs", "seconds", "state"]
+    print()
+    print(outcome.trials[columns].to_string(index=False))
+    print(f"\nsummary: {json.dumps(outcome.summary)}")
+    print(f"results:     {outcome.uri}/{RESULTS_FILE}")
+    print(f"best config: {outcome.uri}/{BEST_CONFIG_FILE}")
+    print(f"registered {outcome.version.ref} at {outcome.version.uri}")
+    return 0
+
+
 def _models_list(args: argparse.Namespace) -> int:
     from forgeml.storage import ModelRegistry, Storage
 
@@ -219,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "config" and args.config_command == "schema":
             print(json_schema())
             return 0

@@ -251,6 +251,108 @@ class StorageConfig(Section):
     region: str | None = Field(None, description="S3 region; null uses the AWS default chain.")
 
 
+# ----------------------------------------------------------------------------- tune
+
+#: Metrics every epoch reports (train/loop.py), so the only ones Tune can select on.
+ReportedMetric = Literal["val_loss", "val_accuracy", "val_macro_f1", "train_loss"]
+
+
+class RangeParam(Section):
+    """A distribution between two bounds; subclasses give the bounds their type."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeParam:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class UniformParam(RangeParam):
+    kind: Literal["uniform"] = Field("uniform", description="Selects this variant.")
+    low: float = Field(description="Smallest value.")
+    high: float = Field(description="Largest value.")
+
+
+class LogUniformParam(UniformParam):
+    kind: Literal["loguniform"] = Field("loguniform", description="Selects this variant.")
+    low: float = Field(gt=0, description="Smallest value (> 0).")
+
+
+class IntParam(RangeParam):
+    kind: Literal["int"] = Field("int", description="Selects this variant.")
+    low: int = Field(description="Smallest value.")
+    high: int = Field(description="Largest value (inclusive).")
+
+
+class ChoiceParam(Section):
+    kind: Literal["choice"] = Field("choice", description="Selects this variant.")
+    values: list[Any] = Field(min_length=1, description="Candidate values.")
+
+
+class GridParam(ChoiceParam):
+    """Every value is tried (with every value of the other grid parameters)."""
+
+    kind: Literal["grid"] = Field("grid", description="Selects this variant.")
+
+
+SearchParam = Annotated[
+    UniformParam | LogUniformParam | IntParam | ChoiceParam | GridParam,
+    Field(discriminator="kind"),
+]
+
+
+class SearchConfig(Section):
+    kind: Literal["optuna_tpe", "optuna_gp", "random", "grid"] = Field(
+        "optuna_tpe",
+        description="optuna_tpe / optuna_gp: Bayesian (Optuna's TPE or Gaussian-process "
+        "sampler); random: independent samples; grid: only grid parameters, all combinations.",
+    )
+    seed: int | None = Field(None, description="Searcher seed; null: the experiment's seed.")
+
+
+class SchedulerConfig(Section):
+    kind: Literal["asha", "none"] = Field(
+        "asha", description="asha: stop poor trials early at rungs; none: run every trial out."
+    )
+    grace_period: int = Field(2, ge=1, description="Epochs every trial runs before pruning.")
+    reduction_factor: float = Field(3, gt=1, description="ASHA keeps 1/reduction_factor per rung.")
+
+
+class TuneConfig(Section):
+    """Hyperparameter search over any config field; each trial is one Ray Train run."""
+
+    metric: ReportedMetric = Field("val_loss", description="Per-epoch metric the search optimises.")
+    mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
+    space: dict[str, SearchParam] = Field(
+        min_length=1,
+        description="Dotted config path (e.g. train.optimizer.lr) to its distribution.",
+    )
+    num_trials: int = Field(
+        16,
+        ge=1,
+        description="Trials to run. Grid parameters multiply: each trial runs the whole "
+        "grid; search kind grid runs it once and ignores this.",
+    )
+    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once.")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop starting and running trials after this many seconds."
+    )
+    search: SearchConfig = Field(default_factory=SearchConfig, description="The searcher.")
+    scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig, description="Early stopping of poor trials."
+    )
+
+    @model_validator(mode="after")
+    def _space_fits_searcher(self) -> TuneConfig:
+        grid = [path for path, param in self.space.items() if param.kind == "grid"]
+        if self.search.kind == "grid" and len(grid) != len(self.space):
+            others = sorted(set(self.space) - set(grid))
+            raise ValueError(f"search kind grid needs grid parameters only; not grid: {others}")
+        if grid and self.search.kind.startswith("optuna"):
+            raise ValueError(f"{self.search.kind} cannot search grid parameters {grid}")
+        return self
+
+
 class ExperimentConfig(Section):
     """One experiment: the model it registers, and everything needed to reproduce it."""
 
@@ -270,6 +372,9 @@ class ExperimentConfig(Section):
         default_factory=ScalingConfig, description="Ray Train workers and their resources."
     )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve deployment.")
+    tune: TuneConfig | None = Field(
+        None, description="Hyperparameter search (forgeml tune); training ignores it."
+    )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -310,18 +415,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_path(raw: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """Set ``value`` at a key path of a raw config mapping, creating sections as needed."""
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each ``a.b=value`` into the raw config mapping, creating sections as needed."""
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(path[: i + 1])
-                raise ConfigError(f"override {text!r}: {where} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        try:
+            set_path(raw, path, value)
+        except ConfigError as exc:
+            raise ConfigError(f"override {text!r}: {exc}") from None
     return raw
 
 
@@ -348,9 +461,40 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(raw)
+        cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, raw, source)) from None
+    if cfg.tune is not None:
+        _check_search_space(cfg, source)
+    return cfg
+
+
+def _candidates(param: SearchParam) -> list[Any]:
+    return param.values if isinstance(param, ChoiceParam) else [param.low, param.high]
+
+
+def _check_search_space(cfg: ExperimentConfig, source: str) -> None:
+    """Every value a trial could get must make a valid config: unknown paths, wrong
+    types and out-of-range bounds fail here, before any trial starts."""
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    problems = []
+    for path, param in cfg.tune.space.items():
+        for value in _candidates(param):
+            trial = json.loads(json.dumps(base))
+            try:
+                ExperimentConfig.model_validate(set_path(trial, path.split("."), value))
+            except ConfigError as exc:
+                problems.append(f"  tune.space.{path}: {exc}")
+                break
+            except ValidationError as exc:
+                item = exc.errors()[0]
+                where = _field_path(item["loc"], trial)
+                reason = "not a config field" if item["type"] == "extra_forbidden" else item["msg"]
+                detail = reason if where == path else f"{where}: {reason}"
+                problems.append(f"  tune.space.{path}: {detail} (got {value!r})")
+                break
+    if problems:
+        raise ConfigError("\n".join([f"invalid config {source}:", *problems]))
 
 
 def json_schema() -> str:
@@ -397,10 +541,17 @@ def reference_markdown() -> str:
         lines.extend(["| field | type | default | description |", "|---|---|---|---|"])
         nested = []
         for name, field in model.model_fields.items():
-            models = _models_in(field.annotation)
+            models = list(dict.fromkeys(_models_in(field.annotation)))
             if models:
-                kinds = [m.model_fields["kind"].default for m in models if "kind" in m.model_fields]
+                kinds = [  # variants: a ``kind`` that names one registered type
+                    m.model_fields["kind"].default
+                    for m in models
+                    if "kind" in m.model_fields
+                    and len(get_args(m.model_fields["kind"].annotation)) == 1
+                ]
                 kind = f"one of kind: {', '.join(kinds)}" if kinds else "section"
+                if get_origin(field.annotation) is dict:
+                    kind = f"mapping of dotted path to {kind}"
                 lines.append(f"| `{name}` | {kind} | | {field.description or ''} |")
                 nested += [(m, f"{path}.{name}" if path else name) for m in models]
                 continue

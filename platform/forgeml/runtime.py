@@ -13,9 +13,16 @@ import os
 import socket
 
 import ray
+from ray._common.utils import reset_ray_address
 from ray._private.utils import read_ray_address
 
 logger = logging.getLogger(__name__)
+
+#: Set in this process before Ray starts, so an embedded runtime's workers inherit them
+#: (on a ``ray start`` cluster, set them where the nodes start). Ray Data's default
+#: rate-based cluster autoscaler (Ray 2.60) hands concurrent streaming executions a
+#: zero CPU budget on a small cluster, so two tuning trials stall; V2 shares the CPUs.
+RAY_ENV_DEFAULTS = {"RAY_DATA_CLUSTER_AUTOSCALER": "V2"}
 
 
 def _reachable(address: str, timeout: float = 1.0) -> bool:
@@ -27,15 +34,26 @@ def _reachable(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def forget_stale_cluster() -> bool:
+    """Remove the address file of a local cluster that is gone, as ``ray stop`` would.
+
+    Ray's own clients read that file too (Ray Train's placement-group cleaner does, to
+    free the workers of a trial that Tune stopped), and would wait on a dead address.
+    Returns whether a stale address was forgotten.
+    """
+    recorded = read_ray_address()
+    if not recorded or _reachable(recorded):
+        return False
+    logger.warning("ignoring the stale local Ray cluster address %s (not reachable)", recorded)
+    reset_ray_address()
+    return True
+
+
 def _address() -> str | None:
     """None to let Ray join RAY_ADDRESS or the local cluster, "local" to start embedded."""
     if os.environ.get("RAY_ADDRESS"):
         return None
-    recorded = read_ray_address()
-    if recorded and not _reachable(recorded):
-        logger.warning("ignoring the stale local Ray cluster address %s (not reachable)", recorded)
-        return "local"
-    return None
+    return "local" if forget_stale_cluster() else None
 
 
 def connect(require_cluster: bool = False) -> None:
@@ -51,6 +69,8 @@ def connect(require_cluster: bool = False) -> None:
         address == "local" or not (os.environ.get("RAY_ADDRESS") or read_ray_address())
     ):
         raise ValueError("no running Ray cluster: start one (ray start --head) or set RAY_ADDRESS")
+    for name, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     ray.init(address=address, configure_logging=True, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from forgeml.runtime import RAY_ENV_DEFAULTS, forget_stale_cluster
 
 from tests.conftest import free_port
 
@@ -24,11 +25,14 @@ S3_ENV = {
 @pytest.fixture(scope="session")
 def ray_runtime():
     """The shared runtime. Four logical CPUs on two cores leave a slot for Ray Data
-    beside two single-CPU training workers. S3 test credentials are in the environment
-    before Ray starts so that every worker inherits them."""
-    saved = {key: os.environ.get(key) for key in S3_ENV}
-    os.environ.update(S3_ENV)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+    beside two single-CPU training workers. S3 test credentials and forgeml's Ray
+    settings are in the environment before Ray starts so that every worker inherits them."""
+    saved = {key: os.environ.get(key) for key in {**S3_ENV, **RAY_ENV_DEFAULTS}}
+    os.environ.update({**RAY_ENV_DEFAULTS, **S3_ENV})
+    # The dashboard serves the State API, which Ray Train's placement-group cleaner
+    # queries to free the workers of a trial that Tune stopped.
+    forget_stale_cluster()
+    ray.init(address="local", num_cpus=4, include_dashboard=True, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

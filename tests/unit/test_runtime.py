@@ -11,7 +11,10 @@ def test_stale_local_cluster_address_starts_an_embedded_runtime(tmp_path, monkey
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(runtime, "read_ray_address", lambda: dead)
+    forgotten = []
+    monkeypatch.setattr(runtime, "reset_ray_address", lambda: forgotten.append(dead))
     assert runtime._address() == "local"
+    assert forgotten == [dead]  # the address file goes, as after `ray stop`
 
 
 def test_live_or_configured_clusters_are_joined(monkeypatch):

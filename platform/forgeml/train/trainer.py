@@ -60,13 +60,23 @@ def resolve_run_name(cfg: ExperimentConfig, storage: Storage, resume: bool | str
     return resume
 
 
-def build_trainer(cfg: ExperimentConfig, storage: Storage, data: PreparedData, run_name: str):
+def build_trainer(
+    cfg: ExperimentConfig,
+    storage: Storage,
+    data: PreparedData,
+    run_name: str,
+    runs_path: str | None = None,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer of one run, checkpointing to ``runs_path/run_name`` (default
+    ``<storage>/runs``); ``callbacks`` are Ray Train callbacks (Tune's report callback)."""
     input_shape = (1, data.preprocessor.image_size, data.preprocessor.image_size)
     rows_per_worker = math.ceil(data.sizes["train"] / cfg.scaling.num_workers)
     early = cfg.train.early_stopping
     run_config = ray.train.RunConfig(
         name=run_name,
-        storage_path=storage.path("runs"),
+        storage_path=runs_path or storage.path("runs"),
+        callbacks=callbacks,
         storage_filesystem=None if storage.is_local else storage.fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(
@@ -123,6 +133,37 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     best = result.get_best_checkpoint(early.metric, early.mode)
     with best.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu")
+    run = {
+        "name": run_name,
+        "uri": storage.uri("runs", run_name),
+        "workers": outcome["world_size"],
+        "resumed_from_epochs": outcome["resumed_from"],
+        "use_gpu": cfg.scaling.use_gpu,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    version, metrics = register_checkpoint(
+        cfg, storage, data, state, outcome["status"], history, run
+    )
+    return TrainingOutcome(
+        run_name=run_name,
+        status=outcome["status"],
+        epochs=len(history),
+        version=version,
+        metrics=metrics,
+    )
+
+
+def register_checkpoint(
+    cfg: ExperimentConfig,
+    storage: Storage,
+    data: PreparedData,
+    state: dict,
+    status: str,
+    history: list[dict],
+    run: dict,
+) -> tuple[ModelVersion, dict]:
+    """Evaluate a checkpoint's model on the test split and register it as a package."""
+    early = cfg.train.early_stopping
     task = build_task(cfg.task, data.class_names)
     input_shape = (1, data.preprocessor.image_size, data.preprocessor.image_size)
     model = build_model(cfg.model, input_shape, task.num_outputs)
@@ -133,17 +174,10 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
         "test": evaluation.metrics,
         "best_epoch": state["epoch"],
         "selected_by": {"metric": early.metric, "mode": early.mode},
-        "status": outcome["status"],
+        "status": status,
         "history": history,
         "data": {"rows": data.sizes, "class_names": list(data.class_names)},
-        "run": {
-            "name": run_name,
-            "uri": storage.uri("runs", run_name),
-            "workers": outcome["world_size"],
-            "resumed_from_epochs": outcome["resumed_from"],
-            "use_gpu": cfg.scaling.use_gpu,
-            "wall_s": round(time.monotonic() - started, 1),
-        },
+        "run": run,
     }
     version = ModelRegistry(storage).register(
         cfg.name,
@@ -159,10 +193,4 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
             )
         ),
     )
-    return TrainingOutcome(
-        run_name=run_name,
-        status=outcome["status"],
-        epochs=len(history),
-        version=version,
-        metrics=metrics,
-    )
+    return version, metrics

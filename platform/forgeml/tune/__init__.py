@@ -1,0 +1,1 @@
+"""Hyperparameter search on Ray Tune, each trial one Ray Train run (``forgeml tune``)."""

@@ -1,0 +1,311 @@
+"""Hyperparameter search: a Ray Tune experiment whose trials are Ray Train runs.
+
+The driver prepares the data once and hands the same Ray Datasets to every trial. A
+trial is a function trainable that applies its sampled values to the base config and
+fits a ``TorchTrainer`` (Ray Train V2) with ``TuneReportCallback``, so every epoch's
+metrics reach Tune and ASHA can stop a poor trial after any epoch. Stopping the
+trainable ends its Train controller and workers with it; Ray Train's placement-group
+cleaner then frees their CPUs, which needs the State API (the Ray dashboard).
+
+Everything lands under ``<storage>/tune/<experiment>/``: Tune's own state (what
+``--resume`` restores), each trial's Train run and checkpoints, ``tune_results.parquet``
+(one row per trial), and ``best_config.yaml``. The best trial's best checkpoint is
+evaluated and registered like a training run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.train
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from forgeml import runtime
+from forgeml.config import (
+    ChoiceParam,
+    ExperimentConfig,
+    GridParam,
+    IntParam,
+    LogUniformParam,
+    SearchParam,
+    TuneConfig,
+    UniformParam,
+    config_from_dict,
+    set_path,
+)
+from forgeml.data.pipeline import PreparedData, prepare_data
+from forgeml.data.sources import open_source
+from forgeml.storage import ModelVersion, Storage
+from forgeml.train.loop import CHECKPOINT_FILE
+from forgeml.train.trainer import build_trainer, register_checkpoint
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "tune_results.parquet"
+BEST_CONFIG_FILE = "best_config.yaml"
+TRIAL_DRIVER_MEMORY = 256 * 1024**2
+
+
+@dataclass
+class TuningOutcome:
+    experiment: str
+    uri: str
+    trials: pd.DataFrame
+    best_params: dict[str, Any]
+    best_metric: float
+    best_config: ExperimentConfig
+    version: ModelVersion
+    summary: dict
+
+
+def _domain(param: SearchParam):
+    if isinstance(param, LogUniformParam):
+        return tune.loguniform(param.low, param.high)
+    if isinstance(param, UniformParam):
+        return tune.uniform(param.low, param.high)
+    if isinstance(param, IntParam):
+        return tune.randint(param.low, param.high + 1)
+    if isinstance(param, GridParam):
+        return tune.grid_search(param.values)
+    if isinstance(param, ChoiceParam):
+        return tune.choice(param.values)
+    raise TypeError(f"no Tune domain for {type(param).__name__}")
+
+
+def trial_config(base: dict, params: dict[str, Any]) -> ExperimentConfig:
+    """The base config (without its tune section) with a trial's values set at their paths."""
+    raw = json.loads(json.dumps({k: v for k, v in base.items() if k != "tune"}))
+    for path, value in params.items():
+        set_path(raw, path.split("."), value)
+    return config_from_dict(raw, "a trial's config")
+
+
+def _searcher(settings: TuneConfig, seed: int):
+    """The search algorithm, limited to ``max_concurrent_trials`` running trials."""
+    seed = settings.search.seed if settings.search.seed is not None else seed
+    if settings.search.kind in ("random", "grid"):
+        return tune.search.BasicVariantGenerator(
+            random_state=seed, max_concurrent=settings.max_concurrent_trials
+        )
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if settings.search.kind == "optuna_gp":
+        sampler = optuna.samplers.GPSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed)
+    return tune.search.ConcurrencyLimiter(
+        OptunaSearch(sampler=sampler), max_concurrent=settings.max_concurrent_trials
+    )
+
+
+def _scheduler(settings: TuneConfig, max_epochs: int):
+    if settings.scheduler.kind == "none":
+        return None
+    return tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max_epochs,
+        grace_period=min(settings.scheduler.grace_period, max_epochs),
+        reduction_factor=settings.scheduler.reduction_factor,
+    )
+
+
+def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str) -> None:
+    """One trial: a Ray Train run of the base config with ``params`` applied.
+
+    A restored trial keeps its id, so Train V2 finds its checkpoints and continues.
+    """
+    cfg = trial_config(base, params)
+    trainer = build_trainer(
+        cfg,
+        Storage(cfg.storage),
+        data,
+        run_name=tune.get_context().get_trial_id(),
+        runs_path=runs_path,
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+def _experiment_name(cfg: ExperimentConfig, storage: Storage, resume: bool | str) -> str:
+    if resume is False:
+        return f"{cfg.name}-tune-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    runs = sorted(
+        r for r in storage.list_dirs(storage.path("tune")) if r.startswith(f"{cfg.name}-tune-")
+    )
+    if resume is True:
+        if not runs:
+            raise FileNotFoundError(f"--resume: no earlier search of {cfg.name!r}")
+        return runs[-1]
+    if resume not in runs:
+        raise FileNotFoundError(f"--resume: no search {resume!r} under {storage.uri('tune')}")
+    return resume
+
+
+def _max_epochs(cfg: ExperimentConfig) -> int:
+    param = cfg.tune.space.get("train.max_epochs")
+    if param is None:
+        return cfg.train.max_epochs
+    return int(max(param.values if isinstance(param, ChoiceParam) else [param.high]))
+
+
+def _trial_rows(results, settings: TuneConfig, cfg: ExperimentConfig) -> pd.DataFrame:
+    """One row per trial: its values, best metric, epochs, seconds and final state."""
+    cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        params = result.config or {}
+        epochs = int(history["training_iteration"].max()) if history is not None else 0
+        seconds = float(result.metrics.get("time_total_s", 0.0)) if result.metrics else 0.0
+        max_epochs = int(params.get("train.max_epochs", cfg.train.max_epochs))
+        if result.error is not None:
+            state = "error"
+        elif epochs >= max_epochs:
+            state = "completed"
+        elif _stopped_itself(history, cfg, params):
+            state = "early_stopped"
+        else:
+            state = "pruned"
+        values = history[settings.metric] if history is not None else pd.Series(dtype=float)
+        best = values.min() if settings.mode == "min" else values.max()
+        rows.append(
+            {
+                "trial_id": result.metrics.get("trial_id") if result.metrics else None,
+                **{f"param.{path}": params.get(path) for path in settings.space},
+                settings.metric: float(best) if len(values) else math.nan,
+                "epochs": epochs,
+                "seconds": round(seconds, 2),
+                "cpu_seconds": round(seconds * cpus, 2),
+                "state": state,
+                "path": result.path,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _stopped_itself(history: pd.DataFrame | None, cfg: ExperimentConfig, params: dict) -> bool:
+    """Whether the trial's own early stopping ended it (its patience ran out)."""
+    if history is None or history.empty or "best_epoch" not in history:
+        return False
+    trial = trial_config(cfg.model_dump(mode="json"), params).train.early_stopping
+    last = history.iloc[-1]
+    return bool(trial.enabled and last["epoch"] - last["best_epoch"] >= trial.patience)
+
+
+def _best_state(result, cfg: ExperimentConfig, storage: Storage) -> dict:
+    """The best trial's checkpoint that training would register: best by the watched metric
+    among the checkpoints Train kept."""
+    early = cfg.train.early_stopping
+    history = result.metrics_dataframe
+    candidates = history.dropna(subset=["checkpoint_path"]).sort_values(
+        early.metric, ascending=early.mode == "min"
+    )
+    for path in candidates["checkpoint_path"]:
+        if storage.exists(f"{path}/{CHECKPOINT_FILE}"):
+            checkpoint = ray.train.Checkpoint(path, filesystem=storage.fs)
+            with checkpoint.as_directory() as folder:
+                return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu")
+    raise FileNotFoundError(f"no checkpoint of the best trial survives under {result.path}")
+
+
+def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutcome:
+    """Search ``cfg.tune.space``, write the results, and register the best trial's model."""
+    if cfg.tune is None:
+        raise ValueError("the config has no tune section; see docs/configuration.md#tune")
+    started = time.monotonic()
+    settings = cfg.tune
+    storage = Storage(cfg.storage)
+    experiment = _experiment_name(cfg, storage, resume)
+    experiment_path = storage.path("tune", experiment)
+    source = open_source(cfg.data.source, storage, cfg.seed)
+    runtime.connect()
+    data = prepare_data(cfg, source)
+    base = cfg.model_dump(mode="json")
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, base=base, data=data, runs_path=f"{experiment_path}/trials"
+        ),
+        # The trial only drives a TorchTrainer, whose workers reserve the CPUs and GPUs:
+        # it holds memory but no CPU, and max_concurrent_trials bounds how many run.
+        {"memory": TRIAL_DRIVER_MEMORY},
+    )
+    filesystem = None if storage.is_local else storage.fs
+    if resume is not False and tune.Tuner.can_restore(experiment_path, filesystem):
+        logger.info("resuming search %s", experiment)
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable, resume_errored=True, storage_filesystem=filesystem
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={path: _domain(param) for path, param in settings.space.items()},
+            tune_config=tune.TuneConfig(
+                metric=settings.metric,
+                mode=settings.mode,
+                search_alg=_searcher(settings, cfg.seed),
+                scheduler=_scheduler(settings, _max_epochs(cfg)),
+                num_samples=1 if settings.search.kind == "grid" else settings.num_trials,
+                time_budget_s=settings.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment,
+                storage_path=storage.path("tune"),
+                storage_filesystem=filesystem,
+            ),
+        )
+    results = tuner.fit()
+    trials = _trial_rows(results, settings, cfg)
+    best = results.get_best_result(settings.metric, settings.mode, scope="all")
+    best_params = {path: best.config[path] for path in settings.space}
+    best_config = trial_config(base, best_params)
+    state = _best_state(best, best_config, storage)
+    run = {
+        "name": experiment,
+        "uri": storage.uri("tune", experiment),
+        "trial": best.path,
+        "workers": best_config.scaling.num_workers,
+        "use_gpu": best_config.scaling.use_gpu,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    version, _ = register_checkpoint(
+        best_config, storage, data, state, "tuned", state["history"], run
+    )
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), buffer)
+    storage.write_bytes(f"{experiment_path}/{RESULTS_FILE}", buffer.getvalue().to_pybytes())
+    storage.write_text(f"{experiment_path}/{BEST_CONFIG_FILE}", best_config.to_yaml())
+    best_metric = float(
+        trials[settings.metric].min() if settings.mode == "min" else trials[settings.metric].max()
+    )
+    summary = {
+        "trials": len(trials),
+        "states": trials["state"].value_counts().to_dict(),
+        "best_metric": {settings.metric: best_metric},
+        "best_params": best_params,
+        "cpu_seconds": round(float(trials["cpu_seconds"].sum()), 1),
+        "wall_s": round(time.monotonic() - started, 1),
+        "registered": version.ref,
+    }
+    return TuningOutcome(
+        experiment=experiment,
+        uri=storage.uri("tune", experiment),
+        trials=trials,
+        best_params=best_params,
+        best_metric=best_metric,
+        best_config=best_config,
+        version=version,
+        summary=summary,
+    )

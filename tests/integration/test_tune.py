@@ -1,0 +1,131 @@
+"""Hyperparameter search on the shared runtime: ASHA prunes, results and the best model
+are written, the best config reproduces its metric, and an interrupted search resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from forgeml.config import config_from_dict, load_config
+from forgeml.storage import ModelRegistry, Storage
+from forgeml.train.trainer import run_training
+from forgeml.tune.search import BEST_CONFIG_FILE, RESULTS_FILE, run_tuning
+
+from tests.conftest import REPO, tiny_raw_config, write_config
+
+#: Two learning rates that learn and two that cannot: after one epoch ASHA sees the
+#: difference, and the grid order (good ones first) makes the pruning deterministic.
+LEARNING_RATES = [3e-2, 1e-2, 1e-7, 1e-6]
+
+
+def _raw(store: Path, **tune) -> dict:
+    return tiny_raw_config(
+        store,
+        train={"max_epochs": 3, "schedule": {"kind": "constant"}},
+        tune={
+            "metric": "val_loss",
+            "mode": "min",
+            "max_concurrent_trials": 2,
+            "search": {"kind": "grid"},
+            "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+            "space": {"train.optimizer.lr": {"kind": "grid", "values": LEARNING_RATES}},
+            **tune,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(ray_runtime, tmp_path_factory):
+    cfg = config_from_dict(_raw(tmp_path_factory.mktemp("tune-store")))
+    return cfg, run_tuning(cfg)
+
+
+def test_asha_prunes_poor_trials_and_the_best_is_registered(searched):
+    cfg, outcome = searched
+    trials = pd.read_parquet(f"{outcome.uri}/{RESULTS_FILE}")
+    assert len(trials) == 4
+    assert {
+        "trial_id",
+        "param.train.optimizer.lr",
+        "val_loss",
+        "epochs",
+        "seconds",
+        "state",
+    } <= set(trials.columns)
+    pruned = trials[trials["state"] == "pruned"]
+    assert len(pruned) >= 1 and (pruned["epochs"] < 3).all()
+    assert outcome.best_params["train.optimizer.lr"] in (3e-2, 1e-2)
+    assert outcome.summary["trials"] == 4 and outcome.summary["cpu_seconds"] > 0
+
+    registry = ModelRegistry(Storage(cfg.storage))
+    assert outcome.version.ref == "tiny-wafer:v1"
+    metrics = json.loads(registry.read(outcome.version, "metrics.json"))
+    assert metrics["status"] == "tuned" and metrics["run"]["name"] == outcome.experiment
+    assert metrics["test"]["accuracy"] > 0
+
+
+def test_the_best_config_trains_to_the_reported_metric(searched):
+    _, outcome = searched
+    best = load_config(Path(outcome.uri) / BEST_CONFIG_FILE)
+    assert best.tune is None
+    assert best.train.optimizer.lr == outcome.best_params["train.optimizer.lr"]
+
+    retrained = run_training(best)
+
+    best_val_loss = min(epoch["val_loss"] for epoch in retrained.metrics["history"])
+    assert best_val_loss == pytest.approx(outcome.best_metric, rel=0.05)
+
+
+def _trial_epochs(experiment: Path) -> dict[str, int]:
+    """Lines of result.json (one per reported epoch) for each trial directory."""
+    return {
+        trial.name.split("_")[3]: len((trial / "result.json").read_text().splitlines())
+        for trial in experiment.glob("run_trial_*")
+        if (trial / "result.json").exists()
+    }
+
+
+def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runtime, tmp_path):
+    """The driver is killed once the first trial has finished; --resume finishes the rest
+    without running that trial again."""
+    store = tmp_path / "store"
+    raw = _raw(store, max_concurrent_trials=1, scheduler={"kind": "none"})
+    raw["train"]["max_epochs"] = 2
+    raw["tune"]["space"]["train.optimizer.lr"]["values"] = [3e-2, 1e-2]
+    config = write_config(tmp_path / "tune.yaml", raw)
+    command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--config", str(config)]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    first = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            experiments = list((store / "tune").glob("tiny-wafer-tune-*"))
+            if experiments:
+                done = _trial_epochs(experiments[0])
+                states = "".join(p.read_text() for p in experiments[0].glob("experiment_state-*"))
+                if done.get("00000") == 2 and "TERMINATED" in states.replace("\\", ""):
+                    break
+            assert first.poll() is None, "the search ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the first trial did not finish"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    experiment = experiments[0]
+    assert not (experiment / RESULTS_FILE).exists()
+
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=540
+    )
+
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = pd.read_parquet(experiment / RESULTS_FILE)
+    assert len(trials) == 2 and set(trials["state"]) == {"completed"}
+    assert _trial_epochs(experiment) == {"00000": 2, "00001": 2}

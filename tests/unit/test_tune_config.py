@@ -1,0 +1,72 @@
+"""The tune section: bad search spaces are refused before any trial starts, naming the path."""
+
+import pytest
+import ray
+from forgeml.cli import EXIT_BAD_INPUT, main
+from forgeml.tune.search import trial_config
+
+from tests.conftest import tiny_raw_config, write_config
+
+LR = {"kind": "loguniform", "low": 1e-4, "high": 1e-2}
+
+
+def _tune(tmp_path, capsys, tune_section):
+    raw = tiny_raw_config(tmp_path / "store", tune=tune_section)
+    code = main(["tune", "--config", str(write_config(tmp_path / "tune.yaml", raw))])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("tune_section", "message"),
+    [
+        (
+            {"space": {"model.wdith": {"kind": "choice", "values": [4, 8]}}},
+            "tune.space.model.wdith: not a config field",
+        ),
+        (
+            {"space": {"train.max_epochs.value": {"kind": "choice", "values": [1]}}},
+            "tune.space.train.max_epochs.value: train.max_epochs is a value, not a section",
+        ),
+        (
+            {"space": {"model.width": {"kind": "choice", "values": []}}},
+            "tune.space.model.width.values: List should have at least 1 item",
+        ),
+        (
+            {"space": {"train.optimizer.lr": {"kind": "uniform", "low": 0.1, "high": 0.01}}},
+            "tune.space.train.optimizer.lr: Value error, low (0.1) must be below high (0.01)",
+        ),
+        (
+            {"space": {"train.optimizer.lr": {"kind": "uniform", "low": -1, "high": 1}}},
+            "tune.space.train.optimizer.lr: Input should be greater than 0 (got -1.0)",
+        ),
+        (
+            {"space": {"model.width": {"kind": "choice", "values": [8, "wide"]}}},
+            "tune.space.model.width: Input should be a valid integer",
+        ),
+        ({"metric": "val_auc", "space": {"train.optimizer.lr": LR}}, "tune.metric: Input"),
+        ({"space": {}}, "tune.space: Dictionary should have at least 1 item"),
+        (
+            {"space": {"train.optimizer.lr": LR}, "search": {"kind": "grid"}},
+            "search kind grid needs grid parameters only",
+        ),
+    ],
+)
+def test_bad_search_spaces_are_refused_before_ray_starts(tmp_path, capsys, tune_section, message):
+    code, err = _tune(tmp_path, capsys, tune_section)
+    assert code == EXIT_BAD_INPUT
+    assert message in err
+    assert not ray.is_initialized()
+
+
+def test_a_config_without_a_tune_section_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path / "train.yaml", tiny_raw_config(tmp_path))
+    assert main(["tune", "--config", str(config)]) == EXIT_BAD_INPUT
+    assert "has no tune section" in capsys.readouterr().err
+
+
+def test_trial_values_land_at_their_paths_and_the_tune_section_is_dropped(tmp_path):
+    raw = tiny_raw_config(tmp_path, tune={"space": {"train.optimizer.lr": LR}})
+    cfg = trial_config(raw, {"train.optimizer.lr": 0.003, "model.width": 12})
+    assert cfg.train.optimizer.lr == 0.003 and cfg.model.width == 12
+    assert cfg.tune is None
+    assert cfg.train.max_epochs == raw["train"]["max_epochs"]
