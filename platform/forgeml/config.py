@@ -469,8 +469,19 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentC
     return cfg
 
 
+#: Paths a trial cannot change: every trial shares the data prepared once for the search
+#: (its source, split, preprocessing and seed), the storage and the registered name.
+FIXED_FOR_TUNING = ("name", "seed", "storage", "data", "tune")
+
+
 def _candidates(param: SearchParam) -> list[Any]:
-    return param.values if isinstance(param, ChoiceParam) else [param.low, param.high]
+    """Values that stand for all a trial could get: both bounds, and a point between
+    them that is not a whole number (catching a float range over an integer field)."""
+    if isinstance(param, ChoiceParam):
+        return param.values
+    if isinstance(param, IntParam):
+        return [param.low, param.high]
+    return [param.low, param.high, param.low + (param.high - param.low) * 0.381966]
 
 
 def _check_search_space(cfg: ExperimentConfig, source: str) -> None:
@@ -479,6 +490,12 @@ def _check_search_space(cfg: ExperimentConfig, source: str) -> None:
     base = cfg.model_dump(mode="json", exclude={"tune"})
     problems = []
     for path, param in cfg.tune.space.items():
+        if path.split(".")[0] in FIXED_FOR_TUNING:
+            problems.append(
+                f"  tune.space.{path}: cannot be searched; trials share "
+                f"{', '.join(FIXED_FOR_TUNING)} (prepared once for the whole search)"
+            )
+            continue
         for value in _candidates(param):
             trial = json.loads(json.dumps(base))
             try:

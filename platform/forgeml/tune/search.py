@@ -115,7 +115,7 @@ def _scheduler(settings: TuneConfig, max_epochs: int):
     if settings.scheduler.kind == "none":
         return None
     return tune.schedulers.ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",  # what the trial reports; Tune's iteration restarts on resume
         max_t=max_epochs,
         grace_period=min(settings.scheduler.grace_period, max_epochs),
         reduction_factor=settings.scheduler.reduction_factor,
@@ -161,48 +161,55 @@ def _max_epochs(cfg: ExperimentConfig) -> int:
     return int(max(param.values if isinstance(param, ChoiceParam) else [param.high]))
 
 
-def _trial_rows(results, settings: TuneConfig, cfg: ExperimentConfig) -> pd.DataFrame:
-    """One row per trial: its values, best metric, epochs, seconds and final state."""
-    cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+def _trial_state(result, history: pd.DataFrame, trial: ExperimentConfig, scheduled: bool) -> str:
+    """How a trial ended: error, diverged, completed, early_stopped (its own patience ran
+    out), pruned (stopped by ASHA) or stopped (by the time budget)."""
+    if result.error is not None:
+        return "error"
+    if history.empty:
+        return "stopped"
+    last = history.iloc[-1]
+    if not all(math.isfinite(last[k]) for k in ("train_loss", "val_loss")):
+        return "diverged"
+    if last["epoch"] >= trial.train.max_epochs:
+        return "completed"
+    early = trial.train.early_stopping
+    if early.enabled and last["epoch"] - last["best_epoch"] >= early.patience:
+        return "early_stopped"
+    return "pruned" if scheduled else "stopped"
+
+
+def _trial_rows(results, settings: TuneConfig, base: dict) -> pd.DataFrame:
+    """One row per trial: its values, best metric, epochs, seconds, CPU-seconds and state.
+
+    Epochs come from the trials' own ``epoch`` reports: after ``--resume`` Tune counts
+    a restored trial's iterations from 1 again, while its Train run goes on.
+    """
     rows = []
     for result in results:
         history = result.metrics_dataframe
-        params = result.config or {}
-        epochs = int(history["training_iteration"].max()) if history is not None else 0
-        seconds = float(result.metrics.get("time_total_s", 0.0)) if result.metrics else 0.0
-        max_epochs = int(params.get("train.max_epochs", cfg.train.max_epochs))
-        if result.error is not None:
-            state = "error"
-        elif epochs >= max_epochs:
-            state = "completed"
-        elif _stopped_itself(history, cfg, params):
-            state = "early_stopped"
-        else:
-            state = "pruned"
-        values = history[settings.metric] if history is not None else pd.Series(dtype=float)
+        history = pd.DataFrame() if history is None else history
+        params = {path: (result.config or {}).get(path) for path in settings.space}
+        trial = trial_config(base, params)
+        seconds = float(history["time_total_s"].max()) if "time_total_s" in history else 0.0
+        values = history[settings.metric] if settings.metric in history else pd.Series([])
         best = values.min() if settings.mode == "min" else values.max()
+        cpus = trial.scaling.num_workers * trial.scaling.cpus_per_worker
         rows.append(
             {
-                "trial_id": result.metrics.get("trial_id") if result.metrics else None,
-                **{f"param.{path}": params.get(path) for path in settings.space},
+                "trial_id": "_".join(Path(result.path).name.split("_")[2:4]),
+                **{f"param.{path}": value for path, value in params.items()},
                 settings.metric: float(best) if len(values) else math.nan,
-                "epochs": epochs,
+                "epochs": int(history["epoch"].max()) if "epoch" in history else 0,
                 "seconds": round(seconds, 2),
                 "cpu_seconds": round(seconds * cpus, 2),
-                "state": state,
+                "state": _trial_state(
+                    result, history, trial, scheduled=settings.scheduler.kind != "none"
+                ),
                 "path": result.path,
             }
         )
     return pd.DataFrame(rows)
-
-
-def _stopped_itself(history: pd.DataFrame | None, cfg: ExperimentConfig, params: dict) -> bool:
-    """Whether the trial's own early stopping ended it (its patience ran out)."""
-    if history is None or history.empty or "best_epoch" not in history:
-        return False
-    trial = trial_config(cfg.model_dump(mode="json"), params).train.early_stopping
-    last = history.iloc[-1]
-    return bool(trial.enabled and last["epoch"] - last["best_epoch"] >= trial.patience)
 
 
 def _best_state(result, cfg: ExperimentConfig, storage: Storage) -> dict:
@@ -230,6 +237,11 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     storage = Storage(cfg.storage)
     experiment = _experiment_name(cfg, storage, resume)
     experiment_path = storage.path("tune", experiment)
+    if resume is not False and storage.exists(f"{experiment_path}/{RESULTS_FILE}"):
+        raise ValueError(
+            f"--resume: search {experiment} has finished; its results are in "
+            f"{storage.uri('tune', experiment, RESULTS_FILE)}"
+        )
     source = open_source(cfg.data.source, storage, cfg.seed)
     runtime.connect()
     data = prepare_data(cfg, source)
@@ -267,10 +279,14 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
             ),
         )
     results = tuner.fit()
-    trials = _trial_rows(results, settings, cfg)
+    trials = _trial_rows(results, settings, base)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), buffer)
+    storage.write_bytes(f"{experiment_path}/{RESULTS_FILE}", buffer.getvalue().to_pybytes())
     best = results.get_best_result(settings.metric, settings.mode, scope="all")
     best_params = {path: best.config[path] for path in settings.space}
     best_config = trial_config(base, best_params)
+    storage.write_text(f"{experiment_path}/{BEST_CONFIG_FILE}", best_config.to_yaml())
     state = _best_state(best, best_config, storage)
     run = {
         "name": experiment,
@@ -283,10 +299,6 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     version, _ = register_checkpoint(
         best_config, storage, data, state, "tuned", state["history"], run
     )
-    buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), buffer)
-    storage.write_bytes(f"{experiment_path}/{RESULTS_FILE}", buffer.getvalue().to_pybytes())
-    storage.write_text(f"{experiment_path}/{BEST_CONFIG_FILE}", best_config.to_yaml())
     best_metric = float(
         trials[settings.metric].min() if settings.mode == "min" else trials[settings.metric].max()
     )
