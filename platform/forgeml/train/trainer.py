@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,19 +45,21 @@ class TrainingOutcome:
     metrics: dict
 
 
-def resolve_run_name(cfg: ExperimentConfig, storage: Storage, resume: bool | str) -> str:
-    """A fresh timestamped run name, or the run to continue for ``--resume [RUN]``."""
+def resolve_run_name(storage: Storage, folder: str, prefix: str, resume: bool | str) -> str:
+    """A fresh ``<prefix>-<UTC time>`` name under ``<storage>/<folder>``, or the one to
+    continue for ``--resume [NAME]``: the latest, or NAME if it exists there."""
     if resume is False:
-        return f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    runs = [r for r in storage.list_dirs(storage.path("runs")) if r.startswith(f"{cfg.name}-")]
+        return f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    pattern = re.compile(rf"^{re.escape(prefix)}-\d{{8}}-\d{{6}}$")
+    names = sorted(n for n in storage.list_dirs(storage.path(folder)) if pattern.match(n))
     if resume is True:
-        if not runs:
+        if not names:
             raise FileNotFoundError(
-                f"--resume: no earlier run of {cfg.name!r} under {storage.uri('runs')}"
+                f"--resume: no earlier run of {prefix!r} under {storage.uri(folder)}"
             )
-        return runs[-1]
-    if resume not in runs:
-        raise FileNotFoundError(f"--resume: no run {resume!r} under {storage.uri('runs')}")
+        return names[-1]
+    if resume not in names:
+        raise FileNotFoundError(f"--resume: no {resume!r} under {storage.uri(folder)}")
     return resume
 
 
@@ -111,7 +114,7 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     """
     started = time.monotonic()
     storage = Storage(cfg.storage)
-    run_name = resolve_run_name(cfg, storage, resume)
+    run_name = resolve_run_name(storage, "runs", cfg.name, resume)
     source = open_source(cfg.data.source, storage, cfg.seed)
     runtime.connect()
     data = prepare_data(cfg, source)

@@ -20,7 +20,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from forgeml.data.pipeline import PreparedData, prepare_data
 from forgeml.data.sources import open_source
 from forgeml.storage import ModelVersion, Storage
 from forgeml.train.loop import CHECKPOINT_FILE
-from forgeml.train.trainer import build_trainer, register_checkpoint
+from forgeml.train.trainer import build_trainer, register_checkpoint, resolve_run_name
 
 logger = logging.getLogger(__name__)
 
@@ -139,21 +138,6 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str) -> N
     trainer.fit()
 
 
-def _experiment_name(cfg: ExperimentConfig, storage: Storage, resume: bool | str) -> str:
-    if resume is False:
-        return f"{cfg.name}-tune-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    runs = sorted(
-        r for r in storage.list_dirs(storage.path("tune")) if r.startswith(f"{cfg.name}-tune-")
-    )
-    if resume is True:
-        if not runs:
-            raise FileNotFoundError(f"--resume: no earlier search of {cfg.name!r}")
-        return runs[-1]
-    if resume not in runs:
-        raise FileNotFoundError(f"--resume: no search {resume!r} under {storage.uri('tune')}")
-    return resume
-
-
 def _max_epochs(cfg: ExperimentConfig) -> int:
     param = cfg.tune.space.get("train.max_epochs")
     if param is None:
@@ -235,7 +219,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     started = time.monotonic()
     settings = cfg.tune
     storage = Storage(cfg.storage)
-    experiment = _experiment_name(cfg, storage, resume)
+    experiment = resolve_run_name(storage, "tune", f"{cfg.name}-tune", resume)
     experiment_path = storage.path("tune", experiment)
     if resume is not False and storage.exists(f"{experiment_path}/{RESULTS_FILE}"):
         raise ValueError(
