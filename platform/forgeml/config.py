@@ -310,12 +310,43 @@ class SearchConfig(Section):
     seed: int | None = Field(None, description="Searcher seed; null: the experiment's seed.")
 
 
+#: Values a trial can change in the middle of training and keep its checkpoint: what
+#: Population Based Training perturbs. Other searched paths are drawn once per trial and
+#: travel with the checkpoint a trial copies.
+PBT_MUTABLE = (
+    "train.optimizer.lr",
+    "train.optimizer.weight_decay",
+    "train.optimizer.momentum",
+    "model.dropout",
+    "train.grad_clip_norm",
+)
+
+
 class SchedulerConfig(Section):
-    kind: Literal["asha", "none"] = Field(
-        "asha", description="asha: stop poor trials early at rungs; none: run every trial out."
+    kind: Literal["asha", "pbt", "none"] = Field(
+        "asha",
+        description="asha: stop poor trials early at rungs; pbt: Population Based Training, "
+        "every perturbation_interval epochs the worst trials continue from a best trial's "
+        "checkpoint with its values of " + ", ".join(PBT_MUTABLE) + " perturbed (learning "
+        "rates become schedules); none: run every trial out.",
     )
-    grace_period: int = Field(2, ge=1, description="Epochs every trial runs before pruning.")
-    reduction_factor: float = Field(3, gt=1, description="ASHA keeps 1/reduction_factor per rung.")
+    grace_period: int = Field(2, ge=1, description="asha: epochs every trial runs before pruning.")
+    reduction_factor: float = Field(
+        3, gt=1, description="asha: keeps 1/reduction_factor of the trials per rung."
+    )
+    perturbation_interval: int = Field(
+        2, ge=1, description="pbt: epochs between exploit/explore steps."
+    )
+    quantile_fraction: float = Field(
+        0.25, gt=0, le=0.5, description="pbt: share of trials that copy and that are copied."
+    )
+    resample_probability: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="pbt: chance a perturbed value is drawn afresh from its distribution "
+        "instead of scaled by 0.8 or 1.2 (or shifted to a neighbouring choice).",
+    )
 
 
 class TuneConfig(Section):
@@ -334,6 +365,13 @@ class TuneConfig(Section):
         "grid; search kind grid runs it once and ignores this.",
     )
     max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once.")
+    trial_mode: Literal["train", "in_process"] = Field(
+        "train",
+        description="train: each trial is a Ray Train run with scaling.num_workers workers "
+        "(DDP, restarts on worker failure); in_process: each trial trains inside its own Tune "
+        "process on one worker's resources (scaling.cpus_per_worker, a GPU with use_gpu), "
+        "without a Train controller's start-up: for small models, and needed by pbt.",
+    )
     time_budget_s: float | None = Field(
         None, gt=0, description="Stop starting and running trials after this many seconds."
     )
@@ -350,7 +388,28 @@ class TuneConfig(Section):
             raise ValueError(f"search kind grid needs grid parameters only; not grid: {others}")
         if grid and self.search.kind.startswith("optuna"):
             raise ValueError(f"{self.search.kind} cannot search grid parameters {grid}")
+        if self.scheduler.kind == "pbt":
+            self._check_pbt()
         return self
+
+    def _check_pbt(self) -> None:
+        """PBT copies checkpoints between trials, which only Tune-reported checkpoints
+        allow: Ray Train V2's TuneReportCallback passes Tune metrics but no checkpoint."""
+        if self.trial_mode != "in_process":
+            raise ValueError(
+                "scheduler pbt needs trial_mode in_process: a Ray Train trial hands Tune "
+                "no checkpoint that another trial could continue from"
+            )
+        if self.search.kind not in ("random", "grid"):
+            raise ValueError(
+                f"scheduler pbt draws its own population; set search.kind to random or grid "
+                f"(got {self.search.kind})"
+            )
+        if not set(self.space) & set(PBT_MUTABLE):
+            raise ValueError(
+                f"scheduler pbt needs at least one of {', '.join(PBT_MUTABLE)} in the space "
+                "to perturb"
+            )
 
 
 class ExperimentConfig(Section):
@@ -489,7 +548,20 @@ def _check_search_space(cfg: ExperimentConfig, source: str) -> None:
     types and out-of-range bounds fail here, before any trial starts."""
     base = cfg.model_dump(mode="json", exclude={"tune"})
     problems = []
+    in_process = cfg.tune.trial_mode == "in_process"
+    if in_process and cfg.scaling.num_workers > 1:
+        problems.append(
+            f"  tune.trial_mode: in_process trials train on one worker, but "
+            f"scaling.num_workers is {cfg.scaling.num_workers}; use trial_mode train for DDP "
+            "trials"
+        )
     for path, param in cfg.tune.space.items():
+        if in_process and path.startswith("scaling."):
+            problems.append(
+                f"  tune.space.{path}: in_process trials all reserve the base config's "
+                "scaling; search it with trial_mode train"
+            )
+            continue
         if path.split(".")[0] in FIXED_FOR_TUNING:
             problems.append(
                 f"  tune.space.{path}: cannot be searched; trials share "

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import pandas as pd
 import pytest
 from forgeml.config import config_from_dict, load_config
@@ -25,7 +26,7 @@ from tests.conftest import REPO, tiny_raw_config, write_config
 LEARNING_RATES = [3e-2, 1e-2, 1e-7, 1e-6]
 
 
-def _raw(store: Path, **tune) -> dict:
+def _raw(store: Path | str, **tune) -> dict:
     return tiny_raw_config(
         store,
         # No augmentation: fewer random draws between a trial and its retraining.
@@ -137,3 +138,61 @@ def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runt
     trials = pd.read_parquet(experiment / RESULTS_FILE)
     assert len(trials) == 2 and set(trials["state"]) == {"completed"}
     assert _trial_epochs(experiment) == {"00000": 2, "00001": 2}
+
+
+def test_population_based_training_continues_trials_from_better_ones_on_s3(
+    ray_runtime, s3_endpoint
+):
+    """In-process trials on an s3:// root: at each perturbation PBT's worse trials load a
+    better trial's checkpoint (read back from S3) and go on with its learning rate scaled
+    by 0.8 or 1.2, which the trial then trains with."""
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="pbt")
+    raw = _raw(
+        "s3://pbt/search",
+        trial_mode="in_process",
+        num_trials=4,
+        max_concurrent_trials=4,
+        search={"kind": "random", "seed": 3},
+        space={"train.optimizer.lr": {"kind": "loguniform", "low": 1e-6, "high": 5e-2}},
+        scheduler={
+            "kind": "pbt",
+            "perturbation_interval": 1,
+            "quantile_fraction": 0.5,
+            "resample_probability": 0,
+        },
+    )
+    raw["storage"] = {"root": "s3://pbt/search", "endpoint_url": s3_endpoint}
+    raw["train"]["max_epochs"] = 4
+    # Four half-CPU trials at once leave Ray Data two of the runtime's four CPUs.
+    raw["scaling"]["cpus_per_worker"] = 0.5
+    cfg = config_from_dict(raw)
+
+    outcome = run_tuning(cfg)
+
+    store = Storage(cfg.storage)
+    experiment = store.path("tune", outcome.experiment)
+    assert store.exists(f"{experiment}/{RESULTS_FILE}")
+    assert store.exists(f"{experiment}/{BEST_CONFIG_FILE}")
+    assert outcome.version.uri.startswith("s3://pbt/search/models/tiny-wafer/")
+    assert set(outcome.trials["state"]) <= {"completed", "early_stopped"}
+    # One line per exploit: [target, clone, target iteration, clone iteration, clone's
+    # values, target's new values].
+    exploits = [
+        json.loads(line) for line in store.read_text(f"{experiment}/pbt_global.txt").splitlines()
+    ]
+    assert exploits, "PBT never continued a trial from another"
+    paths = {row.trial_id.split("_")[1]: row.path for row in outcome.trials.itertuples()}
+    continued = []
+    for target, _, _, _, clone_values, new_values in exploits:
+        new_lr = new_values["train.optimizer.lr"]
+        assert new_lr / clone_values["train.optimizer.lr"] == pytest.approx(0.8) or (
+            new_lr / clone_values["train.optimizer.lr"] == pytest.approx(1.2)
+        )
+        reports = store.read_text(f"{paths[target.split('_')[0].zfill(5)]}/result.json")
+        continued += [
+            report
+            for report in map(json.loads, reports.splitlines())
+            if report["lr"] == pytest.approx(new_lr)
+        ]
+    # An exploit at the last epoch has nothing left to train; earlier ones go on.
+    assert continued, f"no trial trained on with the values PBT gave it: {exploits}"

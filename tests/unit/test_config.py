@@ -75,3 +75,8 @@ def test_configuration_reference_is_generated_from_the_schema():
     assert documented == reference_markdown(), "run: forgeml config docs > docs/configuration.md"
     for section in ("storage", "data.source", "train.schedule", "train.early_stopping", "scaling"):
         assert f"## `{section}`" in documented
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*/*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    assert load_config(path).name

@@ -8,7 +8,7 @@ from forgeml.config import (
     StepSchedule,
 )
 from forgeml.train.early_stopping import EarlyStopping
-from forgeml.train.optim import LRSchedule, build_optimizer
+from forgeml.train.optim import LRSchedule, apply_hyperparameters, build_optimizer
 
 # The schedules are stepped without training steps in between; torch warns about that.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
@@ -55,6 +55,36 @@ def test_schedule_state_round_trips():
     second.load_state_dict(first.state_dict())
     first.after_step(), second.after_step()
     assert first.lr == pytest.approx(second.lr)
+
+
+@pytest.mark.parametrize(
+    "cfg", [CosineSchedule(warmup_epochs=0), StepSchedule(step_epochs=1, gamma=0.5)]
+)
+def test_a_restored_schedule_continues_relative_to_a_new_peak_lr(cfg):
+    """What a PBT trial does when it continues from a checkpoint saved at another lr."""
+    saved = _schedule(cfg)
+    for _ in range(12):
+        saved.after_step()
+    saved.after_epoch(0.0)
+    restored = _schedule(cfg)
+    restored.optimizer.load_state_dict(saved.optimizer.state_dict())
+    restored.load_state_dict(saved.state_dict())
+    restored.rescale(0.1)
+    assert restored.lr == pytest.approx(0.1 * saved.lr)
+    for _ in range(5):
+        saved.after_step(), restored.after_step()
+    saved.after_epoch(0.0), restored.after_epoch(0.0)
+    assert restored.lr == pytest.approx(0.1 * saved.lr)
+
+
+def test_restored_optimizer_takes_the_configured_decay_and_momentum():
+    param = [torch.nn.Parameter(torch.zeros(1))]
+    saved = build_optimizer(OptimizerConfig(name="sgd", momentum=0.5, weight_decay=0.1), param)
+    restored = build_optimizer(OptimizerConfig(name="sgd"), param)
+    restored.load_state_dict(saved.state_dict())
+    apply_hyperparameters(restored, OptimizerConfig(name="sgd", momentum=0.8, weight_decay=0.01))
+    assert restored.param_groups[0]["momentum"] == 0.8
+    assert restored.param_groups[0]["weight_decay"] == 0.01
 
 
 def test_adamw_and_sgd():

@@ -57,6 +57,41 @@ def _tune(tmp_path, capsys, tune_section):
             {"space": {"train.optimizer.lr": LR}, "search": {"kind": "grid"}},
             "search kind grid needs grid parameters only",
         ),
+        (
+            {"space": {"train.optimizer.lr": LR}, "scheduler": {"kind": "pbt"}},
+            "tune: Value error, scheduler pbt needs trial_mode in_process",
+        ),
+        (
+            {
+                "space": {"train.optimizer.lr": LR},
+                "trial_mode": "in_process",
+                "scheduler": {"kind": "pbt"},
+            },
+            "set search.kind to random or grid (got optuna_tpe)",
+        ),
+        (
+            {
+                "space": {"model.width": {"kind": "choice", "values": [4, 8]}},
+                "trial_mode": "in_process",
+                "search": {"kind": "random"},
+                "scheduler": {"kind": "pbt"},
+            },
+            "scheduler pbt needs at least one of train.optimizer.lr",
+        ),
+        (
+            {
+                "space": {"scaling.cpus_per_worker": {"kind": "choice", "values": [1, 2]}},
+                "trial_mode": "in_process",
+            },
+            "tune.space.scaling.cpus_per_worker: in_process trials all reserve",
+        ),
+        (
+            {
+                "space": {"train.optimizer.lr": LR},
+                "scheduler": {"kind": "pbt", "quantile_fraction": 0.7},
+            },
+            "tune.scheduler.quantile_fraction: Input should be less than or equal to 0.5",
+        ),
     ],
 )
 def test_bad_search_spaces_are_refused_before_ray_starts(tmp_path, capsys, tune_section, message):
@@ -78,3 +113,17 @@ def test_trial_values_land_at_their_paths_and_the_tune_section_is_dropped(tmp_pa
     assert cfg.train.optimizer.lr == 0.003 and cfg.model.width == 12
     assert cfg.tune is None
     assert cfg.train.max_epochs == raw["train"]["max_epochs"]
+
+
+def test_in_process_trials_refuse_more_than_one_worker(tmp_path, capsys):
+    raw = tiny_raw_config(
+        tmp_path / "store",
+        scaling={"num_workers": 2},
+        tune={"space": {"train.optimizer.lr": LR}, "trial_mode": "in_process"},
+    )
+    assert main(["tune", "--config", str(write_config(tmp_path / "t.yaml", raw))]) == EXIT_BAD_INPUT
+    assert (
+        "tune.trial_mode: in_process trials train on one worker, but scaling.num_workers is 2"
+        in (capsys.readouterr().err)
+    )
+    assert not ray.is_initialized()

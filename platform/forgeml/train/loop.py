@@ -1,10 +1,14 @@
 """The per-worker training loop run by Ray Train on every DDP rank.
 
 Reads top to bottom: build the model, optimizer and schedule from the config; restore
-the latest checkpoint if Ray Train hands one over (a restarted worker group or
-``--resume``); then per epoch train on this rank's shard, validate, decide on early
-stopping, and report metrics with a checkpoint. All ranks take the same decisions
-because every number they decide on is all-reduced first.
+the latest checkpoint if one is handed over (a restarted worker group, ``--resume``, or
+a Population Based Training trial continuing from another's); then per epoch train on
+this rank's shard, validate, decide on early stopping, and report metrics with a
+checkpoint. All ranks take the same decisions because every number they decide on is
+all-reduced first.
+
+The loop reaches Ray only through a ``WorkerSession``: ``RayTrainSession`` on a Ray
+Train worker, or a Tune trial's own session when a search trains in-process.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -25,7 +31,7 @@ from forgeml.config import ExperimentConfig
 from forgeml.models import build_model
 from forgeml.tasks import build_task
 from forgeml.train.early_stopping import EarlyStopping
-from forgeml.train.optim import LRSchedule, build_optimizer
+from forgeml.train.optim import LRSchedule, apply_hyperparameters, build_optimizer
 
 logger = logging.getLogger("forgeml.train")
 
@@ -58,20 +64,60 @@ def _format_seconds(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+class WorkerSession(Protocol):
+    """What the loop needs from whatever runs it."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def checkpoint(self) -> ray.train.Checkpoint | None: ...
+
+    def dataset(self, name: str) -> ray.data.DataIterator: ...
+
+    def report(self, metrics: dict, checkpoint: ray.train.Checkpoint | None = None) -> None: ...
+
+
+class RayTrainSession:
+    """A Ray Train worker: DDP rank, dataset shard, reports to the Train controller."""
+
+    def __init__(self):
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model):
+        return ray.train.torch.prepare_model(model)
+
+    def checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def dataset(self, name):
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics, checkpoint=None):
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(config: dict) -> dict:
+    """The TorchTrainer's entry point on every rank."""
+    return train_worker(config, RayTrainSession())
+
+
+def train_worker(config: dict, session: WorkerSession) -> dict:
     """Train one rank. Returns (on every rank) the run's status and per-epoch history."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     cfg = ExperimentConfig.model_validate(config["experiment"])
     class_names = tuple(config["class_names"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world_size, device = session.rank, session.world_size, session.device
     torch.set_num_threads(cfg.scaling.torch_threads or max(int(cfg.scaling.cpus_per_worker), 1))
-    device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, class_names)
     model = build_model(cfg.model, tuple(config["input_shape"]), task.num_outputs)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model)
     torch.manual_seed(cfg.seed * 1000 + rank)
     optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
     schedule = LRSchedule(
@@ -86,13 +132,16 @@ def train_loop_per_worker(config: dict) -> dict:
     resumed_from: list[int] = []  # epochs this run restarted from, across all restarts
     start_epoch = 1
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        # The checkpoint may come from a trial with other values (PBT): ours apply from here.
+        schedule.rescale(cfg.train.optimizer.lr / state["base_lr"])
+        apply_hyperparameters(optimizer, cfg.train.optimizer)
         stopper.load_state_dict(state["early_stopping"])
         history = state["history"]
         resumed_from = [*state["resumed_from"], state["epoch"]]
@@ -100,8 +149,8 @@ def train_loop_per_worker(config: dict) -> dict:
         if rank == 0:
             logger.info("resumed from the checkpoint of epoch %d", state["epoch"])
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard = session.dataset("train")
+    val_shard = session.dataset("val")
     watched = cfg.train.early_stopping.metric
     run_started = time.monotonic()
     status = "completed"
@@ -160,7 +209,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
         if not math.isfinite(train_loss) or not math.isfinite(record["val_loss"]):
             status = "diverged"
-            ray.train.report(record)
+            session.report(record)
             break
 
         stop = stopper.update(record[watched], epoch)
@@ -175,6 +224,7 @@ def train_loop_per_worker(config: dict) -> dict:
                         "model": _unwrap(model).state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(),
+                        "base_lr": cfg.train.optimizer.lr,
                         "early_stopping": stopper.state_dict(),
                         "epoch": epoch,
                         "history": history,
@@ -183,7 +233,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     Path(folder) / CHECKPOINT_FILE,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(record, checkpoint=checkpoint)
+            session.report(record, checkpoint=checkpoint)
 
         if rank == 0:
             elapsed = time.monotonic() - run_started

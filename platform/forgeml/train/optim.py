@@ -28,6 +28,15 @@ def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
     )
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> None:
+    """Set weight decay and momentum from ``cfg`` on a restored optimizer, whose state
+    dict brought the values of the run that saved it."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+
+
 class LRSchedule:
     """Wraps one torch scheduler with per-step and per-epoch hooks."""
 
@@ -72,6 +81,18 @@ class LRSchedule:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def rescale(self, factor: float) -> None:
+        """Scale the current and the base learning rate by ``factor``: the schedule goes
+        on from where it was, relative to a new peak lr."""
+        if factor == 1:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
 
     def state_dict(self) -> dict:
         return self.scheduler.state_dict() if self.scheduler else {}

@@ -63,6 +63,18 @@ def resolve_run_name(storage: Storage, folder: str, prefix: str, resume: bool | 
     return resume
 
 
+def loop_config(cfg: ExperimentConfig, data: PreparedData) -> dict:
+    """What every rank's training loop is given besides its datasets."""
+    input_shape = (1, data.preprocessor.image_size, data.preprocessor.image_size)
+    rows_per_worker = math.ceil(data.sizes["train"] / cfg.scaling.num_workers)
+    return {
+        "experiment": cfg.model_dump(mode="json"),
+        "class_names": list(data.class_names),
+        "input_shape": list(input_shape),
+        "steps_per_epoch": math.ceil(rows_per_worker / cfg.train.batch_size),
+    }
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     storage: Storage,
@@ -73,8 +85,6 @@ def build_trainer(
 ) -> TorchTrainer:
     """The TorchTrainer of one run, checkpointing to ``runs_path/run_name`` (default
     ``<storage>/runs``); ``callbacks`` are Ray Train callbacks (Tune's report callback)."""
-    input_shape = (1, data.preprocessor.image_size, data.preprocessor.image_size)
-    rows_per_worker = math.ceil(data.sizes["train"] / cfg.scaling.num_workers)
     early = cfg.train.early_stopping
     run_config = ray.train.RunConfig(
         name=run_name,
@@ -90,12 +100,7 @@ def build_trainer(
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "experiment": cfg.model_dump(mode="json"),
-            "class_names": list(data.class_names),
-            "input_shape": list(input_shape),
-            "steps_per_epoch": math.ceil(rows_per_worker / cfg.train.batch_size),
-        },
+        train_loop_config=loop_config(cfg, data),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

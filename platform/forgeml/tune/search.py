@@ -1,11 +1,15 @@
-"""Hyperparameter search: a Ray Tune experiment whose trials are Ray Train runs.
+"""Hyperparameter search: a Ray Tune experiment whose trials train the base config.
 
 The driver prepares the data once and hands the same Ray Datasets to every trial. A
 trial is a function trainable that applies its sampled values to the base config and
-fits a ``TorchTrainer`` (Ray Train V2) with ``TuneReportCallback``, so every epoch's
-metrics reach Tune and ASHA can stop a poor trial after any epoch. Stopping the
-trainable ends its Train controller and workers with it; Ray Train's placement-group
-cleaner then frees their CPUs, which needs the State API (the Ray dashboard).
+either fits a ``TorchTrainer`` (Ray Train V2) with ``TuneReportCallback`` (trial_mode
+``train``), or runs the same training loop in its own process with Tune's session as
+the worker session (``in_process``: no Train controller to start, and checkpoints that
+Tune itself keeps, which Population Based Training needs to copy between trials).
+Either way every epoch's metrics reach Tune, so ASHA can stop a poor trial after any
+epoch. Stopping a Train trial ends its controller and workers with it; Ray Train's
+placement-group cleaner then frees their CPUs, which needs the State API (the Ray
+dashboard).
 
 Everything lands under ``<storage>/tune/<experiment>/``: Tune's own state (what
 ``--resume`` restores), each trial's Train run and checkpoints, ``tune_results.parquet``
@@ -20,6 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +38,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from forgeml import runtime
 from forgeml.config import (
+    PBT_MUTABLE,
     ChoiceParam,
     ExperimentConfig,
     GridParam,
     IntParam,
     LogUniformParam,
+    RangeParam,
     SearchParam,
     TuneConfig,
     UniformParam,
@@ -47,8 +54,13 @@ from forgeml.config import (
 from forgeml.data.pipeline import PreparedData, prepare_data
 from forgeml.data.sources import open_source
 from forgeml.storage import ModelVersion, Storage
-from forgeml.train.loop import CHECKPOINT_FILE
-from forgeml.train.trainer import build_trainer, register_checkpoint, resolve_run_name
+from forgeml.train.loop import CHECKPOINT_FILE, train_worker
+from forgeml.train.trainer import (
+    build_trainer,
+    loop_config,
+    register_checkpoint,
+    resolve_run_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,23 +122,79 @@ def _searcher(settings: TuneConfig, seed: int):
     )
 
 
+def _within_bounds(space: dict[str, SearchParam], config: dict) -> dict:
+    """PBT scales values by 0.8 or 1.2; keep them inside the searched range."""
+    for path, param in space.items():
+        if isinstance(param, RangeParam) and path in config:
+            config[path] = type(param.low)(min(max(config[path], param.low), param.high))
+    return config
+
+
 def _scheduler(settings: TuneConfig, max_epochs: int):
-    if settings.scheduler.kind == "none":
+    # time_attr is the trials' own epoch: Tune's iteration count restarts on resume.
+    scheduler = settings.scheduler
+    if scheduler.kind == "none":
         return None
+    if scheduler.kind == "pbt":
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="epoch",
+            perturbation_interval=scheduler.perturbation_interval,
+            quantile_fraction=scheduler.quantile_fraction,
+            resample_probability=scheduler.resample_probability,
+            # A list perturbs by moving to a neighbouring value; a domain by scaling.
+            hyperparam_mutations={
+                path: param.values if isinstance(param, ChoiceParam) else _domain(param)
+                for path, param in settings.space.items()
+                if path in PBT_MUTABLE
+            },
+            custom_explore_fn=partial(_within_bounds, settings.space),
+        )
     return tune.schedulers.ASHAScheduler(
-        time_attr="epoch",  # what the trial reports; Tune's iteration restarts on resume
+        time_attr="epoch",
         max_t=max_epochs,
-        grace_period=min(settings.scheduler.grace_period, max_epochs),
-        reduction_factor=settings.scheduler.reduction_factor,
+        grace_period=min(scheduler.grace_period, max_epochs),
+        reduction_factor=scheduler.reduction_factor,
     )
 
 
-def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str) -> None:
-    """One trial: a Ray Train run of the base config with ``params`` applied.
+class TuneTrialSession:
+    """The training loop's session inside an in-process trial: one worker, Tune reports
+    and checkpoints, the search's datasets iterated whole."""
 
-    A restored trial keeps its id, so Train V2 finds its checkpoints and continues.
+    rank, world_size = 0, 1
+
+    def __init__(self, datasets: dict, use_gpu: bool):
+        self.datasets = datasets
+        # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU.
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+
+    def prepare_model(self, model):
+        return model.to(self.device)
+
+    def checkpoint(self):
+        return tune.get_checkpoint()
+
+    def dataset(self, name):
+        return self.datasets[name].iterator()
+
+    def report(self, metrics, checkpoint=None):
+        if checkpoint is not None:  # the loop builds Ray Train's class; Tune wants its own
+            checkpoint = tune.Checkpoint.from_directory(checkpoint.path)
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str) -> None:
+    """One trial: the base config with ``params`` applied, trained as a Ray Train run or
+    in this process (``tune.trial_mode``).
+
+    A restored Train trial keeps its id, so Train V2 finds its checkpoints and continues;
+    an in-process trial continues from the checkpoint Tune hands it.
     """
     cfg = trial_config(base, params)
+    if base["tune"]["trial_mode"] == "in_process":
+        session = TuneTrialSession(data.as_trainer_datasets(), cfg.scaling.use_gpu)
+        train_worker(loop_config(cfg, data), session)
+        return
     trainer = build_trainer(
         cfg,
         Storage(cfg.storage),
@@ -136,6 +204,19 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str) -> N
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
+
+
+def _trial_resources(cfg: ExperimentConfig) -> dict:
+    """A Train trial only drives a TorchTrainer, whose workers reserve the CPUs and GPUs:
+    it holds memory but no CPU, and max_concurrent_trials bounds how many run. An
+    in-process trial is the worker, and reserves what one would."""
+    if cfg.tune.trial_mode == "train":
+        return {"memory": TRIAL_DRIVER_MEMORY}
+    return {
+        "cpu": cfg.scaling.cpus_per_worker,
+        "gpu": 1 if cfg.scaling.use_gpu else 0,
+        "memory": TRIAL_DRIVER_MEMORY,
+    }
 
 
 def _max_epochs(cfg: ExperimentConfig) -> int:
@@ -167,12 +248,16 @@ def _trial_rows(results, settings: TuneConfig, base: dict) -> pd.DataFrame:
     """One row per trial: its values, best metric, epochs, seconds, CPU-seconds and state.
 
     Epochs come from the trials' own ``epoch`` reports: after ``--resume`` Tune counts
-    a restored trial's iterations from 1 again, while its Train run goes on.
+    a restored trial's iterations from 1 again, while its Train run goes on. A trial's
+    last result is taken from Tune's memory when its log lacks it (PBT's decision points).
     """
     rows = []
     for result in results:
         history = result.metrics_dataframe
         history = pd.DataFrame() if history is None else history
+        last = result.metrics or {}
+        if "epoch" in last and ("epoch" not in history or last["epoch"] > history["epoch"].max()):
+            history = pd.concat([history, pd.DataFrame([last])], ignore_index=True)
         params = {path: (result.config or {}).get(path) for path in settings.space}
         trial = trial_config(base, params)
         seconds = float(history["time_total_s"].max()) if "time_total_s" in history else 0.0
@@ -196,14 +281,26 @@ def _trial_rows(results, settings: TuneConfig, base: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _kept_checkpoints(result) -> pd.DataFrame:
+    """Paths and metrics of a trial's checkpoints: Tune's own for an in-process trial, the
+    Train run's (reported as ``checkpoint_path``) for a Train trial."""
+    if result.best_checkpoints:
+        return pd.DataFrame(
+            [{**metrics, "checkpoint_path": c.path} for c, metrics in result.best_checkpoints]
+        )
+    history = result.metrics_dataframe
+    if "checkpoint_path" not in history:
+        return pd.DataFrame(columns=["checkpoint_path"])
+    return history.dropna(subset=["checkpoint_path"])
+
+
 def _best_state(result, cfg: ExperimentConfig, storage: Storage) -> dict:
     """The best trial's checkpoint that training would register: best by the watched metric
-    among the checkpoints Train kept."""
+    among the checkpoints the trial kept."""
     early = cfg.train.early_stopping
-    history = result.metrics_dataframe
-    candidates = history.dropna(subset=["checkpoint_path"]).sort_values(
-        early.metric, ascending=early.mode == "min"
-    )
+    candidates = _kept_checkpoints(result)
+    if early.metric in candidates:
+        candidates = candidates.sort_values(early.metric, ascending=early.mode == "min")
     for path in candidates["checkpoint_path"]:
         if storage.exists(f"{path}/{CHECKPOINT_FILE}"):
             checkpoint = ray.train.Checkpoint(path, filesystem=storage.fs)
@@ -234,9 +331,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         tune.with_parameters(
             run_trial, base=base, data=data, runs_path=f"{experiment_path}/trials"
         ),
-        # The trial only drives a TorchTrainer, whose workers reserve the CPUs and GPUs:
-        # it holds memory but no CPU, and max_concurrent_trials bounds how many run.
-        {"memory": TRIAL_DRIVER_MEMORY},
+        _trial_resources(cfg),
     )
     filesystem = None if storage.is_local else storage.fs
     if resume is not False and tune.Tuner.can_restore(experiment_path, filesystem):
@@ -260,6 +355,16 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
                 name=experiment,
                 storage_path=storage.path("tune"),
                 storage_filesystem=filesystem,
+                # In-process trials checkpoint through Tune; Train trials through Train.
+                # PBT keeps them all: a trial may restore from another's checkpoint at any
+                # time, and one deleted in between fails that restore.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=None
+                    if settings.scheduler.kind == "pbt"
+                    else cfg.train.checkpoint.keep_top_k,
+                    checkpoint_score_attribute=cfg.train.early_stopping.metric,
+                    checkpoint_score_order=cfg.train.early_stopping.mode,
+                ),
             ),
         )
     results = tuner.fit()
