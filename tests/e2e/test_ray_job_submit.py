@@ -1,5 +1,6 @@
-"""`ray start --head` with token authentication, `ray job submit` of jobs/train.py, and
-`forgeml serve deploy` of the model it registered onto the same cluster."""
+"""`ray start --head` with token authentication, `ray job submit` of jobs/train.py,
+`forgeml serve deploy` of the model it registered onto the same cluster, and the Helm
+chart's RayService for that model."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 import ray
 import requests
+import yaml
 from forgeml.config import StorageConfig
 from forgeml.storage import ModelRegistry, Storage
 
 from tests.conftest import REPO, free_port, tiny_raw_config, write_config
+from tests.e2e.chart import render
 
 BIN = Path(sys.executable).parent
 
@@ -158,6 +161,25 @@ def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster):
     )
     assert response.status_code == 200, response.text
     assert response.json()["version"] == "v1"
+
+
+def test_the_charts_rayservice_serves_what_serve_build_writes(token_cluster, tmp_path):
+    """One generator: the RayService's serveConfigV2 is `forgeml serve build`'s output for
+    the model trained above, passed through the Helm chart unchanged."""
+    command = [str(BIN / "forgeml"), "serve", "build", "--model", "tiny-wafer"]
+    command += ["--storage-root", str(token_cluster["store"]), "--host", "0.0.0.0"]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    serve_file = tmp_path / "serve.yaml"
+    serve_file.write_text(built.stdout)
+
+    docs = render(
+        "--set", "serving.enabled=true", "--set-file", f"serving.serveConfigV2={serve_file}"
+    )
+
+    (service,) = [doc for doc in docs if doc["kind"] == "RayService"]
+    served = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert served == yaml.safe_load(built.stdout)
+    assert [app["name"] for app in served["applications"]] == ["tiny-wafer-v1", "forgeml"]
 
 
 @pytest.mark.parametrize(

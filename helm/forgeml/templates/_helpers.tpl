@@ -1,0 +1,248 @@
+{{/* Names and labels. */}}
+{{- define "forgeml.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "forgeml.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "forgeml.labels" -}}
+{{ include "forgeml.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The ConfigMap holding job.experiment, mounted at /etc/forgeml in the pods that run
+the job's entrypoint. */}}
+{{- define "forgeml.experimentConfigMap" -}}
+{{- printf "%s-experiment" (include "forgeml.fullname" .) -}}
+{{- end -}}
+
+{{- define "forgeml.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "forgeml.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "forgeml.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag }}
+{{- end -}}
+{{- end -}}
+
+{{/* The restricted Pod Security Standard, for pods and containers. The rayproject
+images run as user ray (1000, group 100). */}}
+{{- define "forgeml.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 100
+fsGroup: 100
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "forgeml.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Environment of every Ray container: token auth, S3 access, forgeml's Ray settings,
+and a HOME on the writable /tmp (the root filesystem is read-only). */}}
+{{- define "forgeml.env" -}}
+- name: HOME
+  value: /tmp/home
+- name: PYTHONDONTWRITEBYTECODE
+  value: "1"
+{{- range $name, $value := .Values.env }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- if .Values.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.auth.existingSecret }}
+      key: {{ .Values.auth.secretKey }}
+{{- end }}
+{{- with .Values.serving.tokenSecret }}
+- name: FORGEML_SERVE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: token
+      optional: true
+{{- end }}
+{{- with .Values.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "forgeml.envFrom" -}}
+{{- with .Values.s3.credentialsSecret }}
+envFrom:
+  - secretRef:
+      name: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* Writable places for Ray on a read-only root filesystem: /tmp (session files, logs,
+spilled objects) and /dev/shm (the object store). */}}
+{{- define "forgeml.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: shm
+  mountPath: /dev/shm
+{{- if .experiment }}
+- name: experiment
+  mountPath: /etc/forgeml
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "forgeml.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .group.tmpSizeLimit }}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .group.resources.limits.memory }}
+{{- if .experiment }}
+- name: experiment
+  configMap:
+    name: {{ .experiment }}
+{{- end }}
+{{- end -}}
+
+{{/* One Ray pod template. Arguments: root (the chart context), group (head or a worker
+group's values), component, gpus, ports, experiment (a ConfigMap name or ""). */}}
+{{- define "forgeml.podTemplate" -}}
+{{- $root := .root -}}
+metadata:
+  labels:
+    {{- include "forgeml.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  serviceAccountName: {{ include "forgeml.serviceAccountName" $root }}
+  {{- /* Only the head's autoscaler sidecar talks to the Kubernetes API. */}}
+  automountServiceAccountToken: {{ and (eq .component "head") $root.Values.autoscaling.enabled }}
+  securityContext:
+    {{- include "forgeml.podSecurityContext" $root | nindent 4 }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: ray-{{ .component }}
+      image: {{ include "forgeml.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      securityContext:
+        {{- include "forgeml.containerSecurityContext" $root | nindent 8 }}
+      env:
+        {{- include "forgeml.env" $root | nindent 8 }}
+      {{- include "forgeml.envFrom" $root | nindent 6 }}
+      {{- with .ports }}
+      ports:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      resources:
+        requests:
+          {{- toYaml .group.resources.requests | nindent 10 }}
+        limits:
+          {{- toYaml .group.resources.limits | nindent 10 }}
+          {{- if .gpus }}
+          nvidia.com/gpu: {{ .gpus }}
+          {{- end }}
+      volumeMounts:
+        {{- include "forgeml.volumeMounts" . | nindent 8 }}
+  volumes:
+    {{- include "forgeml.volumes" . | nindent 4 }}
+{{- end -}}
+
+{{/* The RayCluster spec shared by the RayCluster, a RayJob's own cluster and the
+RayService's cluster. Arguments: root, experiment (ConfigMap name or ""). */}}
+{{- define "forgeml.rayClusterSpec" -}}
+{{- $root := .root -}}
+{{- $values := $root.Values -}}
+rayVersion: {{ $values.rayVersion | quote }}
+enableInTreeAutoscaling: {{ $values.autoscaling.enabled }}
+{{- if $values.autoscaling.enabled }}
+autoscalerOptions:
+  idleTimeoutSeconds: {{ $values.autoscaling.idleTimeoutSeconds }}
+  upscalingMode: {{ $values.autoscaling.upscalingMode }}
+  imagePullPolicy: {{ $values.image.pullPolicy }}
+  resources:
+    {{- toYaml $values.autoscaling.resources | nindent 4 }}
+  securityContext:
+    {{- include "forgeml.containerSecurityContext" $root | nindent 4 }}
+  env:
+    {{- include "forgeml.env" $root | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+headGroupSpec:
+  serviceType: {{ $values.head.serviceType }}
+  rayStartParams:
+    dashboard-host: 0.0.0.0
+    num-cpus: {{ $values.head.numCpus | quote }}
+    metrics-export-port: "8080"
+  template:
+    {{- $ports := list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "serve" "containerPort" 8000) (dict "name" "metrics" "containerPort" 8080) }}
+    {{- include "forgeml.podTemplate" (dict "root" $root "group" $values.head "component" "head" "gpus" 0 "ports" $ports "experiment" .experiment) | nindent 4 }}
+workerGroupSpecs:
+  {{- range $name := list "cpu" "gpu" }}
+  {{- $group := index $values.workers $name }}
+  {{- if $group.enabled }}
+  - groupName: {{ $name }}
+    replicas: {{ $group.replicas }}
+    minReplicas: {{ $group.minReplicas }}
+    maxReplicas: {{ $group.maxReplicas }}
+    rayStartParams:
+      metrics-export-port: "8080"
+    template:
+      {{- $ports := list (dict "name" "serve" "containerPort" 8000) (dict "name" "metrics" "containerPort" 8080) }}
+      {{- include "forgeml.podTemplate" (dict "root" $root "group" $group "component" (printf "worker-%s" $name) "gpus" (ternary $group.gpusPerWorker 0 (eq $name "gpu")) "ports" $ports "experiment" $.experiment) | nindent 6 }}
+  {{- end }}
+  {{- end }}
+{{- end -}}

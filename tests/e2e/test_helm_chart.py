@@ -1,0 +1,257 @@
+"""The Helm chart, rendered by the real helm binary for every values profile in the repo
+and checked strictly: core kinds against Kubernetes' own schemas, KubeRay kinds against
+the v1.7.0 CRDs with unknown fields refused, and the security policies we promise."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.e2e.chart import CHART, helm, render
+
+PROFILES = sorted((CHART / "ci").glob("*-values.yaml"))
+CRDS = REPO.parent / "shared" / "kuberay-crds"
+#: The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
+KUBERNETES_VERSIONS = ("1.30.0", "1.35.0")
+KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
+#: Kinds whose CRDs are not at hand; checked by the policy tests only.
+UNVALIDATED_KINDS = {"ServiceMonitor"}
+
+
+PLAIN_MANIFESTS = REPO / "deploy" / "k8s"
+
+
+def _load_generator(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", params=[*PROFILES, PLAIN_MANIFESTS], ids=lambda path: path.name)
+def rendered(request) -> list[dict]:
+    """The chart rendered with a values profile, or the plain manifests."""
+    if request.param == PLAIN_MANIFESTS:
+        files = sorted(PLAIN_MANIFESTS.glob("*.yaml"))
+        docs = [yaml.safe_load_all(f.read_text()) for f in files if f.name != "values.yaml"]
+        return [doc for stream in docs for doc in stream if doc]
+    return render("-f", str(request.param))
+
+
+def _closed(schema):
+    """The schema with additionalProperties: false wherever properties are listed and
+    unknown fields are not explicitly kept, as the API server's strict field validation
+    treats them (the CRD files leave them open)."""
+    if isinstance(schema, dict):
+        schema = {key: _closed(value) for key, value in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    return schema
+
+
+@cache
+def crd_validator(kind: str) -> jsonschema.Validator:
+    for path in CRDS.glob("ray.io_*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        if crd["spec"]["names"]["kind"] == kind:
+            (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+            return jsonschema.Draft202012Validator(_closed(version["schema"]["openAPIV3Schema"]))
+    raise LookupError(f"no CRD for {kind} in {CRDS}")
+
+
+def pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """Every pod template of a KubeRay object, named by where it sits."""
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    found = []
+    if "headGroupSpec" in cluster:
+        found.append(("head", cluster["headGroupSpec"]["template"]))
+        found += [(g["groupName"], g["template"]) for g in cluster.get("workerGroupSpecs", [])]
+    if "submitterPodTemplate" in spec:
+        found.append(("submitter", spec["submitterPodTemplate"]))
+    return [(f"{doc['kind']}/{where}", template) for where, template in found]
+
+
+def all_pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [t for doc in docs if doc["kind"] in KUBERAY_KINDS for t in pod_templates(doc)]
+
+
+def test_lint_strict_passes_for_every_profile():
+    for profile in PROFILES:
+        result = helm("lint", "--strict", str(CHART), "-f", str(profile), check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_rendered_object_validates_strictly(rendered):
+    kinds = {doc["kind"] for doc in rendered}
+    assert kinds & KUBERAY_KINDS
+    for doc in rendered:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in KUBERAY_KINDS:
+            errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=str)
+            assert not errors, f"{name}: " + "; ".join(
+                f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]
+            )
+        elif doc["kind"] not in UNVALIDATED_KINDS:
+            for version in KUBERNETES_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_strict_crd_check_refuses_an_unknown_field():
+    cluster = next(d for d in render() if d["kind"] == "RayCluster")
+    cluster = copy.deepcopy(cluster)
+    cluster["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    errors = list(crd_validator("RayCluster").iter_errors(cluster))
+    assert any("'maxReplica' was unexpected" in e.message for e in errors)
+
+
+def test_every_pod_passes_the_restricted_pod_security_standard(rendered):
+    templates = all_pod_templates(rendered)
+    assert templates
+    for where, template in templates:
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        # Only the autoscaler sidecar (in the head pod) needs the API token.
+        assert pod["automountServiceAccountToken"] is where.endswith("/head"), where
+        assert not pod.get("hostNetwork") and not pod.get("hostPID"), where
+        assert not [v for v in pod.get("volumes", []) if "hostPath" in v], where
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert not context.get("privileged"), where
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{where}: Ray needs a writable /tmp"
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][part]), where
+
+
+def test_the_pods_may_only_do_what_the_autoscaler_needs(rendered):
+    roles = [doc for doc in rendered if doc["kind"] in ("Role", "ClusterRole")]
+    assert [doc["kind"] for doc in roles] == ["Role"]
+    rules = {(r["apiGroups"][0], tuple(r["resources"])): set(r["verbs"]) for r in roles[0]["rules"]}
+    assert rules == {
+        ("", ("pods",)): {"get", "list", "watch", "patch"},
+        ("ray.io", ("rayclusters",)): {"get", "patch"},
+    }
+    (binding,) = [doc for doc in rendered if doc["kind"] == "RoleBinding"]
+    (account,) = [doc for doc in rendered if doc["kind"] == "ServiceAccount"]
+    assert binding["subjects"][0]["name"] == account["metadata"]["name"]
+    assert binding["roleRef"]["name"] == roles[0]["metadata"]["name"]
+
+
+def test_images_are_pinned(rendered):
+    for where, template in all_pod_templates(rendered):
+        for container in template["spec"]["containers"]:
+            image = container["image"]
+            assert "@sha256:" in image or (
+                ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest")
+            ), f"{where}: {image}"
+
+
+def test_head_and_workers_authenticate_with_the_token_secret(rendered):
+    for where, template in all_pod_templates(rendered):
+        if where.endswith("submitter"):
+            continue
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", where
+        secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert secret == {"name": "forgeml-ray-token", "key": "token"}, where
+        serve_token = env["FORGEML_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert serve_token["name"] == "forgeml-serve-token", where
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+        assert env["RAY_DATA_CLUSTER_AUTOSCALER"]["value"] == "V2"
+
+
+def test_no_secret_values_and_no_exposed_dashboard_by_default():
+    docs = render()
+    assert "Secret" not in {doc["kind"] for doc in docs}
+    for doc in docs:
+        if doc["kind"] == "RayCluster":
+            assert doc["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
+def test_network_policy_opens_only_the_serve_port_beyond_the_release():
+    docs = render("--set", "serving.enabled=true", "--set", "serving.serveConfigV2=x: 1")
+    policies = [doc for doc in docs if doc["kind"] == "NetworkPolicy"]
+    release = {"app.kubernetes.io/name": "forgeml", "app.kubernetes.io/instance": "forge"}
+    for policy in policies:
+        assert policy["spec"]["podSelector"]["matchLabels"] == release
+        for rule in policy["spec"]["ingress"]:
+            peers = rule.get("from", [])
+            within_release = peers == [{"podSelector": {"matchLabels": release}}]
+            ports = {p["port"] for p in rule.get("ports", [])}
+            assert within_release or ports in ({8000}, {8265}), rule
+            if ports == {8265}:  # the dashboard: the KubeRay operator only
+                assert all("podSelector" in peer for peer in peers), rule
+    open_rules = [r for p in policies for r in p["spec"]["ingress"] if "from" not in r]
+    assert [{p["port"] for p in r["ports"]} for r in open_rules] == [{8000}]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["workers.cpu.minReplicas=-1"], "at '/workers/cpu/minReplicas': minimum: got -1"),
+        (
+            ["workers.cpu.minReplicas=0", "workers.cpu.replicas=0", "workers.cpu.maxReplicas=0"],
+            None,
+        ),
+        (
+            ["workers.cpu.minReplicas=3", "workers.cpu.replicas=3", "workers.cpu.maxReplicas=2"],
+            "at '/workers/cpu/maxReplicas': minimum: got 2, want 3",
+        ),
+        (["clusterName=x"], "additional properties 'clusterName' not allowed"),
+        (["image.tag=latest"], "at '/image/tag'"),
+        (["head.serviceType=Ingress"], "at '/head/serviceType'"),
+        (["workers.gpu.gpusPerWorker=zero"], "at '/workers/gpu/gpusPerWorker'"),
+    ],
+)
+def test_values_schema_rejects_bad_values(values, message):
+    args = [arg for value in values for arg in ("--set", value)]
+    result = helm("lint", "--strict", str(CHART), *args, check=False)
+    if message is None:
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        assert result.returncode != 0
+        assert message in result.stdout + result.stderr
+
+
+def test_the_values_schema_file_is_generated():
+    generator = _load_generator(REPO / "helm" / "values_schema.py")
+    assert (CHART / "values.schema.json").read_text() == generator.render()
+
+
+def test_the_plain_manifests_are_the_charts_rendering():
+    generator = _load_generator(PLAIN_MANIFESTS / "generate.py")
+    expected = generator.manifests()
+    written = {f.name: f.read_text() for f in PLAIN_MANIFESTS.glob("*.yaml")}
+    written.pop("values.yaml")
+    assert written == expected, "run: python deploy/k8s/generate.py"
+
+
+def test_image_chart_and_project_use_one_ray_version():
+    ray_pin = re.search(r'"ray\[[a-z,]+\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text())
+    base = re.search(r"ARG BASE_IMAGE=rayproject/ray:([0-9.]+)-", (REPO / "Dockerfile").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert ray_pin and base
+    assert ray_pin[1] == base[1] == values["rayVersion"]
