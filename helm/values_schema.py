@@ -60,7 +60,7 @@ def worker_group(gpu: bool) -> dict:
         "minReplicas": REPLICAS,
         "maxReplicas": REPLICAS,
         "resources": RESOURCES,
-        "tmpSizeLimit": QUANTITY,
+        "rayTmpSizeLimit": QUANTITY,
         "nodeSelector": STRINGS,
         "tolerations": OBJECTS,
         "affinity": {"type": "object"},
@@ -98,9 +98,8 @@ def schema() -> dict:
                     {
                         "enabled": {"type": "boolean"},
                         "existingSecret": {"type": "string", "minLength": 1},
-                        "secretKey": {"type": "string", "minLength": 1},
                     },
-                    required=["enabled", "existingSecret", "secretKey"],
+                    required=["enabled", "existingSecret"],
                 ),
                 "s3": section(
                     {
@@ -124,7 +123,7 @@ def schema() -> dict:
                     {
                         "numCpus": {"type": "integer", "minimum": 0},
                         "resources": RESOURCES,
-                        "tmpSizeLimit": QUANTITY,
+                        "rayTmpSizeLimit": QUANTITY,
                         "nodeSelector": STRINGS,
                         "tolerations": OBJECTS,
                         "affinity": {"type": "object"},
@@ -148,7 +147,7 @@ def schema() -> dict:
                     {
                         "enabled": {"type": "boolean"},
                         "entrypoint": {"type": "string", "minLength": 1},
-                        "experiment": {"type": "object"},
+                        "experiment": {"type": ["object", "string"]},
                         "useClusterSelector": {"type": "boolean"},
                         "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "SidecarMode"]},
                         "shutdownAfterJobFinishes": {"type": "boolean"},
@@ -170,7 +169,6 @@ def schema() -> dict:
                                 "port": {"type": "integer", "minimum": 1, "maximum": 65535},
                             }
                         ),
-                        "serviceUnhealthySecondThreshold": {"type": "integer", "minimum": 1},
                     }
                 ),
                 "networkPolicy": section(
@@ -183,7 +181,7 @@ def schema() -> dict:
                 ),
                 "metrics": section(
                     {
-                        "serviceMonitor": section(
+                        "podMonitor": section(
                             {
                                 "enabled": {"type": "boolean"},
                                 "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},

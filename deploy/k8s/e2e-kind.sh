@@ -27,7 +27,7 @@ kubectl create secret generic forgeml-s3 --from-literal=AWS_ACCESS_KEY_ID=minioa
 kubectl run make-bucket --rm -i --restart=Never --image=amazon/aws-cli:2.27.0 \
   --env AWS_ACCESS_KEY_ID=minioadmin --env AWS_SECRET_ACCESS_KEY=minioadmin \
   -- --endpoint-url http://minio:9000 s3 mb s3://forgeml
-kubectl create secret generic forgeml-ray-token --from-literal=token="$(openssl rand -hex 32)"
+kubectl create secret generic forgeml-ray-token --from-literal=auth_token="$(openssl rand -hex 32)"
 SERVE_TOKEN=$(openssl rand -hex 16)
 kubectl create secret generic forgeml-serve-token --from-literal=token="$SERVE_TOKEN"
 

@@ -24,7 +24,7 @@ CRDS = REPO.parent / "shared" / "kuberay-crds"
 KUBERNETES_VERSIONS = ("1.30.0", "1.35.0")
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 #: Kinds whose CRDs are not at hand; checked by the policy tests only.
-UNVALIDATED_KINDS = {"ServiceMonitor"}
+UNVALIDATED_KINDS = {"PodMonitor"}
 
 
 PLAIN_MANIFESTS = REPO / "deploy" / "k8s"
@@ -73,6 +73,15 @@ def crd_validator(kind: str) -> jsonschema.Validator:
             (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
             return jsonschema.Draft202012Validator(_closed(version["schema"]["openAPIV3Schema"]))
     raise LookupError(f"no CRD for {kind} in {CRDS}")
+
+
+def ray_cluster_specs(doc: dict) -> list[dict]:
+    """The RayCluster specs inside a KubeRay object (none for a RayJob on a selected cluster)."""
+    if doc["kind"] not in KUBERAY_KINDS:
+        return []
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    return [cluster] if "headGroupSpec" in cluster else []
 
 
 def pod_templates(doc: dict) -> list[tuple[str, dict]]:
@@ -128,8 +137,10 @@ def test_every_pod_passes_the_restricted_pod_security_standard(rendered):
         pod = template["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True, where
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
-        # Only the autoscaler sidecar (in the head pod) needs the API token.
-        assert pod["automountServiceAccountToken"] is where.endswith("/head"), where
+        # The API token is mounted into the autoscaler sidecar alone (see below).
+        assert pod["automountServiceAccountToken"] is False, where
+        # KubeRay's head services select app.kubernetes.io/name=kuberay: never overridden.
+        assert "app.kubernetes.io/name" not in template["metadata"]["labels"], where
         assert not pod.get("hostNetwork") and not pod.get("hostPID"), where
         assert not [v for v in pod.get("volumes", []) if "hostPath" in v], where
         for container in pod["containers"]:
@@ -144,18 +155,32 @@ def test_every_pod_passes_the_restricted_pod_security_standard(rendered):
                 assert {"cpu", "memory"} <= set(container["resources"][part]), where
 
 
-def test_the_pods_may_only_do_what_the_autoscaler_needs(rendered):
-    roles = [doc for doc in rendered if doc["kind"] in ("Role", "ClusterRole")]
-    assert [doc["kind"] for doc in roles] == ["Role"]
-    rules = {(r["apiGroups"][0], tuple(r["resources"])): set(r["verbs"]) for r in roles[0]["rules"]}
-    assert rules == {
-        ("", ("pods",)): {"get", "list", "watch", "patch"},
-        ("ray.io", ("rayclusters",)): {"get", "patch"},
-    }
-    (binding,) = [doc for doc in rendered if doc["kind"] == "RoleBinding"]
-    (account,) = [doc for doc in rendered if doc["kind"] == "ServiceAccount"]
-    assert binding["subjects"][0]["name"] == account["metadata"]["name"]
-    assert binding["roleRef"]["name"] == roles[0]["metadata"]["name"]
+def test_only_the_autoscaler_gets_the_service_account_token(rendered):
+    """KubeRay binds the pods' service account to its autoscaler Role; the chart adds no
+    rights and mounts the token into the autoscaler sidecar only."""
+    assert not [d for d in rendered if d["kind"] in ("Role", "ClusterRole", "RoleBinding")]
+    accounts = {d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"}
+    for where, template in all_pod_templates(rendered):
+        assert template["spec"]["serviceAccountName"] in accounts, where
+        for container in template["spec"]["containers"]:
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert "/var/run/secrets/kubernetes.io/serviceaccount" not in mounts, where
+    for doc in rendered:
+        for cluster in ray_cluster_specs(doc):
+            if cluster["enableInTreeAutoscaling"]:
+                mounts = {m["name"]: m for m in cluster["autoscalerOptions"]["volumeMounts"]}
+                token = mounts["kube-api-access"]
+                assert token["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+                head_volumes = cluster["headGroupSpec"]["template"]["spec"]["volumes"]
+                assert "kube-api-access" in {v["name"] for v in head_volumes}
+
+
+def test_mounted_config_maps_are_the_ones_rendered(rendered):
+    config_maps = {d["metadata"]["name"] for d in rendered if d["kind"] == "ConfigMap"}
+    for where, template in all_pod_templates(rendered):
+        for volume in template["spec"].get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps, where
 
 
 def test_images_are_pinned(rendered):
@@ -167,14 +192,17 @@ def test_images_are_pinned(rendered):
             ), f"{where}: {image}"
 
 
-def test_head_and_workers_authenticate_with_the_token_secret(rendered):
+def test_every_cluster_uses_token_auth_from_the_secret(rendered):
+    """KubeRay's authOptions: the operator sets RAY_AUTH_MODE and RAY_AUTH_TOKEN in every
+    Ray container from the Secret and authenticates its own calls with it."""
+    clusters = [c for doc in rendered for c in ray_cluster_specs(doc)]
+    for cluster in clusters:
+        assert cluster["authOptions"] == {"mode": "token", "secretName": "forgeml-ray-token"}
     for where, template in all_pod_templates(rendered):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert "RAY_AUTH_TOKEN" not in env, where
         if where.endswith("submitter"):
             continue
-        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token", where
-        secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-        assert secret == {"name": "forgeml-ray-token", "key": "token"}, where
         serve_token = env["FORGEML_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert serve_token["name"] == "forgeml-serve-token", where
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
@@ -194,15 +222,15 @@ def test_no_secret_values_and_no_exposed_dashboard_by_default():
 def test_network_policy_opens_only_the_serve_port_beyond_the_release():
     docs = render("--set", "serving.enabled=true", "--set", "serving.serveConfigV2=x: 1")
     policies = [doc for doc in docs if doc["kind"] == "NetworkPolicy"]
-    release = {"app.kubernetes.io/name": "forgeml", "app.kubernetes.io/instance": "forge"}
+    release = {"app.kubernetes.io/instance": "forge", "app.kubernetes.io/part-of": "forgeml"}
     for policy in policies:
         assert policy["spec"]["podSelector"]["matchLabels"] == release
         for rule in policy["spec"]["ingress"]:
             peers = rule.get("from", [])
             within_release = peers == [{"podSelector": {"matchLabels": release}}]
             ports = {p["port"] for p in rule.get("ports", [])}
-            assert within_release or ports in ({8000}, {8265}), rule
-            if ports == {8265}:  # the dashboard: the KubeRay operator only
+            assert within_release or ports in ({8000}, {8265, 8000}), rule
+            if 8265 in ports:  # the dashboard: the KubeRay operator only
                 assert all("podSelector" in peer for peer in peers), rule
     open_rules = [r for p in policies for r in p["spec"]["ingress"] if "from" not in r]
     assert [{p["port"] for p in r["ports"]} for r in open_rules] == [{8000}]
@@ -255,3 +283,39 @@ def test_image_chart_and_project_use_one_ray_version():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert ray_pin and base
     assert ray_pin[1] == base[1] == values["rayVersion"]
+
+
+def _rayjob(*args: str) -> dict:
+    docs = render("--set", "job.enabled=true", *args)
+    return next(doc for doc in docs if doc["kind"] == "RayJob")
+
+
+def test_rayjob_follows_kuberays_rules_for_retries_and_cleanup(tmp_path):
+    """KubeRay refuses backoffLimit with clusterSelector and a TTL without shutdown."""
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text((REPO / "examples" / "wafer" / "config.yaml").read_text())
+    from_file = ("--set-file", f"job.experiment={experiment}")
+
+    selected = _rayjob(*from_file, "--set", "job.useClusterSelector=true")
+    assert selected["spec"]["clusterSelector"] == {"ray.io/cluster": "forge-forgeml"}
+    assert not {"backoffLimit", "ttlSecondsAfterFinished", "rayClusterSpec"} & set(selected["spec"])
+    kept = _rayjob(*from_file, "--set", "job.shutdownAfterJobFinishes=false")
+    assert kept["spec"]["shutdownAfterJobFinishes"] is False
+    assert "ttlSecondsAfterFinished" not in kept["spec"]
+    own = _rayjob(*from_file)
+    assert own["spec"]["ttlSecondsAfterFinished"] == 600 and own["spec"]["backoffLimit"] == 1
+
+    docs = render("--set", "job.enabled=true", *from_file)
+    (config_map,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    assert config_map["data"]["experiment.yaml"].strip() == experiment.read_text().strip()
+
+
+def test_a_job_without_an_experiment_is_refused():
+    result = helm("template", "forge", str(CHART), "--set", "job.enabled=true", check=False)
+    assert result.returncode != 0
+    assert "job.experiment is required" in result.stderr
+
+
+def test_the_standing_cluster_recreates_its_pods_on_upgrade():
+    (cluster,) = [doc for doc in render() if doc["kind"] == "RayCluster"]
+    assert cluster["spec"]["upgradeStrategy"] == {"type": "Recreate"}

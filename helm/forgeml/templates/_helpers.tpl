@@ -12,6 +12,13 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* Ray pods keep the app.kubernetes.io/name=kuberay label KubeRay gives them (its
+head services select on it), so they are told apart by instance and part-of. */}}
+{{- define "forgeml.podSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: {{ .Chart.Name }}
+{{- end -}}
+
 {{- define "forgeml.labels" -}}
 {{ include "forgeml.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
@@ -65,8 +72,9 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* Environment of every Ray container: token auth, S3 access, forgeml's Ray settings,
-and a HOME on the writable /tmp (the root filesystem is read-only). */}}
+{{/* Environment of every Ray container: S3 access, the gateway's token, forgeml's Ray
+settings, and a HOME on the writable /tmp (the root filesystem is read-only). Ray's
+token (RAY_AUTH_MODE, RAY_AUTH_TOKEN) is injected by KubeRay from authOptions. */}}
 {{- define "forgeml.env" -}}
 - name: HOME
   value: /tmp/home
@@ -75,15 +83,6 @@ and a HOME on the writable /tmp (the root filesystem is read-only). */}}
 {{- range $name, $value := .Values.env }}
 - name: {{ $name }}
   value: {{ $value | quote }}
-{{- end }}
-{{- if .Values.auth.enabled }}
-- name: RAY_AUTH_MODE
-  value: token
-- name: RAY_AUTH_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.auth.existingSecret }}
-      key: {{ .Values.auth.secretKey }}
 {{- end }}
 {{- with .Values.serving.tokenSecret }}
 - name: FORGEML_SERVE_TOKEN
@@ -113,11 +112,14 @@ envFrom:
 {{- end }}
 {{- end -}}
 
-{{/* Writable places for Ray on a read-only root filesystem: /tmp (session files, logs,
-spilled objects) and /dev/shm (the object store). */}}
+{{/* Writable places on a read-only root filesystem: /tmp (HOME, caches), /tmp/ray (Ray's
+session files, logs and spilled objects; named ray-logs, the volume KubeRay would
+otherwise add there without a size limit) and /dev/shm (the object store). */}}
 {{- define "forgeml.volumeMounts" -}}
 - name: tmp
   mountPath: /tmp
+- name: ray-logs
+  mountPath: /tmp/ray
 - name: shm
   mountPath: /dev/shm
 {{- if .experiment }}
@@ -130,7 +132,10 @@ spilled objects) and /dev/shm (the object store). */}}
 {{- define "forgeml.volumes" -}}
 - name: tmp
   emptyDir:
-    sizeLimit: {{ .group.tmpSizeLimit }}
+    sizeLimit: 2Gi
+- name: ray-logs
+  emptyDir:
+    sizeLimit: {{ .group.rayTmpSizeLimit }}
 - name: shm
   emptyDir:
     medium: Memory
@@ -140,6 +145,23 @@ spilled objects) and /dev/shm (the object store). */}}
   configMap:
     name: {{ .experiment }}
 {{- end }}
+{{- if and (eq .component "head") .root.Values.autoscaling.enabled }}
+{{- /* What automountServiceAccountToken would mount, for the autoscaler alone. */}}
+- name: kube-api-access
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - {key: ca.crt, path: ca.crt}
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef: {fieldPath: metadata.namespace}
+{{- end }}
 {{- end -}}
 
 {{/* One Ray pod template. Arguments: root (the chart context), group (head or a worker
@@ -148,12 +170,15 @@ group's values), component, gpus, ports, experiment (a ConfigMap name or ""). */
 {{- $root := .root -}}
 metadata:
   labels:
-    {{- include "forgeml.labels" $root | nindent 4 }}
+    {{- include "forgeml.podSelectorLabels" $root | nindent 4 }}
     app.kubernetes.io/component: {{ .component }}
+    {{- with $root.Values.commonLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 spec:
   serviceAccountName: {{ include "forgeml.serviceAccountName" $root }}
-  {{- /* Only the head's autoscaler sidecar talks to the Kubernetes API. */}}
-  automountServiceAccountToken: {{ and (eq .component "head") $root.Values.autoscaling.enabled }}
+  {{- /* The API token is mounted into the autoscaler sidecar only (autoscalerOptions). */}}
+  automountServiceAccountToken: false
   securityContext:
     {{- include "forgeml.podSecurityContext" $root | nindent 4 }}
   {{- with $root.Values.imagePullSecrets }}
@@ -205,6 +230,11 @@ RayService's cluster. Arguments: root, experiment (ConfigMap name or ""). */}}
 {{- $root := .root -}}
 {{- $values := $root.Values -}}
 rayVersion: {{ $values.rayVersion | quote }}
+{{- if $values.auth.enabled }}
+authOptions:
+  mode: token
+  secretName: {{ $values.auth.existingSecret }}
+{{- end }}
 enableInTreeAutoscaling: {{ $values.autoscaling.enabled }}
 {{- if $values.autoscaling.enabled }}
 autoscalerOptions:
@@ -220,6 +250,11 @@ autoscalerOptions:
   volumeMounts:
     - name: tmp
       mountPath: /tmp
+    - name: ray-logs
+      mountPath: /tmp/ray
+    - name: kube-api-access
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      readOnly: true
 {{- end }}
 headGroupSpec:
   serviceType: {{ $values.head.serviceType }}
