@@ -133,7 +133,7 @@ def main() -> None:
 
     os.environ.update(RAY_ENV_DEFAULTS)
     # The trials reserve `concurrency` CPUs; Ray Data's tasks need one more to run on.
-    ray.init(num_cpus=args.cpus or args.concurrency + 1, include_dashboard=False)
+    ray.init(address="local", num_cpus=args.cpus or args.concurrency + 1, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     runs: dict[str, list[dict]] = {name: [] for name in METHODS}
     with tempfile.TemporaryDirectory() as root:

@@ -17,6 +17,7 @@ import ray
 import requests
 import yaml
 from forgeml.config import StorageConfig
+from forgeml.runtime import forget_stale_cluster
 from forgeml.storage import ModelRegistry, Storage
 
 from tests.conftest import REPO, free_port, tiny_raw_config, write_config
@@ -91,6 +92,7 @@ def token_cluster(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+    forget_stale_cluster()  # as `ray stop` would: later ray.init() calls must not join it
 
 
 def _submit(cluster, env, config: Path, *extra: str) -> subprocess.CompletedProcess:
