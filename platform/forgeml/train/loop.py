@@ -140,7 +140,8 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         # The checkpoint may come from a trial with other values (PBT): ours apply from here.
-        schedule.rescale(cfg.train.optimizer.lr / state["base_lr"])
+        # Checkpoints written before base_lr was recorded were saved at this run's lr.
+        schedule.rescale(cfg.train.optimizer.lr / state.get("base_lr", cfg.train.optimizer.lr))
         apply_hyperparameters(optimizer, cfg.train.optimizer)
         stopper.load_state_dict(state["early_stopping"])
         history = state["history"]
