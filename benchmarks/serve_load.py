@@ -114,12 +114,14 @@ def plain_app(storage_root: str, ref: str):
 
     @app.post("/v1/models/{name}/predict", response_model=PredictResponse)
     def predict(name: str, body: PredictRequest) -> PredictResponse:
-        maps = np.stack([instance.to_array() for instance in body.instances])
-        inputs = torch.from_numpy(loaded.preprocessor.transform(maps))
+        columns = loaded.preprocessor.request_columns(body.instances)
+        inputs = torch.from_numpy(loaded.preprocessor.transform(columns)["inputs"])
         with torch.inference_mode():
             probabilities = loaded.task.predict(loaded.model(inputs)).numpy()
-        return PredictResponse.from_probabilities(
-            name, f"v{loaded.version.version}", list(loaded.class_names), probabilities
+        return PredictResponse(
+            model=name,
+            version=f"v{loaded.version.version}",
+            predictions=loaded.task.prediction_records(probabilities),
         )
 
     return app

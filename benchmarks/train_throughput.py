@@ -24,7 +24,7 @@ import ray
 import torch
 from forgeml.config import config_from_dict
 from forgeml.data.pipeline import prepare_data
-from forgeml.data.preprocessing import augment
+from forgeml.data.preprocessing import ModelInputs, augment
 from forgeml.data.sources import open_source
 from forgeml.models import build_model
 from forgeml.storage import Storage
@@ -50,15 +50,15 @@ def experiment(root: str, epochs: int, workers: int, threads: int, samples_per_c
     )
 
 
-def plain_pytorch(cfg, images: np.ndarray, labels: np.ndarray, class_names) -> list[float]:
+def plain_pytorch(cfg, images: np.ndarray, labels: np.ndarray, target) -> list[float]:
     """The loop a user would write by hand over in-memory arrays; samples/s per epoch.
 
     It gets all the threads the Ray workers get together, so both use the same cores.
     """
     torch.set_num_threads(cfg.scaling.torch_threads * cfg.scaling.num_workers)
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task, class_names)
-    model = build_model(cfg.model, images.shape[1:], task.num_outputs)
+    task = build_task(cfg.task, target)
+    model = build_model(cfg.model, ModelInputs(shape=images.shape[1:]), task.num_outputs)
     optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
     steps = int(np.ceil(len(images) / cfg.train.batch_size))
     schedule = LRSchedule(cfg.train.schedule, optimizer, steps, cfg.train.max_epochs, "min")
@@ -94,9 +94,11 @@ def main() -> None:
         cfg = experiment(root, args.epochs, args.workers, args.threads, args.samples_per_class)
         ray.init(address="local", num_cpus=max(2, args.workers + 1), include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        data = prepare_data(cfg, open_source(cfg.data.source, Storage(cfg.storage), cfg.seed))
+        storage = Storage(cfg.storage)
+        rejects = storage.path("benchmark-rejected")
+        data = prepare_data(cfg, open_source(cfg, storage), rejects, storage.fs)
         arrays = data.train.take_batch(data.sizes["train"], batch_format="numpy")
-        plain = plain_pytorch(cfg, arrays["image"], arrays["label"], data.class_names)
+        plain = plain_pytorch(cfg, arrays["inputs"], arrays["target"], data.target)
 
         outcome = run_training(cfg)
         ours = [h["samples_per_s"] for h in outcome.metrics["history"]]

@@ -11,6 +11,16 @@ from forgeml.config import ExperimentConfig, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The files every registered model version holds (DESIGN.md's model package).
+PACKAGE_FILES = {
+    "config.yaml",
+    "preprocessor.json",
+    "model.pt",
+    "metrics.json",
+    "reference.json",
+    "MODEL_CARD.md",
+}
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

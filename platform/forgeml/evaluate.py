@@ -8,78 +8,56 @@ import numpy as np
 import ray.data
 import torch
 
-from forgeml.data.preprocessing import WaferPreprocessor
-from forgeml.train.loop import BATCH_DTYPES
-
-DEFECT_CODE = 2
-HISTOGRAM_BINS = 10
+from forgeml.data.preprocessing import Preprocessor
+from forgeml.tasks import histogram
+from forgeml.train.loop import batch_dtypes
 
 
 @dataclass
 class Evaluation:
     metrics: dict
-    probabilities: np.ndarray
-    labels: np.ndarray
-    defect_fraction: np.ndarray
+    predictions: np.ndarray  # class probabilities, or values in the target's units
+    targets: np.ndarray
+    inputs: dict[str, np.ndarray]  # the preprocessor's input summary, per row
 
 
 def evaluate(
     model: torch.nn.Module,
     task,
     dataset: ray.data.Dataset,
-    preprocessor: WaferPreprocessor,
+    preprocessor: Preprocessor,
     batch_size: int = 512,
 ) -> Evaluation:
     """Test metrics (torchmetrics) plus the per-row outputs the reference statistics need."""
     model.eval()
     metrics = task.test_metrics()
-    probabilities, labels, defect_fraction = [], [], []
-    defect_value = (DEFECT_CODE - preprocessor.mean) / preprocessor.std
+    predictions, targets, inputs = [], [], []
     with torch.no_grad():
-        for batch in dataset.iter_torch_batches(batch_size=batch_size, dtypes=BATCH_DTYPES):
-            probs = task.predict(model(batch["image"]))
-            metrics.update(probs, batch["label"])
-            probabilities.append(probs.numpy())
-            labels.append(batch["label"].numpy())
-            defects = torch.isclose(batch["image"], torch.tensor(defect_value), atol=1e-3)
-            defect_fraction.append(defects.flatten(1).float().mean(1).numpy())
+        dtypes = batch_dtypes(task, preprocessor.model_inputs)
+        for batch in dataset.iter_torch_batches(batch_size=batch_size, dtypes=dtypes):
+            predicted = task.predict(model(batch["inputs"]))
+            metrics.update(predicted, batch["target"])
+            predictions.append(predicted.numpy())
+            targets.append(batch["target"].numpy())
+            inputs.append(preprocessor.input_summary(batch["inputs"].numpy()))
     return Evaluation(
         metrics=task.report(metrics.compute()),
-        probabilities=np.concatenate(probabilities),
-        labels=np.concatenate(labels),
-        defect_fraction=np.concatenate(defect_fraction),
+        predictions=np.concatenate(predictions),
+        targets=np.concatenate(targets),
+        inputs={name: np.concatenate([part[name] for part in inputs]) for name in inputs[0]},
     )
 
 
-def _histogram(values: np.ndarray, low: float, high: float) -> dict:
-    counts, edges = np.histogram(values, bins=HISTOGRAM_BINS, range=(low, high))
-    return {"edges": edges.round(6).tolist(), "counts": counts.tolist()}
-
-
-def reference_statistics(evaluation: Evaluation, class_names: tuple[str, ...]) -> dict:
+def reference_statistics(evaluation: Evaluation, task) -> dict:
     """What the inputs and predictions looked like at training time, for drift tests."""
-    k = len(class_names)
-    predicted = evaluation.probabilities.argmax(1)
+    inputs = {}
+    for name, values in evaluation.inputs.items():
+        low, high = (
+            (0.0, 1.0) if name == "defect_fraction" else (float(values.min()), float(values.max()))
+        )
+        inputs[name] = histogram(values, low, high if high > low else low + 1.0)
     return {
-        "rows": int(len(evaluation.labels)),
-        "inputs": {"defect_fraction": _histogram(evaluation.defect_fraction, 0.0, 1.0)},
-        "predictions": {
-            "class_share": dict(
-                zip(
-                    class_names,
-                    (np.bincount(predicted, minlength=k) / len(predicted)).tolist(),
-                    strict=True,
-                )
-            ),
-            "confidence": _histogram(evaluation.probabilities.max(1), 0.0, 1.0),
-        },
-        "labels": {
-            "class_share": dict(
-                zip(
-                    class_names,
-                    (np.bincount(evaluation.labels, minlength=k) / len(evaluation.labels)).tolist(),
-                    strict=True,
-                )
-            )
-        },
+        "rows": int(len(evaluation.targets)),
+        "inputs": inputs,
+        **task.prediction_summary(evaluation.predictions, evaluation.targets),
     }

@@ -21,21 +21,25 @@ from pydantic import TypeAdapter
 
 import forgeml
 from forgeml.config import ExperimentConfig, ModelConfig, config_from_dict
-from forgeml.data.preprocessing import WaferPreprocessor
+from forgeml.data.preprocessing import (
+    ModelInputs,
+    Preprocessor,
+    TargetSpec,
+    preprocessor_from_dict,
+)
 from forgeml.models import build_model
 from forgeml.storage import ModelRegistry, ModelVersion
 from forgeml.tasks import build_task
 
-MODEL_FORMAT = 1
+#: Version of model.pt's layout; 2 stores the fitted TargetSpec and the ModelInputs.
+MODEL_FORMAT = 2
 
 
 @dataclass
 class PackageContents:
     config: ExperimentConfig
-    preprocessor: WaferPreprocessor
+    preprocessor: Preprocessor
     state_dict: dict
-    input_shape: tuple[int, ...]
-    class_names: tuple[str, ...]
     metrics: dict
     reference: dict
 
@@ -48,8 +52,8 @@ def package_files(contents: PackageContents) -> dict[str, bytes]:
             "format": MODEL_FORMAT,
             "state_dict": contents.state_dict,
             "model": contents.config.model.model_dump(mode="json"),
-            "input_shape": list(contents.input_shape),
-            "class_names": list(contents.class_names),
+            "inputs": contents.preprocessor.model_inputs.to_dict(),
+            "target": contents.preprocessor.target.to_dict(),
         },
         weights,
     )
@@ -63,39 +67,21 @@ def package_files(contents: PackageContents) -> dict[str, bytes]:
     }
 
 
-def model_card(contents: PackageContents) -> str:
-    cfg, test = contents.config, contents.metrics["test"]
-    per_class = "\n".join(
-        f"| {name} | {test['per_class_precision'][name]:.3f} | "
-        f"{test['per_class_recall'][name]:.3f} | {test['per_class_f1'][name]:.3f} |"
-        for name in contents.class_names
-    )
-    sizes = contents.metrics["data"]["rows"]
-    return f"""# {cfg.name}
+#: What each kind of input is, for the model card.
+INPUT_DESCRIPTIONS = {
+    "image": "a {height}x{width} wafer map (0 outside the wafer, 1 good die, 2 defective "
+    "die), standardised with the statistics in `preprocessor.json`",
+    "tabular": "a record of numeric features ({numeric}) and categorical features "
+    "({categorical}); missing values imputed, numbers scaled and categories encoded with "
+    "the state in `preprocessor.json`, fitted on the training split",
+    "text": "the text in `{field}`, cleaned and cut into at most {max_length} WordPiece "
+    "tokens of a {vocab_size}-piece vocabulary trained on the training split (the "
+    "tokenizer is in `preprocessor.json`)",
+}
 
-Trained by forgeml {forgeml.__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
-
-## What it is
-A `{cfg.model.kind}` model for `{cfg.task.kind}` of {len(contents.class_names)} classes:
-{", ".join(contents.class_names)}. Input: a {contents.input_shape[1]}x{contents.input_shape[2]}
-wafer map (0 outside the wafer, 1 good die, 2 defective die), standardised with the
-statistics in `preprocessor.json`.
-
-## Data
-Source `{cfg.data.source.kind}`, split deterministically by row id with seed {cfg.seed}:
-{sizes["train"]} train, {sizes["val"]} validation, {sizes["test"]} test rows.
-Training used random quarter-turns={cfg.data.augment.rotate90} and flips={cfg.data.augment.flip}.
-
-## Test metrics
-accuracy {test["accuracy"]:.4f} · macro precision {test["macro_precision"]:.4f} ·
-macro recall {test["macro_recall"]:.4f} · macro F1 {test["macro_f1"]:.4f} ·
-one-vs-rest AUC-ROC {test["auroc_ovr"]:.4f}
-
-| class | precision | recall | F1 |
-|---|---|---|---|
-{per_class}
-
-## Intended use
+#: Intended use and limits, by the source the model was trained on.
+USE_AND_LIMITS = {
+    "wafer": """## Intended use
 Triage of wafer maps into failure-pattern classes, to route wafers to the right
 root-cause analysis. A human reviews low-confidence predictions.
 
@@ -105,17 +91,87 @@ root-cause analysis. A human reviews low-confidence predictions.
 - Wafers with several overlapping patterns get one label.
 - The built-in wafer source is synthetic, modelled on WM-811K's nine classes; its
   metrics say how well the pipeline works, not how a real fab's maps will score.
-"""
+""",
+    "default": """## Intended use
+Predictions for rows like the training data described above.
+
+## Limits
+- Trained on the data above only: inputs from another population must be checked
+  against `reference.json` (drift) before trusting predictions.
+- Categories unseen in training are encoded as unknown, and missing values get the
+  training split's fill values: check how often that happens in served traffic.
+""",
+}
+
+
+def _metric_lines(test: dict) -> str:
+    scalars = [
+        f"{name.replace('_', ' ')} {value:.4f}"
+        for name, value in test.items()
+        if isinstance(value, float)
+    ]
+    return " ·\n".join(scalars)
+
+
+def _per_class_table(test: dict, classes: tuple[str, ...]) -> str:
+    if "per_class_f1" not in test:
+        return ""
+    rows = "\n".join(
+        f"| {name} | {test['per_class_precision'][name]:.3f} | "
+        f"{test['per_class_recall'][name]:.3f} | {test['per_class_f1'][name]:.3f} |"
+        for name in classes
+    )
+    return f"\n\n| class | precision | recall | F1 |\n|---|---|---|---|\n{rows}"
+
+
+def model_card(contents: PackageContents) -> str:
+    cfg, metrics = contents.config, contents.metrics
+    test, target = metrics["test"], contents.preprocessor.target
+    described = contents.preprocessor.describe()
+    if described["kind"] == "tabular":
+        described = {
+            **described,
+            "numeric": ", ".join(described["numeric"]) or "none",
+            "categorical": ", ".join(described["categorical"]) or "none",
+        }
+    what = (
+        f"{len(target.classes)} classes of `{target.name}`: {', '.join(target.classes)}"
+        if target.classes
+        else f"`{target.name}` (training mean {target.mean:.4g}, std {target.std:.4g})"
+    )
+    sizes, rejected = metrics["data"]["rows"], metrics["data"]["rejected"]
+    augment = (
+        f"\nTraining used random quarter-turns={cfg.data.augment.rotate90} and "
+        f"flips={cfg.data.augment.flip}."
+        if described["kind"] == "image"
+        else ""
+    )
+    return f"""# {cfg.name}
+
+Trained by forgeml {forgeml.__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
+
+## What it is
+A `{cfg.model.kind}` model for `{cfg.task.kind}` of {what}.
+Input: {INPUT_DESCRIPTIONS[described["kind"]].format(**described)}.
+
+## Data
+Source `{cfg.data.source.kind}`, split deterministically by row id with seed {cfg.seed}:
+{sizes["train"]} train, {sizes["val"]} validation, {sizes["test"]} test rows;
+{sum(rejected.values())} rows rejected.{augment}
+
+## Test metrics
+{_metric_lines(test)}{_per_class_table(test, target.classes)}
+
+{USE_AND_LIMITS.get(cfg.data.source.kind, USE_AND_LIMITS["default"])}"""
 
 
 @dataclass
 class LoadedModel:
     version: ModelVersion
     config: ExperimentConfig
-    preprocessor: WaferPreprocessor
+    preprocessor: Preprocessor
     model: torch.nn.Module
     task: object
-    class_names: tuple[str, ...]
     metrics: dict
 
 
@@ -123,16 +179,13 @@ def load_model(registry: ModelRegistry, ref: str) -> LoadedModel:
     """Rebuild a registered model (eval mode, CPU) with its preprocessing and task."""
     version = registry.resolve(ref)
     config = config_from_dict(yaml.safe_load(registry.read(version, "config.yaml")), ref)
-    preprocessor = WaferPreprocessor.from_dict(
-        json.loads(registry.read(version, "preprocessor.json"))
-    )
+    preprocessor = preprocessor_from_dict(json.loads(registry.read(version, "preprocessor.json")))
     saved = torch.load(io.BytesIO(registry.read(version, "model.pt")), map_location="cpu")
     if saved.get("format") != MODEL_FORMAT:
         raise ValueError(f"{version.ref}: unsupported model.pt format {saved.get('format')}")
-    class_names = tuple(saved["class_names"])
-    task = build_task(config.task, class_names)
+    task = build_task(config.task, TargetSpec.from_dict(saved["target"]))
     model_cfg = TypeAdapter(ModelConfig).validate_python(saved["model"])
-    model = build_model(model_cfg, tuple(saved["input_shape"]), task.num_outputs)
+    model = build_model(model_cfg, ModelInputs.from_dict(saved["inputs"]), task.num_outputs)
     model.load_state_dict(saved["state_dict"])
     model.eval()
     return LoadedModel(
@@ -141,6 +194,5 @@ def load_model(registry: ModelRegistry, ref: str) -> LoadedModel:
         preprocessor=preprocessor,
         model=model,
         task=task,
-        class_names=class_names,
         metrics=json.loads(registry.read(version, "metrics.json")),
     )

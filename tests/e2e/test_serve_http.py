@@ -16,6 +16,7 @@ import pytest
 import ray
 import requests
 import schemathesis
+import torch
 import yaml
 from forgeml.cli import main
 from forgeml.data.wafer import CLASS_NAMES, generate_map
@@ -29,7 +30,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from tests.conftest import free_port, tiny_config
+from tests.conftest import REPO, free_port, tiny_config
 
 TOKEN = "serve-test-token"
 PREDICT = "/v1/models/tiny-wafer/predict"
@@ -96,12 +97,11 @@ def test_served_predictions_equal_offline_evaluation(served):
         [[p["probabilities"][c] for c in CLASS_NAMES] for p in body["predictions"]]
     )
     loaded = load_model(ModelRegistry(Storage(served["cfg"].storage)), "tiny-wafer:v1")
-    dataset = ray.data.from_items(
-        [{"image": image, "label": 0} for image in loaded.preprocessor.transform(maps)]
-    )
+    inputs = loaded.preprocessor.transform({"image": maps})["inputs"]
+    dataset = ray.data.from_items([{"inputs": x, "target": 0} for x in inputs])
     offline = evaluate(loaded.model, loaded.task, dataset, loaded.preprocessor)
-    np.testing.assert_allclose(served_probs, offline.probabilities, rtol=1e-4, atol=1e-6)
-    labels = [CLASS_NAMES[i] for i in offline.probabilities.argmax(1)]
+    np.testing.assert_allclose(served_probs, offline.predictions, rtol=1e-4, atol=1e-6)
+    labels = [CLASS_NAMES[i] for i in offline.predictions.argmax(1)]
     assert [p["label"] for p in body["predictions"]] == labels
     assert response.headers["X-Request-ID"]
 
@@ -122,6 +122,49 @@ def test_model_listing_health_and_readiness(served):
 
 
 GOOD = {"image": np.ones((16, 16), dtype=int).tolist()}
+
+
+def test_a_table_model_serves_records_and_names_bad_fields(served):
+    """Penguins body mass (regression) next to the wafer model: the same gateway and
+    batching, typed records in, values out, bad fields named with a 422."""
+    storage = served["cfg"].storage
+    args = ["train", "--config", str(REPO / "examples" / "penguins" / "body_mass.yaml")]
+    for override in (f"storage.root={storage.root}", "train.max_epochs=1"):
+        args += ["--set", override]
+    assert main(args) == 0
+    deploy(AppArgs(models=["penguins-body-mass"], storage=storage, auth=False), "tables", "/tables")
+    url = "/tables/v1/models/penguins-body-mass/predict"
+    records = [
+        {
+            "bill_length_mm": 47.5,
+            "bill_depth_mm": 15,
+            "flipper_length_mm": 217,
+            "species": "Gentoo",
+            "island": "Biscoe",
+            "sex": "male",
+        },
+        {"bill_length_mm": None, "species": "Adelie"},  # missing values are imputed
+    ]
+
+    response = _post(served, url, {"instances": records}, token=None)
+
+    assert response.status_code == 200, response.text
+    served_values = [p["value"] for p in response.json()["predictions"]]
+    loaded = load_model(ModelRegistry(Storage(storage)), "penguins-body-mass")
+    inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns(records))["inputs"]
+    with torch.no_grad():
+        offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
+    np.testing.assert_allclose(served_values, offline, rtol=1e-5)
+    info = requests.get(served["url"] + "/tables/v1/models", timeout=30).json()[0]
+    assert info["task"] == "regression" and info["classes"] == []
+    assert info["inputs"]["categorical"]["species"] == ["Adelie", "Chinstrap", "Gentoo"]
+    for bad, message in [
+        ({"wings": 2}, "instances.0: unknown features ['wings']"),
+        ({"bill_depth_mm": "deep"}, "instances.0.bill_depth_mm: expected a number, got 'deep'"),
+        (GOOD, "instances.0: expected an object of feature values"),
+    ]:
+        refused = _post(served, url, {"instances": [bad]}, token=None)
+        assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -20,16 +20,7 @@ from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 
-from tests.conftest import REPO, tiny_config, tiny_raw_config, write_config
-
-PACKAGE_FILES = {
-    "config.yaml",
-    "preprocessor.json",
-    "model.pt",
-    "metrics.json",
-    "reference.json",
-    "MODEL_CARD.md",
-}
+from tests.conftest import PACKAGE_FILES, REPO, tiny_config, tiny_raw_config, write_config
 
 
 def _checkpoints(store: Path) -> list[Path]:
@@ -107,7 +98,7 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
 
     loaded = load_model(ModelRegistry(Storage(cfg.storage)), "tiny-wafer")
     assert loaded.version.version == 1
-    assert loaded.class_names == CLASS_NAMES
+    assert loaded.task.class_names == CLASS_NAMES
     assert loaded.preprocessor.image_size == 16
     # three reported; Ray Train keeps the best one and, for resuming, the latest
     assert 1 <= len(_checkpoints(store)) <= 2

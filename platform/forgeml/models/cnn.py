@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from forgeml.config import CNNConfig
+from forgeml.data.preprocessing import ModelInputs
 from forgeml.models import register_model
 
 
@@ -42,8 +43,10 @@ class CNN(nn.Module):
 
 
 @register_model("cnn")
-def build_cnn(cfg: CNNConfig, input_shape: tuple[int, ...], num_outputs: int) -> CNN:
-    channels, height, width = input_shape
+def build_cnn(cfg: CNNConfig, inputs: ModelInputs, num_outputs: int) -> CNN:
+    if len(inputs.shape) != 3:
+        raise ValueError(f"model cnn needs (channels, height, width) inputs, got {inputs.shape}")
+    channels, height, width = inputs.shape
     if min(height, width) < 2**cfg.depth:
         raise ValueError(
             f"model.depth={cfg.depth} halves the {height}x{width} input {cfg.depth} times; "

@@ -127,21 +127,34 @@ class ModelServer:
         version = self.loaded.version
         self.batch_maps = metrics.Histogram(
             "forgeml_batch_maps",
-            description="Maps per batched forward pass.",
+            description="Instances per batched forward pass.",
             boundaries=BATCH_BUCKETS,
             tag_keys=("model", "version"),
         )
         self.batch_maps.set_default_tags({"model": version.name, "version": f"v{version.version}"})
 
+    async def infer(self, instances: list) -> dict:
+        """Predictions for one request's instances, or the reason they are not valid input.
+
+        Instances are checked here, one request at a time, so a bad one never fails the
+        batch it would have joined."""
+        try:
+            columns = self.loaded.preprocessor.request_columns(instances)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        predictions = await self.predict(columns)
+        return {"predictions": self.loaded.task.prediction_records(predictions)}
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict(self, requests: list[np.ndarray]) -> list[np.ndarray]:
-        """Class probabilities for each request's (n, H, W) maps, in one forward pass."""
-        sizes = [len(maps) for maps in requests]
+    async def predict(self, requests: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Each request's predictions (raw columns in), in one forward pass for the batch."""
+        sizes = [len(next(iter(columns.values()))) for columns in requests]
         self.batch_maps.observe(sum(sizes))
-        inputs = torch.from_numpy(self.loaded.preprocessor.transform(np.concatenate(requests)))
+        merged = {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
+        inputs = torch.from_numpy(self.loaded.preprocessor.transform(merged)["inputs"])
         with torch.inference_mode():
-            probabilities = self.loaded.task.predict(self.loaded.model(inputs)).numpy()
-        return np.split(probabilities, np.cumsum(sizes)[:-1])
+            predictions = self.loaded.task.predict(self.loaded.model(inputs)).numpy()
+        return np.split(predictions, np.cumsum(sizes)[:-1])
 
     def ready(self) -> str:
         return self.loaded.version.ref
@@ -410,27 +423,15 @@ class Gateway:
             raise HTTPException(
                 413, f"{len(body.instances)} instances exceed the limit of {route.max_instances}"
             )
-        expected = tuple(info.input_shape[1:])
-        maps = []
-        for i, instance in enumerate(body.instances):
-            try:
-                array = instance.to_array()
-            except ValueError as exc:
-                raise HTTPException(422, f"instances.{i}: {exc}") from None
-            if array.shape != expected:
-                raise HTTPException(
-                    422,
-                    f"instances.{i}: expected a {expected[0]}x{expected[1]} map, "
-                    f"got {'x'.join(map(str, array.shape))}",
-                )
-            maps.append(array)
         self.in_flight[ref] += 1
         try:
-            probabilities = await handle.predict.remote(np.stack(maps))
+            result = await handle.infer.remote(body.instances)
         finally:
             self.in_flight[ref] -= 1
-        return PredictResponse.from_probabilities(
-            info.name, info.version, info.classes, probabilities
+        if "error" in result:
+            raise HTTPException(422, result["error"])
+        return PredictResponse(
+            model=info.name, version=info.version, predictions=result["predictions"]
         )
 
 

@@ -25,6 +25,7 @@ from ray import serve
 
 import forgeml
 from forgeml.config import ExperimentConfig, StorageConfig
+from forgeml.data.preprocessing import preprocessor_from_dict
 from forgeml.serve.app import (
     Gateway,
     GatewayArgs,
@@ -71,13 +72,14 @@ def model_app_name(version: ModelVersion) -> str:
 
 def _model_info(registry: ModelRegistry, version: ModelVersion, cfg: ExperimentConfig) -> ModelInfo:
     metrics = json.loads(registry.read(version, "metrics.json"))
-    size = json.loads(registry.read(version, "preprocessor.json"))["image_size"]
+    preprocessor = preprocessor_from_dict(json.loads(registry.read(version, "preprocessor.json")))
     return ModelInfo(
         name=version.name,
         version=f"v{version.version}",
         task=cfg.task.kind,
-        classes=metrics["data"]["class_names"],
-        input_shape=[1, size, size],
+        classes=list(preprocessor.target.classes),
+        input_shape=list(preprocessor.model_inputs.shape),
+        inputs=preprocessor.describe(),
         test_metrics={k: v for k, v in metrics["test"].items() if isinstance(v, float)},
     )
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 DieCode = Annotated[int, Field(ge=0, le=2)]
 
@@ -51,48 +51,56 @@ class ImageInstance(BaseModel):
         return array.astype(np.uint8)
 
 
+#: One row of a table: feature name to value; an absent or null feature is missing.
+FeatureRecord = dict[str, float | int | str | bool | None]
+
+
+def _instance_kind(value) -> str:
+    if isinstance(value, ImageInstance) or (
+        isinstance(value, dict) and {"image", "image_png_base64"} & value.keys()
+    ):
+        return "image"
+    return "features"
+
+
+Instance = Annotated[
+    Annotated[ImageInstance, Tag("image")] | Annotated[FeatureRecord, Tag("features")],
+    Discriminator(_instance_kind),
+]
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instances: list[ImageInstance] = Field(min_length=1, description="Maps to classify.")
+    instances: list[Instance] = Field(
+        min_length=1,
+        description="Wafer maps (image models) or feature records (tabular models).",
+    )
 
 
-class Prediction(BaseModel):
+class ClassPrediction(BaseModel):
     label: str = Field(description="Most probable class.")
     confidence: float = Field(description="Its probability.")
     probabilities: dict[str, float] = Field(description="Probability per class.")
 
 
+class ValuePrediction(BaseModel):
+    value: float = Field(description="Predicted value, in the target's units.")
+
+
 class PredictResponse(BaseModel):
     model: str
     version: str
-    predictions: list[Prediction]
-
-    @classmethod
-    def from_probabilities(
-        cls, model: str, version: str, classes: list[str], probabilities: np.ndarray
-    ) -> PredictResponse:
-        """One prediction per row of an (n, classes) probability matrix."""
-        return cls(
-            model=model,
-            version=version,
-            predictions=[
-                Prediction(
-                    label=classes[int(row.argmax())],
-                    confidence=float(row.max()),
-                    probabilities=dict(zip(classes, row.tolist(), strict=True)),
-                )
-                for row in probabilities
-            ],
-        )
+    predictions: list[ClassPrediction | ValuePrediction]
 
 
 class ModelInfo(BaseModel):
     name: str
     version: str
     task: str
-    classes: list[str]
+    classes: list[str] = Field(description="Classes, in output order; empty for regression.")
     input_shape: list[int]
+    inputs: dict = Field(description="What an instance holds: an image's size, or features.")
     test_metrics: dict[str, float]
 
 

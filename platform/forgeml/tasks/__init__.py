@@ -1,8 +1,17 @@
-"""Task registry: what a task's head predicts, its loss, and its metrics."""
+"""Task registry: what a task's head predicts, its loss, its metrics and its predictions.
+
+A task is built from its config and the ``TargetSpec`` fitted with the data, and offers:
+``num_outputs``, ``target_dtype``, ``loss``, ``predict`` (outputs to probabilities or
+values in the target's units), ``validation_metrics``/``test_metrics`` (torchmetrics),
+``report`` (computed metrics as JSON), ``prediction_records`` (what a client receives)
+and ``prediction_summary`` (what drift tests compare).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import numpy as np
 
 _TASKS: dict[str, Callable] = {}
 
@@ -15,8 +24,17 @@ def register_task(kind: str):
     return decorate
 
 
-def build_task(cfg, class_names: tuple[str, ...]):
-    return _TASKS[cfg.kind](cfg, class_names)
+def build_task(cfg, target):
+    """The task for a task config and the fitted ``TargetSpec``."""
+    return _TASKS[cfg.kind](cfg, target)
 
 
-from forgeml.tasks import classification  # noqa: E402,F401
+HISTOGRAM_BINS = 10
+
+
+def histogram(values: np.ndarray, low: float, high: float) -> dict:
+    counts, edges = np.histogram(values, bins=HISTOGRAM_BINS, range=(low, high))
+    return {"edges": edges.round(6).tolist(), "counts": counts.tolist()}
+
+
+from forgeml.tasks import classification, regression  # noqa: E402,F401

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torchmetrics
 from torch import nn
 from torchmetrics import classification as tmc
 
 from forgeml.config import ClassificationTask as ClassificationConfig
-from forgeml.tasks import register_task
+from forgeml.data.preprocessing import TargetSpec
+from forgeml.tasks import histogram, register_task
 
 
 @register_task("classification")
 class ClassificationTask:
-    def __init__(self, cfg: ClassificationConfig, class_names: tuple[str, ...]):
+    target_dtype = torch.int64
+
+    def __init__(self, cfg: ClassificationConfig, target: TargetSpec):
         self.cfg = cfg
-        self.class_names = tuple(class_names)
-        self.num_outputs = len(class_names)
+        self.class_names = tuple(target.classes)
+        self.num_outputs = len(self.class_names)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,3 +67,29 @@ class ClassificationTask:
             else:
                 out[name] = float(value)
         return out
+
+    def prediction_records(self, probabilities: np.ndarray) -> list[dict]:
+        """Per row: the most probable class, its probability, and every class's."""
+        return [
+            {
+                "label": self.class_names[int(row.argmax())],
+                "confidence": float(row.max()),
+                "probabilities": dict(zip(self.class_names, row.tolist(), strict=True)),
+            }
+            for row in probabilities
+        ]
+
+    def prediction_summary(self, probabilities: np.ndarray, targets: np.ndarray) -> dict:
+        k = self.num_outputs
+
+        def shares(indices: np.ndarray) -> dict:
+            counts = np.bincount(indices, minlength=k) / max(len(indices), 1)
+            return dict(zip(self.class_names, counts.tolist(), strict=True))
+
+        return {
+            "predictions": {
+                "class_share": shares(probabilities.argmax(1)),
+                "confidence": histogram(probabilities.max(1), 0.0, 1.0),
+            },
+            "labels": {"class_share": shares(targets.astype(np.int64))},
+        }

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from forgeml.config import ExperimentConfig
+from forgeml.data.preprocessing import ModelInputs, TargetSpec
 from forgeml.models import build_model
 from forgeml.tasks import build_task
 from forgeml.train.early_stopping import EarlyStopping
@@ -36,7 +37,11 @@ from forgeml.train.optim import LRSchedule, apply_hyperparameters, build_optimiz
 logger = logging.getLogger("forgeml.train")
 
 CHECKPOINT_FILE = "state.pt"
-BATCH_DTYPES = {"image": torch.float32, "label": torch.int64}
+
+
+def batch_dtypes(task, inputs: ModelInputs) -> dict[str, torch.dtype]:
+    """Tensor types of a batch's model inputs and target."""
+    return {"inputs": getattr(torch, inputs.dtype), "target": task.target_dtype}
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -110,13 +115,14 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
     """Train one rank. Returns (on every rank) the run's status and per-epoch history."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     cfg = ExperimentConfig.model_validate(config["experiment"])
-    class_names = tuple(config["class_names"])
     rank, world_size, device = session.rank, session.world_size, session.device
     torch.set_num_threads(cfg.scaling.torch_threads or max(int(cfg.scaling.cpus_per_worker), 1))
 
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task, class_names)
-    model = build_model(cfg.model, tuple(config["input_shape"]), task.num_outputs)
+    task = build_task(cfg.task, TargetSpec.from_dict(config["target"]))
+    inputs = ModelInputs.from_dict(config["inputs"])
+    dtypes = batch_dtypes(task, inputs)
+    model = build_model(cfg.model, inputs, task.num_outputs)
     model = session.prepare_model(model)
     torch.manual_seed(cfg.seed * 1000 + rank)
     optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
@@ -163,21 +169,21 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
         seen = 0
         for batch in train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size,
-            dtypes=BATCH_DTYPES,
+            dtypes=dtypes,
             device=device,
             local_shuffle_buffer_size=4 * cfg.train.batch_size,
         ):
-            images, labels = batch["image"], batch["label"]
+            inputs, targets = batch["inputs"], batch["target"]
             with _autocast(cfg, device):
-                loss = task.loss(model(images), labels)
+                loss = task.loss(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
             optimizer.step()
             schedule.after_step()
-            loss_sum += loss.detach().double() * len(labels)
-            seen += len(labels)
+            loss_sum += loss.detach().double() * len(targets)
+            seen += len(targets)
         train_seconds = time.monotonic() - epoch_started
         total_loss, total_seen = _all_reduce_sum([loss_sum.item(), seen], device)
         train_loss = total_loss / max(total_seen, 1)
@@ -187,14 +193,16 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
         val_loss_sum, val_seen = 0.0, 0
         with torch.no_grad():
             for batch in val_shard.iter_torch_batches(
-                batch_size=4 * cfg.train.batch_size, dtypes=BATCH_DTYPES, device=device
+                batch_size=4 * cfg.train.batch_size, dtypes=dtypes, device=device
             ):
                 with _autocast(cfg, device):
-                    logits = model(batch["image"])
-                val_loss_sum += task.loss(logits, batch["label"]).item() * len(batch["label"])
-                val_seen += len(batch["label"])
-                metrics.update(task.predict(logits), batch["label"])
+                    outputs = model(batch["inputs"])
+                targets = batch["target"]
+                val_loss_sum += task.loss(outputs, targets).item() * len(targets)
+                val_seen += len(targets)
+                metrics.update(task.predict(outputs), targets)
         computed = {k: float(v) for k, v in metrics.compute().items()}
+        computed_names = [f"val_{name}" for name in computed]
         val_total, val_count = _all_reduce_sum([val_loss_sum, val_seen], device)
 
         record = {
@@ -240,15 +248,15 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
             elapsed = time.monotonic() - run_started
             done = epoch - start_epoch + 1
             eta = elapsed / done * (cfg.train.max_epochs - epoch)
+            scores = "  ".join(
+                f"{name} {record[name]:.4f}" for name in ("val_loss", *computed_names)
+            )
             logger.info(
-                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_accuracy %.4f  "
-                "val_macro_f1 %.4f  lr %.2e  %.0f samples/s  elapsed %s  eta %s",
+                "epoch %d/%d  train_loss %.4f  %s  lr %.2e  %.0f samples/s  elapsed %s  eta %s",
                 epoch,
                 cfg.train.max_epochs,
                 train_loss,
-                record["val_loss"],
-                record["val_accuracy"],
-                record["val_macro_f1"],
+                scores,
                 record["lr"],
                 record["samples_per_s"],
                 _format_seconds(elapsed),

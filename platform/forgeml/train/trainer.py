@@ -65,12 +65,11 @@ def resolve_run_name(storage: Storage, folder: str, prefix: str, resume: bool | 
 
 def loop_config(cfg: ExperimentConfig, data: PreparedData) -> dict:
     """What every rank's training loop is given besides its datasets."""
-    input_shape = (1, data.preprocessor.image_size, data.preprocessor.image_size)
     rows_per_worker = math.ceil(data.sizes["train"] / cfg.scaling.num_workers)
     return {
         "experiment": cfg.model_dump(mode="json"),
-        "class_names": list(data.class_names),
-        "input_shape": list(input_shape),
+        "target": data.target.to_dict(),
+        "inputs": data.preprocessor.model_inputs.to_dict(),
         "steps_per_epoch": math.ceil(rows_per_worker / cfg.train.batch_size),
     }
 
@@ -120,9 +119,9 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     started = time.monotonic()
     storage = Storage(cfg.storage)
     run_name = resolve_run_name(storage, "runs", cfg.name, resume)
-    source = open_source(cfg.data.source, storage, cfg.seed)
+    source = open_source(cfg, storage)
     runtime.connect()
-    data = prepare_data(cfg, source)
+    data = prepare_data(cfg, source, storage.path("runs", run_name, "rejected"), storage.fs)
     trainer = build_trainer(cfg, storage, data, run_name)
     logger.info("training %s as run %s (%s)", cfg.name, run_name, storage.uri("runs", run_name))
     result = trainer.fit()
@@ -172,9 +171,8 @@ def register_checkpoint(
 ) -> tuple[ModelVersion, dict]:
     """Evaluate a checkpoint's model on the test split and register it as a package."""
     early = cfg.train.early_stopping
-    task = build_task(cfg.task, data.class_names)
-    input_shape = (1, data.preprocessor.image_size, data.preprocessor.image_size)
-    model = build_model(cfg.model, input_shape, task.num_outputs)
+    task = build_task(cfg.task, data.target)
+    model = build_model(cfg.model, data.preprocessor.model_inputs, task.num_outputs)
     model.load_state_dict(state["model"])
     evaluation = evaluate(model, task, data.test, data.preprocessor)
 
@@ -184,7 +182,11 @@ def register_checkpoint(
         "selected_by": {"metric": early.metric, "mode": early.mode},
         "status": status,
         "history": history,
-        "data": {"rows": data.sizes, "class_names": list(data.class_names)},
+        "data": {
+            "rows": data.sizes,
+            "rejected": data.rejected,
+            "target": data.target.to_dict(),
+        },
         "run": run,
     }
     version = ModelRegistry(storage).register(
@@ -194,10 +196,8 @@ def register_checkpoint(
                 config=cfg,
                 preprocessor=data.preprocessor,
                 state_dict=state["model"],
-                input_shape=input_shape,
-                class_names=data.class_names,
                 metrics=metrics,
-                reference=reference_statistics(evaluation, data.class_names),
+                reference=reference_statistics(evaluation, task),
             )
         ),
     )

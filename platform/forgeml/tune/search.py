@@ -323,9 +323,9 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
             f"--resume: search {experiment} has finished; its results are in "
             f"{storage.uri('tune', experiment, RESULTS_FILE)}"
         )
-    source = open_source(cfg.data.source, storage, cfg.seed)
+    source = open_source(cfg, storage)
     runtime.connect()
-    data = prepare_data(cfg, source)
+    data = prepare_data(cfg, source, f"{experiment_path}/rejected", storage.fs)
     base = cfg.model_dump(mode="json")
     trainable = tune.with_resources(
         tune.with_parameters(

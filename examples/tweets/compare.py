@@ -1,0 +1,101 @@
+"""Train the Transformer and the BiLSTM on the tweets, and a TF-IDF + logistic-regression
+baseline on the same rows; print one JSON object with the test metrics of all three.
+
+    python examples/tweets/compare.py [--storage-root DIR]
+
+The baseline sees the raw texts of exactly the rows the networks train and test on:
+the same hash split and the same rejected rows, computed with forgeml's own functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+from forgeml.config import load_config
+from forgeml.data.preprocessing import assign_split
+from forgeml.data.sources import open_source
+from forgeml.storage import Storage
+from forgeml.train.trainer import run_training
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.pipeline import make_pipeline
+
+HERE = Path(__file__).parent
+
+
+def baseline(cfg) -> dict:
+    """TF-IDF over word uni- and bigrams, multinomial logistic regression, fit on train."""
+    storage = Storage(cfg.storage)
+    source = open_source(cfg, storage)
+    rows = pq.read_table(source.paths, filesystem=source.filesystem).to_pandas()
+    batch = {c: rows[c].to_numpy(dtype=object) for c in source.features.columns}
+    usable = source.features.reject_reasons(batch) == ""
+    split = assign_split(
+        source.features.row_ids(batch),
+        cfg.seed,
+        cfg.data.split.val_fraction,
+        cfg.data.split.test_fraction,
+    )
+    text, target = cfg.data.features.text, cfg.data.features.target
+    train, test = rows[usable & (split == "train")], rows[usable & (split == "test")]
+    model = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+        LogisticRegression(max_iter=2000),
+    ).fit(train[text], train[target])
+    predicted = model.predict(test[text])
+    return scores(test[target].to_numpy(), predicted, sorted(train[target].unique()))
+
+
+def scores(truth: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+    precision, recall, _, _ = precision_recall_fscore_support(
+        truth, predicted, labels=classes, zero_division=0
+    )
+    return {
+        "accuracy": round(accuracy_score(truth, predicted), 4),
+        "macro_f1": round(f1_score(truth, predicted, average="macro"), 4),
+        "per_class_precision": dict(zip(classes, precision.round(4).tolist(), strict=True)),
+        "per_class_recall": dict(zip(classes, recall.round(4).tolist(), strict=True)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--storage-root", default=None, help="default: the configs' root")
+    args = parser.parse_args()
+    overrides = [f"storage.root={args.storage_root}"] if args.storage_root else []
+    results = {}
+    for example in ("transformer", "bilstm"):
+        cfg = load_config(HERE / f"{example}.yaml", overrides)
+        started = time.monotonic()
+        outcome = run_training(cfg)
+        test = outcome.metrics["test"]
+        results[example] = {
+            "model": outcome.version.ref,
+            "epochs": outcome.epochs,
+            "best_epoch": outcome.metrics["best_epoch"],
+            "train_wall_s": round(time.monotonic() - started, 1),
+            "rows": outcome.metrics["data"]["rows"],
+            "rejected": outcome.metrics["data"]["rejected"],
+            "accuracy": round(test["accuracy"], 4),
+            "macro_f1": round(test["macro_f1"], 4),
+            "auroc_ovr": round(test["auroc_ovr"], 4),
+            "per_class_precision": {k: round(v, 4) for k, v in test["per_class_precision"].items()},
+            "per_class_recall": {k: round(v, 4) for k, v in test["per_class_recall"].items()},
+        }
+    results["tfidf_logistic_regression"] = baseline(cfg)
+    ray.shutdown()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    print(json.dumps({"example": "tweets", "machine": machine, **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

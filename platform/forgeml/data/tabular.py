@@ -1,0 +1,371 @@
+"""Tables: numeric and categorical features and one target column.
+
+Fitting runs as one Ray Data ``aggregate`` over the training split (Ray's Count, Mean,
+Std, Min, Max, ApproximateQuantile and ValueCounter), so it streams over data of any
+size. The fitted state is plain JSON and the transform is a few NumPy operations, so
+the Serve replica needs neither Ray Data nor scikit-learn: scikit-learn's
+ColumnTransformer would need the training split in one process's memory, and Ray's own
+preprocessors have no median imputation and no missing-value indicators.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from ray.data.aggregate import ApproximateQuantile, Count, Max, Mean, Min, Std, ValueCounter
+
+from forgeml.config import TabularFeatures as TabularConfig
+from forgeml.data.preprocessing import (
+    ModelInputs,
+    TargetSpec,
+    no_rejects,
+    register_preprocessor,
+)
+
+
+def parse_numbers(values) -> tuple[np.ndarray, np.ndarray]:
+    """float64 values (NaN where missing) and a mask of values that are present but not a
+    finite number. Empty strings and nulls are missing."""
+    series = pd.Series(np.asarray(values, dtype=object), dtype=object)
+    missing = series.isna() | (series.astype(str).str.strip() == "")
+    parsed = pd.to_numeric(series.where(~missing), errors="coerce").astype(np.float64)
+    numbers = parsed.to_numpy(copy=True)
+    bad = ~missing.to_numpy() & ~np.isfinite(numbers)
+    numbers[bad] = np.nan
+    return numbers, bad
+
+
+def _category(value) -> str | None:
+    """A categorical value as text: None when missing; 3.0 and 3 are both '3'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def parse_categories(values) -> np.ndarray:
+    return np.array([_category(v) for v in values], dtype=object)
+
+
+def row_ids(batch, id_column: str | None, columns: list[str]) -> np.ndarray:
+    """Ids for the split: an integer id column as it is, another id column hashed, and
+    without one a hash of the named columns' values, read as text so that a missing
+    value hashes alike however the reader spells it (None, NaN)."""
+    if id_column:
+        ids = np.asarray(batch[id_column])
+        if ids.dtype.kind in "iu":
+            return ids.astype(np.uint64)
+        frame = pd.DataFrame({"id": ids.astype(str)})
+    else:
+        frame = pd.DataFrame({c: [_category(v) or "" for v in batch[c]] for c in columns})
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
+
+
+def mark_class_rejects(reasons: np.ndarray, values, target: str, declared: list[str] | None):
+    """Set the reason of rows whose class is missing or not among the declared classes."""
+    labels = parse_categories(values)
+    reasons[np.equal(labels, None) & (reasons == "")] = f"{target}: missing target"
+    if declared:
+        unknown = ~np.isin(labels.astype(str), declared) & (labels != None)  # noqa: E711
+        reasons[unknown & (reasons == "")] = f"{target}: not one of data.features.class_names"
+
+
+def unseen_class_reasons(values, target: str, classes: tuple[str, ...]) -> np.ndarray:
+    """Reasons for rows whose class the fitted classes lack ("" for the others)."""
+    labels = parse_categories(values)
+    reasons = no_rejects(len(labels))
+    unseen = ~np.isin(labels.astype(str), classes) & (labels != None)  # noqa: E711
+    reasons[unseen] = f"{target}: class not in the training split"
+    return reasons
+
+
+@dataclass(frozen=True)
+class TableFeatures:
+    """The columns ``data.features`` names, checked row by row before anything is fitted."""
+
+    cfg: TabularConfig
+    task: str
+    id_column: str | None
+    columns: list[str] = field(init=False)
+    augmentable = False
+
+    def __post_init__(self):
+        extra = [self.id_column] if self.id_column else []
+        cols = [*self.cfg.numeric, *self.cfg.categorical, self.cfg.target, *extra]
+        object.__setattr__(self, "columns", cols)
+
+    def row_ids(self, batch):
+        named = [*self.cfg.numeric, *self.cfg.categorical, self.cfg.target]
+        return row_ids(batch, self.id_column, named)
+
+    def reject_reasons(self, batch):
+        """Numbers that do not parse, and a missing or unusable target."""
+        target = self.cfg.target
+        reasons = no_rejects(len(batch[target]))
+        for column in self.cfg.numeric:
+            _, bad = parse_numbers(batch[column])
+            reasons[bad & (reasons == "")] = f"{column}: not a finite number"
+        if self.task == "regression":
+            values, bad = parse_numbers(batch[target])
+            reasons[bad & (reasons == "")] = f"{target}: not a finite number"
+            reasons[np.isnan(values) & ~bad & (reasons == "")] = f"{target}: missing target"
+        else:
+            mark_class_rejects(reasons, batch[target], target, self.cfg.class_names)
+        return reasons
+
+    def compact(self, batch, reasons):
+        return batch
+
+    def _typed(self, batch) -> pa.Table:
+        """Raw training rows as typed Arrow columns with nulls, what the aggregations read."""
+        columns = {}
+        for column in self.cfg.numeric:
+            values, _ = parse_numbers(batch[column])
+            columns[column] = pa.array(values, mask=np.isnan(values))
+        for column in self.cfg.categorical:
+            columns[column] = pa.array(parse_categories(batch[column]), type=pa.string())
+        if self.task == "regression":
+            values, _ = parse_numbers(batch[self.cfg.target])
+            columns[self.cfg.target] = pa.array(values, mask=np.isnan(values))
+        else:
+            columns[self.cfg.target] = pa.array(
+                parse_categories(batch[self.cfg.target]), type=pa.string()
+            )
+        return pa.table(columns)
+
+    def fit(self, train):
+        cfg, target = self.cfg, self.cfg.target
+        aggregations = [Count(alias_name="rows")]
+        for c in cfg.numeric:
+            aggregations += [
+                Count(c, ignore_nulls=True, alias_name=f"present:{c}"),
+                Mean(c, alias_name=f"mean:{c}"),
+                Std(c, ddof=0, alias_name=f"std:{c}"),
+                Min(c, alias_name=f"min:{c}"),
+                Max(c, alias_name=f"max:{c}"),
+            ]
+            if cfg.impute.numeric == "median":
+                aggregations.append(ApproximateQuantile(c, [0.5], alias_name=f"median:{c}"))
+        for c in cfg.categorical:
+            aggregations += [
+                Count(c, ignore_nulls=True, alias_name=f"present:{c}"),
+                ValueCounter(c, alias_name=f"counts:{c}"),
+            ]
+        if self.task == "regression":
+            aggregations += [Mean(target, alias_name="target_mean")]
+            aggregations += [Std(target, ddof=0, alias_name="target_std")]
+        elif not cfg.class_names:
+            aggregations.append(ValueCounter(target, alias_name="target_counts"))
+        typed = train.map_batches(self._typed, batch_format="numpy")
+        stats = typed.aggregate(*aggregations)
+        if not stats or not stats["rows"]:
+            raise ValueError("the training split is empty: add data or lower the split fractions")
+        return TabularPreprocessor.fit(self, stats)
+
+
+def _counts(stats: dict, key: str) -> dict[str, int]:
+    found = stats[key] or {"values": [], "counts": []}
+    return {v: n for v, n in zip(found["values"], found["counts"], strict=True) if v is not None}
+
+
+@register_preprocessor
+@dataclass(frozen=True)
+class TabularPreprocessor:
+    """Imputation (with missing indicators), scaling and encoding fitted on the training split.
+
+    ``numeric`` and ``categorical`` hold one dict per column: its fill value, its
+    centre and scale (numeric) or its categories (categorical), and whether it gets a
+    missing-value indicator.
+    """
+
+    numeric: list[dict]
+    categorical: list[dict]
+    encode: str
+    target_column: str
+    target_spec: TargetSpec
+
+    kind = "tabular"
+
+    @classmethod
+    def fit(cls, features: TableFeatures, stats: dict) -> TabularPreprocessor:
+        cfg, rows = features.cfg, stats["rows"]
+        numeric = []
+        for c in cfg.numeric:
+            if not stats[f"present:{c}"]:
+                raise ValueError(f"column {c!r} has no values in the training split")
+            fill = {
+                "mean": stats[f"mean:{c}"],
+                "median": (stats.get(f"median:{c}") or [None])[0],
+                "constant": cfg.impute.numeric_fill,
+            }[cfg.impute.numeric]
+            if cfg.scale == "standard":
+                center, scale = stats[f"mean:{c}"], stats[f"std:{c}"]
+            elif cfg.scale == "minmax":
+                center, scale = stats[f"min:{c}"], stats[f"max:{c}"] - stats[f"min:{c}"]
+            else:
+                center, scale = 0.0, 1.0
+            numeric.append(
+                {
+                    "name": c,
+                    "fill": float(fill),
+                    "center": float(center),
+                    "scale": float(scale) if scale and scale > 1e-12 else 1.0,
+                    "indicator": cfg.impute.indicators and stats[f"present:{c}"] < rows,
+                }
+            )
+        categorical = []
+        for c in cfg.categorical:
+            counts = _counts(stats, f"counts:{c}")
+            if not counts:
+                raise ValueError(f"column {c!r} has no values in the training split")
+            ranked = sorted(counts, key=lambda v: (-counts[v], v))
+            fill = (
+                ranked[0]
+                if cfg.impute.categorical == "most_frequent"
+                else cfg.impute.categorical_fill
+            )
+            categorical.append(
+                {
+                    "name": c,
+                    "fill": fill,
+                    "categories": sorted(ranked[: cfg.max_categories]),
+                    "indicator": cfg.impute.indicators and stats[f"present:{c}"] < rows,
+                }
+            )
+        if features.task == "regression":
+            target = TargetSpec(
+                name=cfg.target,
+                mean=float(stats["target_mean"]),
+                std=float(stats["target_std"]) if stats["target_std"] > 1e-12 else 1.0,
+            )
+        else:
+            classes = cfg.class_names or sorted(_counts(stats, "target_counts"))
+            if len(classes) < 2:
+                raise ValueError(
+                    f"column {cfg.target!r}: the training split holds {len(classes)} class "
+                    f"({classes}); classification needs at least 2"
+                )
+            target = TargetSpec(classes=tuple(classes), name=cfg.target)
+        return cls(numeric, categorical, cfg.encode, cfg.target, target)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the columns of ``inputs``, in order."""
+        names = []
+        for col in self.numeric:
+            names += [col["name"]] + ([f"{col['name']}_missing"] if col["indicator"] else [])
+        for col in self.categorical:
+            if self.encode == "onehot":
+                names += [f"{col['name']}={value}" for value in col["categories"]]
+            else:
+                names.append(col["name"])
+            names += [f"{col['name']}_missing"] if col["indicator"] else []
+        return names
+
+    @property
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(shape=(len(self.feature_names),))
+
+    @property
+    def target(self) -> TargetSpec:
+        return self.target_spec
+
+    @property
+    def refuses_rows(self) -> bool:
+        return bool(self.target_spec.classes)
+
+    def reject_reasons(self, batch):
+        if not self.target_spec.classes:
+            return no_rejects(len(batch[self.target_column]))
+        return unseen_class_reasons(
+            batch[self.target_column], self.target_column, self.target_spec.classes
+        )
+
+    def transform(self, batch):
+        parts = []
+        for col in self.numeric:
+            values, _ = parse_numbers(batch[col["name"]])
+            missing = np.isnan(values)
+            values = np.where(missing, col["fill"], values)
+            parts.append((values - col["center"]) / col["scale"])
+            if col["indicator"]:
+                parts.append(missing.astype(np.float64))
+        for col in self.categorical:
+            values = parse_categories(batch[col["name"]])
+            missing = np.equal(values, None)
+            values = np.where(missing, col["fill"], values).astype(str)
+            if self.encode == "onehot":
+                parts += [(values == category).astype(np.float64) for category in col["categories"]]
+            else:
+                index = {category: i for i, category in enumerate(col["categories"])}
+                parts.append(np.array([index.get(v, -1) for v in values], dtype=np.float64))
+            if col["indicator"]:
+                parts.append(missing.astype(np.float64))
+        out = {"inputs": np.stack(parts, axis=1).astype(np.float32)}
+        if self.target_column in batch:
+            if self.target_spec.classes:
+                index = {name: i for i, name in enumerate(self.target_spec.classes)}
+                labels = parse_categories(batch[self.target_column])
+                out["target"] = np.array([index[label] for label in labels], dtype=np.int64)
+            else:
+                out["target"] = parse_numbers(batch[self.target_column])[0].astype(np.float32)
+        return out
+
+    def request_columns(self, instances):
+        numeric = [col["name"] for col in self.numeric]
+        known = set(numeric) | {col["name"] for col in self.categorical}
+        columns: dict[str, list] = {name: [] for name in known}
+        for i, instance in enumerate(instances):
+            if not isinstance(instance, dict):
+                raise ValueError(f"instances.{i}: expected an object of feature values")
+            unknown = sorted(set(instance) - known)
+            if unknown:
+                raise ValueError(
+                    f"instances.{i}: unknown features {unknown}; expected some of {sorted(known)}"
+                )
+            for name in numeric:
+                value = instance.get(name)
+                if isinstance(value, bool) or (value is not None and parse_numbers([value])[1][0]):
+                    raise ValueError(f"instances.{i}.{name}: expected a number, got {value!r}")
+            for name in known:
+                columns[name].append(instance.get(name))
+        return {name: np.array(values, dtype=object) for name, values in columns.items()}
+
+    def input_summary(self, inputs):
+        """Each numeric feature's scaled value and each categorical feature's category index."""
+        summary, position = {}, 0
+        for col in self.numeric:
+            summary[col["name"]] = inputs[:, position]
+            position += 1 + int(col["indicator"])
+        for col in self.categorical:
+            if self.encode == "onehot":
+                block = inputs[:, position : position + len(col["categories"])]
+                summary[col["name"]] = np.where(block.any(1), block.argmax(1), -1).astype(float)
+                position += len(col["categories"])
+            else:
+                summary[col["name"]] = inputs[:, position]
+                position += 1
+            position += int(col["indicator"])
+        return summary
+
+    def describe(self) -> dict:
+        return {
+            "kind": "tabular",
+            "numeric": [col["name"] for col in self.numeric],
+            "categorical": {col["name"]: col["categories"] for col in self.categorical},
+        }
+
+    def to_dict(self) -> dict:
+        state = asdict(self)
+        return {"kind": self.kind, **state, "target_spec": self.target_spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TabularPreprocessor:
+        fields = {k: v for k, v in state.items() if k != "kind"}
+        return cls(**{**fields, "target_spec": TargetSpec.from_dict(fields["target_spec"])})

@@ -1,0 +1,217 @@
+"""Text classification data: one text column and one class column.
+
+Cleaning is the tokenizer's normalizer (Unicode NFKC, URLs and @mentions replaced,
+lowercase), so serving cleans exactly as training did. The WordPiece vocabulary is
+trained with Hugging Face ``tokenizers`` on the training split only, streamed from Ray
+Data to the driver, and stored in ``preprocessor.json`` with the rest of the state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from forgeml.config import TextFeatures as TextConfig
+from forgeml.data.preprocessing import (
+    ModelInputs,
+    TargetSpec,
+    no_rejects,
+    register_preprocessor,
+)
+from forgeml.data.tabular import (
+    mark_class_rejects,
+    parse_categories,
+    row_ids,
+    unseen_class_reasons,
+)
+
+PAD, UNKNOWN = "[PAD]", "[UNK]"
+URL_OR_MENTION = r"https?://\S+|www\.\S+|@\w+"
+
+
+def normalizer(cfg: TextConfig) -> normalizers.Normalizer:
+    steps = [normalizers.NFKC()]
+    if cfg.strip_urls_and_mentions:
+        steps.append(normalizers.Replace(Regex(URL_OR_MENTION), " "))
+    if cfg.lowercase:
+        steps.append(normalizers.Lowercase())
+    return normalizers.Sequence(steps)
+
+
+def _texts(values) -> list[str | None]:
+    return [value if isinstance(value, str) else None for value in values]
+
+
+@dataclass(frozen=True)
+class TextColumnFeatures:
+    """The text and class columns ``data.features`` names, checked before fitting."""
+
+    cfg: TextConfig
+    id_column: str | None
+    columns: list[str] = field(init=False)
+    augmentable = False
+
+    def __post_init__(self):
+        extra = [self.id_column] if self.id_column else []
+        object.__setattr__(self, "columns", [self.cfg.text, self.cfg.target, *extra])
+
+    def row_ids(self, batch):
+        return row_ids(batch, self.id_column, [self.cfg.text, self.cfg.target])
+
+    def reject_reasons(self, batch):
+        """Texts that are missing or empty once cleaned, and missing or undeclared classes."""
+        text, target = self.cfg.text, self.cfg.target
+        clean = normalizer(self.cfg)
+        reasons = no_rejects(len(batch[text]))
+        for i, value in enumerate(_texts(batch[text])):
+            if value is None or not clean.normalize_str(value).strip():
+                reasons[i] = f"{text}: empty text"
+        mark_class_rejects(reasons, batch[target], target, self.cfg.class_names)
+        return reasons
+
+    def compact(self, batch, reasons):
+        return batch
+
+    def fit(self, train):
+        """Train the vocabulary on the training texts, streamed to this process once."""
+        return self.fit_batches(train.iter_batches(batch_size=4096, batch_format="numpy"))
+
+    def fit_batches(self, batches) -> TextPreprocessor:
+        """Fit on an iterable of raw training batches (read once)."""
+        labels: Counter[str] = Counter()
+
+        def texts():
+            for batch in batches:
+                labels.update(parse_categories(batch[self.cfg.target]))
+                yield from (text for text in _texts(batch[self.cfg.text]) if text)
+
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNKNOWN))
+        tokenizer.normalizer = normalizer(self.cfg)
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.decoder = decoders.WordPiece()
+        tokenizer.train_from_iterator(
+            texts(),
+            trainers.WordPieceTrainer(
+                vocab_size=self.cfg.vocab_size,
+                min_frequency=self.cfg.min_frequency,
+                special_tokens=[PAD, UNKNOWN],
+                show_progress=False,
+            ),
+        )
+        if not labels:
+            raise ValueError("the training split is empty: add data or lower the split fractions")
+        classes = self.cfg.class_names or sorted(labels)
+        if len(classes) < 2:
+            raise ValueError(
+                f"column {self.cfg.target!r}: the training split holds {len(classes)} class "
+                f"({classes}); classification needs at least 2"
+            )
+        return TextPreprocessor(
+            tokenizer=tokenizer.to_str(),
+            max_length=self.cfg.max_length,
+            text_column=self.cfg.text,
+            target_column=self.cfg.target,
+            target_spec=TargetSpec(classes=tuple(classes), name=self.cfg.target),
+        )
+
+
+@register_preprocessor
+@dataclass(frozen=True)
+class TextPreprocessor:
+    """The trained tokenizer (JSON), the length texts are padded or cut to, the classes."""
+
+    tokenizer: str
+    max_length: int
+    text_column: str
+    target_column: str
+    target_spec: TargetSpec
+
+    kind = "text-wordpiece"
+    refuses_rows = True  # a class the training split lacks
+
+    def __post_init__(self):
+        loaded = Tokenizer.from_str(self.tokenizer)
+        loaded.enable_truncation(self.max_length)
+        loaded.enable_padding(length=self.max_length, pad_id=loaded.token_to_id(PAD), pad_token=PAD)
+        object.__setattr__(self, "_tokenizer", loaded)
+
+    @property
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(
+            shape=(self.max_length,), dtype="int64", vocab_size=self._tokenizer.get_vocab_size()
+        )
+
+    @property
+    def target(self) -> TargetSpec:
+        return self.target_spec
+
+    def reject_reasons(self, batch):
+        return unseen_class_reasons(
+            batch[self.target_column], self.target_column, self.target_spec.classes
+        )
+
+    def token_ids(self, texts: list[str]) -> np.ndarray:
+        """(N, max_length) int64 ids, padded with 0."""
+        encoded = self._tokenizer.encode_batch([t or "" for t in texts])
+        return np.array([e.ids for e in encoded], dtype=np.int64).reshape(len(texts), -1)
+
+    def transform(self, batch):
+        out = {"inputs": self.token_ids(_texts(batch[self.text_column]))}
+        if self.target_column in batch:
+            index = {name: i for i, name in enumerate(self.target_spec.classes)}
+            labels = parse_categories(batch[self.target_column])
+            out["target"] = np.array([index[label] for label in labels], dtype=np.int64)
+        return out
+
+    def request_columns(self, instances):
+        texts = []
+        for i, instance in enumerate(instances):
+            if not isinstance(instance, dict) or set(instance) != {self.text_column}:
+                raise ValueError(
+                    f"instances.{i}: expected an object with one field, {self.text_column!r}"
+                )
+            value = instance[self.text_column]
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"instances.{i}.{self.text_column}: expected non-empty text")
+            texts.append(value)
+        return {self.text_column: np.array(texts, dtype=object)}
+
+    def input_summary(self, inputs):
+        """Tokens per text and the share of them outside the vocabulary."""
+        real = inputs != 0
+        tokens = real.sum(1)
+        unknown = (inputs == self._tokenizer.token_to_id(UNKNOWN)).sum(1)
+        return {"tokens": tokens.astype(float), "unknown_share": unknown / np.maximum(tokens, 1)}
+
+    def describe(self) -> dict:
+        return {
+            "kind": "text",
+            "field": self.text_column,
+            "max_length": self.max_length,
+            "vocab_size": self._tokenizer.get_vocab_size(),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "tokenizer": json.loads(self.tokenizer),
+            "max_length": self.max_length,
+            "text_column": self.text_column,
+            "target_column": self.target_column,
+            "target_spec": self.target_spec.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TextPreprocessor:
+        fields = {k: v for k, v in state.items() if k != "kind"}
+        return cls(
+            **{
+                **fields,
+                "tokenizer": json.dumps(fields["tokenizer"]),
+                "target_spec": TargetSpec.from_dict(fields["target_spec"]),
+            }
+        )

@@ -1,0 +1,71 @@
+"""Regression of one number: the model learns the target standardised with the training
+split's mean and standard deviation; predictions and metrics are in the target's units."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchmetrics
+from torch import nn
+from torchmetrics import regression as tmr
+
+from forgeml.config import RegressionTask as RegressionConfig
+from forgeml.data.preprocessing import TargetSpec
+from forgeml.tasks import histogram, register_task
+
+LOSSES = {"mse": nn.MSELoss, "huber": nn.HuberLoss, "l1": nn.L1Loss}
+
+
+class _RMSE(tmr.MeanSquaredError):
+    def __init__(self):
+        super().__init__(squared=False)
+
+
+@register_task("regression")
+class RegressionTask:
+    target_dtype = torch.float32
+    num_outputs = 1
+
+    def __init__(self, cfg: RegressionConfig, target: TargetSpec):
+        self.cfg = cfg
+        self.target = target
+        self.criterion = LOSSES[cfg.loss]()
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        standardised = (targets.float() - self.target.mean) / self.target.std
+        return self.criterion(outputs.float().squeeze(-1), standardised)
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Predicted values in the target's units."""
+        return outputs.float().squeeze(-1) * self.target.std + self.target.mean
+
+    def validation_metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection(
+            {"rmse": _RMSE(), "mae": tmr.MeanAbsoluteError(), "r2": tmr.R2Score()}
+        )
+
+    def test_metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection(
+            {
+                "mse": tmr.MeanSquaredError(),
+                "rmse": _RMSE(),
+                "mae": tmr.MeanAbsoluteError(),
+                "mape": tmr.MeanAbsolutePercentageError(),
+                "r2": tmr.R2Score(),
+            }
+        )
+
+    def report(self, computed: dict[str, torch.Tensor]) -> dict:
+        return {name: float(value) for name, value in computed.items()}
+
+    def prediction_records(self, values: np.ndarray) -> list[dict]:
+        return [{"value": float(value)} for value in values]
+
+    def prediction_summary(self, values: np.ndarray, targets: np.ndarray) -> dict:
+        """Histograms over the training target's mean +- 4 standard deviations."""
+        low = self.target.mean - 4 * self.target.std
+        high = self.target.mean + 4 * self.target.std
+        return {
+            "predictions": {"value": histogram(values, low, high)},
+            "labels": {"value": histogram(targets, low, high)},
+        }

@@ -1,0 +1,202 @@
+"""Tables on the shared Ray runtime: CSV on S3 (moto) and JSON Lines, rejects written
+aside, preprocessing fitted on the training split only, and the penguins examples."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import boto3
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from forgeml.cli import main
+from forgeml.config import StorageConfig, config_from_dict
+from forgeml.data.pipeline import TooManyRejects, prepare_data
+from forgeml.data.preprocessing import assign_split
+from forgeml.data.sources import open_source
+from forgeml.data.tabular import TableFeatures
+from forgeml.model_package import load_model
+from forgeml.storage import ModelRegistry, Storage
+
+from tests.conftest import PACKAGE_FILES, REPO
+
+
+def _table(rows: int, seed: int = 0) -> pd.DataFrame:
+    """A learnable table: the label follows x1 + x2, with missing values in x1 and color."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "x1": rng.normal(10, 2, rows).round(3),
+            "x2": rng.normal(0, 1, rows).round(3),
+            "color": rng.choice(["red", "green", "blue"], rows),
+        }
+    )
+    frame["label"] = np.where(frame["x1"] - 10 + frame["x2"] > 0, "high", "low")
+    frame.loc[rng.choice(rows, 15, replace=False), "x1"] = np.nan
+    frame.loc[rng.choice(rows, 10, replace=False), "color"] = None
+    return frame
+
+
+def _raw_config(root: str, source: dict, **data) -> dict:
+    return {
+        "name": "tiny-table",
+        "seed": 3,
+        "storage": {"root": root},
+        "data": {
+            "source": source,
+            "features": {
+                "kind": "tabular",
+                "target": "label",
+                "numeric": ["x1", "x2"],
+                "categorical": ["color"],
+            },
+            **data,
+        },
+        "model": {"kind": "mlp", "hidden": [8]},
+    }
+
+
+def test_csv_on_s3_sets_bad_rows_aside_and_fits_on_the_training_split_only(
+    ray_runtime, s3_endpoint
+):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="tables")
+    frame = _table(300)
+    text = frame.to_csv(index=False).splitlines()
+    text[5] = text[5].replace(text[5].split(",")[0], "n/a?", 1)  # not a number
+    text[6] = ",".join(text[6].split(",")[:-1]) + ","  # no label
+    text[7] += ",surplus"  # one field too many
+    half = len(text) // 2
+    s3.put_object(Bucket="tables", Key="in/a.csv", Body="\n".join(text[:half]).encode())
+    s3.put_object(Bucket="tables", Key="in/b.csv", Body="\n".join([text[0], *text[half:]]).encode())
+    storage_cfg = {"root": "s3://tables/store", "endpoint_url": s3_endpoint}
+    raw = _raw_config("s3://tables/store", {"kind": "table", "path": "s3://tables/in"})
+    cfg = config_from_dict(
+        {**raw, "storage": storage_cfg, "data": {**raw["data"], "max_reject_fraction": 0.02}}
+    )
+    storage = Storage(cfg.storage)
+
+    data = prepare_data(cfg, open_source(cfg, storage), storage.path("rejected"), storage.fs)
+
+    assert data.rejected == {
+        "x1: not a finite number": 1,
+        "label: missing target": 1,
+        "csv: expected 4 fields, got 5": 1,
+    }
+    assert sum(data.sizes.values()) == 297
+    rejects = pq.read_table("tables/store/rejected", filesystem=storage.fs).to_pandas()
+    assert sorted(rejects["_reject"]) == sorted(data.rejected)
+    assert (
+        rejects.loc[rejects["_reject"].str.startswith("csv"), "_raw"].iloc[0].endswith(",surplus")
+    )
+
+    # The fitted statistics are those of the usable training rows, not of all rows.
+    usable = pd.read_csv(
+        io.StringIO("\n".join(text[:5] + text[8:])), dtype=str, keep_default_na=False
+    )
+    usable = usable.where(usable != "", None)
+    features = TableFeatures(cfg.data.features, "classification", None)
+    ids = features.row_ids({c: usable[c].to_numpy(dtype=object) for c in usable.columns})
+    train = usable[assign_split(ids, cfg.seed, 0.15, 0.15) == "train"]
+    x1 = train["x1"].dropna().astype(float)
+    assert len(train) == data.sizes["train"]
+    fitted = data.preprocessor.numeric[0]
+    assert fitted["center"] == pytest.approx(x1.mean())
+    # a KLL sketch of fewer values than its k holds them all: its median is a middle value
+    middle = x1.quantile(0.5, interpolation="lower"), x1.quantile(0.5, interpolation="higher")
+    assert middle[0] - 1e-4 <= fitted["fill"] <= middle[1] + 1e-4
+    assert fitted["indicator"] and data.preprocessor.target.classes == ("high", "low")
+    batch = data.train.take_batch(5)
+    assert batch["inputs"].shape == (5, 1 + 1 + 1 + 3 + 1) and batch["target"].dtype == np.int64
+
+
+def test_too_many_rejects_fail_the_job_after_writing_them_aside(ray_runtime, tmp_path):
+    lines = [json.dumps(r) for r in _table(40).replace({np.nan: None}).to_dict("records")]
+    lines[3] = '{"x1": 1.0, "x2":'
+    lines[4] = json.dumps({"x1": "ten", "x2": 0.1, "label": "low"})
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = config_from_dict(
+        _raw_config(
+            str(tmp_path / "store"), {"kind": "table", "path": str(tmp_path / "rows.jsonl")}
+        )
+    )
+    storage = Storage(cfg.storage)
+
+    with pytest.raises(
+        TooManyRejects, match=r"2 of 40 rows rejected .* data.max_reject_fraction \(0\)"
+    ):
+        prepare_data(cfg, open_source(cfg, storage), str(tmp_path / "rejected"), storage.fs)
+
+    rejects = pq.read_table(tmp_path / "rejected").to_pandas()
+    assert sorted(rejects["_reject"]) == [
+        "jsonl: invalid JSON (Expecting value)",
+        "x1: not a finite number",
+    ]
+
+
+def test_a_missing_column_is_named_before_any_work(tmp_path, capsys):
+    (tmp_path / "rows.csv").write_text("x1,x2,colour,label\n1,2,red,low\n")
+    raw = _raw_config(
+        str(tmp_path / "store"), {"kind": "table", "path": str(tmp_path / "rows.csv")}
+    )
+    config = tmp_path / "table.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    assert main(["train", "--config", str(config)]) == 2
+    assert "column 'color' is not in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example", ["species", "body_mass"])
+def test_penguins_example_trains_and_its_package_predicts(ray_runtime, tmp_path, example, capsys):
+    config = REPO / "examples" / "penguins" / f"{example}.yaml"
+    overrides = [
+        f"storage.root={tmp_path}",
+        "train.max_epochs=2",
+        "train.early_stopping.patience=1",
+    ]
+    args = ["train", "--config", str(config)]
+    for override in overrides:
+        args += ["--set", override]
+
+    assert main(args) == 0
+
+    name = yaml.safe_load(config.read_text())["name"]
+    package = tmp_path / "models" / name / "v1"
+    assert {p.name for p in package.iterdir()} >= PACKAGE_FILES
+    loaded = load_model(ModelRegistry(Storage(StorageConfig(root=str(tmp_path)))), name)
+    record = {
+        "bill_length_mm": 47.5,
+        "bill_depth_mm": 15.0,
+        "flipper_length_mm": 217,
+        "island": "Biscoe",
+        "sex": None,
+    }
+    if example == "species":
+        record["body_mass_g"] = 5200
+    else:
+        record["species"] = "Gentoo"
+    inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns([record]))["inputs"]
+    with torch.no_grad():
+        prediction = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
+    metrics = json.loads((package / "metrics.json").read_text())
+    reference = json.loads((package / "reference.json").read_text())
+    if example == "species":
+        assert prediction.shape == (1, 3) and np.isclose(prediction.sum(), 1)
+        assert set(metrics["test"]) >= {"accuracy", "macro_f1", "auroc_ovr"}
+        assert set(reference["inputs"]) == {
+            "bill_length_mm",
+            "bill_depth_mm",
+            "flipper_length_mm",
+            "body_mass_g",
+            "island",
+            "sex",
+        }
+    else:
+        assert prediction.shape == (1,) and np.isfinite(prediction).all()
+        assert set(metrics["test"]) == {"mse", "rmse", "mae", "mape", "r2"}
+        assert metrics["data"]["rejected"] == {"body_mass_g: missing target": 2}
+        assert "value" in reference["predictions"]

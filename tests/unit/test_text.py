@@ -1,0 +1,113 @@
+"""Text without Ray: cleaning and rejects, the tokenizer fitted on training texts, the
+round trip through preprocessor.json, request checks, and the sequence models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from forgeml.config import ConfigError, RNNConfig, TextFeatures, TransformerConfig, config_from_dict
+from forgeml.data.preprocessing import preprocessor_from_dict
+from forgeml.data.text import TextColumnFeatures
+from forgeml.models import build_model
+
+CFG = TextFeatures(text="text", target="label", vocab_size=100, min_frequency=1, max_length=6)
+TRAIN = {
+    "text": np.array(
+        ["Love this car @dealer", "hate the traffic http://t.co/x", "the car is fine", "LOVE it"],
+        dtype=object,
+    ),
+    "label": np.array(["pos", "neg", "neu", "pos"], dtype=object),
+}
+
+
+def _fitted():
+    return TextColumnFeatures(CFG, None).fit_batches([TRAIN])
+
+
+def test_texts_empty_after_cleaning_and_missing_classes_are_rejected():
+    batch = {
+        "text": np.array(["fine", "  @someone http://x.y  ", None, "ok", "great"], dtype=object),
+        "label": np.array(["pos", "neg", "neg", None, "neu"], dtype=object),
+    }
+    reasons = TextColumnFeatures(CFG, None).reject_reasons(batch)
+    assert reasons.tolist() == [
+        "",
+        "text: empty text",
+        "text: empty text",
+        "label: missing target",
+        "",
+    ]
+    declared = CFG.model_copy(update={"class_names": ["pos", "neg"]})
+    assert TextColumnFeatures(declared, None).reject_reasons(batch)[4] == (
+        "label: not one of data.features.class_names"
+    )
+
+
+def test_the_vocabulary_comes_from_the_training_texts_and_cleaning_is_stored():
+    pre = _fitted()
+    vocab = json.loads(pre.tokenizer)["model"]["vocab"]
+    assert {"love", "car", "hate", "[PAD]", "[UNK]"} <= set(vocab) and vocab["[PAD]"] == 0
+    assert not {"@dealer", "dealer", "http", "Love"} & set(vocab)  # cleaned before training
+    assert pre.target.classes == ("neg", "neu", "pos")
+    out = pre.transform(TRAIN)
+    assert out["inputs"].shape == (4, 6) and out["inputs"].dtype == np.int64
+    assert out["target"].tolist() == [2, 0, 1, 2]
+    # padding fills the tail with 0; long texts are cut at max_length
+    assert (out["inputs"][3, 2:] == 0).all()
+    long = pre.token_ids(["car " * 20])
+    assert long.shape == (1, 6) and (long != 0).all()
+    assert pre.model_inputs.dtype == "int64" and pre.model_inputs.vocab_size == len(vocab)
+
+
+def test_preprocessor_json_round_trip_tokenizes_identically():
+    pre = _fitted()
+    restored = preprocessor_from_dict(json.loads(json.dumps(pre.to_dict())))
+    texts = ["Love the CAR http://x", "unseen words here"]
+    np.testing.assert_array_equal(restored.token_ids(texts), pre.token_ids(texts))
+    summary = pre.input_summary(pre.token_ids(texts))
+    assert summary["unknown_share"][1] > 0 and summary["tokens"][0] == 3
+
+
+def test_classes_unseen_in_training_are_refused_after_fitting():
+    reasons = _fitted().reject_reasons({"label": np.array(["pos", "angry"], dtype=object)})
+    assert reasons.tolist() == ["", "label: class not in the training split"]
+
+
+def test_requests_need_one_non_empty_text_field():
+    pre = _fitted()
+    assert pre.request_columns([{"text": "love it"}])["text"].tolist() == ["love it"]
+    with pytest.raises(ValueError, match="instances.0: expected an object with one field, 'text'"):
+        pre.request_columns([{"text": "a", "extra": 1}])
+    with pytest.raises(ValueError, match="instances.1.text: expected non-empty text"):
+        pre.request_columns([{"text": "a"}, {"text": " "}])
+
+
+def test_sequence_models_classify_token_ids():
+    pre = _fitted()
+    ids = torch.from_numpy(pre.token_ids(["love the car", "hate"]))
+    cfg = TransformerConfig(d_model=16, heads=2, feedforward=32)
+    assert build_model(cfg, pre.model_inputs, 3).eval()(ids).shape == (2, 3)
+
+
+def test_the_rnn_ignores_padding():
+    pre = _fitted()
+    model = build_model(RNNConfig(embedding_dim=8, hidden=8), pre.model_inputs, 3).eval()
+    ids = torch.from_numpy(pre.token_ids(["love the car"]))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.int64)], dim=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(padded), model(ids), atol=1e-6)
+
+
+def test_token_models_need_text_and_text_needs_a_token_model():
+    table = {"source": {"kind": "table", "path": "t.csv"}}
+    text = {**table, "features": {"kind": "text", "text": "t", "target": "y"}}
+    with pytest.raises(ConfigError, match="model: mlp does not read token ids"):
+        config_from_dict({"name": "t", "data": text, "model": {"kind": "mlp"}})
+    with pytest.raises(ConfigError, match="transformer and rnn need data.features of kind text"):
+        config_from_dict({"name": "t", "model": {"kind": "rnn"}})
+    with pytest.raises(ConfigError, match="heads \\(3\\) must divide d_model \\(64\\)"):
+        config_from_dict({"name": "t", "data": text, "model": {"kind": "transformer", "heads": 3}})
+    assert (
+        config_from_dict({"name": "t", "data": text, "model": {"kind": "rnn"}}).model.cell == "lstm"
+    )
