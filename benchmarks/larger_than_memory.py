@@ -46,16 +46,17 @@ def used_bytes() -> int:
 RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 
 
-def largest_ray_process() -> dict[str, int]:
-    """Resident set of the largest ``ray::`` process, in bytes, with its parts: private
-    memory (RssAnon), mapped files such as objects spilled past the object store
+def largest_ray_process() -> dict:
+    """The largest ``ray::`` process: its name and resident set in bytes, with its parts:
+    private memory (RssAnon), mapped files such as objects spilled past the object store
     (RssFile) and shared memory such as the object store itself (RssShmem)."""
     largest = dict.fromkeys(RSS_FIELDS, 0)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if not (proc / "cmdline").read_bytes().startswith(b"ray::"):
+            command = (proc / "cmdline").read_bytes()
+            if not command.startswith(b"ray::"):
                 continue
             status = (proc / "status").read_text()
         except OSError:
@@ -63,7 +64,7 @@ def largest_ray_process() -> dict[str, int]:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         sizes = {k: int(fields[k].split()[0]) * 1024 for k in RSS_FIELDS if k in fields}
         if sizes.get("VmRSS", 0) > largest["VmRSS"]:
-            largest = {**largest, **sizes}
+            largest = {**largest, **sizes, "process": command.split(b"\0")[0].decode()}
     return largest
 
 
@@ -152,7 +153,7 @@ def measure(rows: int, object_store_mb: int) -> dict:
         "inputs_over_object_store": round(4 * pixels / (object_store_mb * mib), 1),
         "peak_used_above_baseline_mib": round(sampler.peak_used / mib),
         "peak_largest_ray_process_mib": {
-            k: round(v / mib) for k, v in sampler.peak_process.items()
+            k: v if k == "process" else round(v / mib) for k, v in sampler.peak_process.items()
         },
         "rows_by_split": outcome.metrics["data"]["rows"],
         "test_accuracy": round(outcome.metrics["test"]["accuracy"], 4),
