@@ -85,15 +85,14 @@ class PeakSampler(threading.Thread):
 
 def write_maps(folder: Path, rows: int) -> int:
     """Generated wafer maps as Parquet files of ROWS_PER_FILE rows; their size on disk."""
-    pixels = IMAGE_SIZE * IMAGE_SIZE
     for part, start in enumerate(range(0, rows, ROWS_PER_FILE)):
         generated = wafer.generate(ROWS_PER_FILE // 9, IMAGE_SIZE, seed=part)
         count = min(ROWS_PER_FILE, rows - start)
         table = pa.table(
             {
                 "sample_id": np.arange(start, start + count, dtype=np.int64),
-                "image": pa.FixedSizeListArray.from_arrays(
-                    pa.array(generated["image"][:count].reshape(-1)), pixels
+                "image": pa.array(
+                    [image.tobytes() for image in generated["image"][:count]], pa.binary()
                 ),
                 "label": generated["label"][:count],
             }

@@ -38,7 +38,8 @@ class WaferSource(Section):
 
 
 class ParquetSource(Section):
-    """Parquet files with an image column (flattened or nested arrays) and an integer label."""
+    """Parquet files with an image column (raw bytes, one die code a byte; or flattened or
+    nested arrays) and an integer label."""
 
     kind: Literal["parquet"] = Field("parquet", description="Selects this variant.")
     path: str = Field(description="Local path or s3:// URI of a Parquet file or folder.")

@@ -121,6 +121,13 @@ def test_decode_accepts_flat_and_object_columns():
     objects[:] = [flat[0], flat[1]]
     np.testing.assert_array_equal(decode_images(objects, 3), flat.reshape(2, 3, 3))
     np.testing.assert_array_equal(decode_images(flat, 3), flat.reshape(2, 3, 3))
+    raw = np.array([row.tobytes() for row in flat], dtype=object)
+    np.testing.assert_array_equal(decode_images(raw, 3), flat.reshape(2, 3, 3))
+    short = np.array([flat[0].tobytes(), flat[1].tobytes()[:5]], dtype=object)
+    reasons = ImageFeatures("sample_id", "image", "label", 3, ("a", "b")).reject_reasons(
+        {"sample_id": np.arange(2), "image": short, "label": np.array([0, 1])}
+    )
+    assert reasons.tolist() == ["", "image: expected 3x3 values per row"]
 
 
 def test_augmentation_only_rotates_and_flips():

@@ -161,9 +161,23 @@ def first_reason(*reasons: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- images
 
 
+def _pixel_count(image) -> int:
+    if image is None:
+        return 0
+    return len(image) if isinstance(image, bytes) else int(np.size(image))
+
+
+def _stack(column: np.ndarray) -> np.ndarray:
+    """Per-row images (raw bytes, one per pixel, or arrays) as one (N, ...) array."""
+    if len(column) and isinstance(column[0], bytes):
+        return np.frombuffer(b"".join(column), np.uint8).reshape(len(column), -1)
+    return np.stack(column)
+
+
 def decode_images(column, image_size: int, name: str = "image") -> np.ndarray:
-    """An image column (flat or nested, any list layout) as a (N, size, size) uint8 array."""
-    images = np.stack(column) if column.dtype == object else np.asarray(column)
+    """An image column (raw bytes, or flat or nested arrays of any list layout) as a
+    (N, size, size) uint8 array."""
+    images = _stack(column) if column.dtype == object else np.asarray(column)
     if images.size != len(images) * image_size * image_size:
         raise ValueError(
             f"column {name!r}: expected {image_size}x{image_size} values per row, "
@@ -196,8 +210,7 @@ class ImageFeatures:
         reasons = no_rejects(len(batch[self.id_column]))
         pixels = self.image_size * self.image_size
         for i, image in enumerate(batch[self.image_column]):
-            size = 0 if image is None else np.size(image)
-            if size != pixels:
+            if _pixel_count(image) != pixels:
                 reasons[i] = (
                     f"{self.image_column}: expected {self.image_size}x{self.image_size} "
                     "values per row"
@@ -211,12 +224,12 @@ class ImageFeatures:
         return reasons
 
     def compact(self, batch, reasons):
-        """Images as one (N, pixels) uint8 array instead of an array of per-row arrays,
-        which Ray Data moves and converts many times slower, when every row has the
+        """Images as one (N, pixels) uint8 array instead of an array of per-row values,
+        which Ray Data moves and converts several times slower, when every row has the
         right size (otherwise rows stay as read, so rejected ones keep their values)."""
         column = batch[self.image_column]
         if column.dtype == object and not (reasons != "").any():
-            batch[self.image_column] = np.stack(column).reshape(len(column), -1).astype(np.uint8)
+            batch[self.image_column] = _stack(column).reshape(len(column), -1).astype(np.uint8)
         return batch
 
     def fit(self, train):
