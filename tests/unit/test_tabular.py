@@ -1,6 +1,8 @@
 """Tables without Ray: parsing, reject reasons, the fitted transform, the readers."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -278,3 +280,14 @@ def test_parts_that_do_not_fit_together_are_refused(raw, message):
 def test_classification_config_accepts_a_table():
     cfg = config_from_dict({"name": "t", "data": TABLE, "model": {"kind": "mlp"}})
     assert isinstance(cfg.task, ClassificationTask)
+
+
+@pytest.mark.parametrize(
+    "module", ["forgeml.data.tabular", "forgeml.data.text", "forgeml.data.preprocessing"]
+)
+def test_each_data_module_imports_first_in_a_fresh_process(module):
+    """A Ray worker that unpickles a class imports its module before any other."""
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

@@ -139,6 +139,10 @@ def register_preprocessor(cls: type) -> type:
 
 def preprocessor_from_dict(state: dict) -> Preprocessor:
     """Rebuild a stored ``preprocessor.json``."""
+    # Importing the data kinds registers their preprocessors; here, not at module level,
+    # because they import this module.
+    from forgeml.data import tabular, text  # noqa: F401
+
     kind = state.get("kind")
     if kind not in _PREPROCESSORS:
         raise ValueError(f"unknown preprocessor kind {kind!r}; known: {sorted(_PREPROCESSORS)}")
@@ -366,7 +370,3 @@ def augment(images: np.ndarray, rotate90: bool, flip: bool, rng: np.random.Gener
         vertical = rng.random(len(out)) < 0.5
         out[vertical] = out[vertical][..., ::-1, :]
     return out
-
-
-# Importing the other data kinds registers their preprocessors.
-from forgeml.data import tabular, text  # noqa: E402,F401
