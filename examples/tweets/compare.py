@@ -4,7 +4,7 @@ baseline on the same rows; print one JSON object with the test metrics of all th
     python examples/tweets/compare.py [--storage-root DIR]
 
 The baseline sees the raw texts of exactly the rows the networks train and test on:
-the same hash split and the same rejected rows, computed with forgeml's own functions.
+the same hash split and the same rejected rows, tagged by forgeml's own pipeline.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 from forgeml.config import load_config
-from forgeml.data.preprocessing import assign_split
+from forgeml.data.pipeline import usable_rows
 from forgeml.data.sources import open_source
 from forgeml.storage import Storage
 from forgeml.train.trainer import run_training
@@ -34,19 +33,9 @@ HERE = Path(__file__).parent
 
 def baseline(cfg) -> dict:
     """TF-IDF over word uni- and bigrams, multinomial logistic regression, fit on train."""
-    storage = Storage(cfg.storage)
-    source = open_source(cfg, storage)
-    rows = pq.read_table(source.paths, filesystem=source.filesystem).to_pandas()
-    batch = {c: rows[c].to_numpy(dtype=object) for c in source.features.columns}
-    usable = source.features.reject_reasons(batch) == ""
-    split = assign_split(
-        source.features.row_ids(batch),
-        cfg.seed,
-        cfg.data.split.val_fraction,
-        cfg.data.split.test_fraction,
-    )
+    source = open_source(cfg, Storage(cfg.storage))
+    train, test = (usable_rows(cfg, source, split) for split in ("train", "test"))
     text, target = cfg.data.features.text, cfg.data.features.target
-    train, test = rows[usable & (split == "train")], rows[usable & (split == "test")]
     model = make_pipeline(
         TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
         LogisticRegression(max_iter=2000),

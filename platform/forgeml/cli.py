@@ -3,6 +3,7 @@
 forgeml train --config examples/wafer/config.yaml [--set train.max_epochs=3] [--resume [RUN]]
 forgeml tune --config examples/wafer/tune.yaml [--set tune.num_trials=8] [--resume [SEARCH]]
 forgeml serve run|deploy|build --model NAME[:vN] [--storage-root ROOT]
+forgeml generate --model NAME[:vN] [--prompt TEXT] [--samples 5] [--temperature 1.0]
 forgeml config schema
 forgeml config validate --config FILE [--set ...]
 forgeml models list [--config FILE | --storage-root ROOT]
@@ -69,6 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="finish the latest search of this experiment (or the named SEARCH)",
     )
 
+    generate = commands.add_parser("generate", help="draw samples from a generative model")
+    generate.add_argument(
+        "--model", required=True, metavar="NAME[:vN]", help="a registered language model"
+    )
+    _add_storage_arguments(generate)
+    generate.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        metavar="TEXT",
+        help="text to continue (repeatable); default: start new texts",
+    )
+    generate.add_argument("--samples", type=_at_least(int, 0), default=5, help="samples per prompt")
+    generate.add_argument(
+        "--max-tokens", type=_at_least(int, 0), default=40, help="new tokens per sample, at most"
+    )
+    generate.add_argument(
+        "--temperature",
+        type=_at_least(float, 0),
+        default=1.0,
+        help="below 1 sharpens the distribution, above 1 flattens it",
+    )
+    generate.add_argument(
+        "--top-k",
+        type=_at_least(int, 0, strict=False),
+        default=50,
+        help="sample from the k most likely tokens (0: all)",
+    )
+    generate.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+
     config = commands.add_parser("config", help="inspect the experiment schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("schema", help="print the JSON Schema of experiment files")
@@ -96,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (run, deploy, build):
         _add_serve_arguments(sub)
     return parser
+
+
+def _at_least(kind: type, low: float, strict: bool = True):
+    """An argparse type: a number above ``low`` (or equal to it, unless ``strict``)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}")
+        return value
+
+    return parse
 
 
 def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +278,33 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from forgeml.model_package import load_model
+    from forgeml.storage import ModelRegistry, Storage
+
+    loaded = load_model(ModelRegistry(Storage(_storage_config(args))), args.model)
+    if not hasattr(loaded.task, "sample"):
+        raise ValueError(
+            f"{loaded.version.ref}: a {loaded.config.task.kind} model does not generate; "
+            "forgeml generate draws from language models"
+        )
+    prompts = [prompt for prompt in args.prompts or [""] for _ in range(args.samples)]
+    samples = loaded.task.sample(
+        loaded.model,
+        loaded.preprocessor,
+        prompts,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    for sample in samples:
+        print(sample)
+    return 0
+
+
 def _models_list(args: argparse.Namespace) -> int:
     from forgeml.storage import ModelRegistry, Storage
 
@@ -266,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "models":
             return _models_list(args)
+        if args.command == "generate":
+            return _generate(args)
         if args.command == "serve":
             return _serve(args)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:

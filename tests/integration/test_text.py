@@ -1,5 +1,6 @@
 """The tweets examples on the shared Ray runtime: a subset of the corpus as CSV, one
-epoch through the public entry point, a complete package that classifies text."""
+epoch through the public entry point, a complete package that classifies text, or (the
+language model) one that `forgeml generate` samples from and Serve refuses."""
 
 from __future__ import annotations
 
@@ -27,27 +28,31 @@ CORPUS = (
 )
 
 
-@pytest.mark.parametrize("example", ["transformer", "bilstm"])
-def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
-    ray_runtime, tmp_path, example
-):
+def _train_on_a_subset(config: Path, folder: Path) -> None:
+    """One epoch of an example on 900 tweets, three of them empty (rejected)."""
     subset = pd.read_csv(CORPUS, encoding="latin-1").sample(900, random_state=0)
     subset.loc[subset.index[:3], "text"] = "   "  # rejected: nothing left to read
     # Quoted, the tweets' carriage returns stay inside their field.
-    subset.to_csv(tmp_path / "tweets.csv", index=False, quoting=csv.QUOTE_ALL)
-    config = REPO / "examples" / "tweets" / f"{example}.yaml"
+    subset.to_csv(folder / "tweets.csv", index=False, quoting=csv.QUOTE_ALL)
     args = ["train", "--config", str(config)]
     for override in (
-        f"storage.root={tmp_path}",
+        f"storage.root={folder}",
         "data.source.builtin=null",
-        f"data.source.path={tmp_path / 'tweets.csv'}",
+        f"data.source.path={folder / 'tweets.csv'}",
         "data.max_reject_fraction=0.01",
         "data.features.vocab_size=500",
         "train.max_epochs=1",
     ):
         args += ["--set", override]
-
     assert main(args) == 0
+
+
+@pytest.mark.parametrize("example", ["transformer", "bilstm"])
+def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
+    ray_runtime, tmp_path, example
+):
+    config = REPO / "examples" / "tweets" / f"{example}.yaml"
+    _train_on_a_subset(config, tmp_path)
 
     name = yaml.safe_load(config.read_text())["name"]
     package = tmp_path / "models" / name / "v1"
@@ -65,3 +70,41 @@ def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
     assert probabilities.shape == (2, 3) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
     reference = json.loads((package / "reference.json").read_text())
     assert set(reference["inputs"]) == {"tokens", "unknown_share"}
+    assert main(["generate", "--model", name, "--storage-root", str(tmp_path)]) == 2
+
+
+def test_tweets_language_model_trains_on_a_subset_and_generates(ray_runtime, tmp_path, capsys):
+    _train_on_a_subset(REPO / "examples" / "tweets_lm" / "config.yaml", tmp_path)
+
+    package = tmp_path / "models" / "tweets-lm" / "v1"
+    assert {p.name for p in package.iterdir()} >= {
+        "config.yaml",
+        "preprocessor.json",
+        "model.pt",
+        "metrics.json",
+        "reference.json",
+        "MODEL_CARD.md",
+    }
+    metrics = json.loads((package / "metrics.json").read_text())
+    assert metrics["data"]["rejected"] == {"text: empty text": 3}
+    vocab_size = metrics["data"]["target"]["vocab_size"]
+    # One epoch on 600 tweets: far from good, but already better than a uniform guess.
+    assert 1 < metrics["test"]["perplexity"] < vocab_size
+    assert "the next token of `text`" in (package / "MODEL_CARD.md").read_text()
+    reference = json.loads((package / "reference.json").read_text())
+    assert (
+        sum(reference["predictions"]["log_perplexity"]["counts"]) == metrics["data"]["rows"]["test"]
+    )
+
+    capsys.readouterr()
+    generate = ["generate", "--model", "tweets-lm", "--storage-root", str(tmp_path), "--seed", "1"]
+    assert main([*generate, "--prompt", "self driving", "--samples", "3"]) == 0
+    samples = capsys.readouterr().out.splitlines()
+    assert len(samples) == 3 and all(s.startswith("self driving") for s in samples)
+    assert main([*generate, "--prompt", "self driving", "--samples", "3"]) == 0
+    assert capsys.readouterr().out.splitlines() == samples  # the seed fixes the draw
+
+    assert main(["serve", "build", "--model", "tweets-lm", "--storage-root", str(tmp_path)]) == 2
+    assert "not served over /predict; draw samples from it with forgeml generate" in (
+        capsys.readouterr().err
+    )

@@ -102,9 +102,11 @@ def test_the_rnn_ignores_padding():
 def test_token_models_need_text_and_text_needs_a_token_model():
     table = {"source": {"kind": "table", "path": "t.csv"}}
     text = {**table, "features": {"kind": "text", "text": "t", "target": "y"}}
-    with pytest.raises(ConfigError, match="model: mlp does not read token ids"):
+    with pytest.raises(ConfigError, match="model: mlp does not read sequences; text features need"):
         config_from_dict({"name": "t", "data": text, "model": {"kind": "mlp"}})
-    with pytest.raises(ConfigError, match="transformer and rnn need data.features of kind text"):
+    with pytest.raises(
+        ConfigError, match="transformer and rnn need data.features of kind text or series"
+    ):
         config_from_dict({"name": "t", "model": {"kind": "rnn"}})
     with pytest.raises(ConfigError, match="heads \\(3\\) must divide d_model \\(64\\)"):
         config_from_dict({"name": "t", "data": text, "model": {"kind": "transformer", "heads": 3}})

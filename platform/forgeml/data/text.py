@@ -1,4 +1,5 @@
-"""Text classification data: one text column and one class column.
+"""Text data: a text column and a class column (``text``), or a text column alone to
+model (``corpus``, for language models).
 
 Cleaning is the tokenizer's normalizer (Unicode NFKC, URLs and @mentions replaced,
 lowercase), so serving cleans exactly as training did. The WordPiece vocabulary is
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from forgeml.config import CorpusFeatures as CorpusConfig
 from forgeml.config import TextFeatures as TextConfig
 from forgeml.data.preprocessing import (
     ModelInputs,
@@ -30,6 +33,8 @@ from forgeml.data.tabular import (
 )
 
 PAD, UNKNOWN = "[PAD]", "[UNK]"
+#: Where a text starts and ends, for language models.
+BOS, EOS = "[BOS]", "[EOS]"
 URL_OR_MENTION = r"https?://\S+|www\.\S+|@\w+"
 
 
@@ -44,6 +49,50 @@ def normalizer(cfg: TextConfig) -> normalizers.Normalizer:
 
 def _texts(values) -> list[str | None]:
     return [value if isinstance(value, str) else None for value in values]
+
+
+def empty_text_reasons(values, column: str, cfg: TextConfig | CorpusConfig) -> np.ndarray:
+    """Reasons for texts that are missing, or empty once cleaned."""
+    clean = normalizer(cfg)
+    reasons = no_rejects(len(values))
+    for i, value in enumerate(_texts(values)):
+        if value is None or not clean.normalize_str(value).strip():
+            reasons[i] = f"{column}: empty text"
+    return reasons
+
+
+def train_wordpiece(
+    texts: Iterable[str], cfg: TextConfig | CorpusConfig, special_tokens: list[str]
+) -> Tokenizer:
+    """A WordPiece tokenizer with the config's cleaning, trained on ``texts`` (read once);
+    the special tokens get the first ids, in order ([PAD] is 0)."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNKNOWN))
+    tokenizer.normalizer = normalizer(cfg)
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.WordPieceTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=special_tokens,
+            show_progress=False,
+        ),
+    )
+    return tokenizer
+
+
+def text_request_columns(instances, column: str) -> dict[str, np.ndarray]:
+    """Request instances of the form ``{column: text}`` as a text column."""
+    texts = []
+    for i, instance in enumerate(instances):
+        if not isinstance(instance, dict) or set(instance) != {column}:
+            raise ValueError(f"instances.{i}: expected an object with one field, {column!r}")
+        value = instance[column]
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"instances.{i}.{column}: expected non-empty text")
+        texts.append(value)
+    return {column: np.array(texts, dtype=object)}
 
 
 @dataclass(frozen=True)
@@ -65,11 +114,7 @@ class TextColumnFeatures:
     def reject_reasons(self, batch):
         """Texts that are missing or empty once cleaned, and missing or undeclared classes."""
         text, target = self.cfg.text, self.cfg.target
-        clean = normalizer(self.cfg)
-        reasons = no_rejects(len(batch[text]))
-        for i, value in enumerate(_texts(batch[text])):
-            if value is None or not clean.normalize_str(value).strip():
-                reasons[i] = f"{text}: empty text"
+        reasons = empty_text_reasons(batch[text], text, self.cfg)
         mark_class_rejects(reasons, batch[target], target, self.cfg.class_names)
         return reasons
 
@@ -89,19 +134,7 @@ class TextColumnFeatures:
                 labels.update(parse_categories(batch[self.cfg.target]))
                 yield from (text for text in _texts(batch[self.cfg.text]) if text)
 
-        tokenizer = Tokenizer(models.WordPiece(unk_token=UNKNOWN))
-        tokenizer.normalizer = normalizer(self.cfg)
-        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-        tokenizer.decoder = decoders.WordPiece()
-        tokenizer.train_from_iterator(
-            texts(),
-            trainers.WordPieceTrainer(
-                vocab_size=self.cfg.vocab_size,
-                min_frequency=self.cfg.min_frequency,
-                special_tokens=[PAD, UNKNOWN],
-                show_progress=False,
-            ),
-        )
+        tokenizer = train_wordpiece(texts(), self.cfg, [PAD, UNKNOWN])
         if not labels:
             raise ValueError("the training split is empty: add data or lower the split fractions")
         classes = self.cfg.class_names or sorted(labels)
@@ -119,14 +152,63 @@ class TextColumnFeatures:
         )
 
 
-@register_preprocessor
 @dataclass(frozen=True)
-class TextPreprocessor:
-    """The trained tokenizer (JSON), the length texts are padded or cut to, the classes."""
+class TokenizedText:
+    """What both text kinds store: the trained tokenizer (JSON), the token length of the
+    model's input, and the text column."""
 
     tokenizer: str
     max_length: int
     text_column: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "_tokenizer", Tokenizer.from_str(self.tokenizer))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    @property
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(shape=(self.max_length,), dtype="int64", vocab_size=self.vocab_size)
+
+    def request_columns(self, instances):
+        return text_request_columns(instances, self.text_column)
+
+    def input_summary(self, inputs):
+        """Tokens per text and the share of them outside the vocabulary."""
+        real = inputs != 0
+        tokens = real.sum(1)
+        unknown = (inputs == self._tokenizer.token_to_id(UNKNOWN)).sum(1)
+        return {"tokens": tokens.astype(float), "unknown_share": unknown / np.maximum(tokens, 1)}
+
+    def describe(self) -> dict:
+        return {
+            "kind": "text",
+            "field": self.text_column,
+            "max_length": self.max_length,
+            "vocab_size": self.vocab_size,
+        }
+
+    def _state(self) -> dict:
+        return {
+            "kind": self.kind,
+            "tokenizer": json.loads(self.tokenizer),
+            "max_length": self.max_length,
+            "text_column": self.text_column,
+        }
+
+    @staticmethod
+    def _fields(state: dict) -> dict:
+        fields = {k: v for k, v in state.items() if k != "kind"}
+        return {**fields, "tokenizer": json.dumps(fields["tokenizer"])}
+
+
+@register_preprocessor
+@dataclass(frozen=True)
+class TextPreprocessor(TokenizedText):
+    """Texts padded or cut to ``max_length`` tokens, and the classes of the target column."""
+
     target_column: str
     target_spec: TargetSpec
 
@@ -134,15 +216,10 @@ class TextPreprocessor:
     refuses_rows = True  # a class the training split lacks
 
     def __post_init__(self):
-        loaded = Tokenizer.from_str(self.tokenizer)
-        loaded.enable_truncation(self.max_length)
-        loaded.enable_padding(length=self.max_length, pad_id=loaded.token_to_id(PAD), pad_token=PAD)
-        object.__setattr__(self, "_tokenizer", loaded)
-
-    @property
-    def model_inputs(self) -> ModelInputs:
-        return ModelInputs(
-            shape=(self.max_length,), dtype="int64", vocab_size=self._tokenizer.get_vocab_size()
+        super().__post_init__()
+        self._tokenizer.enable_truncation(self.max_length)
+        self._tokenizer.enable_padding(
+            length=self.max_length, pad_id=self._tokenizer.token_to_id(PAD), pad_token=PAD
         )
 
     @property
@@ -167,51 +244,109 @@ class TextPreprocessor:
             out["target"] = np.array([index[label] for label in labels], dtype=np.int64)
         return out
 
-    def request_columns(self, instances):
-        texts = []
-        for i, instance in enumerate(instances):
-            if not isinstance(instance, dict) or set(instance) != {self.text_column}:
-                raise ValueError(
-                    f"instances.{i}: expected an object with one field, {self.text_column!r}"
-                )
-            value = instance[self.text_column]
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"instances.{i}.{self.text_column}: expected non-empty text")
-            texts.append(value)
-        return {self.text_column: np.array(texts, dtype=object)}
-
-    def input_summary(self, inputs):
-        """Tokens per text and the share of them outside the vocabulary."""
-        real = inputs != 0
-        tokens = real.sum(1)
-        unknown = (inputs == self._tokenizer.token_to_id(UNKNOWN)).sum(1)
-        return {"tokens": tokens.astype(float), "unknown_share": unknown / np.maximum(tokens, 1)}
-
-    def describe(self) -> dict:
-        return {
-            "kind": "text",
-            "field": self.text_column,
-            "max_length": self.max_length,
-            "vocab_size": self._tokenizer.get_vocab_size(),
-        }
-
     def to_dict(self) -> dict:
         return {
-            "kind": self.kind,
-            "tokenizer": json.loads(self.tokenizer),
-            "max_length": self.max_length,
-            "text_column": self.text_column,
+            **self._state(),
             "target_column": self.target_column,
             "target_spec": self.target_spec.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, state: dict) -> TextPreprocessor:
-        fields = {k: v for k, v in state.items() if k != "kind"}
-        return cls(
-            **{
-                **fields,
-                "tokenizer": json.dumps(fields["tokenizer"]),
-                "target_spec": TargetSpec.from_dict(fields["target_spec"]),
-            }
+        fields = cls._fields(state)
+        return cls(**{**fields, "target_spec": TargetSpec.from_dict(fields["target_spec"])})
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@dataclass(frozen=True)
+class CorpusFeatures:
+    """The text column of a corpus to model, checked before fitting."""
+
+    cfg: CorpusConfig
+    id_column: str | None
+    columns: list[str] = field(init=False)
+    augmentable = False
+
+    def __post_init__(self):
+        extra = [self.id_column] if self.id_column else []
+        object.__setattr__(self, "columns", [self.cfg.text, *extra])
+
+    def row_ids(self, batch):
+        return row_ids(batch, self.id_column, [self.cfg.text])
+
+    def reject_reasons(self, batch):
+        return empty_text_reasons(batch[self.cfg.text], self.cfg.text, self.cfg)
+
+    def compact(self, batch, reasons):
+        return batch
+
+    def fit(self, train):
+        """Train the vocabulary on the training texts, streamed to this process once."""
+        return self.fit_batches(train.iter_batches(batch_size=4096, batch_format="numpy"))
+
+    def fit_batches(self, batches) -> CorpusPreprocessor:
+        seen = 0
+
+        def texts():
+            nonlocal seen
+            for batch in batches:
+                for text in _texts(batch[self.cfg.text]):
+                    if text:
+                        seen += 1
+                        yield text
+
+        tokenizer = train_wordpiece(texts(), self.cfg, [PAD, UNKNOWN, BOS, EOS])
+        if not seen:
+            raise ValueError("the training split is empty: add data or lower the split fractions")
+        return CorpusPreprocessor(
+            tokenizer=tokenizer.to_str(), max_length=self.cfg.max_length, text_column=self.cfg.text
         )
+
+
+@register_preprocessor
+@dataclass(frozen=True)
+class CorpusPreprocessor(TokenizedText):
+    """Each text as [BOS] tokens [EOS], cut to ``max_length`` + 1 tokens and padded: the
+    model reads the first ``max_length`` and predicts each next one."""
+
+    kind = "text-corpus"
+    refuses_rows = False
+
+    @property
+    def target(self) -> TargetSpec:
+        return TargetSpec(name=self.text_column, vocab_size=self.vocab_size)
+
+    def reject_reasons(self, batch):
+        return no_rejects(len(batch[self.text_column]))
+
+    @property
+    def start_id(self) -> int:
+        return self._tokenizer.token_to_id(BOS)
+
+    @property
+    def end_id(self) -> int:
+        return self._tokenizer.token_to_id(EOS)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """[BOS] and the tokens of ``text``: the start of a text to continue."""
+        return [self.start_id, *self._tokenizer.encode(text).ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def transform(self, batch):
+        texts = [text or "" for text in _texts(batch[self.text_column])]
+        framed = np.zeros((len(texts), self.max_length + 1), dtype=np.int64)
+        for row, encoding in enumerate(self._tokenizer.encode_batch(texts)):
+            ids = [self.start_id, *encoding.ids, self.end_id][: self.max_length + 1]
+            framed[row, : len(ids)] = ids
+        return {"inputs": framed[:, :-1], "target": framed[:, 1:]}
+
+    def to_dict(self) -> dict:
+        return self._state()
+
+    @classmethod
+    def from_dict(cls, state: dict) -> CorpusPreprocessor:
+        return cls(**cls._fields(state))

@@ -1,7 +1,9 @@
-"""Sequence models over token ids (0 is padding): a Transformer encoder and an RNN.
+"""Sequence models over token ids (0 is padding).
 
-Both pool the hidden states of the real tokens only (mean over the mask), so padding
-never changes a prediction.
+The classifiers (a Transformer encoder and an RNN) pool the hidden states of the real
+tokens only (mean over the mask), so padding never changes a prediction. The causal
+Transformer is a language model: texts are padded at the end, and every position
+attends only to the ones before it, so padding never reaches a real token either.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from forgeml.config import RNNConfig, TransformerConfig
+from forgeml.config import CausalTransformerConfig, RNNConfig, TransformerConfig
 from forgeml.data.preprocessing import ModelInputs
 from forgeml.models import register_model
+from forgeml.models.series import RNNForecaster, TransformerForecaster, reads_series
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,18 +78,72 @@ class RNNClassifier(nn.Module):
         return self.head(self.dropout(masked_mean(hidden, mask)))
 
 
+class CausalTransformer(nn.Module):
+    """Next-token logits at every position; the output layer is the token embedding."""
+
+    def __init__(self, cfg: CausalTransformerConfig, inputs: ModelInputs):
+        super().__init__()
+        self.context = inputs.shape[0]
+        self.tokens = nn.Embedding(inputs.vocab_size, cfg.d_model, padding_idx=0)
+        self.positions = nn.Embedding(self.context, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model,
+            cfg.heads,
+            cfg.feedforward,
+            cfg.dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.decoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        # Small embeddings (GPT-2's 0.02): with the default N(0, 1) the tied output layer
+        # starts with logits of standard deviation sqrt(d_model) and a loss far above log V.
+        for embedding in (self.tokens, self.positions):
+            nn.init.normal_(embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.tokens.weight[0].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=ids.device)
+        positions = torch.arange(length, device=ids.device)
+        hidden = self.dropout(self.tokens(ids) + self.positions(positions))
+        hidden = self.decoder(hidden, mask=causal, is_causal=True)
+        return self.norm(hidden) @ self.tokens.weight.T
+
+
 def _token_inputs(kind: str, inputs: ModelInputs) -> None:
     if inputs.dtype != "int64" or not inputs.vocab_size or len(inputs.shape) != 1:
-        raise ValueError(f"model {kind} needs token ids (text features), got {inputs}")
+        raise ValueError(
+            f"model {kind} needs token ids (text features) or series windows, got {inputs}"
+        )
 
 
 @register_model("transformer")
 def build_transformer(cfg: TransformerConfig, inputs: ModelInputs, num_outputs: int):
+    """A classifier of token ids, or a forecaster of series windows."""
+    if reads_series(inputs):
+        return TransformerForecaster(cfg, inputs, num_outputs)
     _token_inputs("transformer", inputs)
     return TransformerClassifier(cfg, inputs, num_outputs)
 
 
 @register_model("rnn")
 def build_rnn(cfg: RNNConfig, inputs: ModelInputs, num_outputs: int):
+    """A classifier of token ids, or a forecaster of series windows."""
+    if reads_series(inputs):
+        return RNNForecaster(cfg, inputs, num_outputs)
     _token_inputs("rnn", inputs)
     return RNNClassifier(cfg, inputs, num_outputs)
+
+
+@register_model("causal_transformer")
+def build_causal_transformer(cfg: CausalTransformerConfig, inputs: ModelInputs, num_outputs: int):
+    _token_inputs("causal_transformer", inputs)
+    if num_outputs != inputs.vocab_size:
+        raise ValueError(
+            f"model causal_transformer predicts the next token: {num_outputs} outputs for a "
+            f"vocabulary of {inputs.vocab_size}"
+        )
+    return CausalTransformer(cfg, inputs)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 import forgeml
-from forgeml.config import ExperimentConfig, StorageConfig
+from forgeml.config import SERVED_TASKS, ExperimentConfig, StorageConfig
 from forgeml.data.preprocessing import preprocessor_from_dict
 from forgeml.serve.app import (
     Gateway,
@@ -91,6 +91,11 @@ def plan(args: AppArgs) -> ServingPlan:
     for requested in args.models:
         version = registry.resolve(requested)
         cfg = serving_config(registry, version, args.overrides)
+        if cfg.task.kind not in SERVED_TASKS:
+            raise ValueError(
+                f"{version.ref}: a {cfg.task.kind} model is not served over /predict; "
+                "draw samples from it with forgeml generate"
+            )
         models.append(
             ModelAppArgs(model=version.ref, storage=args.storage, overrides=args.overrides)
         )

@@ -55,16 +55,30 @@ class ImageInstance(BaseModel):
 FeatureRecord = dict[str, float | int | str | bool | None]
 
 
+class SeriesInstance(BaseModel):
+    """The last ``window`` values of a series, oldest first, for a forecast from now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    history: list[float | None] = Field(
+        min_length=1, description="Values, oldest first; null where missing."
+    )
+
+
 def _instance_kind(value) -> str:
     if isinstance(value, ImageInstance) or (
         isinstance(value, dict) and {"image", "image_png_base64"} & value.keys()
     ):
         return "image"
+    if isinstance(value, SeriesInstance) or (isinstance(value, dict) and "history" in value):
+        return "series"
     return "features"
 
 
 Instance = Annotated[
-    Annotated[ImageInstance, Tag("image")] | Annotated[FeatureRecord, Tag("features")],
+    Annotated[ImageInstance, Tag("image")]
+    | Annotated[SeriesInstance, Tag("series")]
+    | Annotated[FeatureRecord, Tag("features")],
     Discriminator(_instance_kind),
 ]
 
@@ -74,7 +88,8 @@ class PredictRequest(BaseModel):
 
     instances: list[Instance] = Field(
         min_length=1,
-        description="Wafer maps (image models) or feature records (tabular models).",
+        description="Wafer maps (image models), feature records (tabular and text "
+        "models) or series histories (forecasters).",
     )
 
 
@@ -88,10 +103,14 @@ class ValuePrediction(BaseModel):
     value: float = Field(description="Predicted value, in the target's units.")
 
 
+class ForecastPrediction(BaseModel):
+    forecast: list[float] = Field(description="One value per horizon step, in the series' units.")
+
+
 class PredictResponse(BaseModel):
     model: str
     version: str
-    predictions: list[ClassPrediction | ValuePrediction]
+    predictions: list[ClassPrediction | ValuePrediction | ForecastPrediction]
 
 
 class ModelInfo(BaseModel):

@@ -3,8 +3,9 @@
 A task is built from its config and the ``TargetSpec`` fitted with the data, and offers:
 ``num_outputs``, ``target_dtype``, ``loss``, ``predict`` (outputs to probabilities or
 values in the target's units), ``validation_metrics``/``test_metrics`` (torchmetrics),
-``report`` (computed metrics as JSON), ``prediction_records`` (what a client receives)
-and ``prediction_summary`` (what drift tests compare).
+``report`` (computed metrics as JSON), ``row_outputs`` (what evaluation keeps per row),
+``prediction_summary`` (what drift tests compare) and, for tasks that are served,
+``prediction_records`` (what a client receives).
 """
 
 from __future__ import annotations
@@ -37,4 +38,9 @@ def histogram(values: np.ndarray, low: float, high: float) -> dict:
     return {"edges": edges.round(6).tolist(), "counts": counts.tolist()}
 
 
-from forgeml.tasks import classification, regression  # noqa: E402,F401
+from forgeml.tasks import (  # noqa: E402,F401
+    classification,
+    forecast,
+    language_model,
+    regression,
+)

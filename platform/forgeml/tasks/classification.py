@@ -15,6 +15,7 @@ from forgeml.tasks import histogram, register_task
 
 @register_task("classification")
 class ClassificationTask:
+    evaluation_batch_size = 512
     target_dtype = torch.int64
 
     def __init__(self, cfg: ClassificationConfig, target: TargetSpec):
@@ -67,6 +68,10 @@ class ClassificationTask:
             else:
                 out[name] = float(value)
         return out
+
+    def row_outputs(self, predicted: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """What the reference statistics keep per row: the predicted probabilities."""
+        return predicted.numpy()
 
     def prediction_records(self, probabilities: np.ndarray) -> list[dict]:
         """Per row: the most probable class, its probability, and every class's."""

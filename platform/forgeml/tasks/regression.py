@@ -16,13 +16,14 @@ from forgeml.tasks import histogram, register_task
 LOSSES = {"mse": nn.MSELoss, "huber": nn.HuberLoss, "l1": nn.L1Loss}
 
 
-class _RMSE(tmr.MeanSquaredError):
+class RMSE(tmr.MeanSquaredError):
     def __init__(self):
         super().__init__(squared=False)
 
 
 @register_task("regression")
 class RegressionTask:
+    evaluation_batch_size = 512
     target_dtype = torch.float32
     num_outputs = 1
 
@@ -41,14 +42,14 @@ class RegressionTask:
 
     def validation_metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection(
-            {"rmse": _RMSE(), "mae": tmr.MeanAbsoluteError(), "r2": tmr.R2Score()}
+            {"rmse": RMSE(), "mae": tmr.MeanAbsoluteError(), "r2": tmr.R2Score()}
         )
 
     def test_metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection(
             {
                 "mse": tmr.MeanSquaredError(),
-                "rmse": _RMSE(),
+                "rmse": RMSE(),
                 "mae": tmr.MeanAbsoluteError(),
                 "mape": tmr.MeanAbsolutePercentageError(),
                 "r2": tmr.R2Score(),
@@ -57,6 +58,10 @@ class RegressionTask:
 
     def report(self, computed: dict[str, torch.Tensor]) -> dict:
         return {name: float(value) for name, value in computed.items()}
+
+    def row_outputs(self, predicted: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """What the reference statistics keep per row: the predicted values."""
+        return predicted.numpy()
 
     def prediction_records(self, values: np.ndarray) -> list[dict]:
         return [{"value": float(value)} for value in values]

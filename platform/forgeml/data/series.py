@@ -1,0 +1,302 @@
+"""Time series: one series read as rows of (time, value), cut into forecast windows.
+
+A series is read with Ray Data, then collected and ordered by time in this process: a
+window needs its neighbours, and one series of even a million steps is a few megabytes.
+Each window is a row: the ``window`` values before its origin (``history``) and the
+``horizon`` values from it (``future``). The split is chronological, by time step: the
+last ``test_fraction`` of the steps are test, the ``val_fraction`` before them
+validation. A window belongs to the split that its whole horizon lies in, and windows
+whose horizon crosses a boundary are not formed: every target belongs to one split, and
+no training target lies past the start of validation. Histories reach back across
+boundaries, since the past is known when forecasting.
+
+Missing values stay missing in the rows. The preprocessor carries the last observed
+value forward inside each history (never backward: that would look ahead) and adds a
+channel that flags the filled steps; a missing future value is no target (the loss and
+the metrics skip it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import ray.data
+
+from forgeml.config import SeriesFeatures as SeriesConfig
+from forgeml.data.preprocessing import (
+    REJECT_COLUMN,
+    SPLIT_COLUMN,
+    ModelInputs,
+    TargetSpec,
+    no_rejects,
+    register_preprocessor,
+)
+from forgeml.data.sources import RAW_COLUMN, DataSource
+from forgeml.data.tabular import parse_numbers
+
+ORIGIN, HISTORY, FUTURE = "origin", "history", "future"
+
+
+def parse_times(values) -> tuple[np.ndarray, np.ndarray]:
+    """Sortable times as float64 (numbers, or seconds since 1970 for dates) and a mask of
+    the values that are neither: numbers if every present value is one, else dates."""
+    series = pd.Series(np.asarray(values, dtype=object), dtype=object)
+    numbers = pd.to_numeric(series, errors="coerce")
+    if numbers.notna().sum() == series.notna().sum():
+        parsed = numbers.astype(np.float64).to_numpy()
+    else:
+        dates = pd.to_datetime(series.astype(str), errors="coerce", format="mixed")
+        parsed = (dates - pd.Timestamp(0)).dt.total_seconds().to_numpy(np.float64)
+    return parsed, ~np.isfinite(parsed)
+
+
+def series_rows(
+    points: pd.DataFrame, cfg: SeriesConfig, val_fraction: float, test_fraction: float
+) -> pd.DataFrame:
+    """The forecast windows of a series, each with its split, plus a row per time step
+    that cannot be placed or read (its reason in ``_reject``, its line in ``_raw``)."""
+    time, value = cfg.time, cfg.value
+    reasons = (
+        points[REJECT_COLUMN].fillna("").to_numpy(dtype=object)
+        if REJECT_COLUMN in points
+        else no_rejects(len(points))
+    )
+    times, bad_time = parse_times(points[time])
+    values, bad_value = parse_numbers(points[value])
+    readable = reasons == ""
+    reasons[readable & bad_time] = f"{time}: not a date or a number"
+    duplicate = pd.Series(times).duplicated().to_numpy() & (reasons == "")
+    reasons[duplicate] = f"{time}: a time step seen before"
+    # A step whose value is text is rejected, and its place in the series stays a gap.
+    reasons[(reasons == "") & bad_value] = f"{value}: not a finite number"
+    placed = np.isin(reasons, ["", f"{value}: not a finite number"]) & np.isfinite(times)
+    order = np.argsort(times[placed], kind="stable")
+    series = values[placed][order]
+    origins = points[time].to_numpy(dtype=object)[placed][order]
+    windows = _windows(series, origins, cfg, val_fraction, test_fraction)
+
+    rejected = reasons != ""
+    raw = points[RAW_COLUMN].fillna("") if RAW_COLUMN in points else pd.Series([""] * len(points))
+    gaps = pd.DataFrame(
+        {
+            ORIGIN: points[time].astype(str).to_numpy(dtype=object)[rejected],
+            HISTORY: [np.full(cfg.window, np.nan, np.float32)] * int(rejected.sum()),
+            FUTURE: [np.full(cfg.horizon, np.nan, np.float32)] * int(rejected.sum()),
+            SPLIT_COLUMN: "",
+            REJECT_COLUMN: reasons[rejected],
+            RAW_COLUMN: raw.to_numpy(dtype=object)[rejected],
+        }
+    )
+    return pd.concat([windows, gaps], ignore_index=True)
+
+
+def _windows(
+    series: np.ndarray,
+    origins: np.ndarray,
+    cfg: SeriesConfig,
+    val_fraction: float,
+    test_fraction: float,
+) -> pd.DataFrame:
+    steps, window, horizon = len(series), cfg.window, cfg.horizon
+    test_start = steps - round(steps * test_fraction)
+    val_start = test_start - round(steps * val_fraction)
+    bounds = {
+        "train": (window, val_start),
+        "val": (val_start, test_start),
+        "test": (test_start, steps),
+    }
+    if steps < window + horizon:
+        raise ValueError(
+            f"column {cfg.value!r}: the series has {steps} time steps, fewer than "
+            f"data.features.window + horizon ({window} + {horizon})"
+        )
+    rows = []
+    for split, (start, end) in bounds.items():
+        origins_here = range(max(start, window), end - horizon + 1)
+        if not origins_here:
+            raise ValueError(
+                f"column {cfg.value!r}: the {split} split (time steps {start} to {end - 1} of "
+                f"{steps}) holds no window of {window} steps followed by a horizon of "
+                f"{horizon}: use a longer series, a shorter window or horizon, or larger "
+                "data.split fractions"
+            )
+        rows += [
+            {
+                ORIGIN: str(origins[t]),
+                HISTORY: series[t - window : t].astype(np.float32),
+                FUTURE: series[t : t + horizon].astype(np.float32),
+                SPLIT_COLUMN: split,
+                REJECT_COLUMN: "",
+                RAW_COLUMN: "",
+            }
+            for t in origins_here
+        ]
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class SeriesSource(DataSource):
+    """Files of (time, value) rows, read as forecast windows that carry their split."""
+
+    series: SeriesConfig
+    val_fraction: float
+    test_fraction: float
+
+    def read(self, shuffle_files: bool = False) -> ray.data.Dataset:
+        points = self.read_columns([self.series.time, self.series.value]).to_pandas()
+        if points.empty:
+            raise ValueError("data.source holds no rows")
+        rows = series_rows(points, self.series, self.val_fraction, self.test_fraction)
+        return ray.data.from_pandas(rows)
+
+
+def naive_steps(window: int, horizon: int, season: int) -> np.ndarray:
+    """For each horizon step, the window position the naive forecast repeats: the same
+    point of the last season in the window, or (no season) the window's last value."""
+    if season:
+        return window - season + np.arange(horizon) % season
+    return np.full(horizon, window - 1)
+
+
+def carry_forward(values: np.ndarray, fill: float) -> np.ndarray:
+    """(N, T) values with each NaN replaced by the last finite value before it in its row,
+    or by ``fill`` where there is none."""
+    observed = np.isfinite(values)
+    last = np.where(observed, np.arange(values.shape[1]), 0)
+    np.maximum.accumulate(last, axis=1, out=last)
+    carried = values[np.arange(len(values))[:, None], last]
+    return np.where(np.isfinite(carried), carried, fill)
+
+
+@dataclass(frozen=True)
+class SeriesWindowFeatures:
+    """Forecast windows (rows made by ``SeriesSource``), checked before fitting."""
+
+    cfg: SeriesConfig
+    columns: list[str] = field(default_factory=lambda: [ORIGIN, HISTORY, FUTURE])
+    augmentable = False
+
+    def row_ids(self, batch):
+        return pd.util.hash_pandas_object(pd.Series(batch[ORIGIN]), index=False).to_numpy()
+
+    def reject_reasons(self, batch):
+        """Windows with nothing observed to forecast from, or nothing observed to score."""
+        reasons = no_rejects(len(batch[ORIGIN]))
+        history, future = _matrix(batch[HISTORY]), _matrix(batch[FUTURE])
+        reasons[~np.isfinite(history).any(1)] = f"{self.cfg.value}: no observed value in the window"
+        empty = ~np.isfinite(future).any(1) & (reasons == "")
+        reasons[empty] = f"{self.cfg.value}: no observed value in the horizon"
+        return reasons
+
+    def compact(self, batch, reasons):
+        return batch
+
+    def fit(self, train):
+        """Mean and standard deviation of the observed values of the training windows."""
+        moments = train.map_batches(_value_moments, batch_format="numpy").sum(["n", "s", "ss"])
+        if not moments or not moments["sum(n)"]:
+            raise ValueError("the training split is empty: add data or lower the split fractions")
+        n, total, total_sq = moments["sum(n)"], moments["sum(s)"], moments["sum(ss)"]
+        mean = total / n
+        std = max(float(np.sqrt(max(total_sq / n - mean**2, 0.0))), 1e-6)
+        return SeriesPreprocessor(
+            window=self.cfg.window,
+            horizon=self.cfg.horizon,
+            mean=float(mean),
+            std=std,
+            value_column=self.cfg.value,
+            season=self.cfg.seasonal_period or 0,
+        )
+
+
+def _matrix(column) -> np.ndarray:
+    """A column of equal-length arrays as one (N, T) float64 array."""
+    return (
+        np.stack(column).astype(np.float64) if column.dtype == object else column.astype(np.float64)
+    )
+
+
+def _value_moments(batch):
+    values = np.concatenate([_matrix(batch[HISTORY]), _matrix(batch[FUTURE])], axis=1)
+    observed = values[np.isfinite(values)]
+    return {"n": [observed.size], "s": [observed.sum()], "ss": [np.square(observed).sum()]}
+
+
+@register_preprocessor
+@dataclass(frozen=True)
+class SeriesPreprocessor:
+    """Histories as (window, 2) inputs: the value standardised with the training split's
+    statistics (carried forward over gaps) and a flag that it was observed."""
+
+    window: int
+    horizon: int
+    mean: float
+    std: float
+    value_column: str
+    season: int = 0
+
+    kind = "series-window"
+    refuses_rows = False
+
+    @property
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(shape=(self.window, 2), season=self.season)
+
+    @property
+    def target(self) -> TargetSpec:
+        return TargetSpec(
+            name=self.value_column, mean=self.mean, std=self.std, horizon=self.horizon
+        )
+
+    def reject_reasons(self, batch):
+        return no_rejects(len(batch[HISTORY]))
+
+    def inputs(self, history: np.ndarray) -> np.ndarray:
+        """(N, window) raw values, NaN where missing, to (N, window, 2) float32."""
+        standardised = (carry_forward(history, self.mean) - self.mean) / self.std
+        return np.stack([standardised, np.isfinite(history)], axis=-1).astype(np.float32)
+
+    def transform(self, batch):
+        out = {"inputs": self.inputs(_matrix(batch[HISTORY]))}
+        if FUTURE in batch:
+            out["target"] = _matrix(batch[FUTURE]).astype(np.float32)
+        return out
+
+    def request_columns(self, instances):
+        """Instances ``{"history": [window numbers, null where missing]}``."""
+        histories = []
+        for i, instance in enumerate(instances):
+            fields = instance if isinstance(instance, dict) else vars(instance)
+            if set(fields) != {HISTORY}:
+                raise ValueError(f"instances.{i}: expected an object with one field, 'history'")
+            values = fields[HISTORY]
+            if not isinstance(values, list) or len(values) != self.window:
+                raise ValueError(
+                    f"instances.{i}.history: expected a list of the last {self.window} values"
+                )
+            parsed, bad = parse_numbers(values)
+            if bad.any() or any(isinstance(v, (bool, str)) for v in values):
+                raise ValueError(f"instances.{i}.history: values must be numbers or null")
+            if not np.isfinite(parsed).any():
+                raise ValueError(f"instances.{i}.history: no observed value")
+            histories.append(parsed)
+        return {HISTORY: np.stack(histories)}
+
+    def input_summary(self, inputs):
+        """The last value of each history (series' units) and its share of filled steps."""
+        return {
+            "last_value": inputs[:, -1, 0] * self.std + self.mean,
+            "missing_share": 1.0 - inputs[:, :, 1].mean(1),
+        }
+
+    def describe(self) -> dict:
+        return {"kind": "series", "field": HISTORY, "window": self.window, "horizon": self.horizon}
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> SeriesPreprocessor:
+        return cls(**{k: v for k, v in state.items() if k != "kind"})

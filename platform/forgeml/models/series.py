@@ -1,0 +1,81 @@
+"""Forecasters over the windows of a series: (N, window, 2) inputs (the standardised
+value and whether it was observed) to one output per horizon step.
+
+Both read the window from oldest to newest and forecast from the state at its last step.
+Their outputs are added to the naive forecast that the window holds (the last season
+repeated, or the last value): they learn its correction, which starts them at a sound
+forecast on little data and keeps trending series in range past the levels of training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from forgeml.config import RNNConfig, TransformerConfig
+from forgeml.data.preprocessing import ModelInputs
+from forgeml.data.series import naive_steps
+
+
+class NaiveForecast(nn.Module):
+    """The (seasonal) naive forecast of each window, standardised like the window."""
+
+    def __init__(self, inputs: ModelInputs, horizon: int):
+        super().__init__()
+        steps = naive_steps(inputs.shape[0], horizon, inputs.season)
+        self.register_buffer("steps", torch.as_tensor(steps), persistent=False)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return windows[:, self.steps, 0]
+
+
+class TransformerForecaster(nn.Module):
+    def __init__(self, cfg: TransformerConfig, inputs: ModelInputs, num_outputs: int):
+        super().__init__()
+        steps, channels = inputs.shape
+        self.project = nn.Linear(channels, cfg.d_model)
+        self.positions = nn.Embedding(steps, cfg.d_model)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model,
+            cfg.heads,
+            cfg.feedforward,
+            cfg.dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, num_outputs)
+        self.naive = NaiveForecast(inputs, num_outputs)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(windows.shape[1], device=windows.device)
+        hidden = self.encoder(self.project(windows) + self.positions(positions))
+        return self.head(self.norm(hidden[:, -1])) + self.naive(windows)
+
+
+class RNNForecaster(nn.Module):
+    def __init__(self, cfg: RNNConfig, inputs: ModelInputs, num_outputs: int):
+        super().__init__()
+        self.project = nn.Linear(inputs.shape[1], cfg.embedding_dim)
+        cell = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+        self.rnn = cell(
+            cfg.embedding_dim,
+            cfg.hidden,
+            num_layers=cfg.layers,
+            batch_first=True,
+            bidirectional=cfg.bidirectional,
+            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.hidden * (2 if cfg.bidirectional else 1), num_outputs)
+        self.naive = NaiveForecast(inputs, num_outputs)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        output, _ = self.rnn(self.project(windows))
+        return self.head(self.dropout(output[:, -1])) + self.naive(windows)
+
+
+def reads_series(inputs: ModelInputs) -> bool:
+    """Whether the inputs are windows of a series: (steps, channels) floats."""
+    return inputs.dtype == "float32" and len(inputs.shape) == 2 and not inputs.vocab_size

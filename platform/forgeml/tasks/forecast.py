@@ -1,0 +1,91 @@
+"""Forecasting a horizon of a series: one output per step, trained on values standardised
+with the training split's statistics; a missing target value (NaN) is no target, so the
+loss and every metric skip it. Predictions and metrics are in the series' units."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchmetrics
+from torchmetrics import regression as tmr
+
+from forgeml.config import ForecastTask as ForecastConfig
+from forgeml.data.preprocessing import TargetSpec
+from forgeml.tasks import histogram, register_task
+from forgeml.tasks.regression import LOSSES, RMSE
+
+
+class Observed(torchmetrics.Metric):
+    """A regression metric over the target values that were observed (not NaN)."""
+
+    full_state_update = False
+
+    def __init__(self, metric: torchmetrics.Metric):
+        super().__init__()
+        self.metric = metric
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        observed = torch.isfinite(target)
+        self.metric.update(preds[observed], target[observed])
+
+    def compute(self) -> torch.Tensor:
+        return self.metric.compute()
+
+    def reset(self) -> None:
+        self.metric.reset()
+        super().reset()
+
+
+@register_task("forecast")
+class ForecastTask:
+    evaluation_batch_size = 512
+    target_dtype = torch.float32
+
+    def __init__(self, cfg: ForecastConfig, target: TargetSpec):
+        self.cfg = cfg
+        self.target = target
+        self.num_outputs = target.horizon
+        self.criterion = LOSSES[cfg.loss](reduction="none")
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        observed = torch.isfinite(targets)
+        standardised = (targets.float() - self.target.mean) / self.target.std
+        losses = self.criterion(outputs.float(), torch.where(observed, standardised, 0.0))
+        return (losses * observed).sum() / observed.sum().clamp(min=1)
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Each horizon step's value, in the series' units."""
+        return outputs.float() * self.target.std + self.target.mean
+
+    def validation_metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection(
+            {"rmse": Observed(RMSE()), "mae": Observed(tmr.MeanAbsoluteError())}
+        )
+
+    def test_metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection(
+            {
+                "rmse": Observed(RMSE()),
+                "mae": Observed(tmr.MeanAbsoluteError()),
+                "mape": Observed(tmr.MeanAbsolutePercentageError()),
+            }
+        )
+
+    def report(self, computed: dict[str, torch.Tensor]) -> dict:
+        return {name: float(value) for name, value in computed.items()}
+
+    def row_outputs(self, predicted: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """What the reference statistics keep per row: the forecast."""
+        return predicted.numpy()
+
+    def prediction_records(self, forecasts: np.ndarray) -> list[dict]:
+        return [{"forecast": row.tolist()} for row in forecasts]
+
+    def prediction_summary(self, forecasts: np.ndarray, targets: np.ndarray) -> dict:
+        """Histograms of forecast and observed values over the training mean +- 4 std."""
+        low = self.target.mean - 4 * self.target.std
+        high = self.target.mean + 4 * self.target.std
+        return {
+            "predictions": {"value": histogram(forecasts.ravel(), low, high)},
+            "labels": {"value": histogram(targets[np.isfinite(targets)], low, high)},
+        }

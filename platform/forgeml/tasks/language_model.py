@@ -1,0 +1,108 @@
+"""Language modelling: predict every next token of a text; perplexity; sampling.
+
+The target of a row is its input shifted by one token, padded with 0, which the loss and
+the metrics skip. Perplexity is exp of the mean cross-entropy per real target token
+([EOS] included, [BOS] never a target).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torchmetrics
+from torch import nn
+from torchmetrics.text import Perplexity
+
+from forgeml.config import LanguageModelTask as LanguageModelConfig
+from forgeml.data.preprocessing import TargetSpec
+from forgeml.tasks import histogram, register_task
+
+PAD_ID = 0
+
+
+@register_task("language_model")
+class LanguageModelTask:
+    target_dtype = torch.int64
+    #: Rows per evaluation batch: outputs are (rows, tokens, vocabulary) floats.
+    evaluation_batch_size = 32
+
+    def __init__(self, cfg: LanguageModelConfig, target: TargetSpec):
+        self.cfg = cfg
+        self.num_outputs = target.vocab_size
+        self.criterion = nn.CrossEntropyLoss(ignore_index=PAD_ID)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits.float().flatten(0, 1), targets.flatten())
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of every next token."""
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def validation_metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection({"perplexity": Perplexity(ignore_index=PAD_ID)})
+
+    def test_metrics(self) -> torchmetrics.MetricCollection:
+        return self.validation_metrics()
+
+    def report(self, computed: dict[str, torch.Tensor]) -> dict:
+        perplexity = float(computed["perplexity"])
+        return {
+            "perplexity": perplexity,
+            "cross_entropy": math.log(perplexity),
+            "bits_per_token": math.log2(perplexity),
+        }
+
+    def row_outputs(self, predicted: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """Per text, the mean cross-entropy of its real tokens (log perplexity)."""
+        real = targets != PAD_ID
+        picked = predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (-(picked * real).sum(1) / real.sum(1).clamp(min=1)).numpy()
+
+    def prediction_summary(self, row_losses: np.ndarray, targets: np.ndarray) -> dict:
+        """Per-text log perplexity (0 to the uniform guess's), and target tokens per text."""
+        tokens = (targets != PAD_ID).sum(1)
+        return {
+            "predictions": {
+                "log_perplexity": histogram(row_losses, 0.0, math.log(max(self.num_outputs, 2)))
+            },
+            "labels": {"tokens": histogram(tokens, 0.0, float(targets.shape[1]))},
+        }
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: nn.Module,
+        preprocessor,
+        prompts: list[str],
+        max_tokens: int,
+        temperature: float,
+        top_k: int,
+        generator: torch.Generator,
+    ) -> list[str]:
+        """Each prompt ("" starts a text) with a continuation sampled one token at a time
+        from the ``top_k`` most likely (0: all), until [EOS] or ``max_tokens`` new tokens.
+        Only the last ``max_length`` tokens are in view, as in training."""
+        model.eval()
+        context = preprocessor.max_length
+        texts = [preprocessor.prompt_ids(prompt) for prompt in prompts]
+        running = list(range(len(texts)))
+        for _ in range(max_tokens):
+            if not running:
+                break
+            windows = [texts[i][-context:] for i in running]
+            ids = torch.zeros(len(windows), max(map(len, windows)), dtype=torch.int64)
+            for row, window in enumerate(windows):
+                ids[row, : len(window)] = torch.tensor(window)
+            last = torch.tensor([len(window) - 1 for window in windows])
+            logits = model(ids)[torch.arange(len(windows)), last].float() / temperature
+            if top_k:
+                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            logits[:, PAD_ID] = -math.inf
+            drawn = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            for i, token in zip(running, drawn.squeeze(1).tolist(), strict=True):
+                texts[i].append(token)
+            running = [i for i in running if texts[i][-1] != preprocessor.end_id]
+        return [preprocessor.decode(ids) for ids in texts]
