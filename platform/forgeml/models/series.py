@@ -15,6 +15,7 @@ from torch import nn
 from forgeml.config import RNNConfig, TransformerConfig
 from forgeml.data.preprocessing import ModelInputs
 from forgeml.data.series import naive_steps
+from forgeml.models.blocks import encoder
 
 
 class NaiveForecast(nn.Module):
@@ -35,15 +36,7 @@ class TransformerForecaster(nn.Module):
         steps, channels = inputs.shape
         self.project = nn.Linear(channels, cfg.d_model)
         self.positions = nn.Embedding(steps, cfg.d_model)
-        layer = nn.TransformerEncoderLayer(
-            cfg.d_model,
-            cfg.heads,
-            cfg.feedforward,
-            cfg.dropout,
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.encoder = encoder(cfg)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, num_outputs)
         self.naive = NaiveForecast(inputs, num_outputs)

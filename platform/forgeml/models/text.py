@@ -3,7 +3,9 @@
 The classifiers (a Transformer encoder and an RNN) pool the hidden states of the real
 tokens only (mean over the mask), so padding never changes a prediction. The causal
 Transformer is a language model: texts are padded at the end, and every position
-attends only to the ones before it, so padding never reaches a real token either.
+attends only to the ones before it, so padding never reaches a real token either. The
+sequence-to-sequence Transformer encodes the source (padding masked out) and decodes
+causally, like the language model, while attending to the encoded source.
 """
 
 from __future__ import annotations
@@ -11,9 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from forgeml.config import CausalTransformerConfig, RNNConfig, TransformerConfig
+from forgeml.config import (
+    CausalTransformerConfig,
+    RNNConfig,
+    Seq2SeqTransformerConfig,
+    TransformerConfig,
+)
 from forgeml.data.preprocessing import ModelInputs
 from forgeml.models import register_model
+from forgeml.models.blocks import encoder
 from forgeml.models.series import RNNForecaster, TransformerForecaster, reads_series
 
 
@@ -28,15 +36,7 @@ class TransformerClassifier(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(inputs.vocab_size, cfg.d_model, padding_idx=0)
         self.positions = nn.Embedding(inputs.shape[0], cfg.d_model)
-        layer = nn.TransformerEncoderLayer(
-            cfg.d_model,
-            cfg.heads,
-            cfg.feedforward,
-            cfg.dropout,
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.encoder = encoder(cfg)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, num_outputs))
 
@@ -84,25 +84,12 @@ class CausalTransformer(nn.Module):
     def __init__(self, cfg: CausalTransformerConfig, inputs: ModelInputs):
         super().__init__()
         self.context = inputs.shape[0]
-        self.tokens = nn.Embedding(inputs.vocab_size, cfg.d_model, padding_idx=0)
+        self.tokens = small_embedding(inputs.vocab_size, cfg.d_model)
         self.positions = nn.Embedding(self.context, cfg.d_model)
+        nn.init.normal_(self.positions.weight, std=0.02)
         self.dropout = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(
-            cfg.d_model,
-            cfg.heads,
-            cfg.feedforward,
-            cfg.dropout,
-            batch_first=True,
-            norm_first=True,
-        )
-        self.decoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.decoder = encoder(cfg)
         self.norm = nn.LayerNorm(cfg.d_model)
-        # Small embeddings (GPT-2's 0.02): with the default N(0, 1) the tied output layer
-        # starts with logits of standard deviation sqrt(d_model) and a loss far above log V.
-        for embedding in (self.tokens, self.positions):
-            nn.init.normal_(embedding.weight, std=0.02)
-        with torch.no_grad():
-            self.tokens.weight[0].zero_()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         length = ids.shape[1]
@@ -111,6 +98,62 @@ class CausalTransformer(nn.Module):
         hidden = self.dropout(self.tokens(ids) + self.positions(positions))
         hidden = self.decoder(hidden, mask=causal, is_causal=True)
         return self.norm(hidden) @ self.tokens.weight.T
+
+
+def small_embedding(vocab_size: int, width: int) -> nn.Embedding:
+    """A token embedding for a tied output layer, initialised N(0, 0.02) as GPT-2 does:
+    the default N(0, 1) starts the logits at a standard deviation of sqrt(width)."""
+    embedding = nn.Embedding(vocab_size, width, padding_idx=0)
+    nn.init.normal_(embedding.weight, std=0.02)
+    with torch.no_grad():
+        embedding.weight[0].zero_()
+    return embedding
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Next-token logits of the target at every decoder position, given the source.
+
+    Reads (N, 2, L) token ids: the source, and the decoder's input ([BOS] and the
+    target so far). The encoder and decoder share the token embedding and the output
+    layer."""
+
+    def __init__(self, cfg: Seq2SeqTransformerConfig, inputs: ModelInputs):
+        super().__init__()
+        length = inputs.shape[1]
+        self.tokens = small_embedding(inputs.vocab_size, cfg.d_model)
+        self.positions = nn.Embedding(length, cfg.d_model)
+        nn.init.normal_(self.positions.weight, std=0.02)
+        self.dropout = nn.Dropout(cfg.dropout)
+        decoder_layer = nn.TransformerDecoderLayer(
+            cfg.d_model, cfg.heads, cfg.feedforward, cfg.dropout, batch_first=True, norm_first=True
+        )
+        self.transformer = nn.Transformer(
+            cfg.d_model,
+            cfg.heads,
+            custom_encoder=encoder(cfg, norm=nn.LayerNorm(cfg.d_model)),
+            custom_decoder=nn.TransformerDecoder(
+                decoder_layer, cfg.layers, norm=nn.LayerNorm(cfg.d_model)
+            ),
+            batch_first=True,
+        )
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.dropout(self.tokens(ids) + self.positions(positions))
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        source, decoder_input = pairs[:, 0], pairs[:, 1]
+        length = decoder_input.shape[1]
+        padding = source == 0
+        hidden = self.transformer(
+            self._embed(source),
+            self._embed(decoder_input),
+            tgt_mask=nn.Transformer.generate_square_subsequent_mask(length, device=pairs.device),
+            src_key_padding_mask=padding,
+            memory_key_padding_mask=padding,
+            tgt_is_causal=True,
+        )
+        return hidden @ self.tokens.weight.T
 
 
 def _token_inputs(kind: str, inputs: ModelInputs) -> None:
@@ -147,3 +190,12 @@ def build_causal_transformer(cfg: CausalTransformerConfig, inputs: ModelInputs, 
             f"vocabulary of {inputs.vocab_size}"
         )
     return CausalTransformer(cfg, inputs)
+
+
+@register_model("seq2seq_transformer")
+def build_seq2seq_transformer(
+    cfg: Seq2SeqTransformerConfig, inputs: ModelInputs, num_outputs: int
+) -> Seq2SeqTransformer:
+    if inputs.dtype != "int64" or not inputs.vocab_size or inputs.shape[:1] != (2,):
+        raise ValueError(f"model seq2seq_transformer needs text pairs, got {inputs}")
+    return Seq2SeqTransformer(cfg, inputs)

@@ -43,4 +43,5 @@ from forgeml.tasks import (  # noqa: E402,F401
     forecast,
     language_model,
     regression,
+    seq2seq,
 )

@@ -8,6 +8,8 @@ the metrics skip. Perplexity is exp of the mean cross-entropy per real target to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -70,6 +72,11 @@ class LanguageModelTask:
             "labels": {"tokens": histogram(tokens, 0.0, float(targets.shape[1]))},
         }
 
+    #: Tokens ``forgeml generate`` samples from, unless told otherwise.
+    default_top_k = 50
+    #: Whether sampling needs a prompt (a source to translate) or can start from nothing.
+    needs_prompts = False
+
     @torch.no_grad()
     def sample(
         self,
@@ -85,24 +92,54 @@ class LanguageModelTask:
         from the ``top_k`` most likely (0: all), until [EOS] or ``max_tokens`` new tokens.
         Only the last ``max_length`` tokens are in view, as in training."""
         model.eval()
-        context = preprocessor.max_length
-        texts = [preprocessor.prompt_ids(prompt) for prompt in prompts]
-        running = list(range(len(texts)))
-        for _ in range(max_tokens):
-            if not running:
-                break
-            windows = [texts[i][-context:] for i in running]
-            ids = torch.zeros(len(windows), max(map(len, windows)), dtype=torch.int64)
-            for row, window in enumerate(windows):
-                ids[row, : len(window)] = torch.tensor(window)
-            last = torch.tensor([len(window) - 1 for window in windows])
-            logits = model(ids)[torch.arange(len(windows)), last].float() / temperature
-            if top_k:
-                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            logits[:, PAD_ID] = -math.inf
-            drawn = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            for i, token in zip(running, drawn.squeeze(1).tolist(), strict=True):
-                texts[i].append(token)
-            running = [i for i in running if texts[i][-1] != preprocessor.end_id]
+        texts = extend(
+            lambda ids, rows: model(ids),
+            [preprocessor.prompt_ids(prompt) for prompt in prompts],
+            Sampling(preprocessor.max_length, max_tokens, temperature, top_k, generator),
+            preprocessor.end_id,
+        )
         return [preprocessor.decode(ids) for ids in texts]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How ``extend`` picks tokens: ``top_k`` 1 is greedy decoding."""
+
+    context: int  # tokens in view, the last ones
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 1
+    generator: torch.Generator | None = None
+
+
+def extend(
+    next_logits: Callable[[torch.Tensor, list[int]], torch.Tensor],
+    starts: list[list[int]],
+    sampling: Sampling,
+    end_id: int,
+) -> list[list[int]]:
+    """Extend each token sequence one token at a time until it ends with ``end_id`` or
+    has ``sampling.max_tokens`` new tokens. ``next_logits(ids, rows)`` gives (n, length,
+    vocabulary) logits for the (n, length) right-padded sequences of the given rows."""
+    sequences = [list(start) for start in starts]
+    running = list(range(len(sequences)))
+    for _ in range(sampling.max_tokens):
+        if not running:
+            break
+        windows = [sequences[i][-sampling.context :] for i in running]
+        ids = torch.zeros(len(windows), max(map(len, windows)), dtype=torch.int64)
+        for row, window in enumerate(windows):
+            ids[row, : len(window)] = torch.tensor(window)
+        last = torch.tensor([len(window) - 1 for window in windows])
+        logits = next_logits(ids, running)[torch.arange(len(windows)), last].float()
+        logits = logits / sampling.temperature
+        if sampling.top_k:
+            kth = logits.topk(min(sampling.top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        logits[:, PAD_ID] = -math.inf
+        probabilities = torch.softmax(logits, -1)
+        drawn = torch.multinomial(probabilities, 1, generator=sampling.generator)
+        for i, token in zip(running, drawn.squeeze(1).tolist(), strict=True):
+            sequences[i].append(token)
+        running = [i for i in running if sequences[i][-1] != end_id]
+    return sequences
