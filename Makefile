@@ -53,6 +53,7 @@ examples: setup
 	$(BIN)/python examples/penguins/compare.py
 	$(BIN)/python examples/tweets/compare.py
 	$(BIN)/python examples/tweets_lm/compare.py
+	$(BIN)/python jobs/train.py --config examples/dates/config.yaml
 	$(BIN)/python examples/forecasting/compare.py
 
 test: setup

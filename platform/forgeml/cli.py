@@ -18,6 +18,7 @@ import sys
 import time
 
 from forgeml.config import (
+    SERVED_TASKS,
     ConfigError,
     ExperimentConfig,
     StorageConfig,
@@ -251,6 +252,12 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
     root = cfg.storage.root
+    if cfg.task.kind not in SERVED_TASKS:
+        print(
+            f"sample it: forgeml generate --model {outcome.version.ref} --storage-root {root}"
+            + (" --prompt TEXT" if cfg.task.kind == "seq2seq" else "")
+        )
+        return 0
     print(
         f"serve it: FORGEML_SERVE_TOKEN=... python jobs/serve.py --model {outcome.version.ref} "
         f"--storage-root {root}\n"
