@@ -80,7 +80,7 @@ def main() -> None:
             "rejected": outcome.metrics["data"]["rejected"],
             "forecaster": model,
             **base,
-            "rmse_vs_seasonal_naive": round(1 - model["rmse"] / seasonal["rmse"], 4),
+            "rmse_reduction_vs_seasonal_naive": round(1 - model["rmse"] / seasonal["rmse"], 4),
         }
     ray.shutdown()
     machine = f"{platform.machine()}, {os.cpu_count()} cores"

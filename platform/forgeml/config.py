@@ -52,6 +52,35 @@ class ParquetSource(Section):
     class_names: list[str] = Field(min_length=2, description="Class names, by label index.")
 
 
+class ImageFolderSource(Section):
+    """Image files in one sub-folder per class (PNG, JPEG, BMP, GIF, TIFF), local or on
+    S3, read as single-channel (grey) images and resized to a square. A file that cannot
+    be read is rejected with its reason and path."""
+
+    kind: Literal["image_folder"] = Field("image_folder", description="Selects this variant.")
+    path: str = Field(description="Local path or s3:// URI of the folder of class folders.")
+    image_size: int = Field(
+        32, ge=8, le=512, description="Side of the square images are resized to."
+    )
+    class_names: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Class folders to read, in output order; null: every sub-folder, sorted.",
+    )
+
+
+class NumpySource(Section):
+    """NumPy ``.npz`` files (a file or a folder of them), local or on S3: an integer array
+    of square single-channel images (N, H, W), values 0 to 255, and an integer array of
+    class indices (N,)."""
+
+    kind: Literal["numpy"] = Field("numpy", description="Selects this variant.")
+    path: str = Field(description="Local path or s3:// URI of a .npz file or a folder of them.")
+    images_key: str = Field("images", description="Array of images in each file.")
+    labels_key: str = Field("labels", description="Array of class indices in each file.")
+    class_names: list[str] = Field(min_length=2, description="Class names, by label index.")
+
+
 class TableSource(Section):
     """Rows of a table: CSV, JSON Lines or Parquet files (a file or a folder of them), on
     local disk or S3, or a table that ships with a Python package (``builtin``). Which
@@ -91,10 +120,13 @@ class TableSource(Section):
         return self
 
 
-Source = Annotated[WaferSource | ParquetSource | TableSource, Field(discriminator="kind")]
+Source = Annotated[
+    WaferSource | ParquetSource | ImageFolderSource | NumpySource | TableSource,
+    Field(discriminator="kind"),
+]
 
 #: Sources whose rows are square images (the CNN's input).
-IMAGE_SOURCES = ("wafer", "parquet")
+IMAGE_SOURCES = ("wafer", "parquet", "image_folder", "numpy")
 
 
 class ImputeConfig(Section):
@@ -400,7 +432,7 @@ ModelConfig = Annotated[
 ]
 
 #: Models that read sequences: token ids of text features, or the windows of a series.
-TOKEN_MODELS = ("transformer", "rnn")
+SEQUENCE_MODELS = ("transformer", "rnn")
 
 
 class ClassificationTask(Section):
@@ -462,7 +494,7 @@ SERVED_TASKS = ("classification", "regression", "forecast")
 TASK_PARTS = {
     "language_model": ("corpus", ("causal_transformer",)),
     "seq2seq": ("text_pair", ("seq2seq_transformer",)),
-    "forecast": ("series", TOKEN_MODELS),
+    "forecast": ("series", SEQUENCE_MODELS),
 }
 
 #: Models made for one task only.
@@ -821,7 +853,7 @@ class ExperimentConfig(Section):
                 f"data.source is {self.data.source.kind}"
             )
         sequences = features in ("text", "series")
-        if (self.model.kind in TOKEN_MODELS) != sequences:
+        if (self.model.kind in SEQUENCE_MODELS) != sequences:
             raise ValueError(
                 f"model: {self.model.kind} does not read "
                 + (

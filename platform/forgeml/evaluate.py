@@ -12,6 +12,9 @@ from forgeml.data.preprocessing import Preprocessor
 from forgeml.tasks import histogram
 from forgeml.train.loop import batch_dtypes
 
+#: Input summaries that are shares (0 to 1), binned over that range rather than the data's.
+SHARES = ("defect_fraction", "mean_intensity", "unknown_share", "missing_share")
+
 #: Rows a generating task decodes together.
 GENERATION_BATCH = 256
 
@@ -59,9 +62,7 @@ def reference_statistics(evaluation: Evaluation, task) -> dict:
     """What the inputs and predictions looked like at training time, for drift tests."""
     inputs = {}
     for name, values in evaluation.inputs.items():
-        low, high = (
-            (0.0, 1.0) if name == "defect_fraction" else (float(values.min()), float(values.max()))
-        )
+        low, high = (0.0, 1.0) if name in SHARES else (float(values.min()), float(values.max()))
         inputs[name] = histogram(values, low, high if high > low else low + 1.0)
     return {
         "rows": int(len(evaluation.targets)),

@@ -69,14 +69,18 @@ def package_files(contents: PackageContents) -> dict[str, bytes]:
 
 #: What each kind of input is, for the model card.
 INPUT_DESCRIPTIONS = {
-    "image": "a {height}x{width} wafer map (0 outside the wafer, 1 good die, 2 defective "
-    "die), standardised with the statistics in `preprocessor.json`",
+    "image": "a {height}x{width} single-channel image of values 0 to {max_value} (for "
+    "wafer maps: 0 outside the wafer, 1 good die, 2 defective die), standardised with the "
+    "statistics in `preprocessor.json`",
     "tabular": "a record of numeric features ({numeric}) and categorical features "
     "({categorical}); missing values imputed, numbers scaled and categories encoded with "
     "the state in `preprocessor.json`, fitted on the training split",
     "series": "the last {window} values of the series (`{field}`, null where missing), "
     "standardised with the training split's statistics; missing values carry the last "
     "observed one forward and are flagged",
+    "text_pair": "the text in `{field}`, cut into at most {max_length} byte-level BPE "
+    "tokens of a {vocab_size}-piece vocabulary trained on both sides of the training split "
+    "(the tokenizer is in `preprocessor.json`)",
     "text": "the text in `{field}`, cleaned and cut into at most {max_length} WordPiece "
     "tokens of a {vocab_size}-piece vocabulary trained on the training split (the "
     "tokenizer is in `preprocessor.json`)",

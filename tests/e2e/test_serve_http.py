@@ -196,7 +196,7 @@ def test_a_forecaster_serves_histories_and_names_bad_ones(served):
     for bad, message in [
         ({"history": [1.0] * 5}, "instances.0.history: expected a list of the last 24 values"),
         ({"history": [None] * 24}, "instances.0.history: no observed value"),
-        ({"history": [1.0] * 24, "extra": 1}, "Extra inputs are not permitted"),
+        ({"history": [1.0] * 24, "extra": 1}, "instances.0.features.history.float: Input should"),
     ]:
         refused = _post(served, url, {"instances": [bad]}, token=None)
         assert refused.status_code == 422 and message in refused.json()["error"]["message"]
@@ -225,7 +225,7 @@ def test_a_forecaster_serves_histories_and_names_bad_ones(served):
             {"instances": [{"image": [[7] * 16] * 16}]},
             None,
             422,
-            "less than or equal to 2",
+            "instances.0: values must be 0 to 2",
         ),
         (PREDICT, None, '{"instances": [{"image": [[NaN]]}]}', 422, "finite number"),
         (PREDICT, None, '{"instances": [{"image": [[Infinity]]}]}', 422, "finite number"),

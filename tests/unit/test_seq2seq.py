@@ -111,7 +111,7 @@ def test_the_decoder_never_looks_ahead():
 def test_greedy_translation_learns_a_memorised_mapping_and_is_scored():
     pre = _fitted()
     task, model, pairs = _trained(pre)
-    translated = task.translate(model, pre, pairs["text"].tolist()[:10], Sampling(16, 16))
+    translated = task.translate(model, pre, pre.source_ids(pairs["text"][:10]), Sampling(16, 16))
     assert sum(t == r for t, r in zip(translated, pairs["iso"][:10], strict=True)) >= 8
     rows = pre.transform({c: pairs[c].to_numpy(dtype=object) for c in pairs})
     halves = [
@@ -135,3 +135,12 @@ def test_seq2seq_needs_text_pairs_and_its_own_model():
         config_from_dict(
             {"name": "t", "data": pairs, "model": {"kind": "causal_transformer"}, "task": task}
         )
+
+
+def test_prompts_that_are_blank_or_too_long_are_refused():
+    pre = _fitted()
+    task, model, _ = _trained(pre, steps=0)
+    with pytest.raises(ValueError, match="prompt 2: empty text"):
+        task.sample(model, pre, ["5 May 1998", " "], 16, 1.0, 1, None)
+    with pytest.raises(ValueError, match="prompt 1: .* tokens, more than the 16 the model reads"):
+        task.sample(model, pre, ["5 May 1998 " * 10], 16, 1.0, 1, None)

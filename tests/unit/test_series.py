@@ -181,3 +181,29 @@ def test_forecasts_need_series_features_and_a_sequence_model():
                 "train": {"early_stopping": {"metric": "val_r2"}},
             }
         )
+
+
+def test_a_missing_time_step_is_a_gap_and_uneven_times_are_refused():
+    points = _points(30).drop(index=10)  # no row for 2010
+    rows = series_rows(points, CFG, val_fraction=0.2, test_fraction=0.2)
+    window = rows[rows[ORIGIN] == "2012"].iloc[0]
+    assert np.isnan(window[HISTORY][2]) and window[HISTORY][3] == 11.0  # 2008..2011
+    assert (rows[ORIGIN] == "2000 + 10 steps").sum() == 1  # the hole still starts a window
+    uneven = _points(30)
+    uneven.loc[5, "t"] = "2004.5"
+    with pytest.raises(ValueError, match="column 't': the times are not evenly spaced"):
+        series_rows(uneven, CFG, 0.2, 0.2)
+
+
+def test_times_in_any_zone_and_blank_times_are_read():
+    zoned = pd.DataFrame(
+        {
+            "t": [f"2000-01-{d:02d}T00:00:00+01:00" for d in range(1, 21)],
+            "y": [float(d) for d in range(20)],
+        }
+    )
+    assert (series_rows(zoned, CFG, 0.2, 0.2)[REJECT_COLUMN] == "").all()
+    blank = _points(20)
+    blank.loc[3, "t"] = ""
+    rows = series_rows(blank, CFG, 0.2, 0.2)
+    assert rows[rows[REJECT_COLUMN] != ""][REJECT_COLUMN].tolist() == ["t: not a date or a number"]

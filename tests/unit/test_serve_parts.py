@@ -4,6 +4,7 @@ import io
 import numpy as np
 import pytest
 from forgeml.config import AutoscalingConfig
+from forgeml.data.preprocessing import ImagePreprocessor
 from forgeml.serve.app import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 from forgeml.serve.schemas import ImageInstance
 from PIL import Image
@@ -25,9 +26,15 @@ def test_array_and_png_instances_decode_to_the_same_map():
     np.testing.assert_array_equal(from_rgb_png, wafer)
 
 
-def test_png_pixels_must_be_die_codes():
-    with pytest.raises(ValueError, match="die codes 0, 1 or 2"):
-        ImageInstance(image_png_base64=_png(np.full((4, 4), 200, np.uint8))).to_array()
+def test_a_wafer_model_refuses_values_above_its_die_codes_and_a_picture_model_takes_them():
+    bright = ImageInstance(image_png_base64=_png(np.full((4, 4), 200, np.uint8)))
+    wafer = ImagePreprocessor(image_size=4, mean=1.0, std=0.5, class_names=("a", "b"))
+    with pytest.raises(ValueError, match="instances.0: values must be 0 to 2"):
+        wafer.request_columns([bright])
+    picture = ImagePreprocessor(
+        image_size=4, mean=100.0, std=50.0, class_names=("a", "b"), max_value=255
+    )
+    assert picture.request_columns([bright])["image"].max() == 200
 
 
 def test_token_from_environment_or_file(monkeypatch, tmp_path):

@@ -195,15 +195,22 @@ def decode_images(column, image_size: int, name: str = "image") -> np.ndarray:
     return images.reshape(len(images), image_size, image_size)
 
 
+#: The largest die code of a wafer map (0 outside the wafer, 1 good die, 2 defective).
+WAFER_MAX = 2
+
+
 @dataclass(frozen=True)
 class ImageFeatures:
-    """Square maps of die codes in ``image_column`` and a class index in ``label_column``."""
+    """Square single-channel images in ``image_column`` (values 0 to ``max_value``: die
+    codes 0 to 2 for wafer maps, grey levels to 255 for pictures) and a class index in
+    ``label_column``."""
 
     id_column: str
     image_column: str
     label_column: str
     image_size: int
     class_names: tuple[str, ...]
+    max_value: int = WAFER_MAX
     columns: list[str] = field(init=False)
     augmentable = True
 
@@ -266,7 +273,8 @@ DEFECT_CODE = 2
 @register_preprocessor
 @dataclass(frozen=True)
 class ImagePreprocessor:
-    """Standardises die codes (0 outside, 1 good, 2 defect) with training-split moments."""
+    """Standardises image values (wafer die codes, or grey levels) with training-split
+    moments."""
 
     image_size: int
     mean: float
@@ -274,6 +282,7 @@ class ImagePreprocessor:
     class_names: tuple[str, ...]
     image_column: str = "image"
     label_column: str = "label"
+    max_value: int = WAFER_MAX
 
     kind = "image-standardize"
     refuses_rows = False
@@ -290,6 +299,7 @@ class ImagePreprocessor:
             class_names=tuple(features.class_names),
             image_column=features.image_column,
             label_column=features.label_column,
+            max_value=features.max_value,
         )
 
     @property
@@ -338,19 +348,27 @@ class ImagePreprocessor:
                     f"instances.{i}: expected a {expected[0]}x{expected[1]} map, "
                     f"got {'x'.join(map(str, array.shape))}"
                 )
+            if array.max(initial=0) > self.max_value:
+                raise ValueError(f"instances.{i}: values must be 0 to {self.max_value}")
             maps.append(array)
         return {self.image_column: np.stack(maps)}
 
     def input_summary(self, inputs):
-        defect = (DEFECT_CODE - self.mean) / self.std
-        return {
-            "defect_fraction": np.isclose(inputs, defect, atol=1e-3)
-            .reshape(len(inputs), -1)
-            .mean(1)
-        }
+        """Wafer maps: the share of defective dies; pictures: the mean grey level (0-1)."""
+        if self.max_value == WAFER_MAX:
+            defect = (DEFECT_CODE - self.mean) / self.std
+            share = np.isclose(inputs, defect, atol=1e-3).reshape(len(inputs), -1).mean(1)
+            return {"defect_fraction": share}
+        levels = inputs.reshape(len(inputs), -1) * self.std + self.mean
+        return {"mean_intensity": levels.mean(1) / self.max_value}
 
     def describe(self) -> dict:
-        return {"kind": "image", "height": self.image_size, "width": self.image_size}
+        return {
+            "kind": "image",
+            "height": self.image_size,
+            "width": self.image_size,
+            "max_value": self.max_value,
+        }
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self), "class_names": list(self.class_names)}

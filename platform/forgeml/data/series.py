@@ -40,16 +40,37 @@ ORIGIN, HISTORY, FUTURE = "origin", "history", "future"
 
 
 def parse_times(values) -> tuple[np.ndarray, np.ndarray]:
-    """Sortable times as float64 (numbers, or seconds since 1970 for dates) and a mask of
-    the values that are neither: numbers if every present value is one, else dates."""
+    """Sortable times as float64 (numbers, or seconds since 1970 for dates, time zones
+    honoured) and a mask of the values that are neither. The column is numbers if most of
+    its present values are; blank values are missing."""
     series = pd.Series(np.asarray(values, dtype=object), dtype=object)
+    present = series.notna() & (series.astype(str).str.strip() != "")
+    series = series.where(present)
     numbers = pd.to_numeric(series, errors="coerce")
-    if numbers.notna().sum() == series.notna().sum():
+    if numbers.notna().sum() * 2 >= present.sum():
         parsed = numbers.astype(np.float64).to_numpy()
     else:
-        dates = pd.to_datetime(series.astype(str), errors="coerce", format="mixed")
-        parsed = (dates - pd.Timestamp(0)).dt.total_seconds().to_numpy(np.float64)
+        dates = pd.to_datetime(series, errors="coerce", format="mixed", utc=True)
+        parsed = (dates - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)
     return parsed, ~np.isfinite(parsed)
+
+
+def regular_steps(times: np.ndarray, column: str) -> np.ndarray:
+    """The step index of each of the sorted ``times`` on the series' regular grid: the
+    median spacing is one step (months of 28 to 31 days are one step each), so a time
+    step with no row leaves a hole. Spacing that is no whole number of steps is refused."""
+    if len(times) < 2:
+        return np.zeros(len(times), dtype=np.int64)
+    spacing = np.diff(times) / np.median(np.diff(times))
+    steps = np.rint(spacing)
+    uneven = np.flatnonzero((np.abs(spacing - steps) > 0.25) | (steps < 1))
+    if uneven.size:
+        raise ValueError(
+            f"column {column!r}: the times are not evenly spaced (time step {uneven[0] + 1} "
+            f"comes {spacing[uneven[0]]:.2f} steps after the one before); a series needs "
+            "one row per regular time step"
+        )
+    return np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
 
 
 def series_rows(
@@ -73,8 +94,13 @@ def series_rows(
     reasons[(reasons == "") & bad_value] = f"{value}: not a finite number"
     placed = np.isin(reasons, ["", f"{value}: not a finite number"]) & np.isfinite(times)
     order = np.argsort(times[placed], kind="stable")
-    series = values[placed][order]
-    origins = points[time].to_numpy(dtype=object)[placed][order]
+    steps = regular_steps(times[placed][order], time)
+    # Time steps with no row, or whose value was rejected, are gaps: NaN in the series.
+    series = np.full(steps[-1] + 1 if len(steps) else 0, np.nan)
+    series[steps] = values[placed][order]
+    labels = points[time].astype(str).to_numpy(dtype=object)[placed][order]
+    origins = np.array([f"{labels[0]} + {i} steps" for i in range(len(series))], dtype=object)
+    origins[steps] = labels
     windows = _windows(series, origins, cfg, val_fraction, test_fraction)
 
     rejected = reasons != ""
@@ -136,7 +162,7 @@ def _windows(
     return pd.DataFrame(rows)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SeriesSource(DataSource):
     """Files of (time, value) rows, read as forecast windows that carry their split."""
 
@@ -179,6 +205,7 @@ class SeriesWindowFeatures:
     augmentable = False
 
     def row_ids(self, batch):
+        """Ids per window; the split does not use them (``SeriesSource`` sets it by time)."""
         return pd.util.hash_pandas_object(pd.Series(batch[ORIGIN]), index=False).to_numpy()
 
     def reject_reasons(self, batch):

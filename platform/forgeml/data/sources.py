@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,16 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
+from PIL import Image
 
-from forgeml.config import ExperimentConfig, ParquetSource, TableSource, WaferSource
+from forgeml.config import (
+    ExperimentConfig,
+    ImageFolderSource,
+    NumpySource,
+    ParquetSource,
+    TableSource,
+    WaferSource,
+)
 from forgeml.data import wafer
 from forgeml.data.dates import DATES_GENERATOR_VERSION, generate_dates
 from forgeml.data.preprocessing import REJECT_COLUMN, Features, ImageFeatures
@@ -61,6 +70,8 @@ class DataSource:
     filesystem: pafs.FileSystem
     format: str
     features: Features
+    #: ``reader(fs, path, columns)`` yielding batches, for formats other than the tables'.
+    reader: Callable | None = None
 
     def read(self, shuffle_files: bool = False) -> ray.data.Dataset:
         """The raw rows, with only the columns the features read; ``shuffle_files`` reads
@@ -86,13 +97,97 @@ class DataSource:
         files = ray.data.from_items([{"path": path} for path in self.paths])
         if shuffle_files:
             files = files.random_shuffle()
-        reader = _csv_batches if self.format == "csv" else _jsonl_batches
+        reader = self.reader or (_csv_batches if self.format == "csv" else _jsonl_batches)
         return files.map_batches(
             _read_files,
             batch_size=1,
             fn_kwargs={"reader": reader, "fs": self.filesystem, "columns": columns},
             batch_format="numpy",
         )
+
+
+def _stable_id(text: str) -> int:
+    """A 64-bit id of a text, the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _rejected_file(path: str, reason: str) -> dict:
+    """A one-row batch for an image file, or a whole array file, that cannot be used."""
+    return {
+        "id": np.array([_stable_id(path)], dtype=np.uint64),
+        "image": np.array([None], dtype=object),
+        "label": np.array([None], dtype=object),
+        REJECT_COLUMN: np.array([reason], dtype=object),
+        RAW_COLUMN: np.array([path], dtype=object),
+    }
+
+
+def _image_file_rows(fs, path, columns, root: str, size: int, classes: tuple[str, ...]):
+    """One image file as a row: grey levels resized to size x size (raw bytes), the class
+    of its folder, an id from its path under ``root``; or a rejected row with the reason."""
+    relative = path[len(root) :].lstrip("/")
+    folder, _, name = relative.partition("/")
+    if not name or folder not in classes:
+        yield _rejected_file(
+            path, f"label: {folder!r} is not a class folder ({', '.join(classes)})"
+        )
+        return
+    try:
+        with fs.open_input_file(path) as stream, Image.open(io.BytesIO(stream.read())) as image:
+            grey = image.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(grey, dtype=np.uint8).tobytes()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        yield _rejected_file(path, f"image: not a readable image ({type(exc).__name__})")
+        return
+    yield {
+        "id": np.array([_stable_id(relative)], dtype=np.uint64),
+        "image": np.array([pixels], dtype=object),
+        "label": np.array([classes.index(folder)], dtype=np.int64),
+    }
+
+
+def _npz_arrays(fs, path: str, images_key: str, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of one .npz file; ValueError saying why they are unusable
+    (without the path, which the caller knows)."""
+    try:
+        with fs.open_input_file(path) as stream:
+            arrays = np.load(io.BytesIO(stream.read()), allow_pickle=False)
+            images, labels = arrays[images_key], np.asarray(arrays[labels_key])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"not a .npz file with arrays {images_key!r} and {labels_key!r} ({type(exc).__name__})"
+        ) from None
+    if images.ndim != 3 or images.shape[1] != images.shape[2] or labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"expected square images (N, H, H) and N labels, got {images.shape} and {labels.shape}"
+        )
+    return images, labels
+
+
+def _npz_rows(fs, path, columns, root: str, images_key: str, labels_key: str, size: int):
+    """The rows of one .npz file (images as raw bytes); the file as one rejected row if
+    its arrays are unusable, an image as one if its values are not 0 to 255."""
+    try:
+        images, labels = _npz_arrays(fs, path, images_key, labels_key)
+        if images.shape[1] != size:
+            raise ValueError(f"images of {images.shape[1]}x{images.shape[2]}, not {size}x{size}")
+    except ValueError as exc:
+        yield _rejected_file(path, f"images: {exc}")
+        return
+    relative = path[len(root) :].lstrip("/")
+    ids = np.array([_stable_id(f"{relative}:{i}") for i in range(len(images))], dtype=np.uint64)
+    flat = images.reshape(len(images), -1)
+    bad = ((flat < 0) | (flat > 255)).any(1) if flat.size else np.zeros(0, bool)
+    if (~bad).any():
+        yield {
+            "id": ids[~bad],
+            "image": np.array([row.tobytes() for row in flat[~bad].astype(np.uint8)], dtype=object),
+            "label": labels[~bad],
+        }
+    for i in np.flatnonzero(bad):
+        rejected = _rejected_file(f"{path}:{i}", "images: values outside 0 to 255")
+        rejected["id"] = ids[i : i + 1]
+        yield rejected
 
 
 def _read_files(batch, reader, fs, columns):
@@ -314,6 +409,85 @@ def _user_files(
 def _format_of(path: str) -> str | None:
     name = path.lower().removesuffix(".gz")
     return next((fmt for ext, fmt in FORMATS.items() if name.endswith(ext)), None)
+
+
+#: What an image folder may hold; other files are left alone.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _listed(path: str, storage: Storage, extensions: tuple[str, ...]):
+    """Files under a user's path (local or s3://) with one of ``extensions``, the
+    filesystem, and the folder they were listed from."""
+    fs = storage.fs if path.startswith("s3://") else pafs.LocalFileSystem()
+    where = (path[len("s3://") :] if path.startswith("s3://") else path).rstrip("/")
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data.source.path: no such file or folder {path!r}")
+    if info.type == pafs.FileType.File:
+        return [where], fs, where.rpartition("/")[0]
+    found = sorted(
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(where, recursive=True))
+        if i.type == pafs.FileType.File and i.path.lower().endswith(extensions)
+    )
+    if not found:
+        raise FileNotFoundError(f"data.source.path: no {'/'.join(extensions)} files under {path!r}")
+    return found, fs, where
+
+
+@register_source("image_folder")
+def image_folder_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
+    """Image files, one sub-folder per class, read as grey levels by a reader of our own
+    (a file that cannot be decoded becomes a rejected row, not a failed job)."""
+    source: ImageFolderSource = cfg.data.source
+    paths, fs, root = _listed(source.path, storage, IMAGE_EXTENSIONS)
+    folders = sorted(
+        {
+            p[len(root) :].lstrip("/").partition("/")[0]
+            for p in paths
+            if "/" in p[len(root) :].lstrip("/")
+        }
+    )
+    classes = tuple(source.class_names or folders)
+    if len(classes) < 2:
+        raise ValueError(
+            f"data.source.path: {source.path!r} holds {len(classes)} class folder(s) "
+            f"({', '.join(classes) or 'none'}); classification needs at least 2"
+        )
+    return DataSource(
+        paths=paths,
+        filesystem=fs,
+        format="image",
+        features=ImageFeatures("id", "image", "label", source.image_size, classes, max_value=255),
+        reader=partial(_image_file_rows, root=root, size=source.image_size, classes=classes),
+    )
+
+
+@register_source("numpy")
+def numpy_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
+    """Images and labels in .npz files; the image size is the first file's."""
+    source: NumpySource = cfg.data.source
+    paths, fs, root = _listed(source.path, storage, (".npz",))
+    try:
+        images, _ = _npz_arrays(fs, paths[0], source.images_key, source.labels_key)
+    except ValueError as exc:
+        raise ValueError(f"data.source.path: {paths[0]}: {exc}") from None
+    size = images.shape[1]
+    return DataSource(
+        paths=paths,
+        filesystem=fs,
+        format="npz",
+        features=ImageFeatures(
+            "id", "image", "label", size, tuple(source.class_names), max_value=255
+        ),
+        reader=partial(
+            _npz_rows,
+            root=root,
+            images_key=source.images_key,
+            labels_key=source.labels_key,
+            size=size,
+        ),
+    )
 
 
 @register_source("parquet")

@@ -482,6 +482,21 @@ class TextPairPreprocessor(TokenizedText):
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def check_sources(self, texts: list[str]) -> None:
+        """ValueError naming the first text that is blank or longer than the model reads."""
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"prompt {i + 1}: empty text")
+            tokens = len(self._tokenizer.encode(text).ids)
+            if tokens > self.max_length:
+                raise ValueError(
+                    f"prompt {i + 1}: {tokens} tokens, more than the {self.max_length} "
+                    "the model reads (data.features.max_length)"
+                )
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kind": "text_pair"}
+
     def transform(self, batch):
         source = self.source_ids(batch[self.text_column])
         if self.target_column not in batch:

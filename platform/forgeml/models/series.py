@@ -65,8 +65,12 @@ class RNNForecaster(nn.Module):
         self.naive = NaiveForecast(inputs, num_outputs)
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        output, _ = self.rnn(self.project(windows))
-        return self.head(self.dropout(output[:, -1])) + self.naive(windows)
+        _, state = self.rnn(self.project(windows))
+        final = state[0] if isinstance(state, tuple) else state  # LSTM: (h, c); GRU: h
+        # The last layer's final states: forward after the newest step, and (if
+        # bidirectional) backward after the oldest, each having read the whole window.
+        last = torch.cat([final[-2], final[-1]], -1) if self.rnn.bidirectional else final[-1]
+        return self.head(self.dropout(last)) + self.naive(windows)
 
 
 def reads_series(inputs: ModelInputs) -> bool:

@@ -11,17 +11,19 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-DieCode = Annotated[int, Field(ge=0, le=2)]
+#: One value of a single-channel image; each model checks its own range (wafer maps 0-2).
+Pixel = Annotated[int, Field(ge=0, le=255)]
 
 
 class ImageInstance(BaseModel):
-    """One wafer map: a square array of die codes (0 outside, 1 good, 2 defect), or the same
-    codes as the grey levels of a base64-encoded 8-bit PNG. Exactly one of the two."""
+    """One square single-channel image: an array of values (wafer maps: die codes, 0
+    outside, 1 good, 2 defect), or the same values as the grey levels of a base64-encoded
+    8-bit PNG. Exactly one of the two."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: list[list[DieCode]] | None = Field(None, description="Rows of die codes.")
-    image_png_base64: str | None = Field(None, description="Base64 PNG whose pixels are codes.")
+    image: list[list[Pixel]] | None = Field(None, description="Rows of values.")
+    image_png_base64: str | None = Field(None, description="Base64 PNG of the values.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageInstance:
@@ -46,8 +48,6 @@ class ImageInstance(BaseModel):
             raise ValueError("'image_png_base64' is not valid base64") from None
         except (UnidentifiedImageError, OSError):
             raise ValueError("'image_png_base64' does not hold a readable PNG image") from None
-        if array.max(initial=0) > 2:
-            raise ValueError("PNG pixels must be die codes 0, 1 or 2")
         return array.astype(np.uint8)
 
 
@@ -70,7 +70,7 @@ def _instance_kind(value) -> str:
         isinstance(value, dict) and {"image", "image_png_base64"} & value.keys()
     ):
         return "image"
-    if isinstance(value, SeriesInstance) or (isinstance(value, dict) and "history" in value):
+    if isinstance(value, SeriesInstance) or (isinstance(value, dict) and set(value) == {"history"}):
         return "series"
     return "features"
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torchmetrics
 from torchmetrics import regression as tmr
+from torchmetrics.wrappers.abstract import WrapperMetric
 
 from forgeml.config import ForecastTask as ForecastConfig
 from forgeml.data.preprocessing import TargetSpec
@@ -15,18 +16,24 @@ from forgeml.tasks import histogram, register_task
 from forgeml.tasks.regression import LOSSES, RMSE
 
 
-class Observed(torchmetrics.Metric):
-    """A regression metric over the target values that were observed (not NaN)."""
-
-    full_state_update = False
+class Observed(WrapperMetric):
+    """A regression metric over the target values that were observed (not NaN); the
+    wrapped metric keeps the state and synchronises it across ranks."""
 
     def __init__(self, metric: torchmetrics.Metric):
         super().__init__()
         self.metric = metric
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+    @staticmethod
+    def _observed(preds: torch.Tensor, target: torch.Tensor):
         observed = torch.isfinite(target)
-        self.metric.update(preds[observed], target[observed])
+        return preds[observed], target[observed]
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.metric.update(*self._observed(preds, target))
+
+    def forward(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.metric(*self._observed(preds, target))
 
     def compute(self) -> torch.Tensor:
         return self.metric.compute()

@@ -89,8 +89,9 @@ class LanguageModelTask:
         generator: torch.Generator,
     ) -> list[str]:
         """Each prompt ("" starts a text) with a continuation sampled one token at a time
-        from the ``top_k`` most likely (0: all), until [EOS] or ``max_tokens`` new tokens.
-        Only the last ``max_length`` tokens are in view, as in training."""
+        from the ``top_k`` most likely (0: all; 1: the most likely), until [EOS] or
+        ``max_tokens`` new tokens. Past ``max_length`` tokens the model sees the last
+        ``max_length`` only, a window without the [BOS] that training always had."""
         model.eval()
         texts = extend(
             lambda ids, rows: model(ids),
@@ -103,7 +104,7 @@ class LanguageModelTask:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How ``extend`` picks tokens: ``top_k`` 1 is greedy decoding."""
+    """How ``extend`` picks tokens: ``top_k`` 1 is greedy decoding (temperature unused)."""
 
     context: int  # tokens in view, the last ones
     max_tokens: int
@@ -132,14 +133,17 @@ def extend(
             ids[row, : len(window)] = torch.tensor(window)
         last = torch.tensor([len(window) - 1 for window in windows])
         logits = next_logits(ids, running)[torch.arange(len(windows)), last].float()
-        logits = logits / sampling.temperature
-        if sampling.top_k:
-            kth = logits.topk(min(sampling.top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        logits[:, PAD_ID] = -math.inf
-        probabilities = torch.softmax(logits, -1)
-        drawn = torch.multinomial(probabilities, 1, generator=sampling.generator)
-        for i, token in zip(running, drawn.squeeze(1).tolist(), strict=True):
+        logits[:, PAD_ID] = -math.inf  # before the top-k cut, which must keep real tokens
+        if sampling.top_k == 1:
+            drawn = logits.argmax(-1)
+        else:
+            logits = logits / sampling.temperature
+            if sampling.top_k:
+                kth = logits.topk(min(sampling.top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            probabilities = torch.softmax(logits, -1)
+            drawn = torch.multinomial(probabilities, 1, generator=sampling.generator).squeeze(1)
+        for i, token in zip(running, drawn.tolist(), strict=True):
             sequences[i].append(token)
         running = [i for i in running if sequences[i][-1] != end_id]
     return sequences

@@ -32,13 +32,18 @@ class Seq2SeqTask(LanguageModelTask):
         generator: torch.Generator,
     ) -> list[str]:
         """The translation of each prompt, decoded one token at a time from the ``top_k``
-        most likely (1: greedy), up to [EOS] or ``max_tokens`` tokens."""
+        most likely (1: greedy), up to [EOS] or ``max_tokens`` tokens. ValueError for a
+        blank prompt or one longer than the model reads."""
+        preprocessor.check_sources(prompts)
         sampling = Sampling(preprocessor.max_length, max_tokens, temperature, top_k, generator)
-        return self.translate(model, preprocessor, prompts, sampling)
+        return self.translate(model, preprocessor, preprocessor.source_ids(prompts), sampling)
 
-    def translate(self, model: nn.Module, preprocessor, sources, sampling: Sampling) -> list[str]:
+    def translate(
+        self, model: nn.Module, preprocessor, source_ids: np.ndarray, sampling: Sampling
+    ) -> list[str]:
+        """Translations of (N, max_length) source token ids."""
         model.eval()
-        source = torch.from_numpy(preprocessor.source_ids(sources))
+        source = torch.from_numpy(source_ids)
         length = source.shape[1]
 
         def next_logits(ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -64,8 +69,7 @@ class Seq2SeqTask(LanguageModelTask):
         hypotheses, references = [], []
         with torch.no_grad():
             for batch in batches:
-                sources = [preprocessor.decode(ids) for ids in batch["inputs"][:, 0]]
-                hypotheses += self.translate(model, preprocessor, sources, greedy)
+                hypotheses += self.translate(model, preprocessor, batch["inputs"][:, 0], greedy)
                 references += [preprocessor.decode(ids) for ids in batch["target"]]
         exact = np.mean([h == r for h, r in zip(hypotheses, references, strict=True)])
         return {
