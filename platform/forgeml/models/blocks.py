@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from forgeml.config import TransformerConfig
+from forgeml.config import RNNConfig, TransformerConfig
 
 
 def encoder_layer(cfg: TransformerConfig) -> nn.TransformerEncoderLayer:
@@ -18,4 +18,17 @@ def encoder(cfg: TransformerConfig, norm: nn.Module | None = None) -> nn.Transfo
     """``cfg.layers`` pre-norm encoder layers (nested tensors do not apply to pre-norm)."""
     return nn.TransformerEncoder(
         encoder_layer(cfg), cfg.layers, norm=norm, enable_nested_tensor=False
+    )
+
+
+def recurrent(cfg: RNNConfig) -> nn.LSTM | nn.GRU:
+    """The configured LSTM or GRU over ``cfg.embedding_dim``-wide steps (batch first)."""
+    cell = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+    return cell(
+        cfg.embedding_dim,
+        cfg.hidden,
+        num_layers=cfg.layers,
+        batch_first=True,
+        bidirectional=cfg.bidirectional,
+        dropout=cfg.dropout if cfg.layers > 1 else 0.0,
     )

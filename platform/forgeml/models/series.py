@@ -15,7 +15,7 @@ from torch import nn
 from forgeml.config import RNNConfig, TransformerConfig
 from forgeml.data.preprocessing import ModelInputs
 from forgeml.data.series import naive_steps
-from forgeml.models.blocks import encoder
+from forgeml.models.blocks import encoder, recurrent
 
 
 class NaiveForecast(nn.Module):
@@ -51,15 +51,7 @@ class RNNForecaster(nn.Module):
     def __init__(self, cfg: RNNConfig, inputs: ModelInputs, num_outputs: int):
         super().__init__()
         self.project = nn.Linear(inputs.shape[1], cfg.embedding_dim)
-        cell = nn.LSTM if cfg.cell == "lstm" else nn.GRU
-        self.rnn = cell(
-            cfg.embedding_dim,
-            cfg.hidden,
-            num_layers=cfg.layers,
-            batch_first=True,
-            bidirectional=cfg.bidirectional,
-            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
-        )
+        self.rnn = recurrent(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden * (2 if cfg.bidirectional else 1), num_outputs)
         self.naive = NaiveForecast(inputs, num_outputs)

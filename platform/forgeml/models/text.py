@@ -21,7 +21,7 @@ from forgeml.config import (
 )
 from forgeml.data.preprocessing import ModelInputs
 from forgeml.models import register_model
-from forgeml.models.blocks import encoder
+from forgeml.models.blocks import encoder, recurrent
 from forgeml.models.series import RNNForecaster, TransformerForecaster, reads_series
 
 
@@ -53,15 +53,7 @@ class RNNClassifier(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(inputs.vocab_size, cfg.embedding_dim, padding_idx=0)
         self.dropout = nn.Dropout(cfg.dropout)
-        cell = nn.LSTM if cfg.cell == "lstm" else nn.GRU
-        self.rnn = cell(
-            cfg.embedding_dim,
-            cfg.hidden,
-            num_layers=cfg.layers,
-            batch_first=True,
-            bidirectional=cfg.bidirectional,
-            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
-        )
+        self.rnn = recurrent(cfg)
         width = cfg.hidden * (2 if cfg.bidirectional else 1)
         self.head = nn.Linear(width, num_outputs)
 
