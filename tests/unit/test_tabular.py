@@ -283,7 +283,15 @@ def test_classification_config_accepts_a_table():
 
 
 @pytest.mark.parametrize(
-    "module", ["forgeml.data.tabular", "forgeml.data.text", "forgeml.data.preprocessing"]
+    "module",
+    [
+        "forgeml.data.tabular",
+        "forgeml.data.text",
+        "forgeml.data.preprocessing",
+        "forgeml.data.series",
+        "forgeml.models.series",
+        "forgeml.tasks.seq2seq",
+    ],
 )
 def test_each_data_module_imports_first_in_a_fresh_process(module):
     """A Ray worker that unpickles a class imports its module before any other."""
