@@ -99,9 +99,9 @@ def text_request_columns(instances, column: str) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class TextColumns:
-    """What the text kinds share before fitting: the columns they read (``named``, and
-    the id column if any), row ids (without an id column, a hash of the named values),
-    and no compaction."""
+    """What the text kinds share before fitting: the columns they read (the ones each
+    kind's ``named`` property lists, and the id column if any), row ids (without an id
+    column, a hash of the named values), and no compaction."""
 
     cfg: TextConfig | CorpusConfig | TextPairConfig  # each kind narrows it
     id_column: str | None
@@ -111,10 +111,6 @@ class TextColumns:
     def __post_init__(self):
         extra = [self.id_column] if self.id_column else []
         object.__setattr__(self, "columns", [*self.named, *extra])
-
-    @property
-    def named(self) -> list[str]:
-        raise NotImplementedError
 
     def row_ids(self, batch):
         return row_ids(batch, self.id_column, self.named)

@@ -155,22 +155,24 @@ def _token_inputs(kind: str, inputs: ModelInputs) -> None:
         )
 
 
+def _sequence_model(kind: str, forecaster, classifier, cfg, inputs: ModelInputs, outputs: int):
+    """A forecaster of series windows, or a classifier of token ids."""
+    if reads_series(inputs):
+        return forecaster(cfg, inputs, outputs)
+    _token_inputs(kind, inputs)
+    return classifier(cfg, inputs, outputs)
+
+
 @register_model("transformer")
 def build_transformer(cfg: TransformerConfig, inputs: ModelInputs, num_outputs: int):
-    """A classifier of token ids, or a forecaster of series windows."""
-    if reads_series(inputs):
-        return TransformerForecaster(cfg, inputs, num_outputs)
-    _token_inputs("transformer", inputs)
-    return TransformerClassifier(cfg, inputs, num_outputs)
+    return _sequence_model(
+        "transformer", TransformerForecaster, TransformerClassifier, cfg, inputs, num_outputs
+    )
 
 
 @register_model("rnn")
 def build_rnn(cfg: RNNConfig, inputs: ModelInputs, num_outputs: int):
-    """A classifier of token ids, or a forecaster of series windows."""
-    if reads_series(inputs):
-        return RNNForecaster(cfg, inputs, num_outputs)
-    _token_inputs("rnn", inputs)
-    return RNNClassifier(cfg, inputs, num_outputs)
+    return _sequence_model("rnn", RNNForecaster, RNNClassifier, cfg, inputs, num_outputs)
 
 
 @register_model("causal_transformer")
