@@ -55,6 +55,8 @@ examples: setup
 	$(BIN)/python examples/tweets_lm/compare.py
 	$(BIN)/python jobs/train.py --config examples/dates/config.yaml
 	$(BIN)/python examples/forecasting/compare.py
+	$(BIN)/python jobs/train.py --config examples/wafer_generative/vae.yaml
+	$(BIN)/python jobs/train.py --config examples/wafer_generative/dcgan.yaml
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

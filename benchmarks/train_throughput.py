@@ -70,7 +70,7 @@ def plain_pytorch(cfg, images: np.ndarray, labels: np.ndarray, target) -> list[f
         order = rng.permutation(len(images))
         for start in range(0, len(order), cfg.train.batch_size):
             index = order[start : start + cfg.train.batch_size]
-            x = torch.from_numpy(augment(images[index], True, True, rng))
+            x = torch.from_numpy(augment([images[index]], True, True, rng)[0])
             y = torch.from_numpy(labels[index])
             loss = task.loss(model(x), y)
             optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ forgeml train --config examples/wafer/config.yaml [--set train.max_epochs=3] [--
 forgeml tune --config examples/wafer/tune.yaml [--set tune.num_trials=8] [--resume [SEARCH]]
 forgeml serve run|deploy|build --model NAME[:vN] [--storage-root ROOT]
 forgeml generate --model NAME[:vN] [--prompt TEXT] [--samples 5] [--temperature 1.0]
+forgeml generate --model NAME[:vN] --output samples.png|samples.npz [--samples 64]
 forgeml config schema
 forgeml config validate --config FILE [--set ...]
 forgeml models list [--config FILE | --storage-root ROOT]
@@ -18,6 +19,7 @@ import sys
 import time
 
 from forgeml.config import (
+    IMAGE_GENERATION_TASKS,
     SERVED_TASKS,
     ConfigError,
     ExperimentConfig,
@@ -73,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="draw samples from a generative model")
     generate.add_argument(
-        "--model", required=True, metavar="NAME[:vN]", help="a registered language or seq2seq model"
+        "--model",
+        required=True,
+        metavar="NAME[:vN]",
+        help="a registered language, seq2seq, vae or gan model",
     )
     _add_storage_arguments(generate)
     generate.add_argument(
@@ -83,7 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="text to continue, or to translate (repeatable); default: start new texts",
     )
-    generate.add_argument("--samples", type=_at_least(int, 0), default=5, help="samples per prompt")
+    generate.add_argument(
+        "--samples",
+        type=_at_least(int, 0),
+        default=None,
+        help="samples per prompt (default 5), or images (default 64)",
+    )
+    generate.add_argument(
+        "--output",
+        metavar="FILE",
+        help="image models: a .png grid of the images, or .npz with their values ('images')",
+    )
     generate.add_argument(
         "--max-tokens", type=_at_least(int, 0), default=40, help="new tokens per sample, at most"
     )
@@ -253,9 +268,12 @@ def _train(args: argparse.Namespace) -> int:
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
     root = cfg.storage.root
     if cfg.task.kind not in SERVED_TASKS:
+        needs = {"seq2seq": " --prompt TEXT"} | dict.fromkeys(
+            IMAGE_GENERATION_TASKS, " --output samples.png"
+        )
         print(
             f"sample it: forgeml generate --model {outcome.version.ref} --storage-root {root}"
-            + (" --prompt TEXT" if cfg.task.kind == "seq2seq" else "")
+            + needs.get(cfg.task.kind, "")
         )
         return 0
     print(
@@ -294,14 +312,19 @@ def _generate(args: argparse.Namespace) -> int:
 
     loaded = load_model(ModelRegistry(Storage(_storage_config(args))), args.model)
     task, kind = loaded.task, loaded.config.task.kind
+    if hasattr(task, "draw"):
+        return _draw_images(args, loaded)
     if not hasattr(task, "sample"):
         raise ValueError(
             f"{loaded.version.ref}: a {kind} model does not generate; forgeml generate "
-            "draws from language models and seq2seq models"
+            "draws from language, seq2seq, vae and gan models"
         )
+    if args.output:
+        raise ValueError(f"{loaded.version.ref}: --output is for image models; texts print")
     if task.needs_prompts and not args.prompts:
         raise ValueError(f"{loaded.version.ref}: a {kind} model translates --prompt texts")
-    prompts = [prompt for prompt in args.prompts or [""] for _ in range(args.samples)]
+    samples = 5 if args.samples is None else args.samples
+    prompts = [prompt for prompt in args.prompts or [""] for _ in range(samples)]
     samples = task.sample(
         loaded.model,
         loaded.preprocessor,
@@ -313,6 +336,36 @@ def _generate(args: argparse.Namespace) -> int:
     )
     for sample in samples:
         print(sample)
+    return 0
+
+
+def _draw_images(args: argparse.Namespace, loaded) -> int:
+    """Draw images from a vae or gan model into a PNG grid or an .npz file."""
+    import io
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from forgeml.tasks.generative import map_grid_png
+
+    ref = loaded.version.ref
+    if args.prompts:
+        raise ValueError(
+            f"{ref}: a {loaded.config.task.kind} model draws images; it takes no --prompt"
+        )
+    output = Path(args.output or "")
+    if output.suffix not in (".png", ".npz"):
+        raise ValueError(f"{ref}: draws images: give --output FILE.png (a grid) or FILE.npz")
+    count = 64 if args.samples is None else args.samples
+    images = loaded.task.draw(loaded.model, count, torch.Generator().manual_seed(args.seed))
+    if output.suffix == ".png":
+        output.write_bytes(map_grid_png(images, loaded.preprocessor.max_value))
+    else:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=images)
+        output.write_bytes(buffer.getvalue())
+    print(f"wrote {count} images drawn from {ref} to {output}")
     return 0
 
 

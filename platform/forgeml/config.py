@@ -421,13 +421,41 @@ class Seq2SeqTransformerConfig(TransformerConfig):
     )
 
 
+class ConvVAEConfig(Section):
+    """A convolutional variational autoencoder over images whose values are categories
+    (die codes 0 to 2 for wafer maps): a strided-conv encoder to a Gaussian latent, a
+    transposed-conv decoder to per-pixel category logits."""
+
+    kind: Literal["conv_vae"] = Field("conv_vae", description="Selects this variant.")
+    latent_dim: int = Field(32, ge=2, le=1024, description="Size of the latent code.")
+    width: int = Field(
+        32, ge=4, le=512, description="Channels of the first conv; doubles per level."
+    )
+    depth: int = Field(3, ge=1, le=6, description="Stride-2 levels; each halves the image side.")
+
+
+class DCGANConfig(Section):
+    """A DCGAN: a transposed-conv generator from a Gaussian latent to per-pixel category
+    logits, sampled straight-through (Gumbel-softmax) so that the discriminator sees
+    one-hot maps from both sides, and a strided-conv discriminator."""
+
+    kind: Literal["dcgan"] = Field("dcgan", description="Selects this variant.")
+    latent_dim: int = Field(64, ge=2, le=1024, description="Size of the generator's noise.")
+    width: int = Field(
+        32, ge=4, le=512, description="Channels of the finest level; doubles per level."
+    )
+    depth: int = Field(3, ge=1, le=6, description="Stride-2 levels; each halves the image side.")
+
+
 ModelConfig = Annotated[
     CNNConfig
     | MLPConfig
     | TransformerConfig
     | RNNConfig
     | CausalTransformerConfig
-    | Seq2SeqTransformerConfig,
+    | Seq2SeqTransformerConfig
+    | ConvVAEConfig
+    | DCGANConfig,
     Field(discriminator="kind"),
 ]
 
@@ -470,8 +498,52 @@ class Seq2SeqTask(Section):
     kind: Literal["seq2seq"] = Field("seq2seq", description="Selects this variant.")
 
 
+class JudgeConfig(Section):
+    """A registered image classifier that rates generated maps, as a wafer engineer's
+    triage model would rate real ones."""
+
+    model: str = Field(description="Registered classifier, NAME or NAME:vN, in this storage.")
+    min_confidence: float = Field(
+        0.9, gt=0, lt=1, description="Probability from which a class assignment counts."
+    )
+    no_defect_class: str = Field(
+        "none", description="The class that means no defect pattern; every other is a defect."
+    )
+
+
+class ImageGenerationTask(Section):
+    samples: int = Field(
+        512, ge=16, le=100_000, description="Images drawn after training, to rate and to show."
+    )
+    judge: JudgeConfig | None = Field(
+        None, description="Classifier that rates the drawn images; none: they are only shown."
+    )
+
+
+class VAETask(ImageGenerationTask):
+    """Learn the images' distribution by maximising the evidence lower bound (ELBO): the
+    likelihood of every pixel's category under the decoder, minus the latent code's KL
+    divergence from the prior. Loss and metrics are per image, in nats."""
+
+    kind: Literal["vae"] = Field("vae", description="Selects this variant.")
+
+
+class GANTask(ImageGenerationTask):
+    """Adversarial training (non-saturating loss): the discriminator learns to tell real
+    images from generated ones, the generator to be taken for real. Both players step on
+    every batch together, so one optimizer and one checkpoint hold them."""
+
+    kind: Literal["gan"] = Field("gan", description="Selects this variant.")
+
+
 TaskConfig = Annotated[
-    ClassificationTask | RegressionTask | ForecastTask | LanguageModelTask | Seq2SeqTask,
+    ClassificationTask
+    | RegressionTask
+    | ForecastTask
+    | LanguageModelTask
+    | Seq2SeqTask
+    | VAETask
+    | GANTask,
     Field(discriminator="kind"),
 ]
 
@@ -482,6 +554,8 @@ TASK_METRICS = {
     "forecast": ("val_rmse", "val_mae"),
     "language_model": ("val_perplexity",),
     "seq2seq": ("val_perplexity",),
+    "vae": ("val_reconstruction_error",),
+    "gan": ("val_discriminator_accuracy",),
 }
 
 #: Every validation metric some task reports.
@@ -497,8 +571,16 @@ TASK_PARTS = {
     "forecast": ("series", SEQUENCE_MODELS),
 }
 
+#: Tasks that learn to draw images like the source's (models conv_vae and dcgan).
+IMAGE_GENERATION_TASKS = ("vae", "gan")
+
 #: Models made for one task only.
-MODEL_TASKS = {"causal_transformer": "language_model", "seq2seq_transformer": "seq2seq"}
+MODEL_TASKS = {
+    "causal_transformer": "language_model",
+    "seq2seq_transformer": "seq2seq",
+    "conv_vae": "vae",
+    "dcgan": "gan",
+}
 
 
 # ---------------------------------------------------------------------------- train
@@ -509,6 +591,17 @@ class OptimizerConfig(Section):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled (AdamW) or L2 (SGD) decay.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999),
+        description="AdamW's decay rates of its gradient averages (ignored by SGD); GANs "
+        "train with (0.5, 0.999).",
+    )
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimizerConfig:
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must each be in [0, 1) (got {list(self.betas)})")
+        return self
 
 
 class ConstantSchedule(Section):
@@ -545,12 +638,14 @@ Schedule = Annotated[
 
 class EarlyStoppingConfig(Section):
     enabled: bool = Field(True, description="Stop when the metric stops improving.")
-    metric: Literal[VALIDATION_METRICS] = Field(
+    metric: Literal[(*VALIDATION_METRICS, "epoch")] = Field(
         "val_loss",
         description="Validation metric watched by early stopping and checkpoints; "
         "classification reports val_accuracy and val_macro_f1, regression val_rmse, "
         "val_mae and val_r2, forecast val_rmse and val_mae, language_model and seq2seq "
-        "val_perplexity.",
+        "val_perplexity, vae val_reconstruction_error, gan val_discriminator_accuracy. "
+        "epoch (mode max) keeps the last epoch and never stops early: for GANs, whose "
+        "losses do not measure how good their images are.",
     )
     mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
     patience: int = Field(4, ge=1, description="Epochs without improvement before stopping.")
@@ -847,6 +942,15 @@ class ExperimentConfig(Section):
                 f"model: {self.model.kind} is made for task {made_for}; task "
                 f"{self.task.kind} needs another model"
             )
+        if self.task.kind in IMAGE_GENERATION_TASKS:
+            model = next(m for m, t in MODEL_TASKS.items() if t == self.task.kind)
+            if self.model.kind != model:
+                raise ValueError(f"model: task {self.task.kind} needs model {model}")
+            if not images:
+                raise ValueError(
+                    f"task: {self.task.kind} draws images and needs an image source "
+                    f"({', '.join(IMAGE_SOURCES)}); data.source is {self.data.source.kind}"
+                )
         if self.model.kind == "cnn" and not images:
             raise ValueError(
                 f"model: cnn needs an image source ({', '.join(IMAGE_SOURCES)}); "
@@ -867,11 +971,11 @@ class ExperimentConfig(Section):
                 "task: regression needs a numeric target: a table source with tabular features"
             )
         allowed = ("val_loss", "train_loss", *TASK_METRICS[self.task.kind])
-        watched = [("train.early_stopping.metric", self.train.early_stopping.metric)]
+        watched = [("train.early_stopping.metric", self.train.early_stopping.metric, "epoch")]
         if self.tune is not None:
-            watched.append(("tune.metric", self.tune.metric))
-        for path, metric in watched:
-            if metric not in allowed:
+            watched.append(("tune.metric", self.tune.metric, None))
+        for path, metric, also in watched:
+            if metric not in (*allowed, also):
                 raise ValueError(
                     f"{path}: {self.task.kind} does not report {metric}; choose one of "
                     f"{', '.join(allowed)}"

@@ -6,13 +6,14 @@ model.pt           weights plus what rebuilds the module (model config, input sh
 metrics.json       test metrics and the training history
 reference.json     input and prediction statistics for drift detection
 MODEL_CARD.md      what it is, data, metrics, intended use, limits
+samples.png        generative models only: a grid of images they drew
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
@@ -20,7 +21,12 @@ import yaml
 from pydantic import TypeAdapter
 
 import forgeml
-from forgeml.config import ExperimentConfig, ModelConfig, config_from_dict
+from forgeml.config import (
+    IMAGE_GENERATION_TASKS,
+    ExperimentConfig,
+    ModelConfig,
+    config_from_dict,
+)
 from forgeml.data.preprocessing import (
     ModelInputs,
     Preprocessor,
@@ -42,6 +48,7 @@ class PackageContents:
     state_dict: dict
     metrics: dict
     reference: dict
+    files: dict[str, bytes] = field(default_factory=dict)  # more, by name (samples.png)
 
 
 def package_files(contents: PackageContents) -> dict[str, bytes]:
@@ -64,6 +71,7 @@ def package_files(contents: PackageContents) -> dict[str, bytes]:
         "metrics.json": json.dumps(contents.metrics, indent=2).encode(),
         "reference.json": json.dumps(contents.reference, indent=2).encode(),
         "MODEL_CARD.md": model_card(contents).encode(),
+        **contents.files,
     }
 
 
@@ -72,6 +80,9 @@ INPUT_DESCRIPTIONS = {
     "image": "a {height}x{width} single-channel image of values 0 to {max_value} (for "
     "wafer maps: 0 outside the wafer, 1 good die, 2 defective die), standardised with the "
     "statistics in `preprocessor.json`",
+    "image-codes": "a {height}x{width} single-channel image whose values 0 to {max_value} "
+    "are categories (for wafer maps: 0 outside the wafer, 1 good die, 2 defective die), "
+    "read one-hot",
     "tabular": "a record of numeric features ({numeric}) and categorical features "
     "({categorical}); missing values imputed, numbers scaled and categories encoded with "
     "the state in `preprocessor.json`, fitted on the training split",
@@ -86,8 +97,21 @@ INPUT_DESCRIPTIONS = {
     "tokenizer is in `preprocessor.json`)",
 }
 
-#: Intended use and limits, by the source the model was trained on.
+#: Intended use and limits, by the source the model was trained on (or, for models
+#: that draw images, by that).
 USE_AND_LIMITS = {
+    "generative": """## Intended use
+Drawing new images like the training data: more examples of rare patterns for other
+models to train on, test inputs for pipelines, a look at what the model has learnt.
+`samples.png` shows some.
+
+## Limits
+- Drawn images are not measurements: never mix them into test data or report them as
+  real.
+- A judge's ratings say what one classifier sees in the images, not whether they are
+  physically plausible.
+- The model learnt the training data above only, including its biases.
+""",
     "wafer": """## Intended use
 Triage of wafer maps into failure-pattern classes, to route wafers to the right
 root-cause analysis. A human reviews low-confidence predictions.
@@ -141,7 +165,10 @@ def model_card(contents: PackageContents) -> str:
             "numeric": ", ".join(described["numeric"]) or "none",
             "categorical": ", ".join(described["categorical"]) or "none",
         }
-    if target.classes:
+    generative = cfg.task.kind in IMAGE_GENERATION_TASKS
+    if generative:
+        what = f"{described['height']}x{described['width']} images like those of `{target.name}`"
+    elif target.classes:
         what = f"{len(target.classes)} classes of `{target.name}`: {', '.join(target.classes)}"
     elif target.horizon:
         what = f"the next {target.horizon} values of `{target.name}`"
@@ -153,9 +180,10 @@ def model_card(contents: PackageContents) -> str:
     augment = (
         f"\nTraining used random quarter-turns={cfg.data.augment.rotate90} and "
         f"flips={cfg.data.augment.flip}."
-        if described["kind"] == "image"
+        if described["kind"].startswith("image")
         else ""
     )
+    use = "generative" if generative else cfg.data.source.kind
     return f"""# {cfg.name}
 
 Trained by forgeml {forgeml.__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
@@ -172,7 +200,7 @@ Source `{cfg.data.source.kind}`, split deterministically by row id with seed {cf
 ## Test metrics
 {_metric_lines(test)}{_per_class_table(test, target.classes)}
 
-{USE_AND_LIMITS.get(cfg.data.source.kind, USE_AND_LIMITS["default"])}"""
+{USE_AND_LIMITS.get(use, USE_AND_LIMITS["default"])}"""
 
 
 @dataclass

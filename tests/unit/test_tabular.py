@@ -291,6 +291,8 @@ def test_classification_config_accepts_a_table():
         "forgeml.data.series",
         "forgeml.models.series",
         "forgeml.tasks.seq2seq",
+        "forgeml.models.generative",
+        "forgeml.tasks.generative",
     ],
 )
 def test_each_data_module_imports_first_in_a_fresh_process(module):

@@ -133,10 +133,19 @@ def test_decode_accepts_flat_and_object_columns():
 def test_augmentation_only_rotates_and_flips():
     rng = np.random.default_rng(0)
     images = rng.random((64, 1, 8, 8)).astype(np.float32)
-    out = augment(images, rotate90=True, flip=True, rng=rng)
+    (out,) = augment([images], rotate90=True, flip=True, rng=rng)
     assert not np.array_equal(out, images)
     for original, changed in zip(images, out, strict=True):
         variants = [np.rot90(original, k, axes=(1, 2)) for k in range(4)]
         variants += [v[..., ::-1] for v in variants]
         assert any(np.array_equal(changed, v) for v in variants)
-    np.testing.assert_array_equal(augment(images, False, False, rng), images)
+    np.testing.assert_array_equal(augment([images], False, False, rng)[0], images)
+
+
+def test_augmentation_turns_an_image_target_with_its_input():
+    """Generative models reconstruct their input: both must get the same transform."""
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 3, (64, 8, 8)).astype(np.uint8)
+    inputs, target = augment([codes, codes.copy()], rotate90=True, flip=True, rng=rng)
+    assert not np.array_equal(inputs, codes)
+    np.testing.assert_array_equal(inputs, target)

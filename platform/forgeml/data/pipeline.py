@@ -74,8 +74,11 @@ class PreparedData:
 
 
 def _augment(batch, rotate90: bool, flip: bool):
+    """The images of a batch: its inputs, and its target when that is the image too."""
+    names = ["inputs", *(["target"] if batch["target"].ndim >= 3 else [])]
     # Unseeded on purpose: every epoch and every block must see fresh transforms.
-    batch["inputs"] = augment(batch["inputs"], rotate90, flip, np.random.default_rng())
+    turned = augment([batch[name] for name in names], rotate90, flip, np.random.default_rng())
+    batch.update(zip(names, turned, strict=True))
     return batch
 
 

@@ -203,7 +203,8 @@ WAFER_MAX = 2
 class ImageFeatures:
     """Square single-channel images in ``image_column`` (values 0 to ``max_value``: die
     codes 0 to 2 for wafer maps, grey levels to 255 for pictures) and a class index in
-    ``label_column``."""
+    ``label_column``. With ``codes`` the model reads each value as a category, and the
+    image itself is the target (generative models)."""
 
     id_column: str
     image_column: str
@@ -211,6 +212,7 @@ class ImageFeatures:
     image_size: int
     class_names: tuple[str, ...]
     max_value: int = WAFER_MAX
+    codes: bool = False
     columns: list[str] = field(init=False)
     augmentable = True
 
@@ -274,7 +276,9 @@ DEFECT_CODE = 2
 @dataclass(frozen=True)
 class ImagePreprocessor:
     """Standardises image values (wafer die codes, or grey levels) with training-split
-    moments."""
+    moments, for classifiers. With ``codes`` it keeps every value as it is, a category
+    out of ``max_value + 1``, and the image is also the target: what generative models
+    read and learn to draw."""
 
     image_size: int
     mean: float
@@ -283,6 +287,7 @@ class ImagePreprocessor:
     image_column: str = "image"
     label_column: str = "label"
     max_value: int = WAFER_MAX
+    codes: bool = False
 
     kind = "image-standardize"
     refuses_rows = False
@@ -300,14 +305,22 @@ class ImagePreprocessor:
             image_column=features.image_column,
             label_column=features.label_column,
             max_value=features.max_value,
+            codes=features.codes,
         )
 
     @property
     def model_inputs(self) -> ModelInputs:
-        return ModelInputs(shape=(1, self.image_size, self.image_size))
+        side = self.image_size
+        if self.codes:
+            return ModelInputs(shape=(side, side), dtype="int64", vocab_size=self.max_value + 1)
+        return ModelInputs(shape=(1, side, side))
 
     @property
     def target(self) -> TargetSpec:
+        if self.codes:
+            return TargetSpec(
+                classes=self.class_names, name=self.image_column, vocab_size=self.max_value + 1
+            )
         return TargetSpec(classes=self.class_names, name=self.label_column)
 
     def reject_reasons(self, batch):
@@ -325,6 +338,8 @@ class ImagePreprocessor:
 
     def transform(self, batch):
         images = decode_images(batch[self.image_column], self.image_size, self.image_column)
+        if self.codes:  # uint8 here: a quarter of int64's object-store space
+            return {"inputs": images.astype(np.uint8), "target": images.astype(np.uint8)}
         out = {"inputs": self.standardize(images)}
         if self.label_column in batch:
             out["target"] = np.asarray(batch[self.label_column]).astype(np.int64)
@@ -355,16 +370,16 @@ class ImagePreprocessor:
 
     def input_summary(self, inputs):
         """Wafer maps: the share of defective dies; pictures: the mean grey level (0-1)."""
+        levels = inputs.reshape(len(inputs), -1).astype(np.float64)
+        if not self.codes:
+            levels = np.round(levels * self.std + self.mean)
         if self.max_value == WAFER_MAX:
-            defect = (DEFECT_CODE - self.mean) / self.std
-            share = np.isclose(inputs, defect, atol=1e-3).reshape(len(inputs), -1).mean(1)
-            return {"defect_fraction": share}
-        levels = inputs.reshape(len(inputs), -1) * self.std + self.mean
+            return {"defect_fraction": (levels == DEFECT_CODE).mean(1)}
         return {"mean_intensity": levels.mean(1) / self.max_value}
 
     def describe(self) -> dict:
         return {
-            "kind": "image",
+            "kind": "image-codes" if self.codes else "image",
             "height": self.image_size,
             "width": self.image_size,
             "max_value": self.max_value,
@@ -379,17 +394,22 @@ class ImagePreprocessor:
         return cls(**{**fields, "class_names": tuple(fields["class_names"])})
 
 
-def augment(images: np.ndarray, rotate90: bool, flip: bool, rng: np.random.Generator):
-    """Random quarter-turns and flips of (N, C, H, W) square images, per sample."""
-    out = images.copy()
-    if rotate90:
-        turns = rng.integers(0, 4, len(out))
+def augment(
+    images: list[np.ndarray], rotate90: bool, flip: bool, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Random quarter-turns and flips per sample of square images (N, ..., H, W). Every
+    array of ``images`` gets the same ones: an input and the target drawn from it."""
+    n = len(images[0])
+    turns = rng.integers(0, 4, n) if rotate90 else np.zeros(n, np.int64)
+    horizontal = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    vertical = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    out = []
+    for array in images:
+        array = array.copy()
         for k in (1, 2, 3):
             chosen = turns == k
-            out[chosen] = np.rot90(out[chosen], k, axes=(2, 3))
-    if flip:
-        horizontal = rng.random(len(out)) < 0.5
-        out[horizontal] = out[horizontal][..., ::-1]
-        vertical = rng.random(len(out)) < 0.5
-        out[vertical] = out[vertical][..., ::-1, :]
+            array[chosen] = np.rot90(array[chosen], k, axes=(-2, -1))
+        array[horizontal] = array[horizontal][..., ::-1]
+        array[vertical] = array[vertical][..., ::-1, :]
+        out.append(array)
     return out

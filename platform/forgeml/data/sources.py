@@ -12,7 +12,7 @@ import io
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import ray.data
 from PIL import Image
 
 from forgeml.config import (
+    IMAGE_GENERATION_TASKS,
     ExperimentConfig,
     ImageFolderSource,
     NumpySource,
@@ -316,8 +317,11 @@ def register_source(kind: str):
 
 def open_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
     """The files of ``data.source`` (generated or copied into storage first for built-in
-    data) and the features that read them."""
-    return _SOURCES[cfg.data.source.kind](cfg, storage)
+    data) and the features that read them; generative tasks read image values as codes."""
+    source = _SOURCES[cfg.data.source.kind](cfg, storage)
+    if cfg.task.kind in IMAGE_GENERATION_TASKS:
+        return replace(source, features=replace(source.features, codes=True))
+    return source
 
 
 def _cached_dataset(storage: Storage, name: str, spec: dict, write: Callable[[str], None]) -> str:

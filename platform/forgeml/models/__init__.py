@@ -29,4 +29,4 @@ def registered_models() -> list[str]:
 
 
 # Importing the model modules registers them.
-from forgeml.models import cnn, mlp, text  # noqa: E402,F401
+from forgeml.models import cnn, generative, mlp, text  # noqa: E402,F401

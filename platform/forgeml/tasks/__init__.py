@@ -41,6 +41,7 @@ def histogram(values: np.ndarray, low: float, high: float) -> dict:
 from forgeml.tasks import (  # noqa: E402,F401
     classification,
     forecast,
+    generative,
     language_model,
     regression,
     seq2seq,

@@ -22,19 +22,21 @@ from forgeml.config import (
 
 def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
     )
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> None:
-    """Set weight decay and momentum from ``cfg`` on a restored optimizer, whose state
+    """Set weight decay, momentum and betas from ``cfg`` on a restored optimizer, whose state
     dict brought the values of the run that saved it."""
     for group in optimizer.param_groups:
         group["weight_decay"] = cfg.weight_decay
         if "momentum" in group:
             group["momentum"] = cfg.momentum
+        if "betas" in group:
+            group["betas"] = cfg.betas
 
 
 class LRSchedule:

@@ -23,10 +23,11 @@ from forgeml.config import ExperimentConfig
 from forgeml.data.pipeline import PreparedData, prepare_data
 from forgeml.data.sources import open_source
 from forgeml.evaluate import evaluate, reference_statistics
-from forgeml.model_package import PackageContents, package_files
+from forgeml.model_package import PackageContents, load_model, package_files
 from forgeml.models import build_model
 from forgeml.storage import ModelRegistry, ModelVersion, Storage
 from forgeml.tasks import build_task
+from forgeml.tasks.generative import Judge, code_maps
 from forgeml.train.loop import CHECKPOINT_FILE, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,41 @@ def build_trainer(
     )
 
 
+def load_judge(cfg: ExperimentConfig, storage: Storage, preprocessor=None) -> Judge | None:
+    """The registered classifier that ``task.judge`` names, if any, checked to rate the
+    images this experiment draws: same size, and (once ``preprocessor`` is fitted) the
+    same values. Called before training too, so a wrong judge fails the job early."""
+    judge_cfg = getattr(cfg.task, "judge", None)
+    if judge_cfg is None:
+        return None
+    try:
+        loaded = load_model(ModelRegistry(storage), judge_cfg.model)
+    except KeyError as exc:
+        raise ValueError(f"task.judge.model: {exc.args[0]}; train the classifier first") from None
+    described = loaded.preprocessor.describe()
+    if loaded.config.task.kind != "classification" or described["kind"] != "image":
+        raise ValueError(
+            f"task.judge.model: {loaded.version.ref} is a {loaded.config.task.kind} model of "
+            f"{described['kind']} data; a judge classifies images"
+        )
+    if judge_cfg.no_defect_class not in loaded.task.class_names:
+        raise ValueError(
+            f"task.judge.no_defect_class: {judge_cfg.no_defect_class!r} is not a class of "
+            f"{loaded.version.ref} ({', '.join(loaded.task.class_names)})"
+        )
+    drawn = preprocessor.describe() if preprocessor is not None else None
+    side = drawn["height"] if drawn else getattr(cfg.data.source, "image_size", None)
+    wrong_values = drawn is not None and drawn["max_value"] != described["max_value"]
+    if (side is not None and side != described["height"]) or wrong_values:
+        raise ValueError(
+            f"task.judge.model: {loaded.version.ref} reads {described['height']}x"
+            f"{described['width']} images of values 0-{described['max_value']}; this "
+            f"experiment draws {side}x{side} images"
+            + (f" of values 0-{drawn['max_value']}" if drawn else "")
+        )
+    return Judge(loaded.version.ref, judge_cfg, loaded.model, loaded.preprocessor, loaded.task)
+
+
 def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingOutcome:
     """Train, evaluate on the test split and register a model package.
 
@@ -119,6 +155,7 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     started = time.monotonic()
     storage = Storage(cfg.storage)
     run_name = resolve_run_name(storage, "runs", cfg.name, resume)
+    load_judge(cfg, storage)
     source = open_source(cfg, storage)
     runtime.connect()
     data = prepare_data(cfg, source, storage.path("runs", run_name, "rejected"), storage.fs)
@@ -175,6 +212,12 @@ def register_checkpoint(
     model = build_model(cfg.model, data.preprocessor.model_inputs, task.num_outputs)
     model.load_state_dict(state["model"])
     evaluation = evaluate(model, task, data.test, data.preprocessor)
+    files = {}
+    if hasattr(task, "sample_report"):  # generative: draw, show and rate new images
+        judge = load_judge(cfg, storage, data.preprocessor)
+        test_maps = code_maps(data.test.iter_batches(batch_size=1024, batch_format="numpy"))
+        sampled, files = task.sample_report(model, test_maps, judge)
+        evaluation.metrics |= sampled
 
     metrics = {
         "test": evaluation.metrics,
@@ -198,6 +241,7 @@ def register_checkpoint(
                 state_dict=state["model"],
                 metrics=metrics,
                 reference=reference_statistics(evaluation, task),
+                files=files,
             )
         ),
     )

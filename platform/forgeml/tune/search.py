@@ -57,6 +57,7 @@ from forgeml.storage import ModelVersion, Storage
 from forgeml.train.loop import CHECKPOINT_FILE, train_worker
 from forgeml.train.trainer import (
     build_trainer,
+    load_judge,
     loop_config,
     register_checkpoint,
     resolve_run_name,
@@ -323,6 +324,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
             f"--resume: search {experiment} has finished; its results are in "
             f"{storage.uri('tune', experiment, RESULTS_FILE)}"
         )
+    load_judge(cfg, storage)
     source = open_source(cfg, storage)
     runtime.connect()
     data = prepare_data(cfg, source, f"{experiment_path}/rejected", storage.fs)
