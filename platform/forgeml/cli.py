@@ -30,6 +30,8 @@ from forgeml.config import (
 )
 
 EXIT_BAD_INPUT = 2
+#: Images a PNG grid of ``forgeml generate`` holds at most (128 rows of 8).
+MAX_GRID_IMAGES = 1024
 EXIT_DIVERGED = 3
 
 
@@ -358,13 +360,20 @@ def _draw_images(args: argparse.Namespace, loaded) -> int:
     if output.suffix not in (".png", ".npz"):
         raise ValueError(f"{ref}: draws images: give --output FILE.png (a grid) or FILE.npz")
     count = 64 if args.samples is None else args.samples
+    if output.suffix == ".png" and count > MAX_GRID_IMAGES:
+        raise ValueError(
+            f"--samples {count}: a PNG grid shows at most {MAX_GRID_IMAGES}; write .npz for more"
+        )
     images = loaded.task.draw(loaded.model, count, torch.Generator().manual_seed(args.seed))
+    buffer = io.BytesIO()
     if output.suffix == ".png":
-        output.write_bytes(map_grid_png(images, loaded.preprocessor.max_value))
+        buffer.write(map_grid_png(images, loaded.preprocessor.max_value))
     else:
-        buffer = io.BytesIO()
         np.savez_compressed(buffer, images=images)
+    try:
         output.write_bytes(buffer.getvalue())
+    except OSError as exc:
+        raise ValueError(f"--output: cannot write {output}: {exc.strerror}") from None
     print(f"wrote {count} images drawn from {ref} to {output}")
     return 0
 

@@ -651,6 +651,15 @@ class EarlyStoppingConfig(Section):
     patience: int = Field(4, ge=1, description="Epochs without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
 
+    @model_validator(mode="after")
+    def _epoch_keeps_the_last(self) -> EarlyStoppingConfig:
+        if self.metric == "epoch" and (self.mode != "max" or self.min_delta):
+            raise ValueError(
+                "metric epoch keeps the last epoch: it needs mode max and min_delta 0 "
+                f"(got mode {self.mode}, min_delta {self.min_delta:g})"
+            )
+        return self
+
 
 class CheckpointConfig(Section):
     keep_top_k: int = Field(2, ge=1, description="Checkpoints kept, best by the watched metric.")
@@ -943,14 +952,7 @@ class ExperimentConfig(Section):
                 f"{self.task.kind} needs another model"
             )
         if self.task.kind in IMAGE_GENERATION_TASKS:
-            model = next(m for m, t in MODEL_TASKS.items() if t == self.task.kind)
-            if self.model.kind != model:
-                raise ValueError(f"model: task {self.task.kind} needs model {model}")
-            if not images:
-                raise ValueError(
-                    f"task: {self.task.kind} draws images and needs an image source "
-                    f"({', '.join(IMAGE_SOURCES)}); data.source is {self.data.source.kind}"
-                )
+            self._check_image_generation(images)
         if self.model.kind == "cnn" and not images:
             raise ValueError(
                 f"model: cnn needs an image source ({', '.join(IMAGE_SOURCES)}); "
@@ -970,6 +972,11 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "task: regression needs a numeric target: a table source with tabular features"
             )
+        if self.train.early_stopping.metric == "epoch" and self.train.schedule.kind == "plateau":
+            raise ValueError(
+                "train.schedule: plateau lowers the rate when the watched metric stalls, and "
+                "early_stopping.metric epoch never stalls; choose another schedule"
+            )
         allowed = ("val_loss", "train_loss", *TASK_METRICS[self.task.kind])
         watched = [("train.early_stopping.metric", self.train.early_stopping.metric, "epoch")]
         if self.tune is not None:
@@ -981,6 +988,37 @@ class ExperimentConfig(Section):
                     f"{', '.join(allowed)}"
                 )
         return self
+
+    def _check_image_generation(self, images: bool) -> None:
+        """The model and source a vae or gan needs; a GAN's training defaults."""
+        model = next(m for m, t in MODEL_TASKS.items() if t == self.task.kind)
+        if self.model.kind != model:
+            raise ValueError(f"model: task {self.task.kind} needs model {model}")
+        if not images:
+            raise ValueError(
+                f"task: {self.task.kind} draws images and needs an image source "
+                f"({', '.join(IMAGE_SOURCES)}); data.source is {self.data.source.kind}"
+            )
+        side = getattr(self.data.source, "image_size", None)
+        if side is not None and side % 2**self.model.depth:
+            raise ValueError(
+                f"model: depth {self.model.depth} halves the {side}x{side} image "
+                f"{self.model.depth} times, so data.source.image_size must divide by "
+                f"{2**self.model.depth}"
+            )
+        if self.task.kind != "gan":
+            return
+        train = self.train
+        # A GAN's losses do not say how good its images are: keep the last epoch.
+        if "metric" not in train.early_stopping.model_fields_set:
+            train.early_stopping = EarlyStoppingConfig(metric="epoch", mode="max")
+        if "grad_clip_norm" not in train.model_fields_set:
+            train.grad_clip_norm = None
+        elif train.grad_clip_norm is not None:
+            raise ValueError(
+                "train.grad_clip_norm: clipping the generator's and the discriminator's "
+                "gradients together ties one player's step to the other's; set it to null"
+            )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

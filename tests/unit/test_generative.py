@@ -17,6 +17,7 @@ from forgeml.config import (
     VAETask,
     config_from_dict,
 )
+from forgeml.data.pipeline import _augment
 from forgeml.data.preprocessing import ImageFeatures, ImagePreprocessor, ModelInputs, TargetSpec
 from forgeml.data.wafer import CLASS_NAMES, generate
 from forgeml.models import build_model
@@ -206,11 +207,49 @@ def test_code_preprocessor_keeps_values_and_targets_the_image():
             "tune.metric",
         ),
         ({"train": {"optimizer": {"betas": [0.5, 1.0]}}}, "betas must each be in"),
+        (
+            {"task": {"kind": "vae"}, "model": {"kind": "conv_vae", "depth": 5}},
+            "image_size must divide by 32",
+        ),
+        (
+            {"train": {"early_stopping": {"metric": "epoch", "mode": "min"}}},
+            "metric epoch keeps the last epoch: it needs mode max",
+        ),
+        (
+            {
+                "train": {
+                    "early_stopping": {"metric": "epoch", "mode": "max"},
+                    "schedule": {"kind": "plateau"},
+                }
+            },
+            "plateau lowers the rate",
+        ),
+        (
+            {"task": {"kind": "gan"}, "model": {"kind": "dcgan"}, "train": {"grad_clip_norm": 1}},
+            "clipping the generator's and the discriminator's gradients together",
+        ),
     ],
 )
 def test_generative_configs_that_do_not_fit_are_refused(sections, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(generative_raw_config(**sections))
+
+
+def test_gan_keeps_its_last_epoch_and_unclipped_gradients_by_default():
+    raw = generative_raw_config(task={"kind": "gan"}, model={"kind": "dcgan"})
+    del raw["train"]["early_stopping"]
+    cfg = config_from_dict(raw)
+    stopping = cfg.train.early_stopping
+    assert (stopping.metric, stopping.mode, cfg.train.grad_clip_norm) == ("epoch", "max", None)
+    assert config_from_dict(cfg.model_dump(mode="json")) == cfg  # the package's config reloads
+    chosen = config_from_dict(
+        generative_raw_config(
+            task={"kind": "gan"},
+            model={"kind": "dcgan"},
+            train={"early_stopping": {"metric": "val_discriminator_accuracy", "mode": "min"}},
+        )
+    )
+    assert chosen.train.early_stopping.metric == "val_discriminator_accuracy"
 
 
 def test_gan_may_keep_its_last_epoch():
@@ -223,3 +262,28 @@ def test_gan_may_keep_its_last_epoch():
     )
     assert cfg.train.early_stopping.metric == "epoch"
     assert cfg.task.judge.min_confidence == 0.9
+
+
+def test_maps_with_values_beyond_the_codes_are_rejected():
+    """A category model one-hot encodes values: a grey-level map must not reach it."""
+    features = ImageFeatures("sample_id", "image", "label", 2, ("a", "b"), codes=True)
+    batch = {
+        "sample_id": np.arange(3),
+        "image": np.array([bytes([0, 1, 2, 1]), bytes([0, 1, 200, 1]), bytes([0, 0, 0])], object),
+        "label": np.array([0, 1, 1]),
+    }
+    assert features.reject_reasons(batch).tolist() == [
+        "",
+        "image: values must be 0 to 2",
+        "image: expected 2x2 values per row",
+    ]
+
+
+def test_augmenting_a_batch_turns_an_image_target_and_leaves_labels():
+    codes = np.arange(64 * 16, dtype=np.uint8).reshape(64, 4, 4) % 3
+    turned = _augment({"inputs": codes.copy(), "target": codes.copy()}, True, True)
+    np.testing.assert_array_equal(turned["inputs"], turned["target"])
+    assert not np.array_equal(turned["inputs"], codes)
+    labels = np.arange(64)
+    kept = _augment({"inputs": codes[:, None].astype(np.float32), "target": labels}, True, True)
+    np.testing.assert_array_equal(kept["target"], labels)

@@ -124,9 +124,9 @@ def test_decode_accepts_flat_and_object_columns():
     raw = np.array([row.tobytes() for row in flat], dtype=object)
     np.testing.assert_array_equal(decode_images(raw, 3), flat.reshape(2, 3, 3))
     short = np.array([flat[0].tobytes(), flat[1].tobytes()[:5]], dtype=object)
-    reasons = ImageFeatures("sample_id", "image", "label", 3, ("a", "b")).reject_reasons(
-        {"sample_id": np.arange(2), "image": short, "label": np.array([0, 1])}
-    )
+    reasons = ImageFeatures(
+        "sample_id", "image", "label", 3, ("a", "b"), max_value=255
+    ).reject_reasons({"sample_id": np.arange(2), "image": short, "label": np.array([0, 1])})
     assert reasons.tolist() == ["", "image: expected 3x3 values per row"]
 
 

@@ -176,6 +176,12 @@ def _pixel_count(image) -> int:
     return len(image) if isinstance(image, bytes) else int(np.size(image))
 
 
+def _within(image, max_value: int) -> bool:
+    """Whether every value of an image (raw bytes or an array) lies in 0..max_value."""
+    values = np.frombuffer(image, np.uint8) if isinstance(image, bytes) else np.asarray(image)
+    return bool(values.min(initial=0) >= 0 and values.max(initial=0) <= max_value)
+
+
 def _stack(column: np.ndarray) -> np.ndarray:
     """Per-row images (raw bytes, one per pixel, or arrays) as one (N, ...) array."""
     if len(column) and isinstance(column[0], bytes):
@@ -224,7 +230,8 @@ class ImageFeatures:
         return np.asarray(batch[self.id_column]).astype(np.uint64)
 
     def reject_reasons(self, batch):
-        """Maps of the wrong size, and labels that are missing or not a class index."""
+        """Maps of the wrong size or with values outside 0 to ``max_value``, and labels
+        that are missing or not a class index."""
         reasons = no_rejects(len(batch[self.id_column]))
         pixels = self.image_size * self.image_size
         for i, image in enumerate(batch[self.image_column]):
@@ -233,6 +240,8 @@ class ImageFeatures:
                     f"{self.image_column}: expected {self.image_size}x{self.image_size} "
                     "values per row"
                 )
+            elif not _within(image, self.max_value):
+                reasons[i] = f"{self.image_column}: values must be 0 to {self.max_value}"
         labels = np.asarray(batch[self.label_column], dtype=np.float64)
         bad = ~np.isfinite(labels) | (labels < 0) | (labels >= len(self.class_names))
         bad |= labels != np.round(labels)

@@ -125,7 +125,10 @@ class DCGAN(nn.Module):
         held fixed, and generated maps with the discriminator held fixed."""
         real = one_hot_maps(codes, self.categories)
         fake = self.generate(torch.randn(len(codes), self.latent_dim, device=codes.device))
+        # The generator's view: weights that take no gradient, and copies of the batch-norm
+        # statistics, which the discriminator's own passes keep.
         frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        frozen |= {name: b.clone() for name, b in self.discriminator.named_buffers()}
         return (
             self.discriminator(real),
             self.discriminator(fake.detach()),

@@ -111,10 +111,11 @@ def build_trainer(
     )
 
 
-def load_judge(cfg: ExperimentConfig, storage: Storage, preprocessor=None) -> Judge | None:
+def load_judge(cfg: ExperimentConfig, storage: Storage, images) -> Judge | None:
     """The registered classifier that ``task.judge`` names, if any, checked to rate the
-    images this experiment draws: same size, and (once ``preprocessor`` is fitted) the
-    same values. Called before training too, so a wrong judge fails the job early."""
+    ``images`` this experiment draws (their ``ImageFeatures``, or the fitted
+    preprocessor): the same size and values. Called before training too, so a wrong
+    judge fails the job early."""
     judge_cfg = getattr(cfg.task, "judge", None)
     if judge_cfg is None:
         return None
@@ -122,26 +123,23 @@ def load_judge(cfg: ExperimentConfig, storage: Storage, preprocessor=None) -> Ju
         loaded = load_model(ModelRegistry(storage), judge_cfg.model)
     except KeyError as exc:
         raise ValueError(f"task.judge.model: {exc.args[0]}; train the classifier first") from None
-    described = loaded.preprocessor.describe()
-    if loaded.config.task.kind != "classification" or described["kind"] != "image":
+    reads = loaded.preprocessor
+    if loaded.config.task.kind != "classification" or reads.describe()["kind"] != "image":
         raise ValueError(
             f"task.judge.model: {loaded.version.ref} is a {loaded.config.task.kind} model of "
-            f"{described['kind']} data; a judge classifies images"
+            f"{reads.describe()['kind']} data; a judge classifies images"
         )
     if judge_cfg.no_defect_class not in loaded.task.class_names:
         raise ValueError(
             f"task.judge.no_defect_class: {judge_cfg.no_defect_class!r} is not a class of "
             f"{loaded.version.ref} ({', '.join(loaded.task.class_names)})"
         )
-    drawn = preprocessor.describe() if preprocessor is not None else None
-    side = drawn["height"] if drawn else getattr(cfg.data.source, "image_size", None)
-    wrong_values = drawn is not None and drawn["max_value"] != described["max_value"]
-    if (side is not None and side != described["height"]) or wrong_values:
+    if (reads.image_size, reads.max_value) != (images.image_size, images.max_value):
         raise ValueError(
-            f"task.judge.model: {loaded.version.ref} reads {described['height']}x"
-            f"{described['width']} images of values 0-{described['max_value']}; this "
-            f"experiment draws {side}x{side} images"
-            + (f" of values 0-{drawn['max_value']}" if drawn else "")
+            f"task.judge.model: {loaded.version.ref} reads {reads.image_size}x"
+            f"{reads.image_size} images of values 0-{reads.max_value}; this experiment "
+            f"draws {images.image_size}x{images.image_size} images of values "
+            f"0-{images.max_value}"
         )
     return Judge(loaded.version.ref, judge_cfg, loaded.model, loaded.preprocessor, loaded.task)
 
@@ -155,8 +153,8 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     started = time.monotonic()
     storage = Storage(cfg.storage)
     run_name = resolve_run_name(storage, "runs", cfg.name, resume)
-    load_judge(cfg, storage)
     source = open_source(cfg, storage)
+    load_judge(cfg, storage, source.features)
     runtime.connect()
     data = prepare_data(cfg, source, storage.path("runs", run_name, "rejected"), storage.fs)
     trainer = build_trainer(cfg, storage, data, run_name)

@@ -324,8 +324,8 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
             f"--resume: search {experiment} has finished; its results are in "
             f"{storage.uri('tune', experiment, RESULTS_FILE)}"
         )
-    load_judge(cfg, storage)
     source = open_source(cfg, storage)
+    load_judge(cfg, storage, source.features)
     runtime.connect()
     data = prepare_data(cfg, source, f"{experiment_path}/rejected", storage.fs)
     base = cfg.model_dump(mode="json")
