@@ -144,6 +144,18 @@ def _metric_lines(test: dict) -> str:
     return " ·\n".join(scalars)
 
 
+def _judge_line(test: dict) -> str:
+    if "judge" not in test:
+        return ""
+    judge = test["judge"]
+    return (
+        f"\n\nJudged by `{judge['model']}`: the share of drawn maps (and of the real test "
+        f"maps) it assigns to a class other than `{judge['no_defect_class']}` with "
+        f"probability ≥ {judge['min_confidence']:g}; the class distance is the total "
+        "variation between the classes it sees in drawn and in real maps."
+    )
+
+
 def _per_class_table(test: dict, classes: tuple[str, ...]) -> str:
     if "per_class_f1" not in test:
         return ""
@@ -198,7 +210,7 @@ Source `{cfg.data.source.kind}`, split deterministically by row id with seed {cf
 {sum(rejected.values())} rows rejected.{augment}
 
 ## Test metrics
-{_metric_lines(test)}{_per_class_table(test, target.classes)}
+{_metric_lines(test)}{_per_class_table(test, target.classes)}{_judge_line(test)}
 
 {USE_AND_LIMITS.get(use, USE_AND_LIMITS["default"])}"""
 
