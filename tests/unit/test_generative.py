@@ -279,6 +279,19 @@ def test_maps_with_values_beyond_the_codes_are_rejected():
     ]
 
 
+def test_generative_models_take_maps_without_a_valid_label():
+    """Most real WM-811K maps carry no label; a model that ignores labels keeps them."""
+    batch = {
+        "sample_id": np.arange(2),
+        "image": np.array([bytes([0, 1, 2, 1]), bytes([1, 1, 1, 1])], object),
+        "label": np.array([np.nan, 7.0]),
+    }
+    codes = ImageFeatures("sample_id", "image", "label", 2, ("a", "b"), codes=True)
+    assert codes.reject_reasons(batch).tolist() == ["", ""]
+    classes = ImageFeatures("sample_id", "image", "label", 2, ("a", "b"))
+    assert classes.reject_reasons(batch).tolist() == ["label: not a class index 0..1"] * 2
+
+
 def test_augmenting_a_batch_turns_an_image_target_and_leaves_labels():
     codes = np.arange(64 * 16, dtype=np.uint8).reshape(64, 4, 4) % 3
     turned = _augment({"inputs": codes.copy(), "target": codes.copy()}, True, True)

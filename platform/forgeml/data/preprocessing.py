@@ -230,8 +230,9 @@ class ImageFeatures:
         return np.asarray(batch[self.id_column]).astype(np.uint64)
 
     def reject_reasons(self, batch):
-        """Maps of the wrong size or with values outside 0 to ``max_value``, and labels
-        that are missing or not a class index."""
+        """Maps of the wrong size or with values outside 0 to ``max_value``, and (unless
+        the images are codes for a generative model) labels that are missing or not a
+        class index."""
         reasons = no_rejects(len(batch[self.id_column]))
         pixels = self.image_size * self.image_size
         for i, image in enumerate(batch[self.image_column]):
@@ -242,6 +243,8 @@ class ImageFeatures:
                 )
             elif not _within(image, self.max_value):
                 reasons[i] = f"{self.image_column}: values must be 0 to {self.max_value}"
+        if self.codes:  # generative models learn from the images alone: any label will do
+            return reasons
         labels = np.asarray(batch[self.label_column], dtype=np.float64)
         bad = ~np.isfinite(labels) | (labels < 0) | (labels >= len(self.class_names))
         bad |= labels != np.round(labels)
