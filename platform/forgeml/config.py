@@ -400,6 +400,11 @@ class RNNConfig(Section):
     dropout: float = Field(
         0.2, ge=0, lt=1, description="Dropout on embeddings and before the head."
     )
+    pooling: Literal["mean", "max"] = Field(
+        "mean",
+        description="How a text classifier sums up the states of the real tokens: their "
+        "mean, or each unit's largest value (forecasters read the last state).",
+    )
 
 
 class CausalTransformerConfig(TransformerConfig):

@@ -10,6 +10,7 @@ from forgeml.config import ConfigError, RNNConfig, TextFeatures, TransformerConf
 from forgeml.data.preprocessing import preprocessor_from_dict
 from forgeml.data.text import TextColumnFeatures
 from forgeml.models import build_model
+from forgeml.models.text import masked_max
 
 CFG = TextFeatures(text="text", target="label", vocab_size=100, min_frequency=1, max_length=6)
 TRAIN = {
@@ -90,9 +91,11 @@ def test_sequence_models_classify_token_ids():
     assert build_model(cfg, pre.model_inputs, 3).eval()(ids).shape == (2, 3)
 
 
-def test_the_rnn_ignores_padding():
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_the_rnn_ignores_padding(pooling):
     pre = _fitted()
-    model = build_model(RNNConfig(embedding_dim=8, hidden=8), pre.model_inputs, 3).eval()
+    cfg = RNNConfig(embedding_dim=8, hidden=8, pooling=pooling)
+    model = build_model(cfg, pre.model_inputs, 3).eval()
     ids = torch.from_numpy(pre.token_ids(["love the car"]))
     padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.int64)], dim=1)
     with torch.no_grad():
@@ -112,4 +115,15 @@ def test_token_models_need_text_and_text_needs_a_token_model():
         config_from_dict({"name": "t", "data": text, "model": {"kind": "transformer", "heads": 3}})
     assert (
         config_from_dict({"name": "t", "data": text, "model": {"kind": "rnn"}}).model.cell == "lstm"
+    )
+
+
+def test_max_pooling_takes_each_units_largest_real_value():
+    hidden = torch.tensor(
+        [[[1.0, -5.0], [3.0, -2.0], [9.0, 9.0]], [[-1.0, 0.5], [7.0, 7.0], [0, 0]]]
+    )
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    torch.testing.assert_close(masked_max(hidden, mask), torch.tensor([[3.0, -2.0], [-1.0, 0.5]]))
+    torch.testing.assert_close(
+        masked_max(hidden, torch.zeros(2, 3, dtype=torch.bool)), torch.zeros(2, 2)
     )

@@ -1,7 +1,8 @@
 """Sequence models over token ids (0 is padding).
 
 The classifiers (a Transformer encoder and an RNN) pool the hidden states of the real
-tokens only (mean over the mask), so padding never changes a prediction. The causal
+tokens only (the mean, or for the RNN optionally the maximum, over the mask), so
+padding never changes a prediction. The causal
 Transformer is a language model: texts are padded at the end, and every position
 attends only to the ones before it, so padding never reaches a real token either. The
 sequence-to-sequence Transformer encodes the source (padding masked out) and decodes
@@ -31,6 +32,13 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+def masked_max(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Largest value of each of D units of (N, L, D) hidden states over the positions
+    where the (N, L) mask is set (0 for a row without any)."""
+    masked = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+    return torch.where(mask.any(1, keepdim=True), masked, torch.zeros_like(masked))
+
+
 class TransformerClassifier(nn.Module):
     def __init__(self, cfg: TransformerConfig, inputs: ModelInputs, num_outputs: int):
         super().__init__()
@@ -56,6 +64,7 @@ class RNNClassifier(nn.Module):
         self.rnn = recurrent(cfg)
         width = cfg.hidden * (2 if cfg.bidirectional else 1)
         self.head = nn.Linear(width, num_outputs)
+        self.pool = masked_max if cfg.pooling == "max" else masked_mean
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids != 0
@@ -67,7 +76,7 @@ class RNNClassifier(nn.Module):
         hidden, _ = nn.utils.rnn.pad_packed_sequence(
             output, batch_first=True, total_length=ids.shape[1]
         )
-        return self.head(self.dropout(masked_mean(hidden, mask)))
+        return self.head(self.dropout(self.pool(hidden, mask)))
 
 
 class CausalTransformer(nn.Module):
