@@ -25,6 +25,15 @@ from tests.e2e.chart import render
 
 BIN = Path(sys.executable).parent
 
+#: Runs a command with SIGINT's default action, which a process started in the background
+#: of a non-interactive shell (as CI may run the suite) inherits as "ignored".
+WITH_DEFAULT_SIGINT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
 
 @pytest.fixture(scope="module")
 def token_cluster(tmp_path_factory):
@@ -49,6 +58,7 @@ def token_cluster(tmp_path_factory):
     log = home / "ray-start.log"
     head = subprocess.Popen(
         [
+            *WITH_DEFAULT_SIGINT,
             str(BIN / "ray"),
             "start",
             "--head",
