@@ -536,7 +536,10 @@ class VAETask(ImageGenerationTask):
 class GANTask(ImageGenerationTask):
     """Adversarial training (non-saturating loss): the discriminator learns to tell real
     images from generated ones, the generator to be taken for real. Both players step on
-    every batch together, so one optimizer and one checkpoint hold them."""
+    every batch together, so one optimizer and one checkpoint hold them. Unless the
+    config says otherwise, training keeps the last epoch (train.early_stopping.metric
+    epoch) and does not clip gradients, which would tie one player's step to the
+    other's."""
 
     kind: Literal["gan"] = Field("gan", description="Selects this variant.")
 
