@@ -8,6 +8,8 @@ forgeml generate --model NAME[:vN] --output samples.png|samples.npz [--samples 6
 forgeml config schema
 forgeml config validate --config FILE [--set ...]
 forgeml models list [--config FILE | --storage-root ROOT]
+forgeml runs list [--model NAME] [--json]
+forgeml runs compare NAME:vN NAME:vM ... [--all] [--json]
 """
 
 from __future__ import annotations
@@ -129,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="the model registry")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     _add_storage_arguments(models_commands.add_parser("list", help="registered models"))
+
+    runs = commands.add_parser("runs", help="the runs behind registered models")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True)
+    runs_list = runs_commands.add_parser("list", help="every registered version's run")
+    runs_list.add_argument(
+        "--model", dest="models", action="append", metavar="NAME", help="only these (repeatable)"
+    )
+    compare = runs_commands.add_parser("compare", help="versions side by side")
+    compare.add_argument("refs", nargs="+", metavar="NAME[:vN]", help="registered versions")
+    compare.add_argument(
+        "--all", action="store_true", help="every config value, not only those that differ"
+    )
+    for sub in (runs_list, compare):
+        _add_storage_arguments(sub)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     serving = commands.add_parser("serve", help="serve registered models with Ray Serve")
     serve_commands = serving.add_subparsers(dest="serve_command", required=True)
@@ -389,6 +406,58 @@ def _models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _print_table(rows: list[list]) -> None:
+    """Rows of cells as aligned columns; the first row is the header."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from forgeml.storage import ModelRegistry, Storage
+    from forgeml.tracking import compare_runs, run_summaries
+
+    registry = ModelRegistry(Storage(_storage_config(args)))
+    if args.runs_command == "compare":
+        rows = compare_runs(registry, args.refs, every_param=args.all)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            _print_table([[label, *values] for label, values in rows.items()])
+        return 0
+    summaries = run_summaries(registry, args.models)
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+        return 0
+    header = ["MODEL", "REGISTERED", "RUN", "STATUS", "EPOCHS", "BEST", "SELECTED BY", "WALL S"]
+    table = [header]
+    for run in summaries:
+        selected = f"{run['selected_by']}={_cell(run['selected_value'])}"
+        table.append(
+            [
+                run["model"],
+                run["registered_at"],
+                run["run"],
+                run["status"],
+                run["epochs"],
+                run["best_epoch"],
+                selected,
+                run["wall_s"],
+            ]
+        )
+    _print_table(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -409,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "models":
             return _models_list(args)
+        if args.command == "runs":
+            return _runs(args)
         if args.command == "generate":
             return _generate(args)
         if args.command == "serve":

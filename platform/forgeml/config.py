@@ -753,6 +753,30 @@ class StorageConfig(Section):
     region: str | None = Field(None, description="S3 region; null uses the AWS default chain.")
 
 
+# ------------------------------------------------------------------------- tracking
+
+
+class MlflowConfig(Section):
+    """An MLflow tracking store: every run logs its params, per-epoch metrics, test
+    metrics and model package there."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="http(s):// server, sqlite:///file.db or a folder. Null: "
+        "$MLFLOW_TRACKING_URI, else sqlite:///<storage.root>/mlflow.db (local roots only).",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; null: `name`.")
+
+
+class TrackingConfig(Section):
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files into the run's tensorboard/ folder."
+    )
+    mlflow: MlflowConfig | None = Field(
+        None, description="Log to MLflow too; `{}` for the defaults, null: off."
+    )
+
+
 # ----------------------------------------------------------------------------- tune
 
 #: Metrics every epoch reports (train/loop.py), so the only ones Tune can select on.
@@ -935,6 +959,10 @@ class ExperimentConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve deployment.")
     tune: TuneConfig | None = Field(
         None, description="Hyperparameter search (forgeml tune); training ignores it."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Where runs log params, per-epoch metrics and artifacts.",
     )
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import ray
 from forgeml.cli import EXIT_DIVERGED, main
 from forgeml.config import StorageConfig, WaferSource
@@ -19,8 +20,10 @@ from forgeml.data.wafer import CLASS_NAMES
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
+from mlflow import MlflowClient
 
 from tests.conftest import PACKAGE_FILES, REPO, tiny_config, tiny_raw_config, write_config
+from tests.integration.tracked import mlflow_runs, tensorboard_scalars
 
 
 def _checkpoints(store: Path) -> list[Path]:
@@ -78,6 +81,7 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
         data={"source": source},
         scaling={"num_workers": 2},
         train={"max_epochs": 3, "checkpoint": {"keep_top_k": 1}},
+        tracking={"mlflow": {}},
     )
     outcome = run_training(cfg)
 
@@ -104,9 +108,29 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
     assert 1 <= len(_checkpoints(store)) <= 2
     assert not (store / "datasets").exists()  # read in place, nothing generated
 
+    # rank 0 alone logged every epoch, to TensorBoard and to one MLflow run
+    run_dir = store / "runs" / outcome.run_name
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    assert [step for step, _ in scalars["val_loss"]] == [1, 2, 3]
+    assert [value for _, value in scalars["train_loss"]] == pytest.approx(
+        [h["train_loss"] for h in history]
+    )
+    assert {"lr", "samples_per_s", "val_accuracy", "val_macro_f1"} <= set(scalars)
+    assert scalars["test/accuracy"][0][1] == pytest.approx(test["accuracy"])
+    (run,) = mlflow_runs(store, "tiny-wafer")
+    assert run.info.status == "FINISHED" and run.info.run_name == outcome.run_name
+    assert run.data.params["model.kind"] == "cnn" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags["forgeml.model_version"] == "tiny-wafer:v1"
+    assert run.data.metrics["test/accuracy"] == pytest.approx(test["accuracy"])
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    history_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert history_steps == [1, 2, 3]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "model_package")}
+    assert {f"model_package/{name}" for name in PACKAGE_FILES} <= logged
+
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):
-    cfg = tiny_config(store, train={"max_epochs": 8, "max_failures": 2})
+    cfg = tiny_config(store, train={"max_epochs": 8, "max_failures": 2}, tracking={"mlflow": {}})
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint():
@@ -128,6 +152,15 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):
     assert len(resumed) == 1 and 1 <= resumed[0] < 8
     assert [h["epoch"] for h in outcome.metrics["history"]] == list(range(1, 9))
     assert outcome.status == "completed"
+    # the restarted workers logged on into the run they began, and TensorBoard dropped
+    # what the killed attempt logged after its checkpoint
+    (run,) = mlflow_runs(store, "tiny-wafer")
+    assert run.info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}
+    assert steps == set(range(1, 9))
+    scalars = tensorboard_scalars(store / "runs" / outcome.run_name / "tensorboard")
+    assert [step for step, _ in scalars["val_loss"]] == list(range(1, 9))
 
 
 def test_resume_continues_a_stopped_run(ray_runtime, store, tmp_path):

@@ -31,6 +31,7 @@ from forgeml.config import ExperimentConfig
 from forgeml.data.preprocessing import ModelInputs, TargetSpec
 from forgeml.models import build_model
 from forgeml.tasks import build_task
+from forgeml.tracking import EpochLogger
 from forgeml.train.early_stopping import EarlyStopping
 from forgeml.train.optim import LRSchedule, apply_hyperparameters, build_optimizer
 
@@ -139,6 +140,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
     start_epoch = 1
 
     checkpoint = session.checkpoint()
+    tracked = None  # the restored run's tracking state
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device)
@@ -153,8 +155,10 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
         history = state["history"]
         resumed_from = [*state["resumed_from"], state["epoch"]]
         start_epoch = state["epoch"] + 1
+        tracked = state.get("tracking")
         if rank == 0:
             logger.info("resumed from the checkpoint of epoch %d", state["epoch"])
+    tracker = EpochLogger(config["tracking"], cfg, tracked, start_epoch) if rank == 0 else None
 
     train_shard = session.dataset("train")
     val_shard = session.dataset("val")
@@ -162,117 +166,129 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
     run_started = time.monotonic()
     status = "completed"
 
-    for epoch in range(start_epoch, cfg.train.max_epochs + 1):
-        epoch_started = time.monotonic()
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size,
-            dtypes=dtypes,
-            device=device,
-            local_shuffle_buffer_size=4 * cfg.train.batch_size,
-        ):
-            inputs, targets = batch["inputs"], batch["target"]
-            with _autocast(cfg, device):
-                loss = task.loss(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-            optimizer.step()
-            schedule.after_step()
-            loss_sum += loss.detach().double() * len(targets)
-            seen += len(targets)
-        train_seconds = time.monotonic() - epoch_started
-        total_loss, total_seen = _all_reduce_sum([loss_sum.item(), seen], device)
-        train_loss = total_loss / max(total_seen, 1)
-
-        model.eval()
-        metrics = task.validation_metrics().to(device)
-        val_loss_sum, val_seen = 0.0, 0
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(
-                batch_size=4 * cfg.train.batch_size, dtypes=dtypes, device=device
+    try:
+        for epoch in range(start_epoch, cfg.train.max_epochs + 1):
+            epoch_started = time.monotonic()
+            model.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            for batch in train_shard.iter_torch_batches(
+                batch_size=cfg.train.batch_size,
+                dtypes=dtypes,
+                device=device,
+                local_shuffle_buffer_size=4 * cfg.train.batch_size,
             ):
+                inputs, targets = batch["inputs"], batch["target"]
                 with _autocast(cfg, device):
-                    outputs = model(batch["inputs"])
-                targets = batch["target"]
-                val_loss_sum += task.loss(outputs, targets).item() * len(targets)
-                val_seen += len(targets)
-                metrics.update(task.predict(outputs), targets)
-        computed = {k: float(v) for k, v in metrics.compute().items()}
-        computed_names = [f"val_{name}" for name in computed]
-        val_total, val_count = _all_reduce_sum([val_loss_sum, val_seen], device)
+                    loss = task.loss(model(inputs), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
+                optimizer.step()
+                schedule.after_step()
+                loss_sum += loss.detach().double() * len(targets)
+                seen += len(targets)
+            train_seconds = time.monotonic() - epoch_started
+            total_loss, total_seen = _all_reduce_sum([loss_sum.item(), seen], device)
+            train_loss = total_loss / max(total_seen, 1)
 
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_total / max(val_count, 1),
-            **{f"val_{name}": value for name, value in computed.items()},
-            "lr": schedule.lr,
-            "samples_per_s": total_seen / max(train_seconds, 1e-9),
-            "epoch_s": time.monotonic() - epoch_started,
-        }
-        history.append(record)
+            model.eval()
+            metrics = task.validation_metrics().to(device)
+            val_loss_sum, val_seen = 0.0, 0
+            with torch.no_grad():
+                for batch in val_shard.iter_torch_batches(
+                    batch_size=4 * cfg.train.batch_size, dtypes=dtypes, device=device
+                ):
+                    with _autocast(cfg, device):
+                        outputs = model(batch["inputs"])
+                    targets = batch["target"]
+                    val_loss_sum += task.loss(outputs, targets).item() * len(targets)
+                    val_seen += len(targets)
+                    metrics.update(task.predict(outputs), targets)
+            computed = {k: float(v) for k, v in metrics.compute().items()}
+            computed_names = [f"val_{name}" for name in computed]
+            val_total, val_count = _all_reduce_sum([val_loss_sum, val_seen], device)
 
-        if not math.isfinite(train_loss) or not math.isfinite(record["val_loss"]):
-            status = "diverged"
-            session.report(record)
-            break
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_total / max(val_count, 1),
+                **{f"val_{name}": value for name, value in computed.items()},
+                "lr": schedule.lr,
+                "samples_per_s": total_seen / max(train_seconds, 1e-9),
+                "epoch_s": time.monotonic() - epoch_started,
+            }
+            history.append(record)
 
-        stop = stopper.update(record[watched], epoch)
-        schedule.after_epoch(record[watched])
-        record["best_epoch"] = stopper.best_epoch
+            if not math.isfinite(train_loss) or not math.isfinite(record["val_loss"]):
+                status = "diverged"
+                session.report(record)
+                if tracker:
+                    tracker.log_epoch(record)
+                break
 
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
+            stop = stopper.update(record[watched], epoch)
+            schedule.after_epoch(record[watched])
+            record["best_epoch"] = stopper.best_epoch
+            if tracker:
+                tracker.log_epoch(record)
+
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint = None
+                if rank == 0:
+                    torch.save(
+                        {
+                            "model": _unwrap(model).state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(),
+                            "base_lr": cfg.train.optimizer.lr,
+                            "early_stopping": stopper.state_dict(),
+                            "epoch": epoch,
+                            "history": history,
+                            "resumed_from": resumed_from,
+                            "tracking": tracker.state,
+                        },
+                        Path(folder) / CHECKPOINT_FILE,
+                    )
+                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                session.report(record, checkpoint=checkpoint)
+
             if rank == 0:
-                torch.save(
-                    {
-                        "model": _unwrap(model).state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "base_lr": cfg.train.optimizer.lr,
-                        "early_stopping": stopper.state_dict(),
-                        "epoch": epoch,
-                        "history": history,
-                        "resumed_from": resumed_from,
-                    },
-                    Path(folder) / CHECKPOINT_FILE,
+                elapsed = time.monotonic() - run_started
+                done = epoch - start_epoch + 1
+                eta = elapsed / done * (cfg.train.max_epochs - epoch)
+                scores = "  ".join(
+                    f"{name} {record[name]:.4f}" for name in ("val_loss", *computed_names)
                 )
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            session.report(record, checkpoint=checkpoint)
-
-        if rank == 0:
-            elapsed = time.monotonic() - run_started
-            done = epoch - start_epoch + 1
-            eta = elapsed / done * (cfg.train.max_epochs - epoch)
-            scores = "  ".join(
-                f"{name} {record[name]:.4f}" for name in ("val_loss", *computed_names)
-            )
-            logger.info(
-                "epoch %d/%d  train_loss %.4f  %s  lr %.2e  %.0f samples/s  elapsed %s  eta %s",
-                epoch,
-                cfg.train.max_epochs,
-                train_loss,
-                scores,
-                record["lr"],
-                record["samples_per_s"],
-                _format_seconds(elapsed),
-                _format_seconds(eta),
-            )
-        if stop:
-            status = "early_stopped"
-            if rank == 0:
                 logger.info(
-                    "early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                    watched,
-                    stopper.epochs_without_improvement,
-                    stopper.best,
-                    stopper.best_epoch,
+                    "epoch %d/%d  train_loss %.4f  %s  lr %.2e  %.0f samples/s  elapsed %s  eta %s",
+                    epoch,
+                    cfg.train.max_epochs,
+                    train_loss,
+                    scores,
+                    record["lr"],
+                    record["samples_per_s"],
+                    _format_seconds(elapsed),
+                    _format_seconds(eta),
                 )
-            break
+            if stop:
+                status = "early_stopped"
+                if rank == 0:
+                    logger.info(
+                        "early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                        watched,
+                        stopper.epochs_without_improvement,
+                        stopper.best,
+                        stopper.best_epoch,
+                    )
+                break
+    except BaseException:
+        if tracker:
+            tracker.close("failed")
+        raise
+    if tracker:
+        tracker.close(status)
 
     return {
         "status": status,

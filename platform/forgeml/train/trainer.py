@@ -28,6 +28,7 @@ from forgeml.models import build_model
 from forgeml.storage import ModelRegistry, ModelVersion, Storage
 from forgeml.tasks import build_task
 from forgeml.tasks.generative import Judge, code_maps
+from forgeml.tracking import log_registration, open_tracking, run_tracking
 from forgeml.train.loop import CHECKPOINT_FILE, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -64,14 +65,16 @@ def resolve_run_name(storage: Storage, folder: str, prefix: str, resume: bool | 
     return resume
 
 
-def loop_config(cfg: ExperimentConfig, data: PreparedData) -> dict:
-    """What every rank's training loop is given besides its datasets."""
+def loop_config(cfg: ExperimentConfig, data: PreparedData, tracking: dict) -> dict:
+    """What every rank's training loop is given besides its datasets; ``tracking`` is
+    where rank 0 logs the run (``tracking.run_tracking``)."""
     rows_per_worker = math.ceil(data.sizes["train"] / cfg.scaling.num_workers)
     return {
         "experiment": cfg.model_dump(mode="json"),
         "target": data.target.to_dict(),
         "inputs": data.preprocessor.model_inputs.to_dict(),
         "steps_per_epoch": math.ceil(rows_per_worker / cfg.train.batch_size),
+        "tracking": tracking,
     }
 
 
@@ -80,11 +83,13 @@ def build_trainer(
     storage: Storage,
     data: PreparedData,
     run_name: str,
+    tracking: dict,
     runs_path: str | None = None,
     callbacks: list | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of one run, checkpointing to ``runs_path/run_name`` (default
-    ``<storage>/runs``); ``callbacks`` are Ray Train callbacks (Tune's report callback)."""
+    ``<storage>/runs``) and logging as ``tracking`` says; ``callbacks`` are Ray Train
+    callbacks (Tune's report callback)."""
     early = cfg.train.early_stopping
     run_config = ray.train.RunConfig(
         name=run_name,
@@ -100,7 +105,7 @@ def build_trainer(
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, data),
+        train_loop_config=loop_config(cfg, data, tracking),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -156,8 +161,11 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     source = open_source(cfg, storage)
     load_judge(cfg, storage, source.features)
     runtime.connect()
+    tracking = run_tracking(
+        open_tracking(cfg, storage), cfg, storage, storage.path("runs", run_name), run_name
+    )
     data = prepare_data(cfg, source, storage.path("runs", run_name, "rejected"), storage.fs)
-    trainer = build_trainer(cfg, storage, data, run_name)
+    trainer = build_trainer(cfg, storage, data, run_name, tracking)
     logger.info("training %s as run %s (%s)", cfg.name, run_name, storage.uri("runs", run_name))
     result = trainer.fit()
     outcome = result.return_value
@@ -229,18 +237,18 @@ def register_checkpoint(
             "target": data.target.to_dict(),
         },
         "run": run,
+        "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
     }
-    version = ModelRegistry(storage).register(
-        cfg.name,
-        package_files(
-            PackageContents(
-                config=cfg,
-                preprocessor=data.preprocessor,
-                state_dict=state["model"],
-                metrics=metrics,
-                reference=reference_statistics(evaluation, task),
-                files=files,
-            )
-        ),
+    package = package_files(
+        PackageContents(
+            config=cfg,
+            preprocessor=data.preprocessor,
+            state_dict=state["model"],
+            metrics=metrics,
+            reference=reference_statistics(evaluation, task),
+            files=files,
+        )
     )
+    version = ModelRegistry(storage).register(cfg.name, package)
+    log_registration(cfg, state.get("tracking"), version.ref, metrics, package)
     return version, metrics

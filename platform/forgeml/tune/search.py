@@ -54,6 +54,7 @@ from forgeml.config import (
 from forgeml.data.pipeline import PreparedData, prepare_data
 from forgeml.data.sources import open_source
 from forgeml.storage import ModelVersion, Storage
+from forgeml.tracking import close_stopped_trials, open_tracking, run_tracking
 from forgeml.train.loop import CHECKPOINT_FILE, train_worker
 from forgeml.train.trainer import (
     build_trainer,
@@ -184,7 +185,7 @@ class TuneTrialSession:
         tune.report(metrics, checkpoint=checkpoint)
 
 
-def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str) -> None:
+def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, tracking: dict) -> None:
     """One trial: the base config with ``params`` applied, trained as a Ray Train run or
     in this process (``tune.trial_mode``).
 
@@ -192,15 +193,27 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str) -> N
     an in-process trial continues from the checkpoint Tune hands it.
     """
     cfg = trial_config(base, params)
+    storage = Storage(cfg.storage)
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    tracking = run_tracking(
+        tracking,
+        cfg,
+        storage,
+        f"{runs_path}/{trial_id}",
+        trial_id,
+        **{"forgeml.tune_experiment": context.get_experiment_name()},
+    )
     if base["tune"]["trial_mode"] == "in_process":
         session = TuneTrialSession(data.as_trainer_datasets(), cfg.scaling.use_gpu)
-        train_worker(loop_config(cfg, data), session)
+        train_worker(loop_config(cfg, data, tracking), session)
         return
     trainer = build_trainer(
         cfg,
-        Storage(cfg.storage),
+        storage,
         data,
-        run_name=tune.get_context().get_trial_id(),
+        run_name=trial_id,
+        tracking=tracking,
         runs_path=runs_path,
         callbacks=[TuneReportCallback()],
     )
@@ -329,9 +342,14 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     runtime.connect()
     data = prepare_data(cfg, source, f"{experiment_path}/rejected", storage.fs)
     base = cfg.model_dump(mode="json")
+    tracking = open_tracking(cfg, storage)
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, base=base, data=data, runs_path=f"{experiment_path}/trials"
+            run_trial,
+            base=base,
+            data=data,
+            runs_path=f"{experiment_path}/trials",
+            tracking=tracking,
         ),
         _trial_resources(cfg),
     )
@@ -370,6 +388,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
             ),
         )
     results = tuner.fit()
+    close_stopped_trials(tracking, experiment)
     trials = _trial_rows(results, settings, base)
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), buffer)
