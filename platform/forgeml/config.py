@@ -309,6 +309,12 @@ class DataConfig(Section):
     features: Features | None = Field(
         None, description="What a table's columns mean; required by table sources only."
     )
+    append: list[str] = Field(
+        default_factory=list,
+        description="Files or folders (local or s3://) of more rows in the source's own "
+        "format and columns, read with it: how a retraining run adds newly labelled data. "
+        "Not for image_folder and numpy sources (add files to their folders).",
+    )
     max_reject_fraction: float = Field(
         0.0,
         ge=0,

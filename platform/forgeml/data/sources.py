@@ -319,9 +319,38 @@ def open_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
     """The files of ``data.source`` (generated or copied into storage first for built-in
     data) and the features that read them; generative tasks read image values as codes."""
     source = _SOURCES[cfg.data.source.kind](cfg, storage)
+    if cfg.data.append:
+        source = replace(source, paths=[*source.paths, *_appended_files(cfg, storage, source)])
     if cfg.task.kind in IMAGE_GENERATION_TASKS:
         return replace(source, features=replace(source.features, codes=True))
     return source
+
+
+def _appended_files(cfg: ExperimentConfig, storage: Storage, source: DataSource) -> list[str]:
+    """The files of ``data.append``: the source's format, filesystem and columns."""
+    if source.reader is not None:
+        raise ValueError(
+            f"data.append: a {cfg.data.source.kind} source reads its own folder of files; "
+            "add the new files there"
+        )
+    features = cfg.data.features
+    series = features is not None and features.kind == "series"
+    columns = [features.time, features.value] if series else source.features.columns
+    files = []
+    for path in cfg.data.append:
+        paths, fs = _user_files(path, storage, (source.format,), field="data.append")
+        if _format_of(paths[0]) != source.format:
+            raise ValueError(
+                f"data.append: {path!r} is not a {source.format} file, as the source is"
+            )
+        if fs.type_name != source.filesystem.type_name:
+            raise ValueError(
+                f"data.append: {path!r} is on another filesystem than the source's files "
+                f"({source.filesystem.type_name}); put both on one"
+            )
+        _check_first_file(fs, paths[0], source.format, columns)
+        files += paths
+    return files
 
 
 def _cached_dataset(storage: Storage, name: str, spec: dict, write: Callable[[str], None]) -> str:
@@ -388,15 +417,16 @@ def write_wafer_dataset(storage: Storage, folder: str, cfg: WaferSource, seed: i
 
 
 def _user_files(
-    path: str, storage: Storage, formats: tuple[str, ...]
+    path: str, storage: Storage, formats: tuple[str, ...], field: str = "data.source.path"
 ) -> tuple[list[str], pafs.FileSystem]:
     """The data files at a user's path (a file, or every file under a folder) and the
-    filesystem that reads them: the storage's for s3://, the local one otherwise."""
+    filesystem that reads them: the storage's for s3://, the local one otherwise.
+    Errors name the config ``field`` the path came from."""
     fs = storage.fs if path.startswith("s3://") else pafs.LocalFileSystem()
     where = path[len("s3://") :] if path.startswith("s3://") else path
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"data.source.path: no such file or folder {path!r}")
+        raise FileNotFoundError(f"{field}: no such file or folder {path!r}")
     if info.type != pafs.FileType.Directory:
         return [where], fs
     selector = pafs.FileSelector(where, recursive=True)
@@ -406,7 +436,7 @@ def _user_files(
         if i.type == pafs.FileType.File and _format_of(i.path) in formats
     )
     if not found:
-        raise FileNotFoundError(f"data.source.path: no {'/'.join(formats)} files under {path!r}")
+        raise FileNotFoundError(f"{field}: no {'/'.join(formats)} files under {path!r}")
     return found, fs
 
 
