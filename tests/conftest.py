@@ -19,6 +19,8 @@ PACKAGE_FILES = {
     "metrics.json",
     "reference.json",
     "MODEL_CARD.md",
+    "evaluation.npz",
+    "report.html",
 }
 
 

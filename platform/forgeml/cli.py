@@ -10,6 +10,9 @@ forgeml config validate --config FILE [--set ...]
 forgeml models list [--config FILE | --storage-root ROOT]
 forgeml runs list [--model NAME] [--json]
 forgeml runs compare NAME:vN NAME:vM ... [--all] [--json]
+forgeml report --model NAME[:vN] [--output report.html]
+forgeml explain --model NAME[:vN] --input request.json [--target CLASS] [--output heatmaps.png]
+forgeml monitor --model NAME[:vN] [--storage-root ROOT] [--set monitor.PATH=VALUE] [--interval S]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from forgeml.config import (
     IMAGE_GENERATION_TASKS,
@@ -146,6 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (runs_list, compare):
         _add_storage_arguments(sub)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    report = commands.add_parser(
+        "report", help="write a registered model's HTML run report into its package again"
+    )
+    report.add_argument("--model", required=True, metavar="NAME[:vN]", help="registered version")
+    report.add_argument("--output", type=Path, help="also write it to this file")
+    _add_storage_arguments(report)
+    explain = commands.add_parser(
+        "explain", help="explain predictions: Grad-CAM for images, Integrated Gradients else"
+    )
+    explain.add_argument("--model", required=True, metavar="NAME[:vN]", help="registered version")
+    explain.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help='JSON file: a predict request body ({"instances": [...]}) or a list of instances',
+    )
+    explain.add_argument("--target", help="explain this class for every instance")
+    explain.add_argument(
+        "--output", type=Path, help="images: write the heat-maps over the inputs as this PNG"
+    )
+    _add_storage_arguments(explain)
+    monitor = commands.add_parser(
+        "monitor", help="check a served model's recorded traffic for drift; retrain on an alarm"
+    )
+    monitor.add_argument("--model", required=True, metavar="NAME[:vN]", help="served version")
+    _add_storage_arguments(monitor)
+    monitor.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="monitor.PATH=VALUE",
+        help="override a monitor setting, e.g. --set monitor.window_minutes=30",
+    )
+    monitor.add_argument(
+        "--interval",
+        type=_at_least(float, 0),
+        help="check again every this many seconds, until interrupted (keeps the gauges live)",
+    )
 
     serving = commands.add_parser("serve", help="serve registered models with Ray Serve")
     serve_commands = serving.add_subparsers(dest="serve_command", required=True)
@@ -361,7 +405,6 @@ def _generate(args: argparse.Namespace) -> int:
 def _draw_images(args: argparse.Namespace, loaded) -> int:
     """Draw images from a vae or gan model into a PNG grid or an .npz file."""
     import io
-    from pathlib import Path
 
     import numpy as np
     import torch
@@ -458,6 +501,102 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from forgeml.model_package import load_model
+    from forgeml.report import EVALUATION_FILE, REPORT_FILE, read_arrays, run_report
+    from forgeml.storage import ModelRegistry, Storage
+
+    registry = ModelRegistry(Storage(_storage_config(args)))
+    loaded = load_model(registry, args.model)
+    version = loaded.version
+    files = {
+        name: registry.read(version, name)
+        for name in ("MODEL_CARD.md", EVALUATION_FILE, "samples.png")
+        if registry.storage.exists(f"{version.path}/{name}")
+    }
+    if EVALUATION_FILE not in files:
+        raise ValueError(f"{version.ref} has no {EVALUATION_FILE}: it predates run reports")
+    page = run_report(
+        version.ref, loaded, loaded.metrics, read_arrays(files[EVALUATION_FILE]), files
+    )
+    registry.storage.write_text(f"{version.path}/{REPORT_FILE}", page)
+    print(f"wrote {version.uri}/{REPORT_FILE}")
+    if args.output:
+        args.output.write_text(page)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _read_instances(path: Path) -> list:
+    """The instances of a predict request body (or a bare list of them) in a JSON file,
+    validated as the HTTP API validates them."""
+    from pydantic import ValidationError
+
+    from forgeml.serve.schemas import PredictRequest
+
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--input: cannot read {path}: {exc}") from None
+    if isinstance(body, list):
+        body = {"instances": body}
+    try:
+        return PredictRequest.model_validate(body).instances
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise ValueError(f"--input: {where}: {problem['msg']}") from None
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from forgeml.explain import explain
+    from forgeml.model_package import load_model
+    from forgeml.storage import ModelRegistry, Storage
+
+    loaded = load_model(ModelRegistry(Storage(_storage_config(args))), args.model)
+    columns = loaded.preprocessor.request_columns(_read_instances(args.input))
+    explained = explain(loaded, columns, args.target)
+    if args.output:
+        from forgeml.report import explanation_png
+
+        heatmaps = [row.pop("heatmap", None) for row in explained]
+        if heatmaps[0] is None:
+            raise ValueError("--output: heat-maps are drawn for image models only")
+        inputs = loaded.preprocessor.transform(columns)["inputs"]
+        titles = [f"{row['explained']}" for row in explained]
+        try:
+            args.output.write_bytes(explanation_png(loaded, inputs, titles, np.array(heatmaps)))
+        except OSError as exc:
+            raise ValueError(f"--output: cannot write {args.output}: {exc.strerror}") from None
+    print(json.dumps({"model": loaded.version.ref, "explanations": explained}, indent=2))
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from forgeml import runtime
+    from forgeml.monitor.check import DriftGauges, check
+    from forgeml.storage import Storage
+
+    bad = [text for text in args.overrides if not text.startswith("monitor.")]
+    if bad:
+        raise ValueError(f"--set: only monitor.* settings can be overridden here (got {bad[0]})")
+    storage = Storage(_storage_config(args))
+    runtime.connect()
+    gauges = DriftGauges()
+    while True:
+        report = check(storage, args.model, args.overrides, gauges)
+        summary = {
+            key: report.get(key)
+            for key in ("model", "status", "rows", "max_psi", "drifted", "retrain", "report_uri")
+        }
+        print(json.dumps(summary), flush=True)
+        if args.interval is None:
+            return 0
+        time.sleep(args.interval)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -480,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
             return _models_list(args)
         if args.command == "runs":
             return _runs(args)
+        if args.command == "monitor":
+            return _monitor(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "explain":
+            return _explain(args)
         if args.command == "generate":
             return _generate(args)
         if args.command == "serve":

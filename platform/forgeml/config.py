@@ -730,6 +730,29 @@ class AutoscalingConfig(Section):
         return self
 
 
+class TrafficConfig(Section):
+    """What each model replica records of the traffic it serves, for drift monitoring:
+    per served row the input summaries and predictions that reference.json holds, in
+    Parquet files under <storage.root>/monitoring/<name>/v<N>/traffic/."""
+
+    capture: bool = Field(True, description="Record served traffic.")
+    sample_rate: float = Field(
+        1.0, gt=0, le=1, description="Share of served rows recorded (a random draw per row)."
+    )
+    flush_interval_s: float = Field(
+        60.0, gt=0, description="Seconds between writes of the rows a replica has recorded."
+    )
+    max_buffer_rows: int = Field(
+        10_000, ge=1, description="Rows a replica holds between writes; the oldest are dropped."
+    )
+    payloads: bool = Field(
+        False, description="Also record each row's raw instance (JSON); off: summaries only."
+    )
+    retention_hours: float = Field(
+        168, gt=0, description="Recorded files older than this are deleted."
+    )
+
+
 class ServeConfig(Section):
     """How the registered model is served; stored in the package, overridable at deploy."""
 
@@ -746,6 +769,59 @@ class ServeConfig(Section):
     )
     max_body_bytes: int = Field(4_000_000, ge=1024, description="Larger request bodies get 413.")
     max_instances: int = Field(256, ge=1, description="Instances allowed in one request.")
+    traffic: TrafficConfig = Field(
+        default_factory=TrafficConfig, description="Recording served traffic for drift checks."
+    )
+
+
+class RetrainConfig(Section):
+    """What a drift alarm starts: the registered model's experiment trained again, with
+    ``append`` added to its data (``data.append``), registering the next version."""
+
+    append: list[str] = Field(
+        default_factory=list,
+        description="Newly labelled data (files or folders in the source's format) to add.",
+    )
+    submit_to: Literal["ray", "kubernetes"] = Field(
+        "ray",
+        description="ray: a Ray job through the Jobs API of `ray_address`; kubernetes: a "
+        "RayJob (from the Helm chart's retrain template) created with the Kubernetes API.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray dashboard address (http://host:8265); null: $RAY_ADDRESS, else the "
+        "runtime this job runs on.",
+    )
+    namespace: str | None = Field(
+        None,
+        description="Kubernetes namespace of the RayJob; null: the pod's own (in a cluster), "
+        "else default.",
+    )
+    rayjob_template: str = Field(
+        "/etc/forgeml-retrain/rayjob.yaml",
+        description="The RayJob manifest the Helm chart renders for retraining "
+        "(retrain.enabled mounts it on the standing cluster's head).",
+    )
+
+
+class MonitorConfig(Section):
+    """Drift checks of served traffic against the package's reference.json."""
+
+    window_minutes: float = Field(60, gt=0, description="Recorded traffic compared, back from now.")
+    min_rows: int = Field(200, ge=10, description="Fewer recorded rows than this: no verdict.")
+    psi_threshold: float = Field(
+        0.2, gt=0, description="Population stability index from which a shift counts (0.2: large)."
+    )
+    p_value: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Family-wise significance: a value drifts if its test's p-value is below "
+        "p_value / values tested (Bonferroni) and its PSI reaches psi_threshold.",
+    )
+    retrain: RetrainConfig | None = Field(
+        None, description="Retraining on an alarm (once per model version); null: report only."
+    )
 
 
 class StorageConfig(Section):
@@ -969,6 +1045,9 @@ class ExperimentConfig(Section):
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig,
         description="Where runs log params, per-epoch metrics and artifacts.",
+    )
+    monitor: MonitorConfig = Field(
+        default_factory=MonitorConfig, description="Drift monitoring of the served model."
     )
 
     @model_validator(mode="after")

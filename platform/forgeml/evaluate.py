@@ -1,4 +1,4 @@
-"""Evaluation of a trained model on a held-out split, and the reference statistics for drift."""
+"""Evaluation of a trained model on a held-out split."""
 
 from __future__ import annotations
 
@@ -9,11 +9,7 @@ import ray.data
 import torch
 
 from forgeml.data.preprocessing import Preprocessor
-from forgeml.tasks import histogram
 from forgeml.train.loop import batch_dtypes
-
-#: Input summaries that are shares (0 to 1), binned over that range rather than the data's.
-SHARES = ("defect_fraction", "mean_intensity", "unknown_share", "missing_share")
 
 #: Rows a generating task decodes together.
 GENERATION_BATCH = 256
@@ -33,7 +29,8 @@ def evaluate(
     dataset: ray.data.Dataset,
     preprocessor: Preprocessor,
 ) -> Evaluation:
-    """Test metrics (torchmetrics) plus the per-row outputs the reference statistics need."""
+    """Test metrics (torchmetrics) plus the per-row outputs and input summaries that the
+    reference statistics for drift monitoring are made of."""
     model.eval()
     metrics = task.test_metrics()
     predictions, targets, inputs = [], [], []
@@ -56,16 +53,3 @@ def evaluate(
         targets=np.concatenate(targets),
         inputs={name: np.concatenate([part[name] for part in inputs]) for name in inputs[0]},
     )
-
-
-def reference_statistics(evaluation: Evaluation, task) -> dict:
-    """What the inputs and predictions looked like at training time, for drift tests."""
-    inputs = {}
-    for name, values in evaluation.inputs.items():
-        low, high = (0.0, 1.0) if name in SHARES else (float(values.min()), float(values.max()))
-        inputs[name] = histogram(values, low, high if high > low else low + 1.0)
-    return {
-        "rows": int(len(evaluation.targets)),
-        "inputs": inputs,
-        **task.prediction_summary(evaluation.predictions, evaluation.targets),
-    }

@@ -6,6 +6,8 @@ model.pt           weights plus what rebuilds the module (model config, input sh
 metrics.json       test metrics and the training history
 reference.json     input and prediction statistics for drift detection
 MODEL_CARD.md      what it is, data, metrics, intended use, limits
+evaluation.npz     the test split's per-row outputs and targets, and example rows
+report.html        the run report (learning curves, test plots, examples, explanations)
 samples.png        generative models only: a grid of images they drew
 """
 
@@ -25,6 +27,7 @@ from forgeml.config import (
     IMAGE_GENERATION_TASKS,
     ExperimentConfig,
     ModelConfig,
+    apply_overrides,
     config_from_dict,
 )
 from forgeml.data.preprocessing import (
@@ -225,10 +228,19 @@ class LoadedModel:
     metrics: dict
 
 
+def package_config(
+    registry: ModelRegistry, version: ModelVersion, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """The experiment config a version was registered with, ``--set`` overrides applied
+    (serve.* when serving, monitor.* when monitoring)."""
+    raw = yaml.safe_load(registry.read(version, "config.yaml"))
+    return config_from_dict(apply_overrides(raw, overrides or []), f"{version.ref}/config.yaml")
+
+
 def load_model(registry: ModelRegistry, ref: str) -> LoadedModel:
     """Rebuild a registered model (eval mode, CPU) with its preprocessing and task."""
     version = registry.resolve(ref)
-    config = config_from_dict(yaml.safe_load(registry.read(version, "config.yaml")), ref)
+    config = package_config(registry, version)
     preprocessor = preprocessor_from_dict(json.loads(registry.read(version, "preprocessor.json")))
     saved = torch.load(io.BytesIO(registry.read(version, "model.pt")), map_location="cpu")
     if saved.get("format") != MODEL_FORMAT:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -14,6 +15,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from forgeml.config import load_config
+from forgeml.monitor.retrain import rayjob_manifests
 
 from tests.conftest import REPO
 from tests.e2e.chart import CHART, helm, render
@@ -319,3 +322,67 @@ def test_a_job_without_an_experiment_is_refused():
 def test_the_standing_cluster_recreates_its_pods_on_upgrade():
     (cluster,) = [doc for doc in render() if doc["kind"] == "RayCluster"]
     assert cluster["spec"]["upgradeStrategy"] == {"type": "Recreate"}
+
+
+def test_a_retraining_rayjob_is_the_charts_job_under_a_new_name(tmp_path):
+    """What a drift monitor creates with `monitor.retrain.submit_to: kubernetes`: the
+    chart's retraining template, renamed with its own experiment ConfigMap. It is the
+    RayJob the chart renders for a job with that experiment, and KubeRay's CRD takes it."""
+    cfg = load_config(
+        REPO / "examples" / "wafer" / "config.yaml", ["data.append=[s3://forgeml/new-maps]"]
+    )
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(cfg.to_yaml())
+    docs = render("--set", "retrain.enabled=true")
+    (template_map,) = [d for d in docs if d["metadata"]["name"] == "forge-forgeml-retrain-template"]
+    template = yaml.safe_load(template_map["data"]["rayjob.yaml"])
+    config_map, rayjob = rayjob_manifests(template, cfg, "wafer-cnn:v1")
+
+    errors = sorted(crd_validator("RayJob").iter_errors(rayjob), key=str)
+    assert not errors, "; ".join(e.message for e in errors[:5])
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(config_map, version, strict=True)
+
+    charted = render("--set", "job.enabled=true", "--set-file", f"job.experiment={experiment}")
+    job = next(d for d in charted if d["kind"] == "RayJob")
+    job_map = next(d for d in charted if d["kind"] == "ConfigMap")
+    name = rayjob["metadata"]["name"]
+    renamed = json.loads(json.dumps(job["spec"]).replace(job_map["metadata"]["name"], name))
+    assert rayjob["spec"] == renamed
+    assert rayjob["metadata"]["labels"] == {
+        **job["metadata"]["labels"],
+        "forgeml/retrain-of": "wafer-cnn-v1",
+    }
+    sent = yaml.safe_load(config_map["data"]["experiment.yaml"])
+    assert sent == yaml.safe_load(job_map["data"]["experiment.yaml"])
+    assert sent["data"]["append"] == ["s3://forgeml/new-maps"]
+
+
+def test_retraining_adds_only_the_rights_it_needs_and_only_on_the_standing_head():
+    docs = render("--set", "retrain.enabled=true")
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+    ]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["subjects"][0]["name"] == "forge-forgeml"
+    token = "/var/run/secrets/kubernetes.io/serviceaccount"
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    for where, template in pod_templates(cluster):
+        (container,) = template["spec"]["containers"]
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        on_head = where == "RayCluster/head"
+        assert (token in mounts) == on_head and ("/etc/forgeml-retrain" in mounts) == on_head
+    template_map = next(d for d in docs if d["metadata"]["name"].endswith("-retrain-template"))
+    retraining = yaml.safe_load(template_map["data"]["rayjob.yaml"])
+    for where, template in pod_templates(retraining):
+        for container in template["spec"]["containers"]:
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert token not in mounts, where
+
+
+def test_retraining_needs_a_job_with_its_own_cluster():
+    args = ["--set", "retrain.enabled=true", "--set", "job.useClusterSelector=true"]
+    result = helm("template", "forge", str(CHART), *args, check=False)
+    assert result.returncode != 0 and "set job.useClusterSelector to false" in result.stderr

@@ -102,4 +102,4 @@ def test_an_image_folder_trains_and_the_package_classifies_a_png(ray_runtime, tm
         probabilities = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
     assert probabilities.shape == (1, 3)
     reference = json.loads((package / "reference.json").read_text())
-    assert set(reference["inputs"]) == {"mean_intensity"}
+    assert set(reference["input"]) == {"mean_intensity"}

@@ -23,6 +23,7 @@ from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 
 from tests.conftest import PACKAGE_FILES, REPO
+from tests.report_check import check_report
 
 
 def _table(rows: int, seed: int = 0) -> pd.DataFrame:
@@ -187,16 +188,40 @@ def test_penguins_example_trains_and_its_package_predicts(ray_runtime, tmp_path,
     if example == "species":
         assert prediction.shape == (1, 3) and np.isclose(prediction.sum(), 1)
         assert set(metrics["test"]) >= {"accuracy", "macro_f1", "auroc_ovr"}
-        assert set(reference["inputs"]) == {
+        inputs = reference["input"]
+        assert {
             "bill_length_mm",
             "bill_depth_mm",
             "flipper_length_mm",
             "body_mass_g",
             "island",
             "sex",
-        }
+        } <= set(inputs)
+        assert set(inputs["island"]["counts"]) <= {"Biscoe", "Dream", "Torgersen"}
+        # numeric features in their own units, not standardised
+        assert 2500 < np.median(inputs["body_mass_g"]["sample"]) < 6500
+        assert set(reference["prediction"]["class"]["counts"]) <= {"Adelie", "Chinstrap", "Gentoo"}
     else:
         assert prediction.shape == (1,) and np.isfinite(prediction).all()
         assert set(metrics["test"]) == {"mse", "rmse", "mae", "mape", "r2"}
         assert metrics["data"]["rejected"] == {"body_mass_g: missing target": 2}
-        assert "value" in reference["predictions"]
+        assert reference["prediction"]["value"]["kind"] == "numeric"
+
+    # Integrated Gradients per feature (a one-hot block and a missing indicator summed
+    # into theirs), the largest first; and the run report in a browser
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps([record]))
+    capsys.readouterr()
+    assert (
+        main(["explain", "--model", name, "--input", str(request), "--storage-root", str(tmp_path)])
+        == 0
+    )
+    (explained,) = json.loads(capsys.readouterr().out)["explanations"]
+    features = [a["feature"] for a in explained["attributions"]]
+    assert set(features) <= set(record) and len(features) == len(set(features))
+    sizes = [abs(a["attribution"]) for a in explained["attributions"]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
+    images = 3 if example == "species" else 2  # curves, then confusion and ROC, or scatter
+    headings = check_report(package / "report.html", tmp_path, min_images=images)
+    plot = "Confusion matrix" if example == "species" else "Predicted vs actual"
+    assert plot in headings and "Sample predictions and explanations" in headings

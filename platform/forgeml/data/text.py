@@ -190,6 +190,18 @@ class TokenizedText:
     def request_columns(self, instances):
         return text_request_columns(instances, self.text_column)
 
+    def token_attributions(self, ids: np.ndarray, attributions: np.ndarray) -> list[list]:
+        """Per row of (N, L) token ids, its real tokens (as the vocabulary spells them)
+        with their attributions, in text order."""
+        return [
+            [
+                (f"{position}:{self._tokenizer.id_to_token(int(token))}", float(value))
+                for position, (token, value) in enumerate(zip(row, values, strict=True))
+                if token != 0
+            ]
+            for row, values in zip(ids, attributions, strict=True)
+        ]
+
     def input_summary(self, inputs):
         """Tokens per text and the share of them outside the vocabulary."""
         real = inputs != 0

@@ -5,6 +5,8 @@
     GET  /v1/models                                 served models and versions
     POST /v1/models/{name}/predict                  newest served version of a model
     POST /v1/models/{name}/versions/{version}/predict
+    POST /v1/models/{name}/explain                  Grad-CAM or Integrated Gradients
+    POST /v1/models/{name}/versions/{version}/explain
 
 Each model version's ``ModelServer`` loads its package (weights plus the stored
 preprocessing, so serving computes exactly what evaluation computed), batches concurrent
@@ -28,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -40,15 +41,19 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 import forgeml
-from forgeml.config import ServeConfig, StorageConfig, apply_overrides, config_from_dict
-from forgeml.model_package import load_model
+from forgeml.config import ServeConfig, StorageConfig
+from forgeml.explain import explain
+from forgeml.model_package import load_model, package_config
+from forgeml.monitor.traffic import TrafficRecorder
 from forgeml.serve.schemas import (
     ErrorResponse,
+    ExplainRequest,
+    ExplainResponse,
     ModelInfo,
     PredictRequest,
     PredictResponse,
 )
-from forgeml.storage import ModelRegistry, ModelVersion, Storage
+from forgeml.storage import ModelRegistry, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 #: Longest wait, when the routing changes, for new versions to answer and old calls to end.
 SWITCH_TIMEOUT_S = 300.0
+#: Instances one /explain request may hold: each costs tens of forward and backward passes.
+MAX_EXPLAIN_INSTANCES = 16
 #: Longest wait of /readyz for each model version.
 READY_TIMEOUT_S = 10.0
 
@@ -118,9 +125,11 @@ class GatewayMetrics:
 class ModelServer:
     """One registered model version: its preprocessing, its module, batched inference."""
 
-    def __init__(self, ref: str, storage: dict):
-        self.loaded = load_model(ModelRegistry(Storage(StorageConfig(**storage))), ref)
-        cfg = self.loaded.config.serve
+    def __init__(self, ref: str, storage: dict, overrides: list[str]):
+        storage = Storage(StorageConfig(**storage))
+        registry = ModelRegistry(storage)
+        self.loaded = load_model(registry, ref)
+        cfg = package_config(registry, self.loaded.version, overrides).serve
         torch.set_num_threads(cfg.torch_threads)
         self.predict.set_max_batch_size(cfg.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -132,6 +141,9 @@ class ModelServer:
             tag_keys=("model", "version"),
         )
         self.batch_maps.set_default_tags({"model": version.name, "version": f"v{version.version}"})
+        self.traffic = (
+            TrafficRecorder(storage, version, cfg.traffic) if cfg.traffic.capture else None
+        )
 
     async def infer(self, instances: list) -> dict:
         """Predictions for one request's instances, or the reason they are not valid input.
@@ -151,10 +163,43 @@ class ModelServer:
         sizes = [len(next(iter(columns.values()))) for columns in requests]
         self.batch_maps.observe(sum(sizes))
         merged = {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
-        inputs = torch.from_numpy(self.loaded.preprocessor.transform(merged)["inputs"])
+        inputs = self.loaded.preprocessor.transform(merged)["inputs"]
         with torch.inference_mode():
-            predictions = self.loaded.task.predict(self.loaded.model(inputs)).numpy()
+            predictions = self.loaded.task.predict(self.loaded.model(torch.from_numpy(inputs)))
+        predictions = predictions.numpy()
+        if self.traffic:
+            self._record(merged, inputs, predictions)
         return np.split(predictions, np.cumsum(sizes)[:-1])
+
+    def _record(self, columns: dict, inputs: np.ndarray, predictions: np.ndarray) -> None:
+        """Hand a batch to the traffic recorder; a failure there never fails a request."""
+        try:
+            instances = None
+            if self.traffic.settings.payloads:
+                rows = len(predictions)
+                instances = [
+                    {name: np.asarray(values[i]).tolist() for name, values in columns.items()}
+                    for i in range(rows)
+                ]
+            self.traffic.record(
+                self.loaded.preprocessor.input_summary(inputs),
+                self.loaded.task.drift_values(predictions),
+                instances,
+            )
+        except Exception:
+            logger.exception("recording served traffic failed")
+
+    def __del__(self):
+        if getattr(self, "traffic", None):
+            self.traffic.close()
+
+    def explain(self, instances: list, target: str | None) -> dict:
+        """Explanations of one request's instances (not batched: a few rows at a time)."""
+        try:
+            columns = self.loaded.preprocessor.request_columns(instances)
+            return {"explanations": explain(self.loaded, columns, target)}
+        except ValueError as exc:
+            return {"error": str(exc)}
 
     def ready(self) -> str:
         return self.loaded.version.ref
@@ -408,30 +453,72 @@ class Gateway:
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> PredictResponse:
         self._authorize(credentials)
+        return await self._predict(self._served(name, version), body, request)
+
+    @api.post("/v1/models/{name}/explain", response_model=ExplainResponse)
+    async def explain_latest(
+        self,
+        name: str,
+        body: ExplainRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> ExplainResponse:
+        self._authorize(credentials)
+        if name not in self.latest:
+            raise HTTPException(404, f"no served model named {name!r}; see /v1/models")
+        return await self._explain(self.latest[name], body, request)
+
+    @api.post("/v1/models/{name}/versions/{version}/explain", response_model=ExplainResponse)
+    async def explain_version(
+        self,
+        name: str,
+        version: str,
+        body: ExplainRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> ExplainResponse:
+        self._authorize(credentials)
+        return await self._explain(self._served(name, version), body, request)
+
+    def _served(self, name: str, version: str) -> str:
         ref = f"{name}:{version}"
         if ref not in self.routes:
             served = sorted(r for r in self.routes if r.startswith(f"{name}:"))
             raise HTTPException(404, f"model version {ref!r} is not served; served: {served}")
-        return await self._predict(ref, body, request)
+        return ref
 
-    async def _predict(self, ref: str, body: PredictRequest, request: Request) -> PredictResponse:
+    async def _call(self, ref: str, request: Request, limit: int, method: str, *args) -> dict:
+        """One model call for ``ref``, counted in flight so a routing switch waits for it;
+        a 413 beyond ``limit`` instances, a 422 for what the model refuses."""
         # No await until the call is counted in flight: a routing switch waits for it.
         route, handle = self.routes[ref], self.handles[ref]
-        info = route.info
-        request.state.model, request.state.version = info.name, info.version
-        if len(body.instances) > route.max_instances:
-            raise HTTPException(
-                413, f"{len(body.instances)} instances exceed the limit of {route.max_instances}"
-            )
+        request.state.model, request.state.version = route.info.name, route.info.version
+        count = len(args[0])
+        if count > limit:
+            raise HTTPException(413, f"{count} instances exceed the limit of {limit}")
         self.in_flight[ref] += 1
         try:
-            result = await handle.infer.remote(body.instances)
+            result = await getattr(handle, method).remote(*args)
         finally:
             self.in_flight[ref] -= 1
         if "error" in result:
             raise HTTPException(422, result["error"])
+        return result
+
+    async def _predict(self, ref: str, body: PredictRequest, request: Request) -> PredictResponse:
+        limit = self.routes[ref].max_instances
+        result = await self._call(ref, request, limit, "infer", body.instances)
+        info = self.routes[ref].info
         return PredictResponse(
             model=info.name, version=info.version, predictions=result["predictions"]
+        )
+
+    async def _explain(self, ref: str, body: ExplainRequest, request: Request) -> ExplainResponse:
+        limit = min(self.routes[ref].max_instances, MAX_EXPLAIN_INSTANCES)
+        result = await self._call(ref, request, limit, "explain", body.instances, body.target)
+        info = self.routes[ref].info
+        return ExplainResponse(
+            model=info.name, version=info.version, explanations=result["explanations"]
         )
 
 
@@ -457,16 +544,10 @@ class GatewayArgs(BaseModel):
     max_body_bytes: int = Field(ServeConfig().max_body_bytes, ge=1024)
 
 
-def serving_config(registry: ModelRegistry, version: ModelVersion, overrides: list[str]):
-    """The package's experiment config with serve.* overrides applied."""
-    raw = yaml.safe_load(registry.read(version, "config.yaml"))
-    return config_from_dict(apply_overrides(raw, overrides), f"{version.ref}/config.yaml")
-
-
 def model_deployment(args: ModelAppArgs) -> Deployment:
     """``ModelServer`` with the replica, batching and autoscaling settings of the package."""
     registry = ModelRegistry(Storage(args.storage))
-    cfg = serving_config(registry, registry.resolve(args.model), args.overrides).serve
+    cfg = package_config(registry, registry.resolve(args.model), args.overrides).serve
     scaling = cfg.autoscaling
     return ModelServer.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
@@ -484,7 +565,7 @@ def model_deployment(args: ModelAppArgs) -> Deployment:
 
 
 def bind_model(deployment: Deployment, args: ModelAppArgs) -> Application:
-    return deployment.bind(args.model, args.storage.model_dump())
+    return deployment.bind(args.model, args.storage.model_dump(), args.overrides)
 
 
 def build_model_app(args: dict | ModelAppArgs) -> Application:

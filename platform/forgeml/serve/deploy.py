@@ -26,6 +26,7 @@ from ray import serve
 import forgeml
 from forgeml.config import SERVED_TASKS, ExperimentConfig, StorageConfig
 from forgeml.data.preprocessing import preprocessor_from_dict
+from forgeml.model_package import package_config
 from forgeml.serve.app import (
     Gateway,
     GatewayArgs,
@@ -36,7 +37,6 @@ from forgeml.serve.app import (
     bind_model,
     model_deployment,
     read_token,
-    serving_config,
 )
 from forgeml.serve.schemas import ModelInfo
 from forgeml.storage import ModelRegistry, ModelVersion, Storage
@@ -90,7 +90,7 @@ def plan(args: AppArgs) -> ServingPlan:
     models, routes, max_body_bytes = [], [], 0
     for requested in args.models:
         version = registry.resolve(requested)
-        cfg = serving_config(registry, version, args.overrides)
+        cfg = package_config(registry, version, args.overrides)
         if cfg.task.kind not in SERVED_TASKS:
             raise ValueError(
                 f"{version.ref}: a {cfg.task.kind} model is not served over /predict; "

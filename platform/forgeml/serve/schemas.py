@@ -113,6 +113,34 @@ class PredictResponse(BaseModel):
     predictions: list[ClassPrediction | ValuePrediction | ForecastPrediction]
 
 
+class ExplainRequest(PredictRequest):
+    target: str | None = Field(
+        None, description="Class to explain every instance for; default: each one's prediction."
+    )
+
+
+class Attribution(BaseModel):
+    feature: str = Field(description="A table feature, or a text token as position:token.")
+    attribution: float = Field(description="How much it moved the explained output.")
+
+
+class Explanation(BaseModel):
+    prediction: ClassPrediction | ValuePrediction
+    explained: str = Field(description="The class explained, or value for a regressor.")
+    heatmap: list[list[float]] | None = Field(
+        None, description="Images: Grad-CAM over the map, summing to 1."
+    )
+    attributions: list[Attribution] | None = Field(
+        None, description="Tables and text: the largest Integrated Gradients attributions."
+    )
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    version: str
+    explanations: list[Explanation]
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str

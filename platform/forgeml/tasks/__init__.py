@@ -4,15 +4,14 @@ A task is built from its config and the ``TargetSpec`` fitted with the data, and
 ``num_outputs``, ``target_dtype``, ``loss``, ``predict`` (outputs to probabilities or
 values in the target's units), ``validation_metrics``/``test_metrics`` (torchmetrics),
 ``report`` (computed metrics as JSON), ``row_outputs`` (what evaluation keeps per row),
-``prediction_summary`` (what drift tests compare) and, for tasks that are served,
+``drift_values`` (per row, from those outputs: what drift tests compare; a served task's
+outputs are its ``predict`` results) and, for tasks that are served,
 ``prediction_records`` (what a client receives).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import numpy as np
 
 _TASKS: dict[str, Callable] = {}
 
@@ -28,14 +27,6 @@ def register_task(kind: str):
 def build_task(cfg, target):
     """The task for a task config and the fitted ``TargetSpec``."""
     return _TASKS[cfg.kind](cfg, target)
-
-
-HISTOGRAM_BINS = 10
-
-
-def histogram(values: np.ndarray, low: float, high: float) -> dict:
-    counts, edges = np.histogram(values, bins=HISTOGRAM_BINS, range=(low, high))
-    return {"edges": edges.round(6).tolist(), "counts": counts.tolist()}
 
 
 from forgeml.tasks import (  # noqa: E402,F401

@@ -10,7 +10,7 @@ from torchmetrics import classification as tmc
 
 from forgeml.config import ClassificationTask as ClassificationConfig
 from forgeml.data.preprocessing import TargetSpec
-from forgeml.tasks import histogram, register_task
+from forgeml.tasks import register_task
 
 
 @register_task("classification")
@@ -84,17 +84,9 @@ class ClassificationTask:
             for row in probabilities
         ]
 
-    def prediction_summary(self, probabilities: np.ndarray, targets: np.ndarray) -> dict:
-        k = self.num_outputs
-
-        def shares(indices: np.ndarray) -> dict:
-            counts = np.bincount(indices, minlength=k) / max(len(indices), 1)
-            return dict(zip(self.class_names, counts.tolist(), strict=True))
-
+    def drift_values(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
+        """Per row: the predicted class (categorical) and its probability."""
         return {
-            "predictions": {
-                "class_share": shares(probabilities.argmax(1)),
-                "confidence": histogram(probabilities.max(1), 0.0, 1.0),
-            },
-            "labels": {"class_share": shares(targets.astype(np.int64))},
+            "class": np.asarray(self.class_names, dtype=object)[probabilities.argmax(1)],
+            "confidence": probabilities.max(1),
         }

@@ -12,7 +12,7 @@ from torchmetrics.wrappers.abstract import WrapperMetric
 
 from forgeml.config import ForecastTask as ForecastConfig
 from forgeml.data.preprocessing import TargetSpec
-from forgeml.tasks import histogram, register_task
+from forgeml.tasks import register_task
 from forgeml.tasks.regression import LOSSES, RMSE
 
 
@@ -88,11 +88,6 @@ class ForecastTask:
     def prediction_records(self, forecasts: np.ndarray) -> list[dict]:
         return [{"forecast": row.tolist()} for row in forecasts]
 
-    def prediction_summary(self, forecasts: np.ndarray, targets: np.ndarray) -> dict:
-        """Histograms of forecast and observed values over the training mean +- 4 std."""
-        low = self.target.mean - 4 * self.target.std
-        high = self.target.mean + 4 * self.target.std
-        return {
-            "predictions": {"value": histogram(forecasts.ravel(), low, high)},
-            "labels": {"value": histogram(targets[np.isfinite(targets)], low, high)},
-        }
+    def drift_values(self, forecasts: np.ndarray) -> dict[str, np.ndarray]:
+        """Per window: the mean of its forecast over the horizon."""
+        return {"forecast_mean": forecasts.mean(1)}

@@ -26,7 +26,7 @@ from torchmetrics.aggregation import MeanMetric
 from forgeml.config import ImageGenerationTask as ImageGenerationConfig
 from forgeml.config import JudgeConfig
 from forgeml.data.preprocessing import WAFER_MAX, TargetSpec
-from forgeml.tasks import histogram, register_task
+from forgeml.tasks import register_task
 
 #: Images drawn or rated per forward pass.
 DRAW_BATCH = 256
@@ -154,9 +154,8 @@ class VAETask(ImageGeneration):
         """Per image, the negative ELBO."""
         return sum(self._terms(predicted, codes)).numpy()
 
-    def prediction_summary(self, negative_elbo: np.ndarray, codes: np.ndarray) -> dict:
-        high = float(negative_elbo.max(initial=1.0))
-        return {"predictions": {"negative_elbo": histogram(negative_elbo, 0.0, high)}}
+    def drift_values(self, negative_elbo: np.ndarray) -> dict[str, np.ndarray]:
+        return {"negative_elbo": negative_elbo}
 
 
 @register_task("gan")
@@ -187,8 +186,8 @@ class GANTask(ImageGeneration):
         """Per real image, the discriminator's probability that it is real."""
         return torch.sigmoid(predicted[0]).squeeze(1).numpy()
 
-    def prediction_summary(self, real_scores: np.ndarray, codes: np.ndarray) -> dict:
-        return {"predictions": {"real_score": histogram(real_scores, 0.0, 1.0)}}
+    def drift_values(self, real_scores: np.ndarray) -> dict[str, np.ndarray]:
+        return {"real_score": real_scores}
 
 
 @dataclass

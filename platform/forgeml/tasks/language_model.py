@@ -19,7 +19,7 @@ from torchmetrics.text import Perplexity
 
 from forgeml.config import LanguageModelTask as LanguageModelConfig
 from forgeml.data.preprocessing import TargetSpec
-from forgeml.tasks import histogram, register_task
+from forgeml.tasks import register_task
 
 PAD_ID = 0
 
@@ -62,15 +62,9 @@ class LanguageModelTask:
         picked = predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (-(picked * real).sum(1) / real.sum(1).clamp(min=1)).numpy()
 
-    def prediction_summary(self, row_losses: np.ndarray, targets: np.ndarray) -> dict:
-        """Per-text log perplexity (0 to the uniform guess's), and target tokens per text."""
-        tokens = (targets != PAD_ID).sum(1)
-        return {
-            "predictions": {
-                "log_perplexity": histogram(row_losses, 0.0, math.log(max(self.num_outputs, 2)))
-            },
-            "labels": {"tokens": histogram(tokens, 0.0, float(targets.shape[1]))},
-        }
+    def drift_values(self, row_losses: np.ndarray) -> dict[str, np.ndarray]:
+        """Per text, its log perplexity."""
+        return {"log_perplexity": row_losses}
 
     #: Tokens ``forgeml generate`` samples from, unless told otherwise.
     default_top_k = 50

@@ -11,7 +11,7 @@ from torchmetrics import regression as tmr
 
 from forgeml.config import RegressionTask as RegressionConfig
 from forgeml.data.preprocessing import TargetSpec
-from forgeml.tasks import histogram, register_task
+from forgeml.tasks import register_task
 
 LOSSES = {"mse": nn.MSELoss, "huber": nn.HuberLoss, "l1": nn.L1Loss}
 
@@ -66,11 +66,5 @@ class RegressionTask:
     def prediction_records(self, values: np.ndarray) -> list[dict]:
         return [{"value": float(value)} for value in values]
 
-    def prediction_summary(self, values: np.ndarray, targets: np.ndarray) -> dict:
-        """Histograms over the training target's mean +- 4 standard deviations."""
-        low = self.target.mean - 4 * self.target.std
-        high = self.target.mean + 4 * self.target.std
-        return {
-            "predictions": {"value": histogram(values, low, high)},
-            "labels": {"value": histogram(targets, low, high)},
-        }
+    def drift_values(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        return {"value": values}

@@ -22,9 +22,18 @@ from forgeml import runtime
 from forgeml.config import ExperimentConfig
 from forgeml.data.pipeline import PreparedData, prepare_data
 from forgeml.data.sources import open_source
-from forgeml.evaluate import evaluate, reference_statistics
-from forgeml.model_package import PackageContents, load_model, package_files
+from forgeml.evaluate import evaluate
+from forgeml.model_package import LoadedModel, PackageContents, load_model, package_files
 from forgeml.models import build_model
+from forgeml.monitor.drift import reference_statistics
+from forgeml.report import (
+    EVALUATION_FILE,
+    EXAMPLES,
+    REPORT_FILE,
+    evaluation_arrays,
+    read_arrays,
+    run_report,
+)
 from forgeml.storage import ModelRegistry, ModelVersion, Storage
 from forgeml.tasks import build_task
 from forgeml.tasks.generative import Judge, code_maps
@@ -239,16 +248,25 @@ def register_checkpoint(
         "run": run,
         "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
     }
+    examples = data.test.take_batch(EXAMPLES, batch_format="numpy")
+    files[EVALUATION_FILE] = evaluation_arrays(evaluation.predictions, evaluation.targets, examples)
     package = package_files(
         PackageContents(
             config=cfg,
             preprocessor=data.preprocessor,
             state_dict=state["model"],
             metrics=metrics,
-            reference=reference_statistics(evaluation, task),
+            reference=reference_statistics(
+                evaluation.inputs, task.drift_values(evaluation.predictions), cfg.seed
+            ),
             files=files,
         )
     )
+    model.eval()
+    loaded = LoadedModel(None, cfg, data.preprocessor, model, task, metrics)
+    package[REPORT_FILE] = run_report(
+        f"{cfg.name} ({run['name']})", loaded, metrics, read_arrays(files[EVALUATION_FILE]), package
+    ).encode()
     version = ModelRegistry(storage).register(cfg.name, package)
     log_registration(cfg, state.get("tracking"), version.ref, metrics, package)
     return version, metrics
