@@ -17,12 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from captum.attr import (
-    IntegratedGradients,
-    LayerAttribution,
-    LayerGradCam,
-    LayerIntegratedGradients,
-)
 
 #: Interpolation steps of Integrated Gradients (captum's default is 50).
 IG_STEPS = 64
@@ -70,6 +64,8 @@ def _forward(model: torch.nn.Module, regression: bool):
 def gradcam(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     """(N, H, W) Grad-CAM maps, ReLU'd and upsampled to the input, each summing to 1
     (all zeros where nothing speaks for the class)."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
     cam = LayerGradCam(model, model.features[-1][-2])
     maps = cam.attribute(inputs, target=targets, relu_attributions=True)
     maps = LayerAttribution.interpolate(maps, inputs.shape[-2:], interpolate_mode="bilinear")
@@ -87,6 +83,9 @@ def explain(loaded, columns: dict[str, np.ndarray], target: str | None = None) -
 
 def explain_inputs(loaded, inputs: np.ndarray, target: str | None = None) -> list[dict]:
     """``explain`` of rows already turned into model inputs (a test split's)."""
+    # captum takes 1.5 s to import: only where an explanation is asked for.
+    from captum.attr import IntegratedGradients, LayerIntegratedGradients
+
     method = explainable(loaded)
     model = loaded.model.eval()
     regression = loaded.config.task.kind == "regression"

@@ -27,7 +27,7 @@ from forgeml.tracking import scalar_metrics
 EVALUATION_FILE = "evaluation.npz"
 REPORT_FILE = "report.html"
 #: Test rows kept as examples (shown with their predictions and explanations).
-EXAMPLES = 16
+EXAMPLES = 8
 #: ROC and precision-recall curves drawn at most (the most frequent classes).
 MAX_CURVES = 10
 

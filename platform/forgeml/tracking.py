@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from forgeml.config import ExperimentConfig
@@ -137,7 +138,14 @@ class TensorBoardWriter:
         self.storage, self.folder = storage, folder
         self._staging = None if storage.is_local else tempfile.TemporaryDirectory()
         logdir = folder if storage.is_local else self._staging.name
-        self.writer = SummaryWriter(logdir=logdir, purge_step=purge_step, flush_secs=3600)
+        # A unique suffix: a restart within the same second would otherwise reuse the
+        # file name (time and host) and, on S3, overwrite the earlier attempt's file.
+        self.writer = SummaryWriter(
+            logdir=logdir,
+            purge_step=purge_step,
+            flush_secs=3600,
+            filename_suffix=f".{uuid.uuid4().hex[:8]}",
+        )
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():

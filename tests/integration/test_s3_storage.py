@@ -27,6 +27,10 @@ def test_s3_storage_root_writes_and_reads_back_a_model_package(ray_runtime, s3_e
     assert "team-a/models/tiny-wafer/v1/model.pt" in keys
     assert any(k.startswith("team-a/datasets/wafer/") and k.endswith(".parquet") for k in keys)
     assert any(k.startswith(f"team-a/runs/{outcome.run_name}/checkpoint_") for k in keys)
+    # TensorBoard files are written locally and copied up after every epoch
+    events = [k for k in keys if k.startswith(f"team-a/runs/{outcome.run_name}/tensorboard/")]
+    assert any("events.out.tfevents" in k for k in events)
+    assert any("/hparams/" in k for k in events)  # the registration's test metrics
 
     registry = ModelRegistry(Storage(cfg.storage))
     loaded = load_model(registry, "tiny-wafer:latest")

@@ -21,8 +21,13 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(values.items()) for tag, values in points.items()}
 
 
+def mlflow_client(store: Path) -> MlflowClient:
+    """A client of a storage root's default sqlite store."""
+    return MlflowClient(f"sqlite:///{store}/mlflow.db")
+
+
 def mlflow_runs(store: Path, experiment: str) -> list:
     """The runs of an MLflow experiment in a storage root's default sqlite store."""
-    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    client = mlflow_client(store)
     found = client.get_experiment_by_name(experiment)
     return client.search_runs([found.experiment_id]) if found else []

@@ -196,8 +196,10 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, trac
     storage = Storage(cfg.storage)
     context = tune.get_context()
     trial_id = context.get_trial_id()
+    # Tune's own TensorBoard logger already writes every trial's reported metrics into
+    # its trial folder; the loop logs the trial to MLflow only.
     tracking = run_tracking(
-        tracking,
+        tracking | {"tensorboard": False},
         cfg,
         storage,
         f"{runs_path}/{trial_id}",
