@@ -506,17 +506,19 @@ class Gateway:
         return result
 
     async def _predict(self, ref: str, body: PredictRequest, request: Request) -> PredictResponse:
-        limit = self.routes[ref].max_instances
-        result = await self._call(ref, request, limit, "infer", body.instances)
-        info = self.routes[ref].info
+        # Read before awaiting: a routing switch may drop ``ref`` while the call runs.
+        route = self.routes[ref]
+        result = await self._call(ref, request, route.max_instances, "infer", body.instances)
+        info = route.info
         return PredictResponse(
             model=info.name, version=info.version, predictions=result["predictions"]
         )
 
     async def _explain(self, ref: str, body: ExplainRequest, request: Request) -> ExplainResponse:
-        limit = min(self.routes[ref].max_instances, MAX_EXPLAIN_INSTANCES)
+        route = self.routes[ref]  # before awaiting, as in _predict
+        limit = min(route.max_instances, MAX_EXPLAIN_INSTANCES)
         result = await self._call(ref, request, limit, "explain", body.instances, body.target)
-        info = self.routes[ref].info
+        info = route.info
         return ExplainResponse(
             model=info.name, version=info.version, explanations=result["explanations"]
         )
