@@ -1027,7 +1027,12 @@ class ExperimentConfig(Section):
         pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
         description="Registered model name (lowercase, digits, '.', '_', '-').",
     )
-    seed: int = Field(0, ge=0, description="Seeds data generation, split and initialisation.")
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seeds data generation, split, initialisation and the order rows are "
+        "trained in: a cached, unaugmented run on one worker repeats exactly.",
+    )
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Where datasets, runs and models live."
     )

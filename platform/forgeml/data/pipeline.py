@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import ray
 import ray.data
-from ray.data import SaveMode
+from ray.data import RandomSeedConfig, SaveMode
 
 from forgeml.config import AugmentConfig, ExperimentConfig
 from forgeml.data.preprocessing import (
@@ -54,6 +54,7 @@ class PreparedData:
     rejected: dict[str, int]
     augment: AugmentConfig | None
     cached: bool
+    seed: int
 
     @property
     def target(self) -> TargetSpec:
@@ -62,8 +63,15 @@ class PreparedData:
     def as_trainer_datasets(self) -> dict[str, ray.data.Dataset]:
         """What training streams: train in a new block order every epoch (augmented
         images), val as is. Reordering blocks needs them all at hand, so it only runs on
-        cached splits; streamed ones are read in a new file order every epoch instead."""
-        train = self.train.randomize_block_order() if self.cached else self.train
+        cached splits; streamed ones are read in a new file order every epoch instead.
+
+        The block orders follow from the experiment's seed and the epoch, so a rerun of a
+        config (a tuned trial's, say) sees its rows in the same order."""
+        train = (
+            self.train.randomize_block_order(seed=RandomSeedConfig(seed=self.seed))
+            if self.cached
+            else self.train
+        )
         if self.augment and (self.augment.rotate90 or self.augment.flip):
             train = train.map_batches(
                 _augment,
@@ -200,6 +208,13 @@ def tag_rows(cfg: ExperimentConfig, source: DataSource) -> ray.data.Dataset:
     )
 
 
+def _in_order(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """``dataset``, set to keep its blocks in the order of its input: cached splits whose
+    blocks are listed as they finish would reach training in another order every run."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
 def usable_rows(cfg: ExperimentConfig, source: DataSource, split: str) -> pd.DataFrame:
     """The raw rows of one split that the features accept, collected to this process: for
     baselines that must see exactly the rows a model trains or is tested on (small data)."""
@@ -224,7 +239,7 @@ def prepare_data(
     """
     tagged = tag_rows(cfg, source)
     if cfg.data.cache:
-        tagged = tagged.materialize()
+        tagged = _in_order(tagged).materialize()
     before = _account_for_rejects(cfg, tagged, rejects_folder, filesystem)
     preprocessor = source.features.fit(
         tagged.map_batches(_rows, fn_kwargs={"split": "train"}, batch_format="numpy")
@@ -244,7 +259,7 @@ def prepare_data(
         transformed = rows.map_batches(
             _transform, fn_kwargs={"preprocessor": preprocessor}, batch_format="numpy"
         )
-        splits[name] = transformed.materialize() if cfg.data.cache else transformed
+        splits[name] = _in_order(transformed).materialize() if cfg.data.cache else transformed
 
     logger.info("data: %s", ", ".join(f"{k} {v} rows" for k, v in counts.usable.items()))
     return PreparedData(
@@ -256,4 +271,5 @@ def prepare_data(
         rejected=counts.rejected,
         augment=cfg.data.augment if source.features.augmentable else None,
         cached=cfg.data.cache,
+        seed=cfg.seed,
     )

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import ray.data
 import ray.train
 import ray.train.torch
@@ -107,6 +108,12 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local shuffle's seed: a new row order for every epoch and rank, the same one
+    for every run of a config."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """The TorchTrainer's entry point on every rank."""
     return train_worker(config, RayTrainSession())
@@ -177,6 +184,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 dtypes=dtypes,
                 device=device,
                 local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank),
             ):
                 inputs, targets = batch["inputs"], batch["target"]
                 with _autocast(cfg, device):
