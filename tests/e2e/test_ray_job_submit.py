@@ -1,9 +1,11 @@
 """`ray start --head` with token authentication, `ray job submit` of jobs/train.py,
-`forgeml serve deploy` of the model it registered onto the same cluster, and the Helm
-chart's RayService for that model."""
+`forgeml serve deploy` of the model it registered onto the same cluster, a drift alarm
+of jobs/monitor.py that submits its retraining there, and the Helm chart's RayService
+for that model."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -15,13 +17,19 @@ from pathlib import Path
 import pytest
 import ray
 import requests
+import torch
 import yaml
-from forgeml.config import StorageConfig
-from forgeml.runtime import forget_stale_cluster
+from forgeml.config import StorageConfig, TrafficConfig
+from forgeml.model_package import load_model
+from forgeml.monitor.check import check
+from forgeml.monitor.traffic import TrafficRecorder
+from forgeml.runtime import RAY_ENV_DEFAULTS, forget_stale_cluster
 from forgeml.storage import ModelRegistry, Storage
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from tests.conftest import REPO, free_port, tiny_raw_config, write_config
 from tests.e2e.chart import render
+from tests.e2e.drifted import appended_maps, drifted_maps
 
 BIN = Path(sys.executable).parent
 
@@ -53,6 +61,7 @@ def token_cluster(tmp_path_factory):
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
+        **RAY_ENV_DEFAULTS,  # where the node starts, as the README says
     }
     env.pop("RAY_ADDRESS", None)
     log = home / "ray-start.log"
@@ -106,7 +115,8 @@ def token_cluster(tmp_path_factory):
     forget_stale_cluster()  # as `ray stop` would: later ray.init() calls must not join it
 
 
-def _submit(cluster, env, config: Path, *extra: str) -> subprocess.CompletedProcess:
+def _submit(cluster, env, job: str, *arguments: str) -> subprocess.CompletedProcess:
+    """`ray job submit` of ``python jobs/<job> <arguments>``, with the repo as working dir."""
     return subprocess.run(
         [
             str(BIN / "ray"),
@@ -116,12 +126,10 @@ def _submit(cluster, env, config: Path, *extra: str) -> subprocess.CompletedProc
             cluster["address"],
             "--working-dir",
             str(REPO),
-            *extra,
             "--",
             "python",
-            "jobs/train.py",
-            "--config",
-            str(config),
+            f"jobs/{job}",
+            *arguments,
         ],
         env=env,
         capture_output=True,
@@ -134,7 +142,7 @@ def test_submitted_training_job_registers_its_model(token_cluster, tmp_path):
     store = token_cluster["store"]
     config = write_config(tmp_path / "tiny.yaml", tiny_raw_config(store))
 
-    job = _submit(token_cluster, token_cluster["env"], config)
+    job = _submit(token_cluster, token_cluster["env"], "train.py", "--config", str(config))
 
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
@@ -176,6 +184,51 @@ def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster):
     assert response.json()["version"] == "v1"
 
 
+def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(token_cluster, tmp_path):
+    """jobs/monitor.py as a job on the cluster: traffic of edge-ring maps, recorded for
+    the model trained above as its replicas record it, raises an alarm, and the monitor
+    submits a retraining job with new maps appended through the Jobs API, with the
+    cluster's token (followed until it trains; tests/integration/test_training.py checks
+    that appended rows are trained on). A later alarm on the same version submits nothing."""
+    store = token_cluster["store"]
+    storage = Storage(StorageConfig(root=str(store)))
+    loaded = load_model(ModelRegistry(storage), "tiny-wafer:v1")
+    inputs = loaded.preprocessor.transform({"image": drifted_maps(360, seed=12)})["inputs"]
+    with torch.inference_mode():
+        predictions = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
+    recorder = TrafficRecorder(storage, loaded.version, TrafficConfig())
+    summaries = loaded.preprocessor.input_summary(inputs)
+    recorder.record(summaries, loaded.task.drift_values(predictions))
+    recorder.close()
+    retrain = f"monitor.retrain={{submit_to: ray, append: ['{appended_maps(tmp_path / 'new')}']}}"
+    arguments = ["--model", "tiny-wafer:v1", "--storage-root", str(store)]
+    arguments += ["--set", "monitor.min_rows=300", "--set", retrain]
+
+    monitored = _submit(token_cluster, token_cluster["env"], "monitor.py", *arguments)
+
+    assert monitored.returncode == 0, monitored.stdout[-3000:] + monitored.stderr[-3000:]
+    (line,) = [line for line in monitored.stdout.splitlines() if line.startswith('{"model"')]
+    summary = json.loads(line)
+    assert summary["status"] == "drift" and "input.defect_fraction" in summary["drifted"]
+    job = summary["retrain"]["job"]
+    token = token_cluster["env"]["RAY_AUTH_TOKEN"]
+    client = JobSubmissionClient(
+        token_cluster["address"], headers={"Authorization": f"Bearer {token}"}
+    )
+    deadline = time.monotonic() + 180
+    while "training tiny-wafer as run" not in client.get_job_logs(job):
+        status = client.get_job_status(job)
+        assert status not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs(job)[-3000:]
+        assert time.monotonic() < deadline, "the retraining job did not start training"
+        time.sleep(1)
+    assert client.get_job_info(job).metadata == {"forgeml.retrain_of": "tiny-wafer:v1"}
+    client.stop_job(job)
+
+    again = check(storage, "tiny-wafer:v1", ["monitor.min_rows=300", retrain])
+    assert again["alarm"]
+    assert again["retrain"] == {"skipped": "already started", **summary["retrain"]}
+
+
 def test_the_charts_rayservice_serves_what_serve_build_writes(token_cluster, tmp_path):
     """One generator: the RayService's serveConfigV2 is `forgeml serve build`'s output for
     the model trained above, passed through the Helm chart unchanged."""
@@ -215,7 +268,7 @@ def test_the_cluster_refuses_submissions_without_the_right_token(
     if token:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
 
-    job = _submit(token_cluster, env, config)
+    job = _submit(token_cluster, env, "train.py", "--config", str(config))
 
     assert job.returncode != 0
     assert refusal in job.stdout + job.stderr
