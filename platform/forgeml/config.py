@@ -720,6 +720,12 @@ class AutoscalingConfig(Section):
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Load must persist this long to add.")
     downscale_delay_s: float = Field(30.0, ge=0, description="Idle this long to remove.")
+    look_back_period_s: float = Field(
+        30.0,
+        gt=10,
+        description="The autoscaler averages ongoing requests over this window; replicas "
+        "report every 10 s, so it must be longer.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:

@@ -515,6 +515,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
         "autoscaling.target_ongoing_requests": 1,
         "autoscaling.upscale_delay_s": 0.5,
         "autoscaling.downscale_delay_s": 3,
+        "autoscaling.look_back_period_s": 12,  # idle sooner after the load stops
         "batch_wait_timeout_s": 0.05,
         "cpus_per_replica": 0.5,
     }
