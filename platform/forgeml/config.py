@@ -385,6 +385,11 @@ class TransformerConfig(Section):
     layers: int = Field(2, ge=1, le=12, description="Encoder layers.")
     feedforward: int = Field(128, ge=8, description="Width of each layer's feed-forward part.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the encoder and head.")
+    autoregressive: bool = Field(
+        False,
+        description="Forecasters: add a linear autoregression on the window's values to the "
+        "forecast (LSTNet's highway), so the network learns only what is not linear.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TransformerConfig:
@@ -410,6 +415,11 @@ class RNNConfig(Section):
         "mean",
         description="How a text classifier sums up the states of the real tokens: their "
         "mean, or each unit's largest value (forecasters read the last state).",
+    )
+    autoregressive: bool = Field(
+        False,
+        description="Forecasters: add a linear autoregression on the window's values to the "
+        "forecast (LSTNet's highway), so the network learns only what is not linear.",
     )
 
 
@@ -1099,6 +1109,11 @@ class ExperimentConfig(Section):
                     if sequences
                     else "this data; transformer and rnn need data.features of kind text or series"
                 )
+            )
+        if getattr(self.model, "autoregressive", False) and features != "series":
+            raise ValueError(
+                "model.autoregressive: a linear autoregression adds to a forecast; it needs "
+                f"data.features of kind series (got {features})"
             )
         if self.task.kind == "regression" and (images or text):
             raise ValueError(

@@ -115,11 +115,18 @@ def test_requests_need_a_whole_window_of_numbers():
             pre.request_columns([bad])
 
 
-@pytest.mark.parametrize(
-    "model", [RNNConfig(cell="gru", bidirectional=False), TransformerConfig(d_model=16, heads=2)]
-)
+FORECASTERS = [RNNConfig(cell="gru", bidirectional=False), TransformerConfig(d_model=16, heads=2)]
+
+
+@pytest.mark.parametrize("autoregressive", [False, True])
+@pytest.mark.parametrize("model", FORECASTERS)
 @pytest.mark.parametrize(("season", "naive"), [(0, [14.0, 14.0]), (2, [13.0, 14.0])])
-def test_forecasters_learn_the_correction_to_the_naive_forecast(model, season, naive):
+def test_forecasters_learn_the_correction_to_the_naive_forecast(
+    model, season, naive, autoregressive
+):
+    """With the network's head at zero a forecaster forecasts the naive forecast, with or
+    without the linear autoregression (which starts at zero)."""
+    model = model.model_copy(update={"autoregressive": autoregressive})
     pre = SeriesPreprocessor(
         window=4, horizon=2, mean=10.0, std=2.0, value_column="y", season=season
     )
@@ -131,6 +138,29 @@ def test_forecasters_learn_the_correction_to_the_naive_forecast(model, season, n
     inputs = torch.from_numpy(pre.transform({HISTORY: history})["inputs"])
     forecast = task.predict(net.eval()(inputs))
     torch.testing.assert_close(forecast, torch.tensor([naive]))
+
+
+@pytest.mark.parametrize("model", FORECASTERS)
+def test_the_autoregression_adds_a_linear_map_of_the_filled_window(model):
+    pre = SeriesPreprocessor(window=4, horizon=2, mean=10.0, std=2.0, value_column="y", season=0)
+    task = build_task(ForecastTask(), pre.target)
+    net = build_model(
+        model.model_copy(update={"autoregressive": True}), pre.model_inputs, task.num_outputs
+    )
+    torch.nn.init.zeros_(net.head.weight)
+    torch.nn.init.zeros_(net.head.bias)
+    linear = net.base.autoregression.linear
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.0, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+        linear.bias.copy_(torch.tensor([0.0, 1.0]))
+    history = np.array([[9.0, 11.0, np.nan, 14.0]])  # standardised: -0.5, 0.5, 0.5 (carried), 2
+    inputs = torch.from_numpy(pre.transform({HISTORY: history})["inputs"])
+    forecast = task.predict(net.eval()(inputs))
+    # naive 2 + (0.5 * 0.5, -0.5 + 1), back in the series' units
+    torch.testing.assert_close(forecast, torch.tensor([[14.5, 15.0]]))
+    assert {"base.autoregression.linear.weight", "base.autoregression.linear.bias"} <= set(
+        net.state_dict()
+    )
 
 
 def test_a_season_must_fit_in_the_window():
@@ -171,6 +201,14 @@ def test_forecasts_need_series_features_and_a_sequence_model():
         ConfigError, match="model: task forecast needs model transformer or rnn \\(got mlp\\)"
     ):
         config_from_dict({"name": "t", "data": series, "model": {"kind": "mlp"}, "task": task})
+    text = {
+        "source": {"kind": "table", "path": "t.csv"},
+        "features": {"kind": "text", "text": "tweet", "target": "label"},
+    }
+    with pytest.raises(ConfigError, match="model.autoregressive: .* needs data.features of kind"):
+        config_from_dict(
+            {"name": "t", "data": text, "model": {"kind": "rnn", "autoregressive": True}}
+        )
     with pytest.raises(ConfigError, match="forecast does not report val_r2"):
         config_from_dict(
             {

@@ -30,6 +30,35 @@ class NaiveForecast(nn.Module):
         return windows[:, self.steps, 0]
 
 
+class LinearAutoregression(nn.Module):
+    """Each horizon step as a weighted sum of the window's values (carried forward where
+    missing): the linear part of the forecast, in parallel with the network (LSTNet's
+    autoregressive highway). It starts at zero, so a forecaster starts at the naive one."""
+
+    def __init__(self, inputs: ModelInputs, horizon: int):
+        super().__init__()
+        self.linear = nn.Linear(inputs.shape[0], horizon)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.linear(windows[..., 0])
+
+
+class BaseForecast(nn.Module):
+    """What the network's output is added to: the naive forecast, plus the linear
+    autoregression when the model config asks for it."""
+
+    def __init__(self, autoregressive: bool, inputs: ModelInputs, horizon: int):
+        super().__init__()
+        self.naive = NaiveForecast(inputs, horizon)
+        self.autoregression = LinearAutoregression(inputs, horizon) if autoregressive else None
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        base = self.naive(windows)
+        return base + self.autoregression(windows) if self.autoregression else base
+
+
 class TransformerForecaster(nn.Module):
     def __init__(self, cfg: TransformerConfig, inputs: ModelInputs, num_outputs: int):
         super().__init__()
@@ -39,12 +68,12 @@ class TransformerForecaster(nn.Module):
         self.encoder = encoder(cfg)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, num_outputs)
-        self.naive = NaiveForecast(inputs, num_outputs)
+        self.base = BaseForecast(cfg.autoregressive, inputs, num_outputs)
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(windows.shape[1], device=windows.device)
         hidden = self.encoder(self.project(windows) + self.positions(positions))
-        return self.head(self.norm(hidden[:, -1])) + self.naive(windows)
+        return self.head(self.norm(hidden[:, -1])) + self.base(windows)
 
 
 class RNNForecaster(nn.Module):
@@ -54,7 +83,7 @@ class RNNForecaster(nn.Module):
         self.rnn = recurrent(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden * (2 if cfg.bidirectional else 1), num_outputs)
-        self.naive = NaiveForecast(inputs, num_outputs)
+        self.base = BaseForecast(cfg.autoregressive, inputs, num_outputs)
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         _, state = self.rnn(self.project(windows))
@@ -62,7 +91,7 @@ class RNNForecaster(nn.Module):
         # The last layer's final states: forward after the newest step, and (if
         # bidirectional) backward after the oldest, each having read the whole window.
         last = torch.cat([final[-2], final[-1]], -1) if self.rnn.bidirectional else final[-1]
-        return self.head(self.dropout(last)) + self.naive(windows)
+        return self.head(self.dropout(last)) + self.base(windows)
 
 
 def reads_series(inputs: ModelInputs) -> bool:
