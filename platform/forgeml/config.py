@@ -375,6 +375,15 @@ class MLPConfig(Section):
         return self
 
 
+def _autoregressive_field():
+    """The forecasters' switch, shared by the sequence models that can forecast."""
+    return Field(
+        False,
+        description="Forecasters: add a linear autoregression on the window's values to the "
+        "forecast (LSTNet's highway), so the network learns only what is not linear.",
+    )
+
+
 class TransformerConfig(Section):
     """A Transformer encoder over token ids: embeddings plus learned positions, pre-norm
     encoder layers, mean pooling over the real (not padding) tokens, a linear head."""
@@ -385,11 +394,7 @@ class TransformerConfig(Section):
     layers: int = Field(2, ge=1, le=12, description="Encoder layers.")
     feedforward: int = Field(128, ge=8, description="Width of each layer's feed-forward part.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the encoder and head.")
-    autoregressive: bool = Field(
-        False,
-        description="Forecasters: add a linear autoregression on the window's values to the "
-        "forecast (LSTNet's highway), so the network learns only what is not linear.",
-    )
+    autoregressive: bool = _autoregressive_field()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TransformerConfig:
@@ -416,11 +421,7 @@ class RNNConfig(Section):
         description="How a text classifier sums up the states of the real tokens: their "
         "mean, or each unit's largest value (forecasters read the last state).",
     )
-    autoregressive: bool = Field(
-        False,
-        description="Forecasters: add a linear autoregression on the window's values to the "
-        "forecast (LSTNet's highway), so the network learns only what is not linear.",
-    )
+    autoregressive: bool = _autoregressive_field()
 
 
 class CausalTransformerConfig(TransformerConfig):
