@@ -308,6 +308,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_test_results(metrics: dict) -> None:
+    """The test metrics, the baseline's beside them, and a warning if the model is
+    worse than its baseline."""
+    print(
+        "test: "
+        + "  ".join(
+            f"{name} {value:.4f}"
+            for name, value in metrics["test"].items()
+            if isinstance(value, float)
+        )
+    )
+    baseline = metrics.get("baseline")
+    if baseline is None:
+        return
+    scores = "  ".join(f"{row['metric']} {row['baseline']:.4f}" for row in baseline["compared"])
+    print(f"baseline ({baseline['model']}): {scores}")
+    if baseline["warning"]:
+        print(f"WARNING: {baseline['warning']}")
+
+
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from forgeml.train.trainer import TrainingDiverged, run_training
@@ -317,17 +337,11 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"forgeml: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    test = outcome.metrics["test"]
     print(
         f"\n{cfg.name}: {outcome.status} after {outcome.epochs} epochs "
         f"(best epoch {outcome.metrics['best_epoch']}, run {outcome.run_name})"
     )
-    print(
-        "test: "
-        + "  ".join(
-            f"{name} {value:.4f}" for name, value in test.items() if isinstance(value, float)
-        )
-    )
+    _print_test_results(outcome.metrics)
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
     root = cfg.storage.root
     if cfg.task.kind not in SERVED_TASKS:
@@ -363,6 +377,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"\nsummary: {json.dumps(outcome.summary)}")
     print(f"results:     {outcome.uri}/{RESULTS_FILE}")
     print(f"best config: {outcome.uri}/{BEST_CONFIG_FILE}")
+    _print_test_results(outcome.metrics)
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
     return 0
 
@@ -467,7 +482,7 @@ def _print_table(rows: list[list]) -> None:
 
 def _runs(args: argparse.Namespace) -> int:
     from forgeml.storage import ModelRegistry, Storage
-    from forgeml.tracking import compare_runs, run_summaries
+    from forgeml.tracking import compare_runs, run_summaries, worse_text
 
     registry = ModelRegistry(Storage(_storage_config(args)))
     if args.runs_command == "compare":
@@ -481,7 +496,17 @@ def _runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summaries, indent=2))
         return 0
-    header = ["MODEL", "REGISTERED", "RUN", "STATUS", "EPOCHS", "BEST", "SELECTED BY", "WALL S"]
+    header = [
+        "MODEL",
+        "REGISTERED",
+        "RUN",
+        "STATUS",
+        "EPOCHS",
+        "BEST",
+        "SELECTED BY",
+        "WALL S",
+        "WORSE THAN BASELINE",
+    ]
     table = [header]
     for run in summaries:
         selected = f"{run['selected_by']}={_cell(run['selected_value'])}"
@@ -495,6 +520,7 @@ def _runs(args: argparse.Namespace) -> int:
                 run["best_epoch"],
                 selected,
                 run["wall_s"],
+                worse_text(run["worse_than_baseline"]),
             ]
         )
     _print_table(table)

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -44,7 +51,7 @@ class ParquetSource(Section):
     kind: Literal["parquet"] = Field("parquet", description="Selects this variant.")
     path: str = Field(description="Local path or s3:// URI of a Parquet file or folder.")
     id_column: str = Field(
-        "sample_id", description="Column with a stable row id; the split is a hash of it."
+        "sample_id", description="Column with a stable row id that the split draws by."
     )
     image_column: str = Field("image", description="Column holding the wafer map.")
     label_column: str = Field("label", description="Column holding the integer class index.")
@@ -109,8 +116,8 @@ class TableSource(Section):
     )
     id_column: str | None = Field(
         None,
-        description="Column with a stable row id for the split; null: a hash of the row's "
-        "values (identical rows land in the same split).",
+        description="Column with a stable row id that the split draws by (rows sharing an id "
+        "share a split); null: each row's position in the files read in order.",
     )
 
     @model_validator(mode="after")
@@ -281,15 +288,46 @@ Features = Annotated[
 
 
 class SplitConfig(Section):
+    """How rows are split into training, validation and test: at random with the
+    experiment's seed, never by the label, and the same however the rows are spread over
+    files or workers. A row is known by its id (data.source.id_column, an image's path),
+    or without one by its position in the source (the n-th row of the files read in
+    order). Series are split by time instead: the last steps are test."""
+
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows for validation.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for test.")
+    stratify: bool | None = Field(
+        None,
+        description="Give every class the same shares of training, validation and test, to "
+        "within one row per class (as scikit-learn's stratified split). null: on for "
+        "classification unless group_by is set.",
+    )
+    group_by: list[str] = Field(
+        default_factory=list,
+        description="Columns whose values keep rows together: rows that share them land in "
+        "one split (the same patient, user or session never in both training and test). "
+        "Splits then hold their shares of rows to within one group. Never the target.",
+    )
+
+    @field_validator("group_by")
+    @classmethod
+    def _distinct(cls, columns: list[str]) -> list[str]:
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"names a column twice ({columns})")
+        return columns
 
 
 class AugmentConfig(Section):
-    """Train-only augmentation applied inside the Ray Data pipeline, fresh every epoch."""
+    """Train-only augmentation applied inside the Ray Data pipeline, fresh every epoch.
+    Off unless asked for: a turned or mirrored digit, letter, face or document is another
+    picture, so only images with no orientation (wafer maps, micrographs) want it."""
 
-    rotate90: bool = Field(True, description="Random multiples of 90 degree rotation.")
-    flip: bool = Field(True, description="Random horizontal and vertical flips.")
+    rotate90: bool = Field(
+        False, description="Random multiples of 90 degree rotation (images with no up)."
+    )
+    flip: bool = Field(
+        False, description="Random horizontal and vertical flips (images with no handedness)."
+    )
 
 
 class DataConfig(Section):
@@ -301,10 +339,12 @@ class DataConfig(Section):
         "storage every epoch, its files read in a new random order each time.",
     )
     split: SplitConfig = Field(
-        default_factory=SplitConfig, description="Deterministic split by a hash of row id and seed."
+        default_factory=SplitConfig,
+        description="Random split with the seed, stratified by class or grouped by columns.",
     )
     augment: AugmentConfig = Field(
-        default_factory=AugmentConfig, description="Train-only augmentation (image sources)."
+        default_factory=AugmentConfig,
+        description="Train-only augmentation of image sources; off by default.",
     )
     features: Features | None = Field(
         None, description="What a table's columns mean; required by table sources only."
@@ -341,7 +381,35 @@ class DataConfig(Section):
                 f"features: the {self.source.kind} source holds images and labels already; "
                 "remove data.features"
             )
+        self._check_split()
         return self
+
+    def _check_split(self) -> None:
+        """What a split can be grouped or stratified by, for this data."""
+        split, features = self.split, self.features
+        if features is not None and features.kind == "series":
+            if split.group_by or split.stratify:
+                field = "group_by" if split.group_by else "stratify"
+                raise ValueError(
+                    f"split.{field}: a series is split by time (its last steps are test); remove it"
+                )
+            return
+        if split.group_by and self.source.kind not in ("table", "parquet"):
+            raise ValueError(
+                f"split.group_by: a {self.source.kind} source has no columns to group by; "
+                "group rows of a table or parquet source"
+            )
+        if split.group_by and split.stratify:
+            raise ValueError(
+                "split.stratify: cannot be combined with group_by: a group's rows may hold "
+                "several classes, and a group stays in one split"
+            )
+        target = getattr(features, "target", None)
+        if target is not None and target in split.group_by:
+            raise ValueError(
+                f"split.group_by: {target!r} is the target, and the split must not depend "
+                "on the target"
+            )
 
 
 # ---------------------------------------------------------------------------- model
@@ -1115,6 +1183,11 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "model.autoregressive: a linear autoregression adds to a forecast; it needs "
                 f"data.features of kind series (got {features})"
+            )
+        if self.data.split.stratify and self.task.kind != "classification":
+            raise ValueError(
+                f"data.split.stratify: stratifying balances classes, and task "
+                f"{self.task.kind} has none; remove it"
             )
         if self.task.kind == "regression" and (images or text):
             raise ValueError(

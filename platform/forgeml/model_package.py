@@ -147,6 +147,18 @@ def _metric_lines(test: dict) -> str:
     return " ·\n".join(scalars)
 
 
+def _baseline_lines(baseline: dict | None) -> str:
+    """The baseline's headline test metrics beside the model's, and its warning."""
+    if baseline is None:
+        return ""
+    scores = " ·\n".join(
+        f"{row['metric'].replace('_', ' ')} {row['baseline']:.4f} (model {row['model']:.4f})"
+        for row in baseline["compared"]
+    )
+    warning = f"\n\n**Warning:** {baseline['warning']}." if baseline["warning"] else ""
+    return f"\nBaseline, {baseline['model']} on the same split:\n{scores}{warning}\n"
+
+
 def _judge_line(test: dict) -> str:
     if "judge" not in test:
         return ""
@@ -208,13 +220,13 @@ A `{cfg.model.kind}` model for `{cfg.task.kind}` of {what}.
 Input: {INPUT_DESCRIPTIONS[described["kind"]].format(**described)}.
 
 ## Data
-Source `{cfg.data.source.kind}`, split deterministically by row id with seed {cfg.seed}:
+Source `{cfg.data.source.kind}`, split {metrics["data"]["split"]}:
 {sizes["train"]} train, {sizes["val"]} validation, {sizes["test"]} test rows;
 {sum(rejected.values())} rows rejected.{augment}
 
 ## Test metrics
 {_metric_lines(test)}{_per_class_table(test, target.classes)}{_judge_line(test)}
-
+{_baseline_lines(metrics.get("baseline"))}
 {USE_AND_LIMITS.get(use, USE_AND_LIMITS["default"])}"""
 
 

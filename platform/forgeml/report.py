@@ -246,6 +246,32 @@ def _examples_section(loaded, arrays: dict) -> str:
     return f"<p>{caption}</p>" + image_examples(loaded, examples, titles, heatmaps)
 
 
+def baseline_section(baseline: dict) -> str:
+    """The baseline beside the model on its headline metrics, with the warning if the
+    model does worse."""
+    rows = [
+        [
+            row["metric"],
+            f"{row['model']:.5g}",
+            f"{row['baseline']:.5g}",
+            "yes" if row["worse"] else "no",
+        ]
+        for row in baseline["compared"]
+    ]
+    parts = [
+        "<p>"
+        + html.escape(
+            f"{baseline['model']}, fitted on {baseline['train_rows']} training rows in "
+            f"{baseline['fit_s']} s and scored on the same test rows as the model."
+        )
+        + "</p>",
+        _table(["test metric", "model", "baseline", "model is worse"], rows),
+    ]
+    if baseline["warning"]:
+        parts.append(f"<p class='warning'>{html.escape(baseline['warning'])}</p>")
+    return "".join(parts)
+
+
 def run_report(ref: str, loaded, metrics: dict, arrays: dict, files: dict[str, bytes]) -> str:
     """The report page of a model package (``files``: its files by name)."""
     task = loaded.config.task.kind
@@ -264,6 +290,11 @@ def run_report(ref: str, loaded, metrics: dict, arrays: dict, files: dict[str, b
         _table(
             ["metric", "value"],
             [[name, f"{value:.5g}"] for name, value in scalar_metrics(metrics["test"]).items()],
+        ),
+        *(
+            ["<h2>Baseline</h2>", baseline_section(metrics["baseline"])]
+            if "baseline" in metrics
+            else []
         ),
         "<h2>Learning curves</h2>",
         learning_curves(metrics["history"], metrics["best_epoch"]),

@@ -275,6 +275,8 @@ def log_registration(
     if not tracked:
         return
     test = {f"test/{name}": value for name, value in scalar_metrics(metrics["test"]).items()}
+    for row in metrics.get("baseline", {}).get("compared", []):
+        test[f"baseline/{row['metric']}"] = row["baseline"]
     storage = Storage(cfg.storage)
     if tracked.get("tensorboard_dir"):
         params = {
@@ -318,6 +320,22 @@ def _best_selected(metrics: dict) -> tuple[str, float | None]:
     return selected, record.get(selected)
 
 
+def worse_than_baseline(metrics: dict) -> list[str] | None:
+    """The headline metrics on which a version does worse than its baseline; None
+    when it has no baseline."""
+    baseline = metrics.get("baseline")
+    if baseline is None:
+        return None
+    return [row["metric"] for row in baseline["compared"] if row["worse"]]
+
+
+def worse_text(worse: list[str] | None) -> str:
+    """``worse_than_baseline`` in words: the metrics, "no", or "-" without a baseline."""
+    if worse is None:
+        return "-"
+    return ", ".join(worse) or "no"
+
+
 def run_summaries(registry: ModelRegistry, names: list[str] | None = None) -> list[dict]:
     """One row per registered version (oldest first per model): how its run went and
     what it scored, from the package alone."""
@@ -341,6 +359,7 @@ def run_summaries(registry: ModelRegistry, names: list[str] | None = None) -> li
                     "model_kind": config["model"]["kind"],
                     "wall_s": metrics["run"].get("wall_s"),
                     "test": scalar_metrics(metrics["test"]),
+                    "worse_than_baseline": worse_than_baseline(metrics),
                 }
             )
     return rows
@@ -350,8 +369,9 @@ def compare_runs(
     registry: ModelRegistry, refs: list[str], every_param: bool = False
 ) -> dict[str, list]:
     """Versions side by side: row label to one value per version. Rows: how the run
-    went, every scalar test metric, then the config values that differ between the
-    versions (all of them with ``every_param``)."""
+    went, every scalar test metric, the baseline's headline metrics and whether the
+    version does worse than it, then the config values that differ between the versions
+    (all of them with ``every_param``)."""
     versions = [registry.resolve(ref) for ref in refs]
     packages = [_package(registry, version) for version in versions]
     rows: dict[str, list] = {"model": [v.ref for v in versions]}
@@ -367,6 +387,17 @@ def compare_runs(
     tests = [scalar_metrics(metrics["test"]) for metrics, _ in packages]
     for name in sorted({name for test in tests for name in test}):
         rows[f"test.{name}"] = [test.get(name) for test in tests]
+    baselines = [metrics.get("baseline") for metrics, _ in packages]
+    if any(baselines):
+        rows["baseline"] = [b and b["model"] for b in baselines]
+        compared = [
+            {r["metric"]: r["baseline"] for r in b["compared"]} if b else {} for b in baselines
+        ]
+        for name in dict.fromkeys(name for scores in compared for name in scores):
+            rows[f"baseline.{name}"] = [scores.get(name) for scores in compared]
+        rows["worse_than_baseline"] = [
+            worse_text(worse_than_baseline(metrics)) for metrics, _ in packages
+        ]
     configs = [flatten(config) for _, config in packages]
     for path in sorted({path for config in configs for path in config}):
         values = [config.get(path) for config in configs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import boto3
 import numpy as np
@@ -15,10 +16,8 @@ import torch
 import yaml
 from forgeml.cli import main
 from forgeml.config import StorageConfig, config_from_dict
-from forgeml.data.pipeline import TooManyRejects, prepare_data
-from forgeml.data.preprocessing import assign_split
+from forgeml.data.pipeline import TooManyRejects, prepare_data, usable_rows
 from forgeml.data.sources import open_source
-from forgeml.data.tabular import TableFeatures
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 
@@ -100,10 +99,9 @@ def test_csv_on_s3_sets_bad_rows_aside_and_fits_on_the_training_split_only(
         io.StringIO("\n".join(text[:5] + text[8:])), dtype=str, keep_default_na=False
     )
     usable = usable.where(usable != "", None)
-    features = TableFeatures(cfg.data.features, "classification", None)
-    ids = features.row_ids({c: usable[c].to_numpy(dtype=object) for c in usable.columns})
-    train = usable[assign_split(ids, cfg.seed, 0.15, 0.15) == "train"]
-    x1 = train["x1"].dropna().astype(float)
+    train = usable_rows(cfg, open_source(cfg, storage), "train")
+    assert len(train) < len(usable)
+    x1 = pd.to_numeric(train["x1"]).dropna()
     assert len(train) == data.sizes["train"]
     fitted = data.preprocessor.numeric[0]
     assert fitted["center"] == pytest.approx(x1.mean())
@@ -164,6 +162,7 @@ def test_penguins_example_trains_and_its_package_predicts(ray_runtime, tmp_path,
         args += ["--set", override]
 
     assert main(args) == 0
+    console = capsys.readouterr().out
 
     name = yaml.safe_load(config.read_text())["name"]
     package = tmp_path / "models" / name / "v1"
@@ -185,6 +184,20 @@ def test_penguins_example_trains_and_its_package_predicts(ray_runtime, tmp_path,
         prediction = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
     metrics = json.loads((package / "metrics.json").read_text())
     reference = json.loads((package / "reference.json").read_text())
+    baseline = metrics["baseline"]
+    assert f"baseline ({baseline['model']}): " in console
+    if example == "species":
+        assert re.fullmatch(r"logistic regression on the \d+ encoded features", baseline["model"])
+    else:
+        # two epochs of an MLP do worse than a ridge regression: it says so everywhere
+        assert re.fullmatch(r"ridge regression on the \d+ encoded features", baseline["model"])
+        (compared,) = baseline["compared"]
+        assert compared["metric"] == "rmse" and compared["worse"]
+        assert "WARNING: the model does worse on test than its baseline" in console
+        assert "class='warning'" in (package / "report.html").read_text()
+        capsys.readouterr()
+        assert main(["runs", "list", "--storage-root", str(tmp_path)]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[-1] == "rmse"
     if example == "species":
         assert prediction.shape == (1, 3) and np.isclose(prediction.sum(), 1)
         assert set(metrics["test"]) >= {"accuracy", "macro_f1", "auroc_ovr"}

@@ -96,7 +96,11 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
     pq.write_table(table, appended / "new.parquet")
     cfg = tiny_config(
         store,
-        data={"source": source, "append": [str(appended)]},
+        data={
+            "source": source,
+            "append": [str(appended)],
+            "augment": {"rotate90": True, "flip": True},
+        },
         scaling={"num_workers": 2},
         train={"max_epochs": 3, "checkpoint": {"keep_top_k": 1}},
         tracking={"mlflow": {}},
@@ -110,8 +114,19 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
     assert {p.name for p in package.iterdir()} >= PACKAGE_FILES
     metrics = json.loads((package / "metrics.json").read_text())
     assert sum(metrics["data"]["rows"].values()) == 9 * 30 + 9 * 5
+    data = metrics["data"]
+    assert data["split"] == "stratified by class, seed 7" and data["augmented"]
+    for name in CLASS_NAMES:  # each class holds its shares to within one row
+        total = sum(data["classes"][split][name] for split in ("train", "val", "test"))
+        assert abs(data["classes"]["test"][name] - 0.15 * total) <= 1
+        assert abs(data["classes"]["val"][name] - 0.15 * total) <= 1
     test = metrics["test"]
     assert 0.0 <= test["accuracy"] <= 1.0
+    baseline = metrics["baseline"]  # fitted on the same split's pixels, scored on its test rows
+    assert baseline["model"] == "logistic regression on the pixels"
+    assert baseline["train_rows"] == metrics["data"]["rows"]["train"]
+    assert [row["metric"] for row in baseline["compared"]] == ["accuracy", "auroc_ovr"]
+    assert sum(map(sum, baseline["test"]["confusion_matrix"]["matrix"])) == data["rows"]["test"]
     assert len(test["confusion_matrix"]["matrix"]) == 9
     assert sum(map(sum, test["confusion_matrix"]["matrix"])) == metrics["data"]["rows"]["test"]
     # the first epochs of a tiny CNN still learn: the training loss goes down
@@ -148,8 +163,9 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
 
     # the run report renders in a browser: curves, confusion matrix, ROC/PR, Grad-CAM
     headings = check_report(package / "report.html", tmp_path, min_images=4)
-    assert headings[:4] == [
+    assert headings[:5] == [
         "Test metrics",
+        "Baseline",
         "Learning curves",
         "Confusion matrix",
         "ROC and precision-recall",

@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-from forgeml.data.preprocessing import REJECT_COLUMN
 from forgeml.data.sources import _image_file_rows, _npz_rows
+from forgeml.data.split import REJECT_COLUMN
 from PIL import Image
 
 FS = pafs.LocalFileSystem()

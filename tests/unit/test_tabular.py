@@ -77,13 +77,6 @@ def test_rows_that_cannot_be_used_are_named_with_the_column_and_reason():
     assert reasons[2] == "species: not one of data.features.class_names"
 
 
-def test_row_ids_hash_the_values_so_equal_rows_share_a_split():
-    batch = {c: np.array(["1", "1", "2"], dtype=object) for c in ("mass", "bill", "island")}
-    batch["species"] = np.array(["a", "a", "a"], dtype=object)
-    ids = TableFeatures(FEATURES, "classification", None).row_ids(batch)
-    assert ids[0] == ids[1] != ids[2]
-
-
 def test_fitted_transform_imputes_scales_encodes_and_round_trips():
     pre = TabularPreprocessor.fit(TableFeatures(FEATURES, "classification", None), _stats())
     assert pre.feature_names == [

@@ -3,7 +3,6 @@ from forgeml.data import wafer
 from forgeml.data.preprocessing import (
     ImageFeatures,
     ImagePreprocessor,
-    assign_split,
     augment,
     decode_images,
     preprocessor_from_dict,
@@ -61,17 +60,6 @@ def test_maps_vary_within_a_class():
     k = wafer.CLASS_NAMES.index("scratch")
     maps = {wafer.generate_map(k, 32, rng).tobytes() for _ in range(20)}
     assert len(maps) == 20
-
-
-def test_split_is_a_stable_function_of_id_and_seed():
-    ids = np.arange(20000)
-    split = assign_split(ids, seed=1, val_fraction=0.15, test_fraction=0.15)
-    shuffled = np.random.default_rng(0).permutation(ids)
-    np.testing.assert_array_equal(assign_split(shuffled, 1, 0.15, 0.15), split[shuffled])
-    shares = {name: np.mean(split == name) for name in ("train", "val", "test")}
-    assert abs(shares["test"] - 0.15) < 0.01 and abs(shares["val"] - 0.15) < 0.01
-    other = assign_split(ids, seed=2, val_fraction=0.15, test_fraction=0.15)
-    assert np.mean(other != split) > 0.3
 
 
 def _features(size: int = 2) -> ImageFeatures:

@@ -22,18 +22,26 @@ from ray.data import RandomSeedConfig, SaveMode
 
 from forgeml.config import AugmentConfig, ExperimentConfig
 from forgeml.data.preprocessing import (
-    REJECT_COLUMN,
-    SPLIT_COLUMN,
-    SPLITS,
     Features,
     Preprocessor,
     TargetSpec,
-    assign_split,
     augment,
     first_reason,
     no_rejects,
 )
 from forgeml.data.sources import DataSource
+from forgeml.data.split import (
+    FILE_COLUMN,
+    REJECT_COLUMN,
+    ROW_COLUMN,
+    SPLIT_COLUMN,
+    SPLITS,
+    STRATUM_COLUMN,
+    UNIT_COLUMN,
+    SplitKeys,
+    SplitPlan,
+    key_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +63,24 @@ class PreparedData:
     augment: AugmentConfig | None
     cached: bool
     seed: int
+    #: How the rows were split, and each split's rows per class (classification).
+    split: str = "random"
+    classes: dict[str, dict[str, int]] | None = None
 
     @property
     def target(self) -> TargetSpec:
         return self.preprocessor.target
+
+    def summary(self) -> dict:
+        """What the data came to, for metrics.json, the report and the console."""
+        return {
+            "rows": self.sizes,
+            "rejected": self.rejected,
+            "target": self.target.to_dict(),
+            "split": self.split,
+            **({"classes": self.classes} if self.classes else {}),
+            "augmented": bool(self.augment and (self.augment.rotate90 or self.augment.flip)),
+        }
 
     def as_trainer_datasets(self) -> dict[str, ray.data.Dataset]:
         """What training streams: train in a new block order every epoch (augmented
@@ -90,16 +112,20 @@ def _augment(batch, rotate90: bool, flip: bool):
     return batch
 
 
-def _tag(batch, features: Features, seed: int, val: float, test: float):
-    """Each raw row's split and, if it cannot be used, why (reader rejects come first).
-    The split is a hash of the row id, unless the source set it (time series)."""
+def _tag(batch, features: Features, group_by: list[str], stratify: bool):
+    """Each raw row's reason if it cannot be used (reader rejects come first) and, unless
+    the source split it (time series), what the split draws by."""
     reasons = features.reject_reasons(batch)
     if REJECT_COLUMN in batch:
         reasons = first_reason(np.asarray(batch[REJECT_COLUMN], dtype=object), reasons)
-    if SPLIT_COLUMN not in batch:
-        batch[SPLIT_COLUMN] = assign_split(features.row_ids(batch), seed, val, test)
     batch[REJECT_COLUMN] = reasons
+    if SPLIT_COLUMN not in batch:
+        batch.update(key_columns(batch, features, group_by, stratify))
     return features.compact(batch, reasons)
+
+
+def _split(batch, plan: SplitPlan, drop: list[str]):
+    return plan.split_batch(batch, drop)
 
 
 def _check_fitted(batch, preprocessor: Preprocessor):
@@ -120,10 +146,19 @@ def _rows(batch, split: str | None, rejected: bool = False):
     return {name: values[keep] for name, values in batch.items()}
 
 
-def _tally(batch):
-    """Rows per (split, reject reason) in one batch."""
-    frame = pd.DataFrame({"split": batch[SPLIT_COLUMN], "reason": batch[REJECT_COLUMN]})
-    counts = frame.groupby(["split", "reason"]).size().reset_index(name="rows")
+def _tally(batch, features: Features):
+    """Rows per (split, reject reason, class) in one batch; rejected rows and rows
+    without classes count under the class ""."""
+    classes = features.classes(batch)
+    frame = pd.DataFrame(
+        {
+            "split": batch[SPLIT_COLUMN],
+            "reason": batch[REJECT_COLUMN],
+            "class": "" if classes is None else [c or "" for c in classes],
+        }
+    )
+    frame.loc[frame["reason"] != "", "class"] = ""
+    counts = frame.groupby(["split", "reason", "class"]).size().reset_index(name="rows")
     return {name: counts[name].to_numpy() for name in counts.columns}
 
 
@@ -144,31 +179,44 @@ class RowCounts:
     total: int
     usable: dict[str, int]
     rejected: dict[str, int]  # reason -> rows, most frequent first
+    classes: dict[str, dict[str, int]]  # split -> class -> usable rows; {} without classes
 
     @classmethod
-    def of(cls, rows: ray.data.Dataset) -> RowCounts:
-        tally = rows.map_batches(_tally, batch_format="numpy").to_pandas()
+    def of(cls, rows: ray.data.Dataset, features: Features) -> RowCounts:
+        tally = rows.map_batches(
+            _tally, fn_kwargs={"features": features}, batch_format="numpy"
+        ).to_pandas()
         if tally.empty:
-            return cls(0, dict.fromkeys(SPLITS, 0), {})
-        usable = tally[tally["reason"] == ""].groupby("split")["rows"].sum()
+            return cls(0, dict.fromkeys(SPLITS, 0), {}, {})
+        usable = tally[tally["reason"] == ""]
+        per_split = usable.groupby("split")["rows"].sum()
         reasons = tally[tally["reason"] != ""].groupby("reason")["rows"].sum()
+        classes = {}
+        if (usable["class"] != "").any():
+            table = usable.pivot_table("rows", "class", "split", aggfunc="sum", fill_value=0)
+            classes = {
+                name: {str(c): int(table.at[c, name]) if name in table else 0 for c in table.index}
+                for name in SPLITS
+            }
         return cls(
             total=int(tally["rows"].sum()),
-            usable={name: int(usable.get(name, 0)) for name in SPLITS},
+            usable={name: int(per_split.get(name, 0)) for name in SPLITS},
             rejected={str(r): int(n) for r, n in reasons.sort_values(ascending=False).items()},
+            classes=classes,
         )
 
 
 def _account_for_rejects(
     cfg: ExperimentConfig,
     rows: ray.data.Dataset,
+    features: Features,
     folder: str,
     filesystem: pafs.FileSystem,
     written: int = 0,
 ) -> RowCounts:
     """Count rows; write the rejected ones aside (unless the ``written`` rejects already
     are all of them); fail on too many or on an empty split."""
-    counts = RowCounts.of(rows)
+    counts = RowCounts.of(rows, features)
     if counts.total == 0:
         raise ValueError("data.source holds no rows")
     n = sum(counts.rejected.values())
@@ -193,26 +241,57 @@ def _account_for_rejects(
     return counts
 
 
-def tag_rows(cfg: ExperimentConfig, source: DataSource) -> ray.data.Dataset:
-    """The raw rows with their split and reject reason (before anything is fitted)."""
-    split = cfg.data.split
-    return source.read(shuffle_files=not cfg.data.cache).map_batches(
-        _tag,
-        fn_kwargs={
-            "features": source.features,
-            "seed": cfg.seed,
-            "val": split.val_fraction,
-            "test": split.test_fraction,
-        },
-        batch_format="numpy",
-    )
-
-
 def _in_order(dataset: ray.data.Dataset) -> ray.data.Dataset:
     """``dataset``, set to keep its blocks in the order of its input: cached splits whose
     blocks are listed as they finish would reach training in another order every run."""
     dataset.context.execution_options.preserve_order = True
     return dataset
+
+
+def _stratified(cfg: ExperimentConfig) -> bool:
+    """``split.stratify``, or its default: on unless rows are grouped (a stratified split
+    only balances rows that have classes, so it leaves other tasks' splits random)."""
+    split = cfg.data.split
+    return split.stratify if split.stratify is not None else not split.group_by
+
+
+def split_method(cfg: ExperimentConfig, source: DataSource, classes: bool) -> str:
+    """How the rows were split, in words."""
+    split = cfg.data.split
+    if source.assigns_splits:
+        return "by time: the last steps are test"
+    if split.group_by:
+        how = f"random by groups of {', '.join(split.group_by)}"
+    else:
+        how = "stratified by class" if classes and _stratified(cfg) else "random"
+    return f"{how}, seed {cfg.seed}"
+
+
+def tag_rows(cfg: ExperimentConfig, source: DataSource) -> ray.data.Dataset:
+    """The raw rows with their split and reject reason (before anything is fitted); with
+    ``data.cache`` the rows as read are kept in the object store, so the split plan's
+    pass and every later one read them from there."""
+    split = cfg.data.split
+    rows = source.read(shuffle_files=not cfg.data.cache).map_batches(
+        _tag,
+        fn_kwargs={
+            "features": source.features,
+            "group_by": split.group_by,
+            "stratify": _stratified(cfg),
+        },
+        batch_format="numpy",
+    )
+    if cfg.data.cache:
+        rows = _in_order(rows).materialize()
+    if source.assigns_splits:
+        return rows
+    keys = rows.map_batches(SplitKeys.of_batch, batch_format="numpy").to_pandas()
+    plan = SplitPlan.fit(
+        SplitKeys.from_frame(keys), cfg.seed, split.val_fraction, split.test_fraction
+    )
+    keys_only = [c for c in split.group_by if c not in source.features.columns]
+    drop = [UNIT_COLUMN, STRATUM_COLUMN, FILE_COLUMN, ROW_COLUMN, *keys_only]
+    return rows.map_batches(_split, fn_kwargs={"plan": plan, "drop": drop}, batch_format="numpy")
 
 
 def usable_rows(cfg: ExperimentConfig, source: DataSource, split: str) -> pd.DataFrame:
@@ -238,9 +317,7 @@ def prepare_data(
     after, when the fitted state can refuse more (a class the training split lacks).
     """
     tagged = tag_rows(cfg, source)
-    if cfg.data.cache:
-        tagged = _in_order(tagged).materialize()
-    before = _account_for_rejects(cfg, tagged, rejects_folder, filesystem)
+    before = _account_for_rejects(cfg, tagged, source.features, rejects_folder, filesystem)
     preprocessor = source.features.fit(
         tagged.map_batches(_rows, fn_kwargs={"split": "train"}, batch_format="numpy")
     )
@@ -250,7 +327,12 @@ def prepare_data(
             _check_fitted, fn_kwargs={"preprocessor": preprocessor}, batch_format="numpy"
         )
         counts = _account_for_rejects(
-            cfg, checked, rejects_folder, filesystem, written=sum(before.rejected.values())
+            cfg,
+            checked,
+            source.features,
+            rejects_folder,
+            filesystem,
+            written=sum(before.rejected.values()),
         )
 
     splits = {}
@@ -261,8 +343,7 @@ def prepare_data(
         )
         splits[name] = _in_order(transformed).materialize() if cfg.data.cache else transformed
 
-    logger.info("data: %s", ", ".join(f"{k} {v} rows" for k, v in counts.usable.items()))
-    return PreparedData(
+    prepared = PreparedData(
         train=splits["train"],
         val=splits["val"],
         test=splits["test"],
@@ -272,4 +353,29 @@ def prepare_data(
         augment=cfg.data.augment if source.features.augmentable else None,
         cached=cfg.data.cache,
         seed=cfg.seed,
+        split=split_method(cfg, source, bool(counts.classes)),
+        classes=counts.classes or None,
     )
+    for line in summary_lines(prepared.summary()):
+        logger.info("%s", line)
+    return prepared
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The data summary as console lines: rows per split and how they were split, the
+    rejected rows, and each class's share with how uneven the classes are."""
+    rows = ", ".join(f"{name} {n}" for name, n in summary["rows"].items())
+    lines = [f"data: {rows} rows; split {summary['split']}"]
+    if summary["rejected"]:
+        lines.append(f"data: {sum(summary['rejected'].values())} rows rejected")
+    classes = summary.get("classes")
+    if classes:
+        train = classes["train"]
+        total = sum(train.values())
+        shares = ", ".join(f"{c} {n / total:.1%}" for c, n in train.items())
+        largest, smallest = max(train.values()), max(min(train.values()), 1)
+        lines.append(
+            f"data: classes {shares} of training rows; the largest holds "
+            f"{largest / smallest:.1f}x the rows of the smallest"
+        )
+    return lines

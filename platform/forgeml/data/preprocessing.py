@@ -2,14 +2,15 @@
 
 Every data kind has two halves:
 
-* ``Features``: what the raw columns mean before anything is fitted. It gives each row a
-  stable id (the split is a hash of it), names the rows that cannot be used and why,
-  and fits a ``Preprocessor`` on the training split with Ray Data aggregations.
+* ``Features``: what the raw columns mean before anything is fitted. It gives each row
+  its id and class where it has them (what ``split.py`` splits by), names the rows that
+  cannot be used and why, and fits a ``Preprocessor`` on the training split with Ray
+  Data aggregations.
 * ``Preprocessor``: the fitted state (``preprocessor.json`` in the model package). It
   turns raw columns into model ``inputs`` (and a ``target``), and turns a request's
   instances into raw columns, so serving applies exactly what training applied.
 
-This module holds the registry, the split and the image kind; ``tabular.py`` the table kind.
+This module holds the registry and the image kind; ``tabular.py`` the table kind.
 """
 
 from __future__ import annotations
@@ -20,29 +21,7 @@ from typing import Protocol
 import numpy as np
 import ray.data
 
-#: Columns the pipeline adds to raw rows: the row's split and why it is rejected ("" if not).
-SPLIT_COLUMN, REJECT_COLUMN = "_split", "_reject"
-
-
-def splitmix64(values: np.ndarray) -> np.ndarray:
-    """A fast, well-mixed 64-bit hash (SplitMix64 finaliser), vectorised over uint64."""
-    z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-SPLITS = ("train", "val", "test")
-
-
-def assign_split(ids: np.ndarray, seed: int, val_fraction: float, test_fraction: float):
-    """Split name per row id, a pure function of (id, seed): stable under any partitioning."""
-    with np.errstate(over="ignore"):
-        hashed = splitmix64(ids.astype(np.uint64) ^ splitmix64(np.array([seed], np.uint64)))
-    u = (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    return np.where(
-        u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train")
-    )
+from forgeml.data.split import category
 
 
 @dataclass(frozen=True)
@@ -123,7 +102,13 @@ class Features(Protocol):
     columns: list[str]
     augmentable: bool  # whether data.augment applies (images)
 
-    def row_ids(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
+    def row_ids(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Each row's stable id (uint64), or None when rows have no id of their own: then
+        their position in the source is their identity."""
+
+    def classes(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Each row's class as text (what a stratified split balances), or None when the
+        rows have no classes."""
 
     def reject_reasons(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
 
@@ -228,6 +213,14 @@ class ImageFeatures:
 
     def row_ids(self, batch):
         return np.asarray(batch[self.id_column]).astype(np.uint64)
+
+    def classes(self, batch):
+        if self.codes:
+            return None
+        names = {str(i): name for i, name in enumerate(self.class_names)}
+        return np.array(
+            [names.get(category(label)) for label in batch[self.label_column]], dtype=object
+        )
 
     def reject_reasons(self, batch):
         """Maps of the wrong size or with values outside 0 to ``max_value``, and (unless

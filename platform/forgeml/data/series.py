@@ -26,14 +26,13 @@ import ray.data
 
 from forgeml.config import SeriesFeatures as SeriesConfig
 from forgeml.data.preprocessing import (
-    REJECT_COLUMN,
-    SPLIT_COLUMN,
     ModelInputs,
     TargetSpec,
     no_rejects,
     register_preprocessor,
 )
 from forgeml.data.sources import RAW_COLUMN, DataSource
+from forgeml.data.split import REJECT_COLUMN, SPLIT_COLUMN
 from forgeml.data.tabular import parse_numbers
 
 ORIGIN, HISTORY, FUTURE = "origin", "history", "future"
@@ -169,6 +168,7 @@ class SeriesSource(DataSource):
     series: SeriesConfig
     val_fraction: float
     test_fraction: float
+    assigns_splits = True
 
     def read(self, shuffle_files: bool = False) -> ray.data.Dataset:
         points = self.read_columns([self.series.time, self.series.value]).to_pandas()
@@ -198,15 +198,15 @@ def carry_forward(values: np.ndarray, fill: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SeriesWindowFeatures:
-    """Forecast windows (rows made by ``SeriesSource``), checked before fitting."""
+    """Forecast windows (rows made by ``SeriesSource``, which splits them by time),
+    checked before fitting."""
 
     cfg: SeriesConfig
     columns: list[str] = field(default_factory=lambda: [ORIGIN, HISTORY, FUTURE])
     augmentable = False
 
-    def row_ids(self, batch):
-        """Ids per window; the split does not use them (``SeriesSource`` sets it by time)."""
-        return pd.util.hash_pandas_object(pd.Series(batch[ORIGIN]), index=False).to_numpy()
+    def classes(self, batch):
+        return None
 
     def reject_reasons(self, batch):
         """Windows with nothing observed to forecast from, or nothing observed to score."""

@@ -36,7 +36,8 @@ from forgeml.config import (
 )
 from forgeml.data import wafer
 from forgeml.data.dates import DATES_GENERATOR_VERSION, generate_dates
-from forgeml.data.preprocessing import REJECT_COLUMN, Features, ImageFeatures
+from forgeml.data.preprocessing import Features, ImageFeatures
+from forgeml.data.split import FILE_COLUMN, REJECT_COLUMN, ROW_COLUMN
 from forgeml.data.tabular import TableFeatures
 from forgeml.data.text import CorpusFeatures, TextColumnFeatures, TextPairFeatures
 from forgeml.storage import COMPLETE_MARKER, Storage
@@ -71,38 +72,45 @@ class DataSource:
     filesystem: pafs.FileSystem
     format: str
     features: Features
-    #: ``reader(fs, path, columns)`` yielding batches, for formats other than the tables'.
+    #: ``reader(fs, path, columns)`` yielding batches; None: Ray Data's Parquet reader.
     reader: Callable | None = None
+    #: Columns read only to split by (``data.split.group_by``).
+    split_columns: tuple[str, ...] = ()
+    #: Whether the rows come with their split (series split by time).
+    assigns_splits = False
 
     def read(self, shuffle_files: bool = False) -> ray.data.Dataset:
-        """The raw rows, with only the columns the features read; ``shuffle_files`` reads
-        the files in a new random order every time the dataset runs (every epoch, when
-        nothing is cached), the shuffle that streams."""
-        return self.read_columns(self.features.columns, shuffle_files)
+        """The raw rows, with only the columns the features and the split read;
+        ``shuffle_files`` reads the files in a new random order every time the dataset
+        runs (every epoch, when nothing is cached), the shuffle that streams."""
+        extra = [c for c in self.split_columns if c not in self.features.columns]
+        return self.read_columns([*self.features.columns, *extra], shuffle_files)
 
     def read_columns(self, columns: list[str], shuffle_files: bool = False) -> ray.data.Dataset:
         """The rows of the files, with only ``columns``.
 
-        Parquet goes through Ray Data's reader. CSV and JSON Lines go through readers of
-        our own, run as a Ray Data map over the files, because Ray's fail the whole read
-        on one malformed line: ours put such a line into a row of its own, with the
-        reason in ``_reject`` and the text in ``_raw``, so nothing is silently dropped.
+        Image Parquet goes through Ray Data's reader. Tables go through readers of our
+        own, run as a Ray Data map over the files: Ray's CSV and JSON readers fail the
+        whole read on one malformed line, where ours put such a line into a row of its
+        own, with the reason in ``_reject`` and the text in ``_raw``; and ours give every
+        row its place (``_file``, ``_row``), the identity of rows that have no id.
         """
-        if self.format == "parquet":
+        if self.reader is None:
             return ray.data.read_parquet(
                 self.paths,
                 filesystem=self.filesystem,
                 columns=columns,
                 shuffle="files" if shuffle_files else None,
             )
-        files = ray.data.from_items([{"path": path} for path in self.paths])
+        files = ray.data.from_items(
+            [{"index": index, "path": path} for index, path in enumerate(self.paths)]
+        )
         if shuffle_files:
             files = files.random_shuffle()
-        reader = self.reader or (_csv_batches if self.format == "csv" else _jsonl_batches)
         return files.map_batches(
             _read_files,
             batch_size=1,
-            fn_kwargs={"reader": reader, "fs": self.filesystem, "columns": columns},
+            fn_kwargs={"reader": self.reader, "fs": self.filesystem, "columns": columns},
             batch_format="numpy",
         )
 
@@ -192,8 +200,17 @@ def _npz_rows(fs, path, columns, root: str, images_key: str, labels_key: str, si
 
 
 def _read_files(batch, reader, fs, columns):
-    for path in batch["path"]:
-        yield from reader(fs, str(path), columns)
+    """The rows of each file, numbered in the order read: rows that could not be parsed
+    (a reason in ``_reject``) take no number."""
+    for index, path in zip(batch["index"], batch["path"], strict=True):
+        numbered = 0
+        for rows in reader(fs, str(path), columns):
+            n = len(next(iter(rows.values())))
+            parsed = rows[REJECT_COLUMN] == "" if REJECT_COLUMN in rows else np.ones(n, bool)
+            positions = np.full(n, -1, np.int64)
+            positions[parsed] = numbered + np.arange(int(parsed.sum()))
+            numbered += int(parsed.sum())
+            yield {**rows, FILE_COLUMN: np.full(n, index, np.int64), ROW_COLUMN: positions}
 
 
 def _rejected_lines(columns: list[str], lines: list[tuple[str, str]]) -> dict:
@@ -258,11 +275,13 @@ def _csv_batches(fs: pafs.FileSystem, path: str, columns: list[str]):
                 bad.clear()
 
 
-def _check_columns(path: str, found: list[str], columns: list[str]) -> None:
+def _check_columns(
+    path: str, found: list[str], columns: list[str], field: str = "data.features"
+) -> None:
     missing = [c for c in columns if c not in found]
     if missing:
         raise ValueError(
-            f"data.features: column {missing[0]!r} is not in {path}; its columns are {found}"
+            f"{field}: column {missing[0]!r} is not in {path}; its columns are {found}"
         )
 
 
@@ -304,6 +323,26 @@ def _jsonl_batches(fs: pafs.FileSystem, path: str, columns: list[str]):
         yield _rejected_lines(columns, bad)
 
 
+def _parquet_batches(fs: pafs.FileSystem, path: str, columns: list[str]):
+    """The rows of a Parquet table, typed as stored."""
+    with fs.open_input_file(path) as stream:
+        try:
+            table = pq.ParquetFile(stream)
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
+        _check_columns(path, table.schema_arrow.names, columns)
+        for record_batch in table.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            n = record_batch.num_rows
+            yield {
+                **{c: record_batch.column(c).to_numpy(zero_copy_only=False) for c in columns},
+                REJECT_COLUMN: np.full(n, "", dtype=object),
+                RAW_COLUMN: np.full(n, None, dtype=object),
+            }
+
+
+#: The readers of table files, by format.
+TABLE_READERS = {"csv": _csv_batches, "jsonl": _jsonl_batches, "parquet": _parquet_batches}
+
 _SOURCES: dict[str, Callable[..., DataSource]] = {}
 
 
@@ -321,6 +360,12 @@ def open_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
     source = _SOURCES[cfg.data.source.kind](cfg, storage)
     if cfg.data.append:
         source = replace(source, paths=[*source.paths, *_appended_files(cfg, storage, source)])
+    group_by = cfg.data.split.group_by
+    if group_by:
+        _check_first_file(
+            source.filesystem, source.paths[0], source.format, group_by, "data.split.group_by"
+        )
+        source = replace(source, split_columns=tuple(group_by))
     if cfg.task.kind in IMAGE_GENERATION_TASKS:
         return replace(source, features=replace(source.features, codes=True))
     return source
@@ -328,7 +373,7 @@ def open_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
 
 def _appended_files(cfg: ExperimentConfig, storage: Storage, source: DataSource) -> list[str]:
     """The files of ``data.append``: the source's format, filesystem and columns."""
-    if source.reader is not None:
+    if source.format not in TABLE_READERS:
         raise ValueError(
             f"data.append: a {cfg.data.source.kind} source reads its own folder of files; "
             "add the new files there"
@@ -658,6 +703,7 @@ def table_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
             fs,
             fmt,
             SeriesWindowFeatures(features_cfg),
+            TABLE_READERS[fmt],
             series=features_cfg,
             val_fraction=split.val_fraction,
             test_fraction=split.test_fraction,
@@ -671,7 +717,7 @@ def table_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
     else:
         features = TableFeatures(features_cfg, cfg.task.kind, id_column)
     _check_first_file(fs, paths[0], fmt, features.columns)
-    return DataSource(paths, fs, fmt, features)
+    return DataSource(paths, fs, fmt, features, TABLE_READERS[fmt])
 
 
 def _table_files(source: TableSource, storage: Storage) -> tuple[list[str], pafs.FileSystem, str]:
@@ -700,11 +746,13 @@ def _table_files(source: TableSource, storage: Storage) -> tuple[list[str], pafs
     return paths, fs, found.pop()
 
 
-def _check_first_file(fs: pafs.FileSystem, path: str, fmt: str, columns: list[str]) -> None:
-    """Name a missing column before any Ray work (JSON Lines has no header: an absent key
-    is a missing value)."""
+def _check_first_file(
+    fs: pafs.FileSystem, path: str, fmt: str, columns: list[str], field: str = "data.features"
+) -> None:
+    """Name a missing column, and the config ``field`` that asks for it, before any Ray
+    work (JSON Lines has no header: an absent key is a missing value)."""
     if fmt == "parquet":
-        _check_columns(path, pq.read_schema(path, filesystem=fs).names, columns)
+        _check_columns(path, pq.read_schema(path, filesystem=fs).names, columns, field)
     elif fmt == "csv":
         with fs.open_input_stream(path) as stream:
             try:
@@ -714,4 +762,4 @@ def _check_first_file(fs: pafs.FileSystem, path: str, fmt: str, columns: list[st
                 names = pacsv.open_csv(stream, parse_options=skip_bad_lines).schema.names
             except pa.ArrowInvalid as exc:
                 raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
-        _check_columns(path, names, columns)
+        _check_columns(path, names, columns, field)

@@ -10,7 +10,6 @@ preprocessors have no median imputation and no missing-value indicators.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -25,6 +24,7 @@ from forgeml.data.preprocessing import (
     no_rejects,
     register_preprocessor,
 )
+from forgeml.data.split import category, id_units
 
 #: The category drift summaries give a value that training never saw.
 UNSEEN_CATEGORY = "(unseen)"
@@ -42,32 +42,8 @@ def parse_numbers(values) -> tuple[np.ndarray, np.ndarray]:
     return numbers, bad
 
 
-def _category(value) -> str | None:
-    """A categorical value as text: None when missing; 3.0 and 3 are both '3'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    return text or None
-
-
 def parse_categories(values) -> np.ndarray:
-    return np.array([_category(v) for v in values], dtype=object)
-
-
-def row_ids(batch, id_column: str | None, columns: list[str]) -> np.ndarray:
-    """Ids for the split: an integer id column as it is, another id column hashed, and
-    without one a hash of the named columns' values, read as text so that a missing
-    value hashes alike however the reader spells it (None, NaN)."""
-    if id_column:
-        ids = np.asarray(batch[id_column])
-        if ids.dtype.kind in "iu":
-            return ids.astype(np.uint64)
-        frame = pd.DataFrame({"id": ids.astype(str)})
-    else:
-        frame = pd.DataFrame({c: [_category(v) or "" for v in batch[c]] for c in columns})
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
+    return np.array([category(v) for v in values], dtype=object)
 
 
 def mark_class_rejects(reasons: np.ndarray, values, target: str, declared: list[str] | None):
@@ -104,8 +80,10 @@ class TableFeatures:
         object.__setattr__(self, "columns", cols)
 
     def row_ids(self, batch):
-        named = [*self.cfg.numeric, *self.cfg.categorical, self.cfg.target]
-        return row_ids(batch, self.id_column, named)
+        return id_units(batch[self.id_column]) if self.id_column else None
+
+    def classes(self, batch):
+        return None if self.task == "regression" else parse_categories(batch[self.cfg.target])
 
     def reject_reasons(self, batch):
         """Numbers that do not parse, and a missing or unusable target."""

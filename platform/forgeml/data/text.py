@@ -28,10 +28,10 @@ from forgeml.data.preprocessing import (
     no_rejects,
     register_preprocessor,
 )
+from forgeml.data.split import id_units
 from forgeml.data.tabular import (
     mark_class_rejects,
     parse_categories,
-    row_ids,
     unseen_class_reasons,
 )
 
@@ -100,8 +100,9 @@ def text_request_columns(instances, column: str) -> dict[str, np.ndarray]:
 @dataclass(frozen=True)
 class TextColumns:
     """What the text kinds share before fitting: the columns they read (the ones each
-    kind's ``named`` property lists, and the id column if any), row ids (without an id
-    column, a hash of the named values), and no compaction."""
+    kind's ``named`` property lists, and the id column if any), row ids (none without an
+    id column: rows are then known by their position), no classes unless the kind has
+    them, and no compaction."""
 
     cfg: TextConfig | CorpusConfig | TextPairConfig  # each kind narrows it
     id_column: str | None
@@ -113,7 +114,10 @@ class TextColumns:
         object.__setattr__(self, "columns", [*self.named, *extra])
 
     def row_ids(self, batch):
-        return row_ids(batch, self.id_column, self.named)
+        return id_units(batch[self.id_column]) if self.id_column else None
+
+    def classes(self, batch):
+        return None
 
     def compact(self, batch, reasons):
         return batch
@@ -128,6 +132,9 @@ class TextColumnFeatures(TextColumns):
     @property
     def named(self) -> list[str]:
         return [self.cfg.text, self.cfg.target]
+
+    def classes(self, batch):
+        return parse_categories(batch[self.cfg.target])
 
     def reject_reasons(self, batch):
         """Texts that are missing or empty once cleaned, and missing or undeclared classes."""

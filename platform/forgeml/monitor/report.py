@@ -93,6 +93,7 @@ STYLE = (
     "body{font-family:sans-serif;margin:2em;color:#222}"
     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
     "tr.drifted{background:#fde0dc}.charts img{margin:6px}"
+    ".warning{background:#fde0dc;border-left:4px solid #c0392b;padding:6px 10px}"
 )
 
 

@@ -5,8 +5,9 @@ A task is built from its config and the ``TargetSpec`` fitted with the data, and
 values in the target's units), ``validation_metrics``/``test_metrics`` (torchmetrics),
 ``report`` (computed metrics as JSON), ``row_outputs`` (what evaluation keeps per row),
 ``drift_values`` (per row, from those outputs: what drift tests compare; a served task's
-outputs are its ``predict`` results) and, for tasks that are served,
-``prediction_records`` (what a client receives).
+outputs are its ``predict`` results), ``headline_metrics`` (the test metrics and their
+direction on which a model must not lose to its baseline; empty where no baseline
+applies) and, for tasks that are served, ``prediction_records`` (what a client receives).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from forgeml.tasks import register_task
 @register_task("classification")
 class ClassificationTask:
     evaluation_batch_size = 512
+    #: Test metrics a model must not lose to its baseline on (``forgeml.baselines``).
+    headline_metrics = (("accuracy", "max"), ("auroc_ovr", "max"))
     target_dtype = torch.int64
 
     def __init__(self, cfg: ClassificationConfig, target: TargetSpec):

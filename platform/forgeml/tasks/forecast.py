@@ -46,6 +46,8 @@ class Observed(WrapperMetric):
 @register_task("forecast")
 class ForecastTask:
     evaluation_batch_size = 512
+    #: Test metrics a model must not lose to its baseline on (``forgeml.baselines``).
+    headline_metrics = (("rmse", "min"),)
     target_dtype = torch.float32
 
     def __init__(self, cfg: ForecastConfig, target: TargetSpec):

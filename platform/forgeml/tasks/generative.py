@@ -51,6 +51,7 @@ class ImageGeneration:
 
     target_dtype = torch.int64
     evaluation_batch_size = DRAW_BATCH
+    headline_metrics = ()  # no simple baseline draws or writes text
 
     def __init__(self, cfg: ImageGenerationConfig, target: TargetSpec):
         self.cfg = cfg

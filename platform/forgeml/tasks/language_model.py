@@ -29,6 +29,7 @@ class LanguageModelTask:
     target_dtype = torch.int64
     #: Rows per evaluation batch: outputs are (rows, tokens, vocabulary) floats.
     evaluation_batch_size = 32
+    headline_metrics = ()  # no simple baseline draws or writes text
 
     def __init__(self, cfg: LanguageModelConfig, target: TargetSpec):
         self.cfg = cfg

@@ -24,6 +24,8 @@ class RMSE(tmr.MeanSquaredError):
 @register_task("regression")
 class RegressionTask:
     evaluation_batch_size = 512
+    #: Test metrics a model must not lose to its baseline on (``forgeml.baselines``).
+    headline_metrics = (("rmse", "min"),)
     target_dtype = torch.float32
     num_outputs = 1
 

@@ -19,6 +19,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from forgeml import runtime
+from forgeml.baselines import fit_baseline
 from forgeml.config import ExperimentConfig
 from forgeml.data.pipeline import PreparedData, prepare_data
 from forgeml.data.sources import open_source
@@ -227,6 +228,15 @@ def register_checkpoint(
     model = build_model(cfg.model, data.preprocessor.model_inputs, task.num_outputs)
     model.load_state_dict(state["model"])
     evaluation = evaluate(model, task, data.test, data.preprocessor)
+    baseline = fit_baseline(
+        data.preprocessor,
+        task,
+        data.train,
+        data.test,
+        data.sizes["train"],
+        evaluation.metrics,
+        cfg.seed,
+    )
     files = {}
     if hasattr(task, "sample_report"):  # generative: draw, show and rate new images
         judge = load_judge(cfg, storage, data.preprocessor)
@@ -236,15 +246,12 @@ def register_checkpoint(
 
     metrics = {
         "test": evaluation.metrics,
+        **({"baseline": baseline} if baseline else {}),
         "best_epoch": state["epoch"],
         "selected_by": {"metric": early.metric, "mode": early.mode},
         "status": status,
         "history": history,
-        "data": {
-            "rows": data.sizes,
-            "rejected": data.rejected,
-            "target": data.target.to_dict(),
-        },
+        "data": data.summary(),
         "run": run,
         "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
     }

@@ -81,6 +81,7 @@ class TuningOutcome:
     best_config: ExperimentConfig
     version: ModelVersion
     summary: dict
+    metrics: dict  # the registered version's metrics.json
 
 
 def _domain(param: SearchParam):
@@ -408,7 +409,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         "use_gpu": best_config.scaling.use_gpu,
         "wall_s": round(time.monotonic() - started, 1),
     }
-    version, _ = register_checkpoint(
+    version, metrics = register_checkpoint(
         best_config, storage, data, state, "tuned", state["history"], run
     )
     best_metric = float(
@@ -432,4 +433,5 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         best_config=best_config,
         version=version,
         summary=summary,
+        metrics=metrics,
     )
