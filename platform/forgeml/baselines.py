@@ -142,9 +142,11 @@ def make_baseline(preprocessor: Preprocessor, task, x: np.ndarray, y: np.ndarray
     return _BASELINES[preprocessor.kind](preprocessor, task, x, y)
 
 
-def _training_rows(dataset: ray.data.Dataset, rows: int, row_bytes: int, seed: int):
-    """Inputs and targets of the training split, a seeded sample of it when it holds
-    more than ``MAX_TRAIN_BYTES`` of inputs."""
+def training_rows(dataset: ray.data.Dataset, rows: int, preprocessor: Preprocessor, seed: int):
+    """Inputs and targets of the training split (``rows`` of them), a seeded sample of it
+    when it holds more than ``MAX_TRAIN_BYTES`` of inputs; (None, None) when empty."""
+    inputs = preprocessor.model_inputs
+    row_bytes = math.prod(inputs.shape) * np.dtype(inputs.dtype).itemsize
     cap = max(MAX_TRAIN_BYTES // max(row_bytes, 1), 1)
     if rows > cap:
         dataset = dataset.random_sample(cap / rows, seed=seed)
@@ -198,9 +200,7 @@ def fit_baseline(
     if not has_baseline(preprocessor, task):
         return None
     started = time.monotonic()
-    inputs = preprocessor.model_inputs
-    row_bytes = math.prod(inputs.shape) * np.dtype(inputs.dtype).itemsize
-    x, y = _training_rows(train, train_rows, row_bytes, seed)
+    x, y = training_rows(train, train_rows, preprocessor, seed)
     if x is None:
         return None
     baseline = make_baseline(preprocessor, task, x, y)

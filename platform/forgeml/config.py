@@ -140,7 +140,9 @@ class ImputeConfig(Section):
     """Missing values, filled with statistics of the training split."""
 
     numeric: Literal["mean", "median", "constant"] = Field(
-        "median", description="Fill for numeric columns (median: approximate, KLL sketch)."
+        "median",
+        description="Fill for numeric columns (median: approximate, KLL sketch). The median, "
+        "because one extreme value cannot move it as it moves a mean.",
     )
     categorical: Literal["most_frequent", "constant"] = Field(
         "most_frequent", description="Fill for categorical columns."
@@ -150,7 +152,8 @@ class ImputeConfig(Section):
     indicators: bool = Field(
         True,
         description="Add a 0/1 column per feature that had missing values in the training "
-        "split (scikit-learn's add_indicator convention).",
+        "split (scikit-learn's add_indicator convention): on, because whether a value is "
+        "missing often says something the fill cannot.",
     )
 
 
@@ -215,7 +218,12 @@ class TextFeatures(Section):
     )
     vocab_size: int = Field(8000, ge=100, description="WordPiece vocabulary size, at most.")
     min_frequency: int = Field(2, ge=1, description="Rarer pieces stay out of the vocabulary.")
-    max_length: int = Field(64, ge=4, description="Tokens kept per text (padded to this).")
+    max_length: int = Field(
+        64,
+        ge=4,
+        description="Tokens kept per text (padded to this); the rest is cut. 64 holds a "
+        "sentence or a short review whole; raise it for documents.",
+    )
 
 
 class CorpusFeatures(Section):
@@ -306,7 +314,8 @@ class SplitConfig(Section):
         default_factory=list,
         description="Columns whose values keep rows together: rows that share them land in "
         "one split (the same patient, user or session never in both training and test). "
-        "Splits then hold their shares of rows to within one group. Never the target.",
+        "Splits then hold their shares of rows to within one group. A missing value is a "
+        "value like any other. Never the target.",
     )
 
     @field_validator("group_by")
@@ -443,12 +452,33 @@ class MLPConfig(Section):
         return self
 
 
+class BagOfNgramsConfig(Section):
+    """A fastText-style text classifier: the mean of the embeddings of a text's tokens and
+    of its hashed runs of neighbouring tokens, then a linear layer. What practitioners try
+    first on short texts and small sets: it trains in seconds and rarely overfits."""
+
+    kind: Literal["bag_of_ngrams"] = Field("bag_of_ngrams", description="Selects this variant.")
+    embedding_dim: int = Field(64, ge=8, le=1024, description="Width of every embedding.")
+    ngrams: int = Field(
+        2, ge=1, le=4, description="Longest run of neighbouring tokens embedded (1: tokens only)."
+    )
+    buckets: int = Field(
+        1 << 16,
+        ge=1024,
+        le=1 << 22,
+        description="Hashed embeddings shared by all runs of two or more tokens.",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the linear layer.")
+
+
 def _autoregressive_field():
     """The forecasters' switch, shared by the sequence models that can forecast."""
     return Field(
-        False,
+        None,
         description="Forecasters: add a linear autoregression on the window's values to the "
-        "forecast (LSTNet's highway), so the network learns only what is not linear.",
+        "forecast (LSTNet's highway), started at the ridge regression of the training "
+        "windows, so the network learns only what is not linear. null: on for series, off "
+        "for text.",
     )
 
 
@@ -462,7 +492,7 @@ class TransformerConfig(Section):
     layers: int = Field(2, ge=1, le=12, description="Encoder layers.")
     feedforward: int = Field(128, ge=8, description="Width of each layer's feed-forward part.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the encoder and head.")
-    autoregressive: bool = _autoregressive_field()
+    autoregressive: bool | None = _autoregressive_field()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TransformerConfig:
@@ -489,7 +519,7 @@ class RNNConfig(Section):
         description="How a text classifier sums up the states of the real tokens: their "
         "mean, or each unit's largest value (forecasters read the last state).",
     )
-    autoregressive: bool = _autoregressive_field()
+    autoregressive: bool | None = _autoregressive_field()
 
 
 class CausalTransformerConfig(TransformerConfig):
@@ -542,6 +572,7 @@ ModelConfig = Annotated[
     | MLPConfig
     | TransformerConfig
     | RNNConfig
+    | BagOfNgramsConfig
     | CausalTransformerConfig
     | Seq2SeqTransformerConfig
     | ConvVAEConfig
@@ -551,11 +582,19 @@ ModelConfig = Annotated[
 
 #: Models that read sequences: token ids of text features, or the windows of a series.
 SEQUENCE_MODELS = ("transformer", "rnn")
+#: Models that read the token ids of text features.
+TEXT_MODELS = (*SEQUENCE_MODELS, "bag_of_ngrams")
 
 
 class ClassificationTask(Section):
     kind: Literal["classification"] = Field("classification", description="Selects this variant.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="Weights of the classes in the loss. none: every row alike, which is what "
+        "accuracy rewards; balanced: each class by the inverse of its share of the training "
+        "rows (scikit-learn's balanced), which trades accuracy for the recall of rare classes.",
+    )
 
 
 class RegressionTask(Section):
@@ -681,7 +720,13 @@ MODEL_TASKS = {
 
 class OptimizerConfig(Section):
     name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    lr: float = Field(
+        3e-3,
+        gt=0,
+        description="Peak learning rate. 3e-3 with AdamW, warm-up and cosine decay trains "
+        "every default model on every example and unseen data set measured "
+        "(docs/benchmarks.md); lower it for a larger model.",
+    )
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled (AdamW) or L2 (SGD) decay.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
     betas: tuple[float, float] = Field(
@@ -733,7 +778,8 @@ class EarlyStoppingConfig(Section):
     enabled: bool = Field(True, description="Stop when the metric stops improving.")
     metric: Literal[(*VALIDATION_METRICS, "epoch")] = Field(
         "val_loss",
-        description="Validation metric watched by early stopping and checkpoints; "
+        description="Validation metric watched by early stopping and checkpoints; val_loss, "
+        "the default, because every task reports it and it moves before accuracy does; "
         "classification reports val_accuracy and val_macro_f1, regression val_rmse, "
         "val_mae and val_r2, forecast val_rmse and val_mae, language_model and seq2seq "
         "val_perplexity, vae val_reconstruction_error, gan val_discriminator_accuracy. "
@@ -741,7 +787,11 @@ class EarlyStoppingConfig(Section):
         "losses do not measure how good their images are.",
     )
     mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
-    patience: int = Field(4, ge=1, description="Epochs without improvement before stopping.")
+    patience: int = Field(
+        4,
+        ge=1,
+        description="Epochs without improvement before stopping; the best epoch is kept.",
+    )
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
 
     @model_validator(mode="after")
@@ -759,7 +809,11 @@ class CheckpointConfig(Section):
 
 
 class TrainConfig(Section):
-    max_epochs: int = Field(12, ge=1, description="Upper bound on epochs.")
+    max_epochs: int = Field(
+        12,
+        ge=1,
+        description="Upper bound on epochs; early stopping usually ends a run sooner.",
+    )
     batch_size: int = Field(128, ge=1, description="Per-worker batch size.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
     schedule: Schedule = Field(default_factory=CosineSchedule, description="LR schedule.")
@@ -1105,6 +1159,25 @@ class TuneConfig(Section):
             )
 
 
+#: The model a config gets when it names none: the usual first model for a task made
+#: for one model, else for the data (the features' kind, or an image source's images).
+DEFAULT_MODELS = {
+    "vae": ConvVAEConfig,
+    "gan": DCGANConfig,
+    "images": CNNConfig,
+    "tabular": MLPConfig,
+    "text": BagOfNgramsConfig,
+    "series": RNNConfig,
+    "corpus": CausalTransformerConfig,
+    "text_pair": Seq2SeqTransformerConfig,
+}
+
+
+def default_model(features: str | None, task: str) -> ModelConfig:
+    """The model of a config that names none, with its defaults."""
+    return DEFAULT_MODELS.get(task, DEFAULT_MODELS[features or "images"])()
+
+
 class ExperimentConfig(Section):
     """One experiment: the model it registers, and everything needed to reproduce it."""
 
@@ -1122,7 +1195,12 @@ class ExperimentConfig(Section):
         default_factory=StorageConfig, description="Where datasets, runs and models live."
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Source and preprocessing.")
-    model: ModelConfig = Field(default_factory=CNNConfig, description="Model family.")
+    model: ModelConfig = Field(
+        default_factory=CNNConfig,
+        description="Model family. Omitted: the usual first model for the task or the data ("
+        + ", ".join(f"{k}: {m.model_fields['kind'].default}" for k, m in DEFAULT_MODELS.items())
+        + ").",
+    )
     task: TaskConfig = Field(default_factory=ClassificationTask, description="What is predicted.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
     scaling: ScalingConfig = Field(
@@ -1139,6 +1217,23 @@ class ExperimentConfig(Section):
     monitor: MonitorConfig = Field(
         default_factory=MonitorConfig, description="Drift monitoring of the served model."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_for_the_data(cls, raw: Any) -> Any:
+        """A model section that names no kind (or none at all) gets the default model
+        for the data and task; its other fields apply to that model."""
+        if not isinstance(raw, dict):
+            return raw
+        model = raw.get("model") or {}
+        if not isinstance(model, dict) or "kind" in model:
+            return raw
+        data, task = raw.get("data"), raw.get("task")
+        features = data.get("features") if isinstance(data, dict) else None
+        features = features.get("kind") if isinstance(features, dict) else None
+        task = task.get("kind", "classification") if isinstance(task, dict) else "classification"
+        kind = default_model(features, task).kind if features in (*DEFAULT_MODELS, None) else None
+        return {**raw, "model": {"kind": kind, **model}} if kind else raw
 
     @model_validator(mode="after")
     def _parts_fit_together(self) -> ExperimentConfig:
@@ -1169,21 +1264,24 @@ class ExperimentConfig(Section):
                 f"model: cnn needs an image source ({', '.join(IMAGE_SOURCES)}); "
                 f"data.source is {self.data.source.kind}"
             )
-        sequences = features in ("text", "series")
-        if (self.model.kind in SEQUENCE_MODELS) != sequences:
+        readers = {"text": TEXT_MODELS, "series": SEQUENCE_MODELS}.get(features)
+        if readers is not None and self.model.kind not in readers:
             raise ValueError(
-                f"model: {self.model.kind} does not read "
-                + (
-                    f"sequences; {features} features need transformer or rnn"
-                    if sequences
-                    else "this data; transformer and rnn need data.features of kind text or series"
-                )
+                f"model: {self.model.kind} does not read sequences; {features} features need "
+                f"{' or '.join(readers)}"
+            )
+        if readers is None and self.model.kind in TEXT_MODELS:
+            raise ValueError(
+                f"model: {self.model.kind} does not read this data; it needs data.features of "
+                f"kind {'text' if self.model.kind not in SEQUENCE_MODELS else 'text or series'}"
             )
         if getattr(self.model, "autoregressive", False) and features != "series":
             raise ValueError(
                 "model.autoregressive: a linear autoregression adds to a forecast; it needs "
                 f"data.features of kind series (got {features})"
             )
+        if getattr(self.model, "autoregressive", False) is None:
+            self.model.autoregressive = features == "series"
         if self.data.split.stratify and self.task.kind != "classification":
             raise ValueError(
                 f"data.split.stratify: stratifying balances classes, and task "

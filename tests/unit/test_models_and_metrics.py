@@ -2,7 +2,9 @@ import pytest
 import torch
 from forgeml.config import ClassificationTask as ClassificationConfig
 from forgeml.config import CNNConfig
+from forgeml.data.pipeline import PreparedData
 from forgeml.data.preprocessing import ModelInputs, TargetSpec
+from forgeml.data.tabular import TabularPreprocessor
 from forgeml.models import build_model, registered_models
 from forgeml.tasks import build_task
 
@@ -66,3 +68,27 @@ def test_loss_is_cross_entropy_with_label_smoothing():
     logits = torch.tensor([[2.0, 0.0]])
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0]), label_smoothing=0.1)
     assert task.loss(logits, torch.tensor([0])).item() == pytest.approx(expected.item())
+
+
+def test_balanced_class_weights_come_from_the_training_rows_and_weigh_the_loss():
+    target = TargetSpec(classes=("common", "rare"), name="y")
+    data = PreparedData(
+        *(None,) * 3,
+        preprocessor=TabularPreprocessor([], [], "onehot", "y", target),
+        sizes={},
+        rejected={},
+        augment=None,
+        cached=True,
+        seed=0,
+        classes={"train": {"common": 80, "rare": 20}, "val": {}, "test": {}},
+    )
+    assert data.training_target(ClassificationConfig()) == target
+    balanced = data.training_target(ClassificationConfig(class_weights="balanced"))
+    assert balanced.class_weights == pytest.approx((100 / 160, 100 / 40))
+    assert TargetSpec.from_dict(balanced.to_dict()) == balanced
+    task = build_task(ClassificationConfig(class_weights="balanced"), balanced)
+    logits, labels = torch.tensor([[2.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1])
+    expected = torch.nn.functional.cross_entropy(
+        logits, labels, weight=torch.tensor(balanced.class_weights)
+    )
+    assert task.loss(logits, labels).item() == pytest.approx(expected.item())

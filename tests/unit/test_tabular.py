@@ -230,7 +230,7 @@ TABLE = {
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"data": TABLE}, "model: cnn needs an image source"),
+        ({"data": TABLE, "model": {"kind": "cnn"}}, "model: cnn needs an image source"),
         (
             {"data": {"source": {"kind": "table", "path": "a.csv"}}, "model": {"kind": "mlp"}},
             "a table source needs features",

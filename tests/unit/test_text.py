@@ -6,7 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from forgeml.config import ConfigError, RNNConfig, TextFeatures, TransformerConfig, config_from_dict
+from forgeml.config import (
+    BagOfNgramsConfig,
+    ConfigError,
+    RNNConfig,
+    TextFeatures,
+    TransformerConfig,
+    config_from_dict,
+)
 from forgeml.data.preprocessing import preprocessor_from_dict
 from forgeml.data.text import TextColumnFeatures
 from forgeml.models import build_model
@@ -107,15 +114,52 @@ def test_token_models_need_text_and_text_needs_a_token_model():
     text = {**table, "features": {"kind": "text", "text": "t", "target": "y"}}
     with pytest.raises(ConfigError, match="model: mlp does not read sequences; text features need"):
         config_from_dict({"name": "t", "data": text, "model": {"kind": "mlp"}})
-    with pytest.raises(
-        ConfigError, match="transformer and rnn need data.features of kind text or series"
-    ):
+    with pytest.raises(ConfigError, match="rnn does not read this data; it needs data.features"):
         config_from_dict({"name": "t", "model": {"kind": "rnn"}})
+    with pytest.raises(ConfigError, match="it needs data.features of kind text$"):
+        config_from_dict({"name": "t", "model": {"kind": "bag_of_ngrams"}})
     with pytest.raises(ConfigError, match="heads \\(3\\) must divide d_model \\(64\\)"):
         config_from_dict({"name": "t", "data": text, "model": {"kind": "transformer", "heads": 3}})
     assert (
         config_from_dict({"name": "t", "data": text, "model": {"kind": "rnn"}}).model.cell == "lstm"
     )
+
+
+def test_the_bag_of_ngrams_ignores_padding_and_reads_word_order():
+    pre = _fitted()
+    model = build_model(BagOfNgramsConfig(ngrams=2), pre.model_inputs, 3).eval()
+    ids = torch.from_numpy(pre.token_ids(["love the car", "the car love"]))
+    padded = torch.cat([ids, torch.zeros(2, 4, dtype=torch.int64)], dim=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(padded), model(ids), atol=1e-6)
+        # the same words in another order: another pair of neighbours, another mean
+        assert not torch.allclose(model(ids)[0], model(ids)[1])
+        unigrams = build_model(BagOfNgramsConfig(ngrams=1), pre.model_inputs, 3).eval()
+        torch.testing.assert_close(unigrams(ids)[0], unigrams(ids)[1])
+    # every run of neighbours that touches padding is padding
+    runs = model.run_ids(padded)
+    real = (padded[:, :-1] != 0) & (padded[:, 1:] != 0)
+    assert runs.shape == real.shape and ((runs == 0) == ~real).all()
+
+
+def test_a_config_without_a_model_gets_the_usual_one_for_its_data():
+    table = {"kind": "table", "path": "t.csv"}
+    kinds = {
+        "tabular": {"kind": "tabular", "target": "y", "numeric": ["x"]},
+        "text": {"kind": "text", "text": "t", "target": "y"},
+        "series": {"kind": "series", "time": "t", "value": "v", "window": 4, "horizon": 1},
+    }
+    tasks = {"tabular": "classification", "text": "classification", "series": "forecast"}
+    models = {"tabular": "mlp", "text": "bag_of_ngrams", "series": "rnn"}
+    for kind, features in kinds.items():
+        raw = {"name": "t", "data": {"source": table, "features": features}}
+        cfg = config_from_dict({**raw, "task": {"kind": tasks[kind]}})
+        assert cfg.model.kind == models[kind]
+    # a model section without a kind sets fields of that default model
+    raw = {"name": "t", "data": {"source": table, "features": kinds["tabular"]}}
+    assert config_from_dict({**raw, "model": {"hidden": [8]}}).model.hidden == [8]
+    assert config_from_dict({"name": "t"}).model.kind == "cnn"
+    assert config_from_dict({"name": "t", "task": {"kind": "vae"}}).model.kind == "conv_vae"
 
 
 def test_max_pooling_takes_each_units_largest_real_value():

@@ -11,7 +11,7 @@ store needs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -71,14 +71,27 @@ class PreparedData:
     def target(self) -> TargetSpec:
         return self.preprocessor.target
 
-    def summary(self) -> dict:
-        """What the data came to, for metrics.json, the report and the console."""
+    def training_target(self, task) -> TargetSpec:
+        """The target as training sees it: with the loss's class weights when
+        ``task.class_weights`` is balanced (n / (classes x the class's rows))."""
+        if task.kind != "classification" or task.class_weights != "balanced":
+            return self.target
+        rows = self.classes["train"]
+        counts = [max(rows.get(name, 0), 1) for name in self.target.classes]
+        weights = tuple(sum(counts) / (len(counts) * n) for n in counts)
+        return replace(self.target, class_weights=weights)
+
+    def summary(self, task) -> dict:
+        """What the data came to and how training weighs it (``task``: the task config),
+        for metrics.json, the model card and the console."""
+        weights = getattr(task, "class_weights", "none")
+        classes = {"classes": self.classes, "class_weights": weights}
         return {
             "rows": self.sizes,
             "rejected": self.rejected,
             "target": self.target.to_dict(),
             "split": self.split,
-            **({"classes": self.classes} if self.classes else {}),
+            **(classes if self.classes else {}),
             "augmented": bool(self.augment and (self.augment.rotate90 or self.augment.flip)),
         }
 
@@ -356,7 +369,7 @@ def prepare_data(
         split=split_method(cfg, source, bool(counts.classes)),
         classes=counts.classes or None,
     )
-    for line in summary_lines(prepared.summary()):
+    for line in summary_lines(prepared.summary(cfg.task)):
         logger.info("%s", line)
     return prepared
 
@@ -378,4 +391,10 @@ def summary_lines(summary: dict) -> list[str]:
             f"data: classes {shares} of training rows; the largest holds "
             f"{largest / smallest:.1f}x the rows of the smallest"
         )
+        weights = (
+            "each class by the inverse of its share (task.class_weights: balanced)"
+            if summary["class_weights"] == "balanced"
+            else "every row alike (task.class_weights: balanced would weigh rare classes up)"
+        )
+        lines.append(f"data: the loss weighs {weights}")
     return lines

@@ -37,13 +37,25 @@ class TargetSpec:
     std: float = 1.0
     vocab_size: int = 0
     horizon: int = 0
+    #: The loss's weight of each class (training only; empty: every row alike).
+    class_weights: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "classes": list(self.classes)}
+        return {
+            **asdict(self),
+            "classes": list(self.classes),
+            "class_weights": list(self.class_weights),
+        }
 
     @classmethod
     def from_dict(cls, state: dict) -> TargetSpec:
-        return cls(**{**state, "classes": tuple(state.get("classes", ()))})
+        return cls(
+            **{
+                **state,
+                "classes": tuple(state.get("classes", ())),
+                "class_weights": tuple(state.get("class_weights", ())),
+            }
+        )
 
 
 @dataclass(frozen=True)

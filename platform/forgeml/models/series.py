@@ -30,10 +30,16 @@ class NaiveForecast(nn.Module):
         return windows[:, self.steps, 0]
 
 
+#: Where a forecaster keeps its linear autoregression (``LinearAutoregression.linear``).
+AUTOREGRESSION = "base.autoregression.linear"
+
+
 class LinearAutoregression(nn.Module):
     """Each horizon step as a weighted sum of the window's values (carried forward where
     missing): the linear part of the forecast, in parallel with the network (LSTNet's
-    autoregressive highway). It starts at zero, so a forecaster starts at the naive one."""
+    autoregressive highway). It is built at zero, so a forecaster starts at the naive
+    one; training starts it at the ridge regression of the training windows instead
+    (``train/warm_start.py``)."""
 
     def __init__(self, inputs: ModelInputs, horizon: int):
         super().__init__()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from forgeml.config import (
+    BagOfNgramsConfig,
     CausalTransformerConfig,
     RNNConfig,
     Seq2SeqTransformerConfig,
@@ -37,6 +38,46 @@ def masked_max(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     where the (N, L) mask is set (0 for a row without any)."""
     masked = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
     return torch.where(mask.any(1, keepdim=True), masked, torch.zeros_like(masked))
+
+
+#: The multiplier of the rolling hash that numbers a run of neighbouring tokens.
+NGRAM_HASH = 1_000_003
+
+
+class BagOfNgrams(nn.Module):
+    """fastText's classifier: the mean embedding of a text's tokens and of its runs of 2
+    to ``ngrams`` neighbouring tokens (each hashed into one of ``buckets`` embeddings of
+    their own), then a linear layer. Runs that reach into padding are padding too, so a
+    text's prediction does not depend on its padding; tokens keep an embedding layer of
+    their own (``tokens``), which explanations attribute to."""
+
+    def __init__(self, cfg: BagOfNgramsConfig, inputs: ModelInputs, num_outputs: int):
+        super().__init__()
+        self.ngrams, self.buckets = cfg.ngrams, cfg.buckets
+        self.tokens = nn.Embedding(inputs.vocab_size, cfg.embedding_dim, padding_idx=0)
+        self.runs = nn.Embedding(cfg.buckets + 1, cfg.embedding_dim, padding_idx=0)
+        for embedding in (self.tokens, self.runs):  # fastText's: the mean starts near zero
+            nn.init.uniform_(embedding.weight, -1 / cfg.embedding_dim, 1 / cfg.embedding_dim)
+            with torch.no_grad():
+                embedding.weight[0].zero_()
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.embedding_dim, num_outputs)
+
+    def run_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids to the ids of their runs of 2 to ``ngrams`` tokens, 1 to
+        ``buckets`` (0 where a run reaches into padding)."""
+        parts, hashed, real = [], ids, ids != 0
+        for n in range(2, self.ngrams + 1):
+            hashed = (hashed[:, :-1] * NGRAM_HASH + ids[:, n - 1 :]) % self.buckets
+            real = real[:, :-1] & (ids[:, n - 1 :] != 0)
+            parts.append(torch.where(real, hashed + 1, 0))
+        return torch.cat(parts, 1) if parts else ids[:, :0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        runs = self.run_ids(ids)
+        hidden = torch.cat([self.tokens(ids), self.runs(runs)], 1)
+        mask = torch.cat([ids != 0, runs != 0], 1)
+        return self.head(self.dropout(masked_mean(hidden, mask)))
 
 
 class TransformerClassifier(nn.Module):
@@ -182,6 +223,12 @@ def build_transformer(cfg: TransformerConfig, inputs: ModelInputs, num_outputs: 
 @register_model("rnn")
 def build_rnn(cfg: RNNConfig, inputs: ModelInputs, num_outputs: int):
     return _sequence_model("rnn", RNNForecaster, RNNClassifier, cfg, inputs, num_outputs)
+
+
+@register_model("bag_of_ngrams")
+def build_bag_of_ngrams(cfg: BagOfNgramsConfig, inputs: ModelInputs, num_outputs: int):
+    _token_inputs("bag_of_ngrams", inputs)
+    return BagOfNgrams(cfg, inputs, num_outputs)
 
 
 @register_model("causal_transformer")

@@ -24,7 +24,8 @@ class ClassificationTask:
         self.cfg = cfg
         self.class_names = tuple(target.classes)
         self.num_outputs = len(self.class_names)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        weights = torch.tensor(target.class_weights) if target.class_weights else None
+        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits.float(), targets)

@@ -131,6 +131,10 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
     inputs = ModelInputs.from_dict(config["inputs"])
     dtypes = batch_dtypes(task, inputs)
     model = build_model(cfg.model, inputs, task.num_outputs)
+    start = {name: torch.tensor(value) for name, value in config["initial_weights"].items()}
+    unknown = model.load_state_dict(start, strict=False).unexpected_keys
+    if unknown:
+        raise ValueError(f"initial weights for parameters the model lacks: {unknown}")
     model = session.prepare_model(model)
     torch.manual_seed(cfg.seed * 1000 + rank)
     optimizer = build_optimizer(cfg.train.optimizer, model.parameters())

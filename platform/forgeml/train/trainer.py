@@ -40,6 +40,7 @@ from forgeml.tasks import build_task
 from forgeml.tasks.generative import Judge, code_maps
 from forgeml.tracking import log_registration, open_tracking, run_tracking
 from forgeml.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+from forgeml.train.warm_start import initial_weights
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,11 @@ def loop_config(cfg: ExperimentConfig, data: PreparedData, tracking: dict) -> di
     rows_per_worker = math.ceil(data.sizes["train"] / cfg.scaling.num_workers)
     return {
         "experiment": cfg.model_dump(mode="json"),
-        "target": data.target.to_dict(),
+        "target": data.training_target(cfg.task).to_dict(),
         "inputs": data.preprocessor.model_inputs.to_dict(),
         "steps_per_epoch": math.ceil(rows_per_worker / cfg.train.batch_size),
         "tracking": tracking,
+        "initial_weights": initial_weights(cfg, data),
     }
 
 
@@ -251,7 +253,7 @@ def register_checkpoint(
         "selected_by": {"metric": early.metric, "mode": early.mode},
         "status": status,
         "history": history,
-        "data": data.summary(),
+        "data": data.summary(cfg.task),
         "run": run,
         "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
     }
