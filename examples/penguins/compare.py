@@ -3,8 +3,9 @@ rows; print one JSON object with the test metrics of both.
 
     python examples/penguins/compare.py [--storage-root DIR]
 
-The baseline gets exactly what the MLP gets: forgeml's split (a hash of each row) and
-its fitted preprocessing (imputation, scaling, one-hot encoding), training rows only.
+The baseline gets exactly what the MLP gets: forgeml's split (stratified by species for
+the classifier, random for body mass) and its fitted preprocessing (imputation, scaling,
+one-hot encoding), training rows only.
 """
 
 from __future__ import annotations

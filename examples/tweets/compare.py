@@ -5,7 +5,7 @@ and how sure each network's lead over the baseline is.
     python examples/tweets/compare.py [--storage-root DIR]
 
 The baseline sees the raw texts of exactly the rows the networks train and test on:
-the same hash split and the same rejected rows, tagged by forgeml's own pipeline. The
+the same split and the same rejected rows, tagged by forgeml's own pipeline. The
 lead is a paired bootstrap over the test tweets: both predictions of a resampled tweet
 are kept together, so the interval reflects the test set's size, not training noise.
 """
