@@ -35,6 +35,8 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from sklearn.pipeline import make_pipeline
 
 HERE = Path(__file__).parent
+#: The configs compared, each a YAML file in this folder.
+EXAMPLES = ("bag_of_ngrams", "transformer", "bilstm")
 
 
 def baseline(cfg, train: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
@@ -91,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [f"storage.root={args.storage_root}"] if args.storage_root else []
     results = {}
-    for example in ("transformer", "bilstm"):
+    for example in EXAMPLES:
         cfg = load_config(HERE / f"{example}.yaml", overrides)
         started = time.monotonic()
         outcome = run_training(cfg)
@@ -116,7 +118,7 @@ def main() -> None:
     results["tfidf_logistic_regression"] = scores(truth, reference, sorted(set(truth)))
     results["lead_over_tfidf"] = {
         example: lead(truth, network_predictions(cfg, results[example]["model"], test), reference)
-        for example in ("transformer", "bilstm")
+        for example in EXAMPLES
     }
     ray.shutdown()
     machine = f"{platform.machine()}, {os.cpu_count()} cores"

@@ -128,6 +128,10 @@ def run_tracking(
     }
 
 
+#: How soon tensorboardX's writer thread flushes an event it has written.
+FLUSH_SECONDS = 0.1
+
+
 class TensorBoardWriter:
     """A tensorboardX writer whose event files land in a storage folder: written in
     place on a local root, or in a local folder copied up after every flush on S3."""
@@ -140,10 +144,14 @@ class TensorBoardWriter:
         logdir = folder if storage.is_local else self._staging.name
         # A unique suffix: a restart within the same second would otherwise reuse the
         # file name (time and host) and, on S3, overwrite the earlier attempt's file.
+        # tensorboardX writes events on a thread of its own, and its flush() does not wait
+        # for that thread: with a long interval, the last events of an epoch stayed in a
+        # buffer until the next epoch, and a worker killed after its checkpoint lost them.
+        # The thread now flushes within FLUSH_SECONDS of writing.
         self.writer = SummaryWriter(
             logdir=logdir,
             purge_step=purge_step,
-            flush_secs=3600,
+            flush_secs=FLUSH_SECONDS,
             filename_suffix=f".{uuid.uuid4().hex[:8]}",
         )
 
