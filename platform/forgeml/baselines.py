@@ -10,6 +10,7 @@ says which of its metrics decide (``headline_metrics``). Tasks without headline 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -27,6 +28,8 @@ from sklearn.preprocessing import FunctionTransformer
 
 from forgeml.data.preprocessing import Preprocessor
 from forgeml.data.series import naive_steps
+
+logger = logging.getLogger(__name__)
 
 #: The most training inputs a baseline is fitted on; a larger split is sampled down.
 MAX_TRAIN_BYTES = 256 << 20
@@ -79,10 +82,16 @@ def _logistic_or_ridge(preprocessor, task, x, y, features, what: str) -> Baselin
     """Logistic regression for classes, ridge regression (its penalty chosen by
     leave-one-out on the training rows) for numbers, on ``features`` of the inputs."""
     if preprocessor.target.classes:
+        classes = len(preprocessor.target.classes)
+        if len(np.unique(y)) < 2:  # logistic regression needs two classes to tell apart
+            only = np.zeros(classes, np.float32)
+            only[int(y[0])] = 1.0
+            return Baseline(
+                "the only class of the training rows", lambda x: np.tile(only, (len(x), 1))
+            )
         estimator = make_pipeline(features, LogisticRegression(max_iter=300))
         _quietly(estimator, x, y)
-        name = f"logistic regression on {what}"
-        return Baseline(name, _probabilities(estimator, len(preprocessor.target.classes)))
+        return Baseline(f"logistic regression on {what}", _probabilities(estimator, classes))
     estimator = make_pipeline(features, RidgeCV(alphas=np.logspace(-3, 3, 13)))
     estimator.fit(x, y)
     return Baseline(f"ridge regression on {what}", estimator.predict)
@@ -203,7 +212,11 @@ def fit_baseline(
     x, y = training_rows(train, train_rows, preprocessor, seed)
     if x is None:
         return None
-    baseline = make_baseline(preprocessor, task, x, y)
+    try:
+        baseline = make_baseline(preprocessor, task, x, y)
+    except ValueError as exc:  # a baseline must never cost the model it stands beside
+        logger.warning("no baseline for this run: %s", exc)
+        return None
     metrics = task.test_metrics()
     for batch in test.iter_batches(batch_size=BATCH_ROWS, batch_format="numpy"):
         predicted = torch.as_tensor(np.asarray(baseline.predict(batch["inputs"]), np.float32))

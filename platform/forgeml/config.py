@@ -117,7 +117,9 @@ class TableSource(Section):
     id_column: str | None = Field(
         None,
         description="Column with a stable row id that the split draws by (rows sharing an id "
-        "share a split); null: each row's position in the files read in order.",
+        "share a split; a row without one is rejected); null: each row's position in the "
+        "files read in order, so a file added before others, or rows inserted, move the "
+        "rows after them to other draws.",
     )
 
     @model_validator(mode="after")
@@ -362,7 +364,8 @@ class DataConfig(Section):
         default_factory=list,
         description="Files or folders (local or s3://) of more rows in the source's own "
         "format and columns, read with it: how a retraining run adds newly labelled data. "
-        "Not for image_folder and numpy sources (add files to their folders).",
+        "Not for image_folder and numpy sources (add files to their folders). The split's "
+        "cut-offs follow the rows, so a few earlier rows can change split.",
     )
     max_reject_fraction: float = Field(
         0.0,
@@ -413,7 +416,7 @@ class DataConfig(Section):
                 "split.stratify: cannot be combined with group_by: a group's rows may hold "
                 "several classes, and a group stays in one split"
             )
-        target = getattr(features, "target", None)
+        target = getattr(features, "target", None) or getattr(self.source, "label_column", None)
         if target is not None and target in split.group_by:
             raise ValueError(
                 f"split.group_by: {target!r} is the target, and the split must not depend "

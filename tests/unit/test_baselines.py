@@ -86,3 +86,10 @@ def test_a_model_worse_on_any_headline_metric_is_flagged():
         (("rmse", "min"), ("r2", "max")),
     )
     assert rows == [{"metric": "rmse", "model": 4.0, "baseline": 3.0, "worse": True}]
+
+
+def test_training_rows_of_one_class_get_a_baseline_that_predicts_it():
+    x, y = np.zeros((5, 2), np.float32), np.full(5, 1)
+    baseline = make_baseline(_table(CLASSES), build_task(ClassificationTask(), CLASSES), x, y)
+    assert baseline.name == "the only class of the training rows"
+    assert baseline.predict(x[:2]).tolist() == [[0, 1, 0], [0, 1, 0]]

@@ -6,6 +6,7 @@ from forgeml.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
+    config_from_dict,
     load_config,
     reference_markdown,
 )
@@ -80,3 +81,63 @@ def test_configuration_reference_is_generated_from_the_schema():
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*/*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
     assert load_config(path).name
+
+
+TABLE = {"kind": "table", "path": "rows.csv"}
+TABULAR = {"kind": "tabular", "target": "y", "numeric": ["x"]}
+SERIES = {"kind": "series", "time": "t", "value": "v", "window": 4, "horizon": 1}
+
+
+@pytest.mark.parametrize(
+    ("data", "task", "message"),
+    [
+        ({"split": {"group_by": ["y"]}}, "classification", "'y' is the target"),
+        ({"split": {"group_by": ["x"], "stratify": True}}, "classification", "cannot be combined"),
+        ({"split": {"stratify": True}}, "regression", "task regression has none"),
+        ({"split": {"group_by": ["x", "x"]}}, "classification", "names a column twice"),
+        (
+            {
+                "source": {"kind": "image_folder", "path": "images"},
+                "features": None,
+                "split": {"group_by": ["x"]},
+            },
+            "classification",
+            "has no columns to group by",
+        ),
+        (
+            {
+                "source": {
+                    "kind": "parquet",
+                    "path": "maps",
+                    "image_size": 8,
+                    "class_names": ["a", "b"],
+                },
+                "features": None,
+                "split": {"group_by": ["label"]},
+            },
+            "classification",
+            "'label' is the target",
+        ),
+        (
+            {
+                "features": {
+                    "kind": "series",
+                    "time": "t",
+                    "value": "v",
+                    "window": 4,
+                    "horizon": 1,
+                },
+                "split": {"group_by": ["t"]},
+            },
+            "forecast",
+            "a series is split by time",
+        ),
+    ],
+)
+def test_splits_that_would_follow_the_label_or_cannot_be_made_are_refused(data, task, message):
+    raw = {"name": "t", "data": {"source": TABLE, "features": TABULAR, **data}}
+    raw["task"] = {"kind": task}
+    if raw["data"]["features"] is None:
+        del raw["data"]["features"]
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)

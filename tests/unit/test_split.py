@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from forgeml.data.split import SplitKeys, SplitPlan, draws, hash_values, id_units
+from forgeml.data.split import SplitKeys, SplitPlan, category, draws, hash_values, quotas
 
 
 def _keys(units=None, strata=None, files=None, rows=None, usable=None) -> SplitKeys:
@@ -35,15 +35,47 @@ def test_draws_are_a_pure_function_of_unit_and_seed():
     assert np.mean(draws(units, 2) != u) > 0.99
 
 
-@pytest.mark.parametrize("counts", [(500, 37, 4), (1000, 1000), (7, 3, 2, 1)])
-def test_every_class_gets_its_shares_to_within_one_row(counts):
-    strata = np.repeat(np.arange(len(counts)), counts)
+@pytest.mark.parametrize(
+    "counts", [(500, 37, 4), (1000, 1000), (7, 3, 2, 1), (4,) * 150, (3,) * 100, (10,) * 40]
+)
+def test_every_class_gets_its_shares_to_within_one_row_and_the_totals_are_exact(counts):
+    strata = np.repeat(np.arange(1, len(counts) + 1), counts)
     split = _split(_keys(units=np.arange(len(strata)) * 7919, strata=strata))
-    for k, n in enumerate(counts):
+    for k, n in enumerate(counts, start=1):
         mine = split[strata == k]
-        for name, share in (("test", 0.15), ("val", 0.15), ("train", 0.70)):
-            assert abs((mine == name).sum() - n * share) <= 1, (k, name)
+        assert abs((mine == "test").sum() - n * 0.15) < 1, (k, "test")
+        assert abs((mine != "train").sum() - n * 0.30) < 1, (k, "test and val")
         assert (mine == "train").sum() >= 1  # every class is trained on
+    # the totals are the fractions of all rows, as scikit-learn allocates them
+    total = len(strata)
+    assert (split == "test").sum() == round(total * 0.15)
+    assert (split != "train").sum() == round(total * 0.30)
+
+
+def test_a_class_of_one_row_is_a_training_row_whatever_the_fractions():
+    split = _split(_keys(units=np.arange(60), strata=np.repeat([1, 2, 3], [1, 2, 57])), 1, 0.3, 0.4)
+    assert split[0] == "train" and "train" in split[1:3]
+
+
+def test_quotas_round_by_largest_remainder_and_respect_their_floor():
+    sizes = np.array([10, 10, 10])
+    assert quotas(sizes, 0.25, np.zeros(3, np.int64), np.array([0.1, 0.2, 0.3])).tolist() == [
+        3,
+        3,
+        2,
+    ]
+    assert quotas(sizes, 0.1, np.array([0, 2, 0]), np.zeros(3)).tolist() == [1, 2, 1]
+
+
+def test_ids_that_hold_rows_of_several_classes_are_not_parted_by_stratifying():
+    units = np.concatenate([np.arange(200), np.arange(100), np.arange(300, 400)])
+    strata = np.repeat([1, 2], [200, 200])
+    keys = _keys(units=units, strata=strata)
+    plan = SplitPlan.fit(keys, 1, 0.15, 0.15)
+    split = plan.assign(keys.units, keys.files, keys.rows, keys.strata)
+    assert not plan.stratified and plan.ids_span_classes
+    for unit in range(100):
+        assert len(set(split[units == unit])) == 1
 
 
 def test_the_split_is_random_with_the_seed_and_not_by_order():
@@ -90,7 +122,8 @@ def test_values_hash_alike_however_a_reader_spells_them():
     assert len(set(hashed[:3])) == 1 and len(set(hashed[3:])) == 1 and hashed[0] != hashed[3]
 
 
-def test_id_columns_are_units_as_they_are_or_hashed():
-    np.testing.assert_array_equal(id_units(np.array([5, 9])), np.array([5, 9], np.uint64))
-    texts = id_units(np.array(["a", "b", "a"], dtype=object))
-    assert texts[0] == texts[2] != texts[1]
+def test_ids_and_labels_read_alike_whatever_their_type():
+    assert category(np.float32(3.0)) == category(np.int64(3)) == category("3") == "3"
+    assert category(np.float32("nan")) is None and category(None) is None
+    hashed = hash_values({"id": np.array([7, 7.0, "7", "b"], dtype=object)}, ["id"])
+    assert hashed[0] == hashed[1] == hashed[2] != hashed[3]

@@ -41,6 +41,7 @@ from forgeml.data.split import (
     SplitKeys,
     SplitPlan,
     key_columns,
+    missing_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class PreparedData:
         ``task.class_weights`` is balanced (n / (classes x the class's rows))."""
         if task.kind != "classification" or task.class_weights != "balanced":
             return self.target
+        if not self.classes:
+            raise ValueError("task.class_weights: balanced needs the classes of the rows")
         rows = self.classes["train"]
         counts = [max(rows.get(name, 0), 1) for name in self.target.classes]
         weights = tuple(sum(counts) / (len(counts) * n) for n in counts)
@@ -131,6 +134,9 @@ def _tag(batch, features: Features, group_by: list[str], stratify: bool):
     reasons = features.reject_reasons(batch)
     if REJECT_COLUMN in batch:
         reasons = first_reason(np.asarray(batch[REJECT_COLUMN], dtype=object), reasons)
+    if SPLIT_COLUMN not in batch and features.id_column:
+        missing = missing_ids(batch[features.id_column]) & (reasons == "")
+        reasons[missing] = f"{features.id_column}: missing id"
     batch[REJECT_COLUMN] = reasons
     if SPLIT_COLUMN not in batch:
         batch.update(key_columns(batch, features, group_by, stratify))
@@ -268,22 +274,10 @@ def _stratified(cfg: ExperimentConfig) -> bool:
     return split.stratify if split.stratify is not None else not split.group_by
 
 
-def split_method(cfg: ExperimentConfig, source: DataSource, classes: bool) -> str:
-    """How the rows were split, in words."""
-    split = cfg.data.split
-    if source.assigns_splits:
-        return "by time: the last steps are test"
-    if split.group_by:
-        how = f"random by groups of {', '.join(split.group_by)}"
-    else:
-        how = "stratified by class" if classes and _stratified(cfg) else "random"
-    return f"{how}, seed {cfg.seed}"
-
-
-def tag_rows(cfg: ExperimentConfig, source: DataSource) -> ray.data.Dataset:
-    """The raw rows with their split and reject reason (before anything is fitted); with
-    ``data.cache`` the rows as read are kept in the object store, so the split plan's
-    pass and every later one read them from there."""
+def tag_rows(cfg: ExperimentConfig, source: DataSource) -> tuple[ray.data.Dataset, str]:
+    """The raw rows with their split and reject reason (before anything is fitted), and
+    how they were split, in words. With ``data.cache`` the rows as read are kept in the
+    object store, so the split plan's pass and every later one read them from there."""
     split = cfg.data.split
     rows = source.read(shuffle_files=not cfg.data.cache).map_batches(
         _tag,
@@ -297,20 +291,31 @@ def tag_rows(cfg: ExperimentConfig, source: DataSource) -> ray.data.Dataset:
     if cfg.data.cache:
         rows = _in_order(rows).materialize()
     if source.assigns_splits:
-        return rows
+        return rows, "by time: the last steps are test"
     keys = rows.map_batches(SplitKeys.of_batch, batch_format="numpy").to_pandas()
     plan = SplitPlan.fit(
         SplitKeys.from_frame(keys), cfg.seed, split.val_fraction, split.test_fraction
     )
+    if split.group_by:
+        how = f"random by groups of {', '.join(split.group_by)}"
+    elif plan.ids_span_classes:
+        how = (
+            f"random, not stratified: some values of {source.features.id_column} hold rows "
+            "of several classes, and rows that share an id share a split"
+        )
+        logger.warning("data: split %s", how)
+    else:
+        how = "stratified by class" if plan.stratified else "random"
     keys_only = [c for c in split.group_by if c not in source.features.columns]
     drop = [UNIT_COLUMN, STRATUM_COLUMN, FILE_COLUMN, ROW_COLUMN, *keys_only]
-    return rows.map_batches(_split, fn_kwargs={"plan": plan, "drop": drop}, batch_format="numpy")
+    rows = rows.map_batches(_split, fn_kwargs={"plan": plan, "drop": drop}, batch_format="numpy")
+    return rows, f"{how}, seed {cfg.seed}"
 
 
 def usable_rows(cfg: ExperimentConfig, source: DataSource, split: str) -> pd.DataFrame:
     """The raw rows of one split that the features accept, collected to this process: for
     baselines that must see exactly the rows a model trains or is tested on (small data)."""
-    rows = tag_rows(cfg, source).map_batches(
+    rows = tag_rows(cfg, source)[0].map_batches(
         _rows, fn_kwargs={"split": split}, batch_format="numpy"
     )
     return rows.to_pandas().drop(columns=[SPLIT_COLUMN, REJECT_COLUMN])
@@ -329,7 +334,7 @@ def prepare_data(
     Rows are counted before fitting (so a split left empty by rejects is named) and again
     after, when the fitted state can refuse more (a class the training split lacks).
     """
-    tagged = tag_rows(cfg, source)
+    tagged, split_how = tag_rows(cfg, source)
     before = _account_for_rejects(cfg, tagged, source.features, rejects_folder, filesystem)
     preprocessor = source.features.fit(
         tagged.map_batches(_rows, fn_kwargs={"split": "train"}, batch_format="numpy")
@@ -366,7 +371,7 @@ def prepare_data(
         augment=cfg.data.augment if source.features.augmentable else None,
         cached=cfg.data.cache,
         seed=cfg.seed,
-        split=split_method(cfg, source, bool(counts.classes)),
+        split=split_how,
         classes=counts.classes or None,
     )
     for line in summary_lines(prepared.summary(cfg.task)):

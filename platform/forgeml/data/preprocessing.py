@@ -113,10 +113,8 @@ class Features(Protocol):
 
     columns: list[str]
     augmentable: bool  # whether data.augment applies (images)
-
-    def row_ids(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
-        """Each row's stable id (uint64), or None when rows have no id of their own: then
-        their position in the source is their identity."""
+    #: The column of each row's stable id; None: rows are known by their position.
+    id_column: str | None
 
     def classes(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
         """Each row's class as text (what a stratified split balances), or None when the
@@ -222,9 +220,6 @@ class ImageFeatures:
     def __post_init__(self):
         columns = [self.id_column, self.image_column, self.label_column]
         object.__setattr__(self, "columns", columns)
-
-    def row_ids(self, batch):
-        return np.asarray(batch[self.id_column]).astype(np.uint64)
 
     def classes(self, batch):
         if self.codes:

@@ -200,17 +200,26 @@ def _npz_rows(fs, path, columns, root: str, images_key: str, labels_key: str, si
 
 
 def _read_files(batch, reader, fs, columns):
-    """The rows of each file, numbered in the order read: rows that could not be parsed
-    (a reason in ``_reject``) take no number."""
+    """The rows of each file (batches of NumPy columns, or Arrow tables), numbered in the
+    order read: rows that could not be parsed (a reason in ``_reject``) take no number."""
     for index, path in zip(batch["index"], batch["path"], strict=True):
         numbered = 0
         for rows in reader(fs, str(path), columns):
-            n = len(next(iter(rows.values())))
-            parsed = rows[REJECT_COLUMN] == "" if REJECT_COLUMN in rows else np.ones(n, bool)
+            if isinstance(rows, pa.Table):
+                n, parsed = rows.num_rows, np.ones(rows.num_rows, bool)
+            else:
+                n = len(next(iter(rows.values())))
+                parsed = rows[REJECT_COLUMN] == "" if REJECT_COLUMN in rows else np.ones(n, bool)
             positions = np.full(n, -1, np.int64)
             positions[parsed] = numbered + np.arange(int(parsed.sum()))
             numbered += int(parsed.sum())
-            yield {**rows, FILE_COLUMN: np.full(n, index, np.int64), ROW_COLUMN: positions}
+            place = {FILE_COLUMN: np.full(n, index, np.int64), ROW_COLUMN: positions}
+            if isinstance(rows, pa.Table):
+                for name, values in place.items():
+                    rows = rows.append_column(name, pa.array(values))
+                yield rows
+            else:
+                yield {**rows, **place}
 
 
 def _rejected_lines(columns: list[str], lines: list[tuple[str, str]]) -> dict:
@@ -324,7 +333,9 @@ def _jsonl_batches(fs: pafs.FileSystem, path: str, columns: list[str]):
 
 
 def _parquet_batches(fs: pafs.FileSystem, path: str, columns: list[str]):
-    """The rows of a Parquet table, typed as stored."""
+    """The rows of a Parquet table as Arrow tables, typed as stored: every block holds
+    a column in its one Arrow type (NumPy would make an integer column with nulls float
+    in some batches and not in others)."""
     with fs.open_input_file(path) as stream:
         try:
             table = pq.ParquetFile(stream)
@@ -333,11 +344,11 @@ def _parquet_batches(fs: pafs.FileSystem, path: str, columns: list[str]):
         _check_columns(path, table.schema_arrow.names, columns)
         for record_batch in table.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
             n = record_batch.num_rows
-            yield {
-                **{c: record_batch.column(c).to_numpy(zero_copy_only=False) for c in columns},
-                REJECT_COLUMN: np.full(n, "", dtype=object),
-                RAW_COLUMN: np.full(n, None, dtype=object),
-            }
+            yield (
+                pa.Table.from_batches([record_batch])
+                .append_column(REJECT_COLUMN, pa.array([""] * n, pa.string()))
+                .append_column(RAW_COLUMN, pa.nulls(n, pa.string()))
+            )
 
 
 #: The readers of table files, by format.

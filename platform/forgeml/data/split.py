@@ -11,9 +11,14 @@ Each row has a unit, what the seed shuffles:
 
 A unit's draw is a hash of (unit, seed), uniform in [0, 1). Within each stratum (each
 class when stratified, else all rows) the rows with the lowest draws are test, the next
-validation, the rest training, in counts that round the fractions per stratum: class
-shares match across splits to within one row per class, as scikit-learn's stratified
-split does. Only the cut-off draws per stratum reach the workers that tag rows.
+validation, the rest training. How many: each stratum's share rounded down or up, the
+largest remainders rounded up until the totals are the fractions of all rows (as
+scikit-learn's stratified split allocates), so every class holds its test share, and its
+test and validation share together, to within one row; every class keeps a training row.
+Only the cut-off draws per stratum reach the workers that tag rows.
+
+Stratifying would part rows that share an id but not a class, so when an id holds rows
+of several classes the split is not stratified (and says so).
 """
 
 from __future__ import annotations
@@ -50,11 +55,15 @@ def draws(units: np.ndarray, seed: int) -> np.ndarray:
 
 
 def category(value) -> str | None:
-    """A value as the text of a category: None when missing; 3.0 and 3 are both '3'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A value as the text of a category: None when missing; 3.0 and 3 are both '3'
+    (NumPy's floats of any width too)."""
+    if value is None:
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return None
+        if float(value).is_integer():
+            value = int(value)
     text = str(value).strip()
     return text or None
 
@@ -66,19 +75,42 @@ def hash_values(batch: dict, columns: list[str]) -> np.ndarray:
     return pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
 
 
-def id_units(values) -> np.ndarray:
-    """Units of an id column: integer ids as they are, any other id hashed as text."""
-    ids = np.asarray(values)
-    if ids.dtype.kind in "iu":
-        return ids.astype(np.uint64)
-    return hash_values({"id": ids}, ["id"])
+def missing_ids(values) -> np.ndarray:
+    """Which ids of an id column are missing."""
+    return np.array([category(v) is None for v in values], dtype=bool)
+
+
+def quotas(sizes: np.ndarray, fraction: float, least: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """Rows per stratum out of ``sizes``: each stratum's share rounded down, at least
+    ``least``, and one more for the strata with the largest remainders (``ties`` orders
+    equal ones) until the total is the fraction of all rows, rounded. A stratum never
+    gives up its last row, so every class keeps a training row."""
+    ideal = sizes * fraction
+    most = np.maximum(sizes - 1, 0)
+    quota = np.minimum(np.maximum(np.floor(ideal), least), most).astype(np.int64)
+    open_ = (quota < np.ceil(ideal)) & (quota < most)
+    extra = math.floor(sizes.sum() * fraction + 0.5) - int(quota.sum())
+    if extra > 0:
+        candidates = np.flatnonzero(open_)
+        remainders = (ideal - np.floor(ideal))[candidates]
+        chosen = candidates[np.lexsort((ties[candidates], -remainders))[:extra]]
+        quota[chosen] += 1
+    return quota
+
+
+def _spans_strata(units: np.ndarray, strata: np.ndarray) -> bool:
+    """Whether some unit (an id) holds rows of more than one stratum."""
+    pairs = np.unique(np.stack([units, strata], axis=1), axis=0)
+    return len(pairs) > len(np.unique(units))
 
 
 def key_columns(batch: dict, features, group_by: list[str], stratify: bool) -> dict:
-    """What the split draws by, per row: its unit (unless its position is its unit)
-    and its stratum (a hash of its class when stratified, else 0)."""
+    """What the split draws by, per row: its unit (unless its position is its unit: no
+    id column and no groups) and its stratum (a hash of its class when stratified, else
+    0). Ids are hashed as text, so that 7 and 7.0 are one id however a reader types it."""
     n = len(batch[REJECT_COLUMN])
-    units = hash_values(batch, group_by) if group_by else features.row_ids(batch)
+    keys = group_by or ([features.id_column] if features.id_column else [])
+    units = hash_values(batch, keys) if keys else None
     classes = features.classes(batch) if stratify else None
     strata = np.zeros(n, np.uint64) if classes is None else hash_values({"c": classes}, ["c"])
     return {STRATUM_COLUMN: strata, **({} if units is None else {UNIT_COLUMN: units})}
@@ -133,11 +165,16 @@ class SplitPlan:
     strata: np.ndarray  # sorted uint64 stratum keys
     test_below: np.ndarray
     val_below: np.ndarray
+    #: Whether the cut-offs are per class.
+    stratified: bool
+    #: Whether stratifying was asked for but dropped: an id holds rows of several classes.
+    ids_span_classes: bool = False
 
     @classmethod
     def fit(cls, keys: SplitKeys, seed: int, val_fraction: float, test_fraction: float):
-        """Cut-offs that give each stratum round(n * test) test rows and round(n * (test +
-        val)) test and validation rows together (fewer when a group sits on a cut-off)."""
+        """Cut-offs that give each stratum its quotas of test rows and of test and
+        validation rows together (``quotas``; fewer when a group or an id sits on a
+        cut-off)."""
         positional = keys.units is None
         offsets = np.zeros(0, np.int64)
         if positional:
@@ -149,18 +186,23 @@ class SplitPlan:
         else:
             units = keys.units
         usable = keys.usable & (keys.rows >= 0 if positional else True)
-        u, strata = draws(units[usable], seed), keys.strata[usable]
+        units, strata = units[usable], keys.strata[usable]
+        stratified = bool(strata.any())
+        spans = stratified and not positional and _spans_strata(units, strata)
+        if spans:
+            strata, stratified = np.zeros_like(strata), False
+        u = draws(units, seed)
         order = np.lexsort((u, strata))
         u, strata = u[order], strata[order]
         names, starts, sizes = np.unique(strata, return_index=True, return_counts=True)
+        k_test = quotas(sizes, test_fraction, np.zeros_like(sizes), draws(names, seed))
+        k_held = quotas(sizes, test_fraction + val_fraction, k_test, draws(names, seed + 1))
         test_below, val_below = np.empty(len(names)), np.empty(len(names))
         for i, (start, n) in enumerate(zip(starts, sizes, strict=True)):
             ranked = u[start : start + n]
-            k_test = math.floor(n * test_fraction + 0.5)
-            k_held = math.floor(n * (test_fraction + val_fraction) + 0.5)
-            test_below[i] = ranked[k_test] if k_test < n else np.inf
-            val_below[i] = ranked[k_held] if k_held < n else np.inf
-        return cls(seed, positional, offsets, names, test_below, val_below)
+            test_below[i] = ranked[k_test[i]] if k_test[i] < n else np.inf
+            val_below[i] = ranked[k_held[i]] if k_held[i] < n else np.inf
+        return cls(seed, positional, offsets, names, test_below, val_below, stratified, spans)
 
     def split_batch(self, batch: dict, drop: list[str]) -> dict:
         """A tagged batch with its split, without the columns in ``drop`` (the keys)."""

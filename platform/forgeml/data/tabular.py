@@ -24,7 +24,7 @@ from forgeml.data.preprocessing import (
     no_rejects,
     register_preprocessor,
 )
-from forgeml.data.split import category, id_units
+from forgeml.data.split import category
 
 #: The category drift summaries give a value that training never saw.
 UNSEEN_CATEGORY = "(unseen)"
@@ -78,9 +78,6 @@ class TableFeatures:
         extra = [self.id_column] if self.id_column else []
         cols = [*self.cfg.numeric, *self.cfg.categorical, self.cfg.target, *extra]
         object.__setattr__(self, "columns", cols)
-
-    def row_ids(self, batch):
-        return id_units(batch[self.id_column]) if self.id_column else None
 
     def classes(self, batch):
         return None if self.task == "regression" else parse_categories(batch[self.cfg.target])

@@ -28,7 +28,6 @@ from forgeml.data.preprocessing import (
     no_rejects,
     register_preprocessor,
 )
-from forgeml.data.split import id_units
 from forgeml.data.tabular import (
     mark_class_rejects,
     parse_categories,
@@ -100,9 +99,8 @@ def text_request_columns(instances, column: str) -> dict[str, np.ndarray]:
 @dataclass(frozen=True)
 class TextColumns:
     """What the text kinds share before fitting: the columns they read (the ones each
-    kind's ``named`` property lists, and the id column if any), row ids (none without an
-    id column: rows are then known by their position), no classes unless the kind has
-    them, and no compaction."""
+    kind's ``named`` property lists, and the id column if any; without one, rows are
+    known by their position), no classes unless the kind has them, and no compaction."""
 
     cfg: TextConfig | CorpusConfig | TextPairConfig  # each kind narrows it
     id_column: str | None
@@ -112,9 +110,6 @@ class TextColumns:
     def __post_init__(self):
         extra = [self.id_column] if self.id_column else []
         object.__setattr__(self, "columns", [*self.named, *extra])
-
-    def row_ids(self, batch):
-        return id_units(batch[self.id_column]) if self.id_column else None
 
     def classes(self, batch):
         return None

@@ -24,11 +24,13 @@ class ClassificationTask:
         self.cfg = cfg
         self.class_names = tuple(target.classes)
         self.num_outputs = len(self.class_names)
-        weights = torch.tensor(target.class_weights) if target.class_weights else None
-        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        self.class_weights = torch.tensor(target.class_weights) if target.class_weights else None
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.criterion(logits.float(), targets)
+        weights = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return nn.functional.cross_entropy(
+            logits.float(), targets, weight=weights, label_smoothing=self.cfg.label_smoothing
+        )
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities."""
