@@ -11,11 +11,11 @@ Each row has a unit, what the seed shuffles:
 
 A unit's draw is a hash of (unit, seed), uniform in [0, 1). Within each stratum (each
 class when stratified, else all rows) the rows with the lowest draws are test, the next
-validation, the rest training. How many: each stratum's share rounded down or up, the
-largest remainders rounded up until the totals are the fractions of all rows (as
-scikit-learn's stratified split allocates), so every class holds its test share, and its
-test and validation share together, to within one row; every class keeps a training row.
-Only the cut-off draws per stratum reach the workers that tag rows.
+validation, the rest training. How many: each class's share of each split rounded down
+or up, so every class holds each share to within one row, as scikit-learn's stratified
+split does; the rows rounding leaves over go where the totals fall short, so the totals
+land on the fractions of all rows too; every class keeps a training row. Only the
+cut-off draws per stratum reach the workers that tag rows.
 
 Stratifying would part rows that share an id but not a class, so when an id holds rows
 of several classes the split is not stratified (and says so).
@@ -80,22 +80,29 @@ def missing_ids(values) -> np.ndarray:
     return np.array([category(v) is None for v in values], dtype=bool)
 
 
-def quotas(sizes: np.ndarray, fraction: float, least: np.ndarray, ties: np.ndarray) -> np.ndarray:
-    """Rows per stratum out of ``sizes``: each stratum's share rounded down, at least
-    ``least``, and one more for the strata with the largest remainders (``ties`` orders
-    equal ones) until the total is the fraction of all rows, rounded. A stratum never
-    gives up its last row, so every class keeps a training row."""
-    ideal = sizes * fraction
-    most = np.maximum(sizes - 1, 0)
-    quota = np.minimum(np.maximum(np.floor(ideal), least), most).astype(np.int64)
-    open_ = (quota < np.ceil(ideal)) & (quota < most)
-    extra = math.floor(sizes.sum() * fraction + 0.5) - int(quota.sum())
-    if extra > 0:
-        candidates = np.flatnonzero(open_)
-        remainders = (ideal - np.floor(ideal))[candidates]
-        chosen = candidates[np.lexsort((ties[candidates], -remainders))[:extra]]
-        quota[chosen] += 1
-    return quota
+def quotas(sizes: np.ndarray, fractions: tuple[float, ...], order: np.ndarray) -> np.ndarray:
+    """Rows per stratum and split, (strata, splits), out of ``sizes``: each stratum's share
+    of each split rounded down or up (so within one row of it) and summing to the
+    stratum's size. The rows left after rounding down go, stratum by stratum in
+    ``order``, to the split furthest below its share of all rows, so the totals land on
+    the fractions too; a stratum's first row goes to the last split (training), so every
+    class is trained on."""
+    wanted = np.asarray(fractions)
+    ideal = sizes[:, None] * wanted[None, :]
+    counts = np.floor(ideal).astype(np.int64)
+    room = np.ceil(ideal) > counts
+    targets = sizes.sum() * wanted
+    given = counts.sum(0).astype(np.float64)
+    for k in order:
+        for _ in range(int(sizes[k] - counts[k].sum())):
+            if counts[k, -1] == 0 and room[k, -1]:
+                pick = len(wanted) - 1
+            else:
+                pick = int(np.argmax(np.where(room[k], targets - given, -np.inf)))
+            counts[k, pick] += 1
+            room[k, pick] = False
+            given[pick] += 1
+    return counts
 
 
 def _spans_strata(units: np.ndarray, strata: np.ndarray) -> bool:
@@ -195,8 +202,9 @@ class SplitPlan:
         order = np.lexsort((u, strata))
         u, strata = u[order], strata[order]
         names, starts, sizes = np.unique(strata, return_index=True, return_counts=True)
-        k_test = quotas(sizes, test_fraction, np.zeros_like(sizes), draws(names, seed))
-        k_held = quotas(sizes, test_fraction + val_fraction, k_test, draws(names, seed + 1))
+        fractions = (test_fraction, val_fraction, 1 - test_fraction - val_fraction)
+        counts = quotas(sizes, fractions, np.argsort(draws(names, seed)))
+        k_test, k_held = counts[:, 0], counts[:, 0] + counts[:, 1]
         test_below, val_below = np.empty(len(names)), np.empty(len(names))
         for i, (start, n) in enumerate(zip(starts, sizes, strict=True)):
             ranked = u[start : start + n]
