@@ -24,11 +24,12 @@ import ray
 import torch
 from forgeml.config import config_from_dict
 from forgeml.data.pipeline import prepare_data
-from forgeml.data.preprocessing import ModelInputs, augment
+from forgeml.data.preprocessing import ModelInputs
 from forgeml.data.sources import open_source
 from forgeml.models import build_model
 from forgeml.storage import Storage
 from forgeml.tasks import build_task
+from forgeml.train.augment import augment
 from forgeml.train.optim import LRSchedule, build_optimizer
 from forgeml.train.trainer import run_training
 
@@ -63,6 +64,7 @@ def plain_pytorch(cfg, images: np.ndarray, labels: np.ndarray, target) -> list[f
     steps = int(np.ceil(len(images) / cfg.train.batch_size))
     schedule = LRSchedule(cfg.train.schedule, optimizer, steps, cfg.train.max_epochs, "min")
     rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     throughput = []
     for _ in range(cfg.train.max_epochs):
         model.train()
@@ -70,7 +72,7 @@ def plain_pytorch(cfg, images: np.ndarray, labels: np.ndarray, target) -> list[f
         order = rng.permutation(len(images))
         for start in range(0, len(order), cfg.train.batch_size):
             index = order[start : start + cfg.train.batch_size]
-            x = torch.from_numpy(augment([images[index]], True, True, rng)[0])
+            (x,) = augment([torch.from_numpy(images[index])], True, True, generator)
             y = torch.from_numpy(labels[index])
             loss = task.loss(model(x), y)
             optimizer.zero_grad(set_to_none=True)

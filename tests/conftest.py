@@ -1,15 +1,30 @@
-"""Shared test helpers: tiny experiment configs that train in seconds on a CPU."""
+"""Shared test helpers: tiny experiment configs that train in seconds on a CPU, and an
+S3 API server (moto) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from forgeml.config import ExperimentConfig, config_from_dict
+from forgeml.local_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: Credentials of the S3 API server below; in the environment of every process that
+#: reads or writes an s3:// storage root in the tests.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "forgeml-test",
+    "AWS_SECRET_ACCESS_KEY": "forgeml-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 #: The files every registered model version holds (DESIGN.md's model package).
 PACKAGE_FILES = {
@@ -24,11 +39,19 @@ PACKAGE_FILES = {
 }
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """``values`` set in this process's environment, the previous ones back afterwards."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def tiny_raw_config(storage_root: str | Path, **sections) -> dict:
@@ -72,3 +95,29 @@ def store(tmp_path: Path) -> Path:
     root = tmp_path / "store"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1; stopped at the end of the session."""
+    port = free_port()
+    log = Path(tmp_path_factory.mktemp("moto")) / "moto.log"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto server did not start: {log.read_text()}") from None
+            time.sleep(0.2)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)

@@ -226,6 +226,11 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--config", help="use this experiment's storage settings")
     where.add_argument("--storage-root", help="local folder or s3://bucket/prefix")
     parser.add_argument("--storage-endpoint-url", help="S3 endpoint for --storage-root")
+    parser.add_argument(
+        "--storage-shared",
+        action="store_true",
+        help="--storage-root is a folder every Ray node mounts (storage.shared)",
+    )
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,7 +264,11 @@ def _storage_config(args: argparse.Namespace) -> StorageConfig:
     if args.config:
         return load_config(args.config).storage
     if args.storage_root:
-        return StorageConfig(root=args.storage_root, endpoint_url=args.storage_endpoint_url)
+        return StorageConfig(
+            root=args.storage_root,
+            endpoint_url=args.storage_endpoint_url,
+            shared=args.storage_shared,
+        )
     return StorageConfig()
 
 
@@ -293,6 +302,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     read_token(app_args.auth)  # refuse before starting anything
     runtime.connect(require_cluster=args.serve_command == "deploy")
+    runtime.require_shared_storage(app_args.storage)
     serve.start(http_options={"host": args.host, "port": args.port})
     serving = deploy(app_args)
     refs = ", ".join(route.ref for route in serving.table.routes)
@@ -610,6 +620,7 @@ def _monitor(args: argparse.Namespace) -> int:
         raise ValueError(f"--set: only monitor.* settings can be overridden here (got {bad[0]})")
     storage = Storage(_storage_config(args))
     runtime.connect()
+    runtime.require_shared_storage(storage.cfg)
     gauges = DriftGauges()
     while True:
         report = check(storage, args.model, args.overrides, gauges)

@@ -329,7 +329,7 @@ class SplitConfig(Section):
 
 
 class AugmentConfig(Section):
-    """Train-only augmentation applied inside the Ray Data pipeline, fresh every epoch.
+    """Train-only augmentation, drawn afresh every epoch by each worker on its batches.
     Off unless asked for: a turned or mirrored digit, letter, face or document is another
     picture, so only images with no orientation (wafer maps, micrographs) want it."""
 
@@ -844,6 +844,27 @@ class ScalingConfig(Section):
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads per worker; null: cpus_per_worker."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the workers' bundles: PACK on as few nodes as it can "
+        "(fastest all-reduce), SPREAD over as many, STRICT_PACK all on one node, "
+        "STRICT_SPREAD each on its own node (survives a node loss with fewer ranks lost).",
+    )
+    label_selector: dict[str, str] | None = Field(
+        None,
+        description="Node labels every worker's node must match, as Ray label selectors: "
+        "{'pool': 'train'}, '!spot', 'in(a,b)', '!in(a,b)'. Null: any node.",
+    )
+
+    @field_validator("label_selector")
+    @classmethod
+    def _valid_selector(cls, selector: dict[str, str] | None) -> dict[str, str] | None:
+        from ray._private.label_utils import validate_label_selector
+
+        problem = validate_label_selector(selector)
+        if problem:
+            raise ValueError(problem)
+        return selector
 
 
 class AutoscalingConfig(Section):
@@ -975,6 +996,12 @@ class StorageConfig(Section):
         None, description="S3 endpoint (MinIO, moto, ...); null uses AWS or AWS_ENDPOINT_URL."
     )
     region: str | None = Field(None, description="S3 region; null uses the AWS default chain.")
+    shared: bool = Field(
+        False,
+        description="A local root that every Ray node mounts at the same path (NFS, a "
+        "shared Kubernetes volume). Without it a local root is refused on a cluster of "
+        "several nodes, whose checkpoints would land on whichever node wrote them.",
+    )
 
 
 # ------------------------------------------------------------------------- tracking
@@ -1191,8 +1218,8 @@ class ExperimentConfig(Section):
     seed: int = Field(
         0,
         ge=0,
-        description="Seeds data generation, split, initialisation and the order rows are "
-        "trained in: a cached, unaugmented run on one worker repeats exactly.",
+        description="Seeds data generation, split, initialisation, augmentation and the "
+        "order rows are trained in: a cached run on one worker repeats exactly.",
     )
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Where datasets, runs and models live."

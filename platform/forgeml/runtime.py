@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass
 
 import ray
 from ray._common.utils import reset_ray_address
 from ray._private.utils import read_ray_address
+
+from forgeml.config import StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +90,57 @@ def connect(require_cluster: bool = False) -> None:
         resources.get("CPU", 0),
         resources.get("GPU", 0),
     )
+
+
+@dataclass(frozen=True)
+class Node:
+    """What a placement needs to know of one alive Ray node."""
+
+    node_id: str
+    address: str
+    cpus: float
+    gpus: float
+    labels: dict[str, str]
+
+    def describe(self) -> str:
+        return f"{self.node_id[:8]} ({self.address}): {self.cpus:g} CPU" + (
+            f", {self.gpus:g} GPU" if self.gpus else ""
+        )
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected cluster."""
+    return [
+        Node(
+            node_id=entry["NodeID"],
+            address=entry["NodeManagerAddress"],
+            cpus=entry["Resources"].get("CPU", 0.0),
+            gpus=entry["Resources"].get("GPU", 0.0),
+            labels=dict(entry.get("Labels") or {}),
+        )
+        for entry in ray.nodes()
+        if entry["Alive"]
+    ]
+
+
+def has_autoscaler() -> bool:
+    """Whether an autoscaler has told the cluster which nodes it may add."""
+    from ray._private.state import state
+
+    return state.get_cluster_config() is not None
+
+
+def require_shared_storage(storage: StorageConfig) -> None:
+    """Refuse a local ``storage.root`` on a cluster of several nodes unless it is declared
+    shared: each node would write its checkpoints, and read models, on its own disk."""
+    if storage.root.startswith("s3://") or storage.shared:
+        return
+    nodes = cluster_nodes()
+    if len(nodes) > 1:
+        raise ValueError(
+            f"storage.root: {storage.root!r} is a local folder and this Ray cluster has "
+            f"{len(nodes)} nodes; a checkpoint written on one node is not on the others. "
+            "Use an s3:// root (storage.endpoint_url for MinIO and other S3 servers), or "
+            "set storage.shared: true if every node mounts that folder at the same path "
+            "(NFS, a shared Kubernetes volume)"
+        )

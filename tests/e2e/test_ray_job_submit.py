@@ -6,9 +6,7 @@ for that model."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -20,129 +18,38 @@ import requests
 import torch
 import yaml
 from forgeml.config import StorageConfig, TrafficConfig
+from forgeml.local_cluster import LocalCluster, free_port
 from forgeml.model_package import load_model
 from forgeml.monitor.check import check
 from forgeml.monitor.traffic import TrafficRecorder
-from forgeml.runtime import RAY_ENV_DEFAULTS, forget_stale_cluster
+from forgeml.runtime import RAY_ENV_DEFAULTS
 from forgeml.storage import ModelRegistry, Storage
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from tests.conftest import REPO, free_port, tiny_raw_config, write_config
+from tests.conftest import tiny_raw_config, write_config
 from tests.e2e.chart import render
 from tests.e2e.drifted import appended_maps, drifted_maps
+from tests.e2e.jobs import submit
 
 BIN = Path(sys.executable).parent
-
-#: Runs a command with SIGINT's default action, which a process started in the background
-#: of a non-interactive shell (as CI may run the suite) inherits as "ignored".
-WITH_DEFAULT_SIGINT = [
-    sys.executable,
-    "-c",
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-    "os.execv(sys.argv[1], sys.argv[1:])",
-]
 
 
 @pytest.fixture(scope="module")
 def token_cluster(tmp_path_factory):
-    """A head node on 127.0.0.1 with RAY_AUTH_MODE=token, stopped when the module ends.
-
-    `ray start --block` owns every process of the node, so interrupting it stops exactly
-    this cluster and leaves any other Ray on the machine alone.
-    """
+    """A head node on 127.0.0.1 with RAY_AUTH_MODE=token and 4 CPUs, stopped when the
+    module ends; forgeml's Ray settings are set where the node starts, as the README says."""
     ray.shutdown()  # the integration runtime, if this session started one
-    home = tmp_path_factory.mktemp("home")
-    token = secrets.token_hex(32)
-    dashboard_port, gcs_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        **RAY_ENV_DEFAULTS,  # where the node starts, as the README says
-    }
-    env.pop("RAY_ADDRESS", None)
-    log = home / "ray-start.log"
-    head = subprocess.Popen(
-        [
-            *WITH_DEFAULT_SIGINT,
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
-            "--num-cpus=4",
-        ],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.monotonic() + 120
-    while True:
-        probe = subprocess.run(
-            [str(BIN / "ray"), "job", "list", "--address", address],
-            env=env,
-            capture_output=True,
-            timeout=60,
-        )
-        if probe.returncode == 0:
-            break
-        if head.poll() is not None or time.monotonic() > deadline:
-            os.killpg(head.pid, signal.SIGKILL)
-            raise RuntimeError(f"ray start failed:\n{log.read_text()}\n{probe.stderr.decode()}")
-        time.sleep(1)
-    yield {
-        "address": address,
-        "gcs": f"127.0.0.1:{gcs_port}",
-        "env": env,
-        "store": home / "store",
-    }
-    # On SIGINT `ray start --block` stops its node at once; on SIGTERM it takes ~30 s.
-    os.killpg(head.pid, signal.SIGINT)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-    forget_stale_cluster()  # as `ray stop` would: later ray.init() calls must not join it
-
-
-def _submit(cluster, env, job: str, *arguments: str) -> subprocess.CompletedProcess:
-    """`ray job submit` of ``python jobs/<job> <arguments>``, with the repo as working dir."""
-    return subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            cluster["address"],
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            f"jobs/{job}",
-            *arguments,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
+    with LocalCluster(
+        tmp_path_factory.mktemp("cluster"), head_cpus=4, extra_env=RAY_ENV_DEFAULTS
+    ) as cluster:
+        yield cluster
 
 
 def test_submitted_training_job_registers_its_model(token_cluster, tmp_path):
-    store = token_cluster["store"]
+    store = token_cluster.folder / "store"
     config = write_config(tmp_path / "tiny.yaml", tiny_raw_config(store))
 
-    job = _submit(token_cluster, token_cluster["env"], "train.py", "--config", str(config))
+    job = submit(token_cluster, "train.py", "--config", str(config))
 
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
@@ -155,8 +62,8 @@ def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster):
     """After the training job above: deploy returns, and the cluster keeps serving."""
     token, port = secrets.token_hex(16), free_port()
     env = {
-        **token_cluster["env"],
-        "RAY_ADDRESS": token_cluster["gcs"],
+        **token_cluster.env,
+        "RAY_ADDRESS": token_cluster.gcs_address,
         "FORGEML_SERVE_TOKEN": token,
     }
     command = [
@@ -166,7 +73,7 @@ def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster):
         "--model",
         "tiny-wafer",
         "--storage-root",
-        str(token_cluster["store"]),
+        str(token_cluster.folder / "store"),
         "--port",
         str(port),
     ]
@@ -190,7 +97,7 @@ def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(token_cluster, 
     submits a retraining job with new maps appended through the Jobs API, with the
     cluster's token (followed until it trains; tests/integration/test_training.py checks
     that appended rows are trained on). A later alarm on the same version submits nothing."""
-    store = token_cluster["store"]
+    store = token_cluster.folder / "store"
     storage = Storage(StorageConfig(root=str(store)))
     loaded = load_model(ModelRegistry(storage), "tiny-wafer:v1")
     inputs = loaded.preprocessor.transform({"image": drifted_maps(360, seed=12)})["inputs"]
@@ -204,16 +111,16 @@ def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(token_cluster, 
     arguments = ["--model", "tiny-wafer:v1", "--storage-root", str(store)]
     arguments += ["--set", "monitor.min_rows=300", "--set", retrain]
 
-    monitored = _submit(token_cluster, token_cluster["env"], "monitor.py", *arguments)
+    monitored = submit(token_cluster, "monitor.py", *arguments)
 
     assert monitored.returncode == 0, monitored.stdout[-3000:] + monitored.stderr[-3000:]
     (line,) = [line for line in monitored.stdout.splitlines() if line.startswith('{"model"')]
     summary = json.loads(line)
     assert summary["status"] == "drift" and "input.defect_fraction" in summary["drifted"]
     job = summary["retrain"]["job"]
-    token = token_cluster["env"]["RAY_AUTH_TOKEN"]
+    token = token_cluster.env["RAY_AUTH_TOKEN"]
     client = JobSubmissionClient(
-        token_cluster["address"], headers={"Authorization": f"Bearer {token}"}
+        token_cluster.dashboard_url, headers={"Authorization": f"Bearer {token}"}
     )
     deadline = time.monotonic() + 180
     while "training tiny-wafer as run" not in client.get_job_logs(job):
@@ -233,7 +140,7 @@ def test_the_charts_rayservice_serves_what_serve_build_writes(token_cluster, tmp
     """One generator: the RayService's serveConfigV2 is `forgeml serve build`'s output for
     the model trained above, passed through the Helm chart unchanged."""
     command = [str(BIN / "forgeml"), "serve", "build", "--model", "tiny-wafer"]
-    command += ["--storage-root", str(token_cluster["store"]), "--host", "0.0.0.0"]
+    command += ["--storage-root", str(token_cluster.folder / "store"), "--host", "0.0.0.0"]
     built = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     serve_file = tmp_path / "serve.yaml"
     serve_file.write_text(built.stdout)
@@ -261,14 +168,12 @@ def test_the_cluster_refuses_submissions_without_the_right_token(
     store = tmp_path / "store"
     config = write_config(tmp_path / "tiny.yaml", tiny_raw_config(store))
     env = {
-        k: v
-        for k, v in token_cluster["env"].items()
-        if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")
+        k: v for k, v in token_cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")
     }
     if token:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
 
-    job = _submit(token_cluster, env, "train.py", "--config", str(config))
+    job = submit(token_cluster, "train.py", "--config", str(config), env=env)
 
     assert job.returncode != 0
     assert refusal in job.stdout + job.stderr

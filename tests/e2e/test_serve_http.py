@@ -22,6 +22,7 @@ from forgeml.cli import main
 from forgeml.config import config_from_dict
 from forgeml.data.wafer import CLASS_NAMES, generate_map
 from forgeml.evaluate import evaluate
+from forgeml.local_cluster import free_port
 from forgeml.model_package import load_model
 from forgeml.monitor.check import DriftGauges, check
 from forgeml.monitor.traffic import read_traffic
@@ -34,7 +35,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from tests.conftest import REPO, free_port, tiny_config
+from tests.conftest import REPO, tiny_config
 from tests.e2e.drifted import drifted_maps
 
 TOKEN = "serve-test-token"

@@ -26,6 +26,7 @@ from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 from mlflow import MlflowClient
 from PIL import Image
+from ray.util.state import list_actors
 
 from tests.conftest import PACKAGE_FILES, REPO, tiny_config, tiny_raw_config, write_config
 from tests.integration.tracked import mlflow_runs, tensorboard_scalars
@@ -53,17 +54,10 @@ def _last_registered_epoch(store: Path) -> int:
 
 
 def _train_worker_pids() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"ray::RayTrainWorker"):
-            pids.append(int(proc.name))
-    return pids
+    """The processes of this session's runtime that run Ray Train workers, from Ray's own
+    actor table: nothing another Ray on the machine started."""
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [actor.pid for actor in actors]
 
 
 def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(

@@ -30,8 +30,6 @@ LEARNING_RATES = [3e-2, 1e-2, 1e-7, 1e-6]
 def _raw(store: Path | str, **tune) -> dict:
     return tiny_raw_config(
         store,
-        # No augmentation: its draws are not seeded, so a retraining would not retrace a trial.
-        data={"augment": {"rotate90": False, "flip": False}},
         train={"max_epochs": 3, "schedule": {"kind": "constant"}},
         tune={
             "metric": "val_loss",

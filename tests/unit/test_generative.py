@@ -17,7 +17,6 @@ from forgeml.config import (
     VAETask,
     config_from_dict,
 )
-from forgeml.data.pipeline import _augment
 from forgeml.data.preprocessing import ImageFeatures, ImagePreprocessor, ModelInputs, TargetSpec
 from forgeml.data.wafer import CLASS_NAMES, generate
 from forgeml.models import build_model
@@ -290,13 +289,3 @@ def test_generative_models_take_maps_without_a_valid_label():
     assert codes.reject_reasons(batch).tolist() == ["", ""]
     classes = ImageFeatures("sample_id", "image", "label", 2, ("a", "b"))
     assert classes.reject_reasons(batch).tolist() == ["label: not a class index 0..1"] * 2
-
-
-def test_augmenting_a_batch_turns_an_image_target_and_leaves_labels():
-    codes = np.arange(64 * 16, dtype=np.uint8).reshape(64, 4, 4) % 3
-    turned = _augment({"inputs": codes.copy(), "target": codes.copy()}, True, True)
-    np.testing.assert_array_equal(turned["inputs"], turned["target"])
-    assert not np.array_equal(turned["inputs"], codes)
-    labels = np.arange(64)
-    kept = _augment({"inputs": codes[:, None].astype(np.float32), "target": labels}, True, True)
-    np.testing.assert_array_equal(kept["target"], labels)

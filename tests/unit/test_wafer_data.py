@@ -3,7 +3,6 @@ from forgeml.data import wafer
 from forgeml.data.preprocessing import (
     ImageFeatures,
     ImagePreprocessor,
-    augment,
     decode_images,
     preprocessor_from_dict,
 )
@@ -116,24 +115,3 @@ def test_decode_accepts_flat_and_object_columns():
         "sample_id", "image", "label", 3, ("a", "b"), max_value=255
     ).reject_reasons({"sample_id": np.arange(2), "image": short, "label": np.array([0, 1])})
     assert reasons.tolist() == ["", "image: expected 3x3 values per row"]
-
-
-def test_augmentation_only_rotates_and_flips():
-    rng = np.random.default_rng(0)
-    images = rng.random((64, 1, 8, 8)).astype(np.float32)
-    (out,) = augment([images], rotate90=True, flip=True, rng=rng)
-    assert not np.array_equal(out, images)
-    for original, changed in zip(images, out, strict=True):
-        variants = [np.rot90(original, k, axes=(1, 2)) for k in range(4)]
-        variants += [v[..., ::-1] for v in variants]
-        assert any(np.array_equal(changed, v) for v in variants)
-    np.testing.assert_array_equal(augment([images], False, False, rng)[0], images)
-
-
-def test_augmentation_turns_an_image_target_with_its_input():
-    """Generative models reconstruct their input: both must get the same transform."""
-    rng = np.random.default_rng(1)
-    codes = rng.integers(0, 3, (64, 8, 8)).astype(np.uint8)
-    inputs, target = augment([codes, codes.copy()], rotate90=True, flip=True, rng=rng)
-    assert not np.array_equal(inputs, codes)
-    np.testing.assert_array_equal(inputs, target)

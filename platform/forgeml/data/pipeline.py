@@ -1,5 +1,5 @@
 """The Ray Data pipeline: read -> tag rows (split, reject reason) -> fit on train ->
-write rejects aside -> transform every split -> augment train.
+write rejects aside -> transform every split (training workers augment their own batches).
 
 Everything is lazy Ray Data until ``prepare_data`` fits the preprocessor (one pass over
 the usable training rows) and counts the rows. With ``data.cache`` the tagged raw rows
@@ -25,7 +25,6 @@ from forgeml.data.preprocessing import (
     Features,
     Preprocessor,
     TargetSpec,
-    augment,
     first_reason,
     no_rejects,
 )
@@ -95,13 +94,14 @@ class PreparedData:
             "target": self.target.to_dict(),
             "split": self.split,
             **(classes if self.classes else {}),
-            "augmented": bool(self.augment and (self.augment.rotate90 or self.augment.flip)),
+            "augmented": self.augmenting,
         }
 
     def as_trainer_datasets(self) -> dict[str, ray.data.Dataset]:
-        """What training streams: train in a new block order every epoch (augmented
-        images), val as is. Reordering blocks needs them all at hand, so it only runs on
-        cached splits; streamed ones are read in a new file order every epoch instead.
+        """What training streams: train in a new block order every epoch, val as is.
+        Reordering blocks needs them all at hand, so it only runs on cached splits;
+        streamed ones are read in a new file order every epoch instead. Augmentation
+        happens on the workers (train/augment.py), not here.
 
         The block orders follow from the experiment's seed and the epoch, so a rerun of a
         config (a tuned trial's, say) sees its rows in the same order."""
@@ -110,22 +110,11 @@ class PreparedData:
             if self.cached
             else self.train
         )
-        if self.augment and (self.augment.rotate90 or self.augment.flip):
-            train = train.map_batches(
-                _augment,
-                fn_kwargs={"rotate90": self.augment.rotate90, "flip": self.augment.flip},
-                batch_format="numpy",
-            )
         return {"train": train, "val": self.val}
 
-
-def _augment(batch, rotate90: bool, flip: bool):
-    """The images of a batch: its inputs, and its target when that is the image too."""
-    names = ["inputs", *(["target"] if batch["target"].ndim >= 3 else [])]
-    # Unseeded on purpose: every epoch and every block must see fresh transforms.
-    turned = augment([batch[name] for name in names], rotate90, flip, np.random.default_rng())
-    batch.update(zip(names, turned, strict=True))
-    return batch
+    @property
+    def augmenting(self) -> bool:
+        return bool(self.augment and (self.augment.rotate90 or self.augment.flip))
 
 
 def _tag(batch, features: Features, group_by: list[str], stratify: bool):

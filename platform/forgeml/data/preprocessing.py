@@ -404,24 +404,3 @@ class ImagePreprocessor:
     def from_dict(cls, state: dict) -> ImagePreprocessor:
         fields = {k: v for k, v in state.items() if k != "kind"}
         return cls(**{**fields, "class_names": tuple(fields["class_names"])})
-
-
-def augment(
-    images: list[np.ndarray], rotate90: bool, flip: bool, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Random quarter-turns and flips per sample of square images (N, ..., H, W). Every
-    array of ``images`` gets the same ones: an input and the target drawn from it."""
-    n = len(images[0])
-    turns = rng.integers(0, 4, n) if rotate90 else np.zeros(n, np.int64)
-    horizontal = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
-    vertical = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
-    out = []
-    for array in images:
-        array = array.copy()
-        for k in (1, 2, 3):
-            chosen = turns == k
-            array[chosen] = np.rot90(array[chosen], k, axes=(-2, -1))
-        array[horizontal] = array[horizontal][..., ::-1]
-        array[vertical] = array[vertical][..., ::-1, :]
-        out.append(array)
-    return out

@@ -33,6 +33,7 @@ from forgeml.data.preprocessing import ModelInputs, TargetSpec
 from forgeml.models import build_model
 from forgeml.tasks import build_task
 from forgeml.tracking import EpochLogger
+from forgeml.train.augment import augment_batch
 from forgeml.train.early_stopping import EarlyStopping
 from forgeml.train.optim import LRSchedule, apply_hyperparameters, build_optimizer
 
@@ -64,6 +65,21 @@ def _autocast(cfg: ExperimentConfig, device: torch.device):
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def _ranks(rank: int, world_size: int) -> list[dict]:
+    """Where every rank runs (its Ray node and that node's address), in rank order."""
+    context = ray.get_runtime_context()
+    mine = {
+        "rank": rank,
+        "node_id": context.get_node_id(),
+        "address": ray.util.get_node_ip_address(),
+    }
+    if world_size == 1 or not dist.is_initialized():
+        return [mine]
+    gathered: list[dict | None] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
 
 
 def _format_seconds(seconds: float) -> str:
@@ -114,6 +130,14 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
+def augmentation_generator(seed: int, epoch: int, rank: int, device: torch.device):
+    """The generator of an epoch's random turns and flips on one rank."""
+    generator = torch.Generator(device=device)
+    # The second word of the shuffle's seed sequence: a stream of its own.
+    generator.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2)[1]))
+    return generator
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """The TorchTrainer's entry point on every rank."""
     return train_worker(config, RayTrainSession())
@@ -136,6 +160,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
     if unknown:
         raise ValueError(f"initial weights for parameters the model lacks: {unknown}")
     model = session.prepare_model(model)
+    ranks = _ranks(rank, world_size)
     torch.manual_seed(cfg.seed * 1000 + rank)
     optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
     schedule = LRSchedule(
@@ -183,6 +208,9 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
             model.train()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
+            augmenting = config["augment"]
+            if augmenting:
+                generator = augmentation_generator(cfg.seed, epoch, rank, device)
             for batch in train_shard.iter_torch_batches(
                 batch_size=cfg.train.batch_size,
                 dtypes=dtypes,
@@ -191,6 +219,10 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank),
             ):
                 inputs, targets = batch["inputs"], batch["target"]
+                if augmenting:
+                    inputs, targets = augment_batch(
+                        inputs, targets, **augmenting, generator=generator
+                    )
                 with _autocast(cfg, device):
                     loss = task.loss(model(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
@@ -307,4 +339,5 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
         "history": history,
         "resumed_from": resumed_from,
         "world_size": world_size,
+        "ranks": ranks,
     }

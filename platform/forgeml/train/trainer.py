@@ -40,6 +40,7 @@ from forgeml.tasks import build_task
 from forgeml.tasks.generative import Judge, code_maps
 from forgeml.tracking import log_registration, open_tracking, run_tracking
 from forgeml.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+from forgeml.train.placement import plan_placement
 from forgeml.train.warm_start import initial_weights
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def loop_config(cfg: ExperimentConfig, data: PreparedData, tracking: dict) -> di
         "steps_per_epoch": math.ceil(rows_per_worker / cfg.train.batch_size),
         "tracking": tracking,
         "initial_weights": initial_weights(cfg, data),
+        "augment": data.augment.model_dump() if data.augmenting else None,
     }
 
 
@@ -122,6 +124,8 @@ def build_trainer(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
+            label_selector=cfg.scaling.label_selector,
         ),
         run_config=run_config,
         datasets=data.as_trainer_datasets(),
@@ -173,6 +177,8 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     source = open_source(cfg, storage)
     load_judge(cfg, storage, source.features)
     runtime.connect()
+    runtime.require_shared_storage(cfg.storage)
+    plan_placement(cfg.scaling, streams_data=not cfg.data.cache)
     tracking = run_tracking(
         open_tracking(cfg, storage), cfg, storage, storage.path("runs", run_name), run_name
     )
@@ -199,6 +205,7 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
         "name": run_name,
         "uri": storage.uri("runs", run_name),
         "workers": outcome["world_size"],
+        "ranks": outcome["ranks"],
         "resumed_from_epochs": outcome["resumed_from"],
         "use_gpu": cfg.scaling.use_gpu,
         "wall_s": round(time.monotonic() - started, 1),

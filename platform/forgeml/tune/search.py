@@ -343,6 +343,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     source = open_source(cfg, storage)
     load_judge(cfg, storage, source.features)
     runtime.connect()
+    runtime.require_shared_storage(cfg.storage)
     data = prepare_data(cfg, source, f"{experiment_path}/rejected", storage.fs)
     base = cfg.model_dump(mode="json")
     tracking = open_tracking(cfg, storage)
