@@ -811,6 +811,24 @@ class CheckpointConfig(Section):
     keep_top_k: int = Field(2, ge=1, description="Checkpoints kept, best by the watched metric.")
 
 
+class PreemptionConfig(Section):
+    """A node reclaimed after a notice (a spot instance, a Kubernetes eviction, drained
+    by the autoscaler with DRAIN_NODE_REASON_PREEMPTION and a deadline)."""
+
+    max_restarts: int = Field(
+        -1,
+        ge=-1,
+        description="Preemptions recovered from the last checkpoint, counted apart from "
+        "max_failures (a reclaimed node is not the run's fault); -1: always.",
+    )
+    checkpoint_on_notice: bool = Field(
+        True,
+        description="On a notice, checkpoint at the next step boundary and again just "
+        "before the deadline, so a preemption loses about a step, not the epoch in "
+        "progress. Ranks ask Ray Train for notices after every step.",
+    )
+
+
 class TrainConfig(Section):
     max_epochs: int = Field(
         12,
@@ -834,6 +852,9 @@ class TrainConfig(Section):
     )
     max_failures: int = Field(
         2, ge=-1, description="Worker failures recovered from the last checkpoint (-1: always)."
+    )
+    preemption: PreemptionConfig = Field(
+        default_factory=PreemptionConfig, description="Nodes reclaimed with a notice."
     )
 
 

@@ -14,13 +14,44 @@ from tests.conftest import REPO
 RAY = Path(sys.executable).parent / "ray"
 
 
+def _command(cluster: LocalCluster, job: str, arguments: tuple[str, ...]) -> list[str]:
+    return [
+        *(str(RAY), "job", "submit", "--address", cluster.dashboard_url),
+        *("--working-dir", str(REPO), "--", "python", f"jobs/{job}", *arguments),
+    ]
+
+
 def submit(
     cluster: LocalCluster, job: str, *arguments: str, env: dict | None = None, timeout: int = 540
 ) -> subprocess.CompletedProcess:
     """Submit ``python jobs/<job> <arguments>`` and wait for it; ``env`` replaces the
     cluster's client environment (another token, say)."""
-    command = [str(RAY), "job", "submit", "--address", cluster.dashboard_url]
-    command += ["--working-dir", str(REPO), "--", "python", f"jobs/{job}", *arguments]
     return subprocess.run(
-        command, env=env or cluster.env, capture_output=True, text=True, timeout=timeout
+        _command(cluster, job, arguments),
+        env=env or cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+class BackgroundJob:
+    """A submission left running while a test acts on the cluster."""
+
+    def __init__(self, cluster: LocalCluster, folder: Path, job: str, *arguments: str):
+        self.log = folder / "job.log"
+        self.process = subprocess.Popen(
+            _command(cluster, job, arguments),
+            env=cluster.env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def finish(self, timeout: float = 540) -> tuple[int, str]:
+        """Its exit status and output, once it ends."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        return code, self.log.read_text()

@@ -22,7 +22,7 @@ from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 
 from tests.conftest import S3_ENV, environment, tiny_config, tiny_raw_config, write_config
-from tests.e2e.jobs import submit
+from tests.e2e.jobs import BackgroundJob, submit
 
 BUCKET = "multinode"
 
@@ -69,6 +69,40 @@ def cluster(tmp_path_factory, s3_endpoint, single_node_run):
 
 def _s3_storage(s3_endpoint: str, prefix: str) -> dict:
     return {"root": f"s3://{BUCKET}/{prefix}", "endpoint_url": s3_endpoint}
+
+
+def _registered_metrics(storage: dict) -> dict:
+    registry = ModelRegistry(Storage(StorageConfig(**storage)))
+    return json.loads(registry.read(registry.resolve("tiny-wafer"), "metrics.json"))
+
+
+def _latest_checkpoint(storage: dict) -> dict | None:
+    """The metrics of the newest checkpoint Ray Train has registered in the run, if any:
+    a checkpoint folder appears while it is still uploading, the snapshot only after."""
+    store = Storage(StorageConfig(**storage))
+    for run in store.list_dirs(store.path("runs")):
+        try:
+            snapshot = store.read_text(store.path("runs", run, "checkpoint_manager_snapshot.json"))
+            latest = json.loads(snapshot)["latest_checkpoint_result"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if latest:
+            return latest["metrics"]
+    return None
+
+
+def _after_epoch(storage: dict, epoch: int, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = _latest_checkpoint(storage)
+        if latest and latest.get("epoch", 0) >= epoch and latest.get("step", 0) == 0:
+            return latest
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout:g} s")
+
+
+def _worker_nodes(cluster) -> list[str]:
+    return [name for name, node in cluster.nodes.items() if name != "head" and node.alive]
 
 
 def _train(cluster, tmp_path, raw: dict):
@@ -136,3 +170,65 @@ def test_a_label_selector_no_node_matches_is_refused(cluster, s3_endpoint, tmp_p
     assert job.returncode != 0 and "exit code 2" in output
     assert "no node of this cluster has those labels" in output and "'zone': 'a'" in output
     assert seconds < 120
+
+
+# The two tests below take nodes away; they run last and leave two 1-CPU nodes behind.
+
+
+def test_a_killed_node_costs_the_run_at_most_the_epoch_in_progress(cluster, s3_endpoint, tmp_path):
+    """SIGKILL of a worker node's whole process group, as when its machine is lost; a
+    new node joins, and Ray Train restarts the group from the last epoch checkpoint."""
+    storage = _s3_storage(s3_endpoint, "node-loss")
+    raw = tiny_raw_config("unused", **SHAPE, storage=storage)
+    raw["train"] |= {"max_epochs": 8, "max_failures": 1}
+    job = BackgroundJob(
+        cluster, tmp_path, "train.py", "--config", str(write_config(tmp_path / "e.yaml", raw))
+    )
+    survivor, victim = _worker_nodes(cluster)
+    _after_epoch(storage, 2)
+
+    cluster.kill_node(victim)
+    killed_at = time.time()
+    cluster.add_node("c", cpus=1, labels={"zone": "c"})
+    code, output = job.finish()
+
+    assert code == 0, output[-4000:]
+    metrics = _registered_metrics(storage)
+    (restart,) = metrics["run"]["restarts"]
+    assert restart["checkpoint"] == "epoch" and restart["epoch"] >= 2 and restart["step"] == 0
+    redone = killed_at - restart["saved_at"]  # trained after the checkpoint, then lost
+    assert 0 <= redone <= max(h["epoch_s"] for h in metrics["history"]) + 1
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 9))
+    nodes = cluster.node_ids()
+    assert {r["node_id"] for r in metrics["run"]["ranks"]} == {nodes[survivor], nodes["c"]}
+    assert "Source: worker group" in output  # a failure, counted against max_failures
+
+
+def test_a_preempted_node_costs_the_run_about_one_step(cluster, s3_endpoint, tmp_path):
+    """`ray drain-node --reason PREEMPTION` with a deadline, as the autoscaler drains a
+    spot node before it is reclaimed: the run checkpoints inside the epoch, just before
+    the deadline, and restarts as a preemption, not a failure (max_failures is 0)."""
+    storage = _s3_storage(s3_endpoint, "preemption")
+    raw = tiny_raw_config("unused", **SHAPE, storage=storage)
+    raw["train"] |= {"max_epochs": 12, "max_failures": 0}
+    job = BackgroundJob(
+        cluster, tmp_path, "train.py", "--config", str(write_config(tmp_path / "e.yaml", raw))
+    )
+    _, victim = _worker_nodes(cluster)
+    _after_epoch(storage, 2)
+
+    cluster.drain_node(victim, deadline_s=6)
+    cluster.add_node("d", cpus=1, labels={"zone": "d"})
+    time.sleep(8)  # past the deadline: the machine goes
+    cluster.kill_node(victim)
+    code, output = job.finish()
+
+    assert code == 0, output[-4000:]
+    assert "Source: preemption" in output
+    assert "preemption notice: checkpoint at step" in output
+    metrics = _registered_metrics(storage)
+    (restart,) = metrics["run"]["restarts"]
+    assert restart["checkpoint"] == "preemption deadline" and restart["step"] > 0
+    # what trained after that checkpoint was lost: a step or two and the margin kept
+    assert 0 <= restart["deadline"] - restart["saved_at"] <= 3
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 13))

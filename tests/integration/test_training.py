@@ -215,8 +215,9 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):
     killer.join(timeout=5)
 
     assert killed, "no training worker was found to kill"
-    resumed = outcome.metrics["run"]["resumed_from_epochs"]
-    assert len(resumed) == 1 and 1 <= resumed[0] < 8
+    (restart,) = outcome.metrics["run"]["restarts"]
+    assert 1 <= restart["epoch"] < 8 and restart["step"] == 0 and restart["checkpoint"] == "epoch"
+    assert 0 < restart["resumed_at"] - restart["saved_at"] < 120
     assert [h["epoch"] for h in outcome.metrics["history"]] == list(range(1, 9))
     assert outcome.status == "completed"
     # the restarted workers logged on into the run they began, and TensorBoard dropped
@@ -256,8 +257,8 @@ def test_resume_continues_a_stopped_run(ray_runtime, store, tmp_path):
     assert code == 0
     version = registry.resolve("tiny-wafer")
     metrics = json.loads(registry.read(version, "metrics.json"))
-    resumed = metrics["run"]["resumed_from_epochs"]
-    assert len(resumed) == 1 and resumed[0] >= 2
+    (restart,) = metrics["run"]["restarts"]
+    assert restart["epoch"] >= 2 and restart["step"] == 0
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 7))
     assert len(list((store / "runs").iterdir())) == 1
 

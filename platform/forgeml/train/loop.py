@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 import ray.data
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ from forgeml.tracking import EpochLogger
 from forgeml.train.augment import augment_batch
 from forgeml.train.early_stopping import EarlyStopping
 from forgeml.train.optim import LRSchedule, apply_hyperparameters, build_optimizer
+from forgeml.train.preemption import PreemptionWatch
 
 logger = logging.getLogger("forgeml.train")
 
@@ -102,6 +104,10 @@ class WorkerSession(Protocol):
 
     def report(self, metrics: dict, checkpoint: ray.train.Checkpoint | None = None) -> None: ...
 
+    def preemption_info(self) -> ray.train.PreemptionInfo | None: ...
+
+    def broadcast_from_rank_zero(self, value): ...
+
 
 class RayTrainSession:
     """A Ray Train worker: DDP rank, dataset shard, reports to the Train controller."""
@@ -122,6 +128,12 @@ class RayTrainSession:
 
     def report(self, metrics, checkpoint=None):
         ray.train.report(metrics, checkpoint=checkpoint)
+
+    def preemption_info(self):
+        return ray.train.get_preemption_info()
+
+    def broadcast_from_rank_zero(self, value):
+        return ray.train.collective.broadcast_from_rank_zero(value)
 
 
 def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
@@ -172,8 +184,9 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
     )
     stopper = EarlyStopping(cfg.train.early_stopping)
     history: list[dict] = []
-    resumed_from: list[int] = []  # epochs this run restarted from, across all restarts
-    start_epoch = 1
+    restarts: list[dict] = []  # every restart of this run from a checkpoint, in order
+    start_epoch, done_steps = 1, 0  # done_steps: of start_epoch, by a preemption checkpoint
+    carried = [0.0, 0.0, 0.0]  # loss sum, rows and seconds of those steps, all ranks
 
     checkpoint = session.checkpoint()
     tracked = None  # the restored run's tracking state
@@ -189,12 +202,53 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
         apply_hyperparameters(optimizer, cfg.train.optimizer)
         stopper.load_state_dict(state["early_stopping"])
         history = state["history"]
-        resumed_from = [*state["resumed_from"], state["epoch"]]
-        start_epoch = state["epoch"] + 1
+        done_steps = state.get("step", 0)
+        start_epoch = state["epoch"] + (0 if done_steps else 1)
+        carried = state.get("carried", carried)
+        restarts = [
+            *state.get("restarts", []),
+            {
+                "epoch": state["epoch"],
+                "step": done_steps,
+                "checkpoint": state.get("kind", "epoch"),
+                "saved_at": state.get("saved_at"),
+                "deadline": state.get("deadline"),
+                "resumed_at": round(time.time(), 3),
+            },
+        ]
         tracked = state.get("tracking")
         if rank == 0:
-            logger.info("resumed from the checkpoint of epoch %d", state["epoch"])
+            where = f"step {done_steps} of epoch" if done_steps else "the end of epoch"
+            logger.info("resumed from the checkpoint at %s %d", where, state["epoch"])
     tracker = EpochLogger(config["tracking"], cfg, tracked, start_epoch) if rank == 0 else None
+
+    watch = PreemptionWatch(session, cfg.train.preemption.checkpoint_on_notice)
+
+    def save(kind: str, epoch: int, step: int, metrics: dict, partial=None) -> None:
+        """Report ``metrics`` on every rank, with rank 0's checkpoint of everything a
+        restart needs; ``step`` > 0 is a checkpoint inside ``epoch``."""
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                state = {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "base_lr": cfg.train.optimizer.lr,
+                    "early_stopping": stopper.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "kind": kind,
+                    "carried": partial,
+                    "history": history,
+                    "restarts": restarts,
+                    "tracking": tracker.state,
+                    "saved_at": round(time.time(), 3),
+                    "deadline": watch.deadline,  # of a preemption notice, if one came
+                }
+                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            session.report(metrics, checkpoint=checkpoint)
 
     train_shard = session.dataset("train")
     val_shard = session.dataset("val")
@@ -208,6 +262,10 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
             model.train()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
+            # A resumed epoch trains the steps it had left, on a fresh pass of the shard.
+            first_step = done_steps if epoch == start_epoch else 0
+            before = carried if first_step else [0.0, 0.0, 0.0]
+            steps = first_step
             augmenting = config["augment"]
             if augmenting:
                 generator = augmentation_generator(cfg.seed, epoch, rank, device)
@@ -218,6 +276,9 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 local_shuffle_buffer_size=4 * cfg.train.batch_size,
                 local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank),
             ):
+                if first_step and steps >= config["steps_per_epoch"]:
+                    break
+                step_started = time.monotonic()
                 inputs, targets = batch["inputs"], batch["target"]
                 if augmenting:
                     inputs, targets = augment_batch(
@@ -233,8 +294,28 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 schedule.after_step()
                 loss_sum += loss.detach().double() * len(targets)
                 seen += len(targets)
+                steps += 1
+                reason = watch.ask(time.monotonic() - step_started)
+                if reason:
+                    saving = time.monotonic()
+                    so_far = _all_reduce_sum([loss_sum.item(), seen], device)
+                    partial = [
+                        before[0] + so_far[0],
+                        before[1] + so_far[1],
+                        before[2] + time.monotonic() - epoch_started,
+                    ]
+                    marker = {"epoch": epoch, "step": steps, watched: float("nan")}
+                    save(f"preemption {reason}", epoch, steps, marker, partial)
+                    watch.took(time.monotonic() - saving)
+                    if rank == 0:
+                        logger.info(
+                            "preemption %s: checkpoint at step %d of epoch %d", reason, steps, epoch
+                        )
             train_seconds = time.monotonic() - epoch_started
             total_loss, total_seen = _all_reduce_sum([loss_sum.item(), seen], device)
+            # with what the steps before a restart trained, if it restarted in this epoch
+            total_loss, total_seen = total_loss + before[0], total_seen + before[1]
+            train_seconds += before[2]
             train_loss = total_loss / max(total_seen, 1)
 
             model.eval()
@@ -277,26 +358,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
             record["best_epoch"] = stopper.best_epoch
             if tracker:
                 tracker.log_epoch(record)
-
-            with tempfile.TemporaryDirectory() as folder:
-                checkpoint = None
-                if rank == 0:
-                    torch.save(
-                        {
-                            "model": _unwrap(model).state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(),
-                            "base_lr": cfg.train.optimizer.lr,
-                            "early_stopping": stopper.state_dict(),
-                            "epoch": epoch,
-                            "history": history,
-                            "resumed_from": resumed_from,
-                            "tracking": tracker.state,
-                        },
-                        Path(folder) / CHECKPOINT_FILE,
-                    )
-                    checkpoint = ray.train.Checkpoint.from_directory(folder)
-                session.report(record, checkpoint=checkpoint)
+            save("epoch", epoch, 0, record)
 
             if rank == 0:
                 elapsed = time.monotonic() - run_started
@@ -337,7 +399,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
     return {
         "status": status,
         "history": history,
-        "resumed_from": resumed_from,
+        "restarts": restarts,
         "world_size": world_size,
         "ranks": ranks,
     }

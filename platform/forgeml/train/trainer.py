@@ -110,7 +110,10 @@ def build_trainer(
         storage_path=runs_path or storage.path("runs"),
         callbacks=callbacks,
         storage_filesystem=None if storage.is_local else storage.fs,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        failure_config=ray.train.FailureConfig(
+            max_failures=cfg.train.max_failures,
+            max_preemption_failures=cfg.train.preemption.max_restarts,
+        ),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=cfg.train.checkpoint.keep_top_k,
             checkpoint_score_attribute=early.metric,
@@ -130,6 +133,18 @@ def build_trainer(
         run_config=run_config,
         datasets=data.as_trainer_datasets(),
     )
+
+
+def best_checkpoint(result: ray.train.Result, metric: str, mode: str) -> ray.train.Checkpoint:
+    """The kept checkpoint with the best ``metric``; a preemption checkpoint, written
+    inside an epoch, has no validation score (NaN) and is never the one registered."""
+    scored = [
+        (checkpoint, metrics[metric])
+        for checkpoint, metrics in result.best_checkpoints
+        if math.isfinite(metrics.get(metric, math.nan))
+    ]
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda pair: pair[1])[0]
 
 
 def load_judge(cfg: ExperimentConfig, storage: Storage, images) -> Judge | None:
@@ -198,7 +213,7 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
         )
 
     early = cfg.train.early_stopping
-    best = result.get_best_checkpoint(early.metric, early.mode)
+    best = best_checkpoint(result, early.metric, early.mode)
     with best.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu")
     run = {
@@ -206,7 +221,7 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
         "uri": storage.uri("runs", run_name),
         "workers": outcome["world_size"],
         "ranks": outcome["ranks"],
-        "resumed_from_epochs": outcome["resumed_from"],
+        "restarts": outcome["restarts"],
         "use_gpu": cfg.scaling.use_gpu,
         "wall_s": round(time.monotonic() - started, 1),
     }

@@ -185,6 +185,12 @@ class TuneTrialSession:
             checkpoint = tune.Checkpoint.from_directory(checkpoint.path)
         tune.report(metrics, checkpoint=checkpoint)
 
+    def preemption_info(self):
+        return None  # a trial in this process is Tune's to restart
+
+    def broadcast_from_rank_zero(self, value):
+        return value
+
 
 def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, tracking: dict) -> None:
     """One trial: the base config with ``params`` applied, trained as a Ray Train run or

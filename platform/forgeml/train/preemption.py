@@ -1,0 +1,55 @@
+"""When to checkpoint because a node of the run is about to be reclaimed.
+
+Clouds reclaim spot instances, and Kubernetes evicts pods, after a notice: the autoscaler
+drains the node (``DRAIN_NODE_REASON_PREEMPTION``, with a deadline) and Ray Train hands
+the notice to every worker (``ray.train.get_preemption_info``). Once the deadline passes
+Ray Train ends the worker group and restarts it from the latest checkpoint, counting a
+preemption rather than a failure. An end-of-epoch checkpoint alone would lose the epoch
+in progress, so the loop asks after every step, checkpoints as soon as a notice comes
+(in case the deadline is missed) and once more just before the deadline: what is lost
+is the steps after that last checkpoint, about one, plus the restart.
+"""
+
+from __future__ import annotations
+
+import time
+
+#: Seconds kept in hand before the deadline besides a checkpoint's and two steps' time.
+SAFETY_S = 1.0
+
+
+class PreemptionWatch:
+    """Asked by every rank after every step, in step: ``ask`` is a collective, and every
+    rank gets the same answer (rank 0's notice and rank 0's clock)."""
+
+    def __init__(self, session, enabled: bool):
+        self.session = session
+        self.enabled = enabled
+        self.deadline: float | None = None  # unix seconds; None: no notice or no deadline
+        self.noticed = False
+        self.saved_near_deadline = False
+        self.checkpoint_s = 0.0
+
+    def ask(self, step_s: float) -> str | None:
+        """``"notice"`` or ``"deadline"`` when a checkpoint should be written now."""
+        if not self.enabled:
+            return None
+        notice = self.session.preemption_info()
+        if notice is None:
+            self.noticed = self.saved_near_deadline = False
+            return None
+        if not self.noticed:
+            self.noticed = True
+            self.deadline = notice.deadline_ms / 1000 if notice.deadline_ms else None
+            return "notice"
+        if self.saved_near_deadline or self.deadline is None:
+            return None
+        margin = self.checkpoint_s + 2 * step_s + SAFETY_S
+        if self.session.broadcast_from_rank_zero(time.time() >= self.deadline - margin):
+            self.saved_near_deadline = True
+            return "deadline"
+        return None
+
+    def took(self, seconds: float) -> None:
+        """How long the last checkpoint took to write and report."""
+        self.checkpoint_s = max(self.checkpoint_s, seconds)
