@@ -87,6 +87,7 @@ format: setup
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/unseen_data.py
+	$(BIN)/python benchmarks/multinode.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -39,7 +39,10 @@ def experiment(root: str, epochs: int, workers: int, threads: int, samples_per_c
         {
             "name": "bench-wafer",
             "storage": {"root": root},
-            "data": {"source": {"kind": "wafer", "samples_per_class": samples_per_class}},
+            "data": {
+                "source": {"kind": "wafer", "samples_per_class": samples_per_class},
+                "augment": {"rotate90": True, "flip": True},
+            },
             "model": {"kind": "cnn", "width": 16, "depth": 3, "dropout": 0.2},
             "train": {
                 "max_epochs": epochs,

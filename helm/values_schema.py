@@ -61,6 +61,7 @@ def worker_group(gpu: bool) -> dict:
         "maxReplicas": REPLICAS,
         "resources": RESOURCES,
         "rayTmpSizeLimit": QUANTITY,
+        "rayLabels": STRINGS,
         "nodeSelector": STRINGS,
         "tolerations": OBJECTS,
         "affinity": {"type": "object"},

@@ -61,7 +61,8 @@ class LocalNode:
 
 
 class LocalCluster:
-    """A head node on 127.0.0.1 with token authentication, plus worker nodes.
+    """A head node on 127.0.0.1, with token authentication unless told otherwise, plus
+    worker nodes.
 
     ``env`` is what a client of this cluster runs with (the token, the cluster's
     address for ``ray job submit`` and ``ray.init``); ``extra_env`` is set on every node
@@ -71,8 +72,9 @@ class LocalCluster:
     def __init__(
         self,
         folder: Path,
-        head_cpus: int = 0,
         extra_env: dict[str, str] | None = None,
+        head_cpus: int = 0,
+        token_auth: bool = True,
         start_timeout_s: float = 120,
     ):
         self.folder = Path(folder)
@@ -86,11 +88,11 @@ class LocalCluster:
             **(extra_env or {}),
             "HOME": str(self.folder / "home"),
             "PATH": f"{_BIN}{os.pathsep}{os.environ['PATH']}",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),
             "RAY_USAGE_STATS_ENABLED": "0",
         }
         self.env.pop("RAY_ADDRESS", None)
+        if token_auth:
+            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         self.nodes: dict[str, LocalNode] = {}
         self._start(
             "head",
@@ -124,7 +126,11 @@ class LocalCluster:
         response = requests.get(
             f"{self.dashboard_url}/api/v0/nodes",
             params={"detail": 1, "limit": 1000},
-            headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"},
+            headers=(
+                {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+                if "RAY_AUTH_TOKEN" in self.env
+                else {}
+            ),
             timeout=30,
         )
         response.raise_for_status()

@@ -133,6 +133,15 @@ def test_the_strict_crd_check_refuses_an_unknown_field():
     assert any("'maxReplica' was unexpected" in e.message for e in errors)
 
 
+def test_worker_groups_carry_the_ray_labels_experiments_select_on():
+    profile = CHART / "ci" / "production-values.yaml"
+    cluster = next(d for d in render("-f", str(profile)) if d["kind"] == "RayCluster")
+    labels = {g["groupName"]: g.get("labels") for g in cluster["spec"]["workerGroupSpecs"]}
+    assert labels == {"cpu": {"market": "on-demand"}, "gpu": {"market": "spot"}}
+    default = next(d for d in render() if d["kind"] == "RayCluster")
+    assert "labels" not in default["spec"]["workerGroupSpecs"][0]
+
+
 def test_every_pod_passes_the_restricted_pod_security_standard(rendered):
     templates = all_pod_templates(rendered)
     assert templates

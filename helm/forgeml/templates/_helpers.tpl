@@ -296,6 +296,10 @@ workerGroupSpecs:
     replicas: {{ $group.replicas }}
     minReplicas: {{ $group.minReplicas }}
     maxReplicas: {{ $group.maxReplicas }}
+    {{- with $group.rayLabels }}
+    labels:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
     rayStartParams:
       metrics-export-port: "8080"
     template:
