@@ -823,9 +823,16 @@ class PreemptionConfig(Section):
     )
     checkpoint_on_notice: bool = Field(
         True,
-        description="On a notice, checkpoint at the next step boundary and again just "
-        "before the deadline, so a preemption loses about a step, not the epoch in "
-        "progress. Ranks ask Ray Train for notices after every step.",
+        description="On a notice, checkpoint at a step boundary and again just before "
+        "the deadline, so a preemption loses a few steps, not the epoch in progress.",
+    )
+    check_interval_s: float = Field(
+        0.5,
+        ge=0,
+        description="How often the ranks ask Ray Train for notices (a collective), as a "
+        "step count set from the last epoch's step time; 0: after every step. A notice "
+        "is seen at most this late, and the checkpoint before the deadline comes this "
+        "much earlier.",
     )
 
 

@@ -222,7 +222,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
             logger.info("resumed from the checkpoint at %s %d", where, state["epoch"])
     tracker = EpochLogger(config["tracking"], cfg, tracked, start_epoch) if rank == 0 else None
 
-    watch = PreemptionWatch(session, cfg.train.preemption.checkpoint_on_notice)
+    watch = PreemptionWatch(session, cfg.train.preemption)
 
     def save(kind: str, epoch: int, step: int, metrics: dict, partial=None) -> None:
         """Report ``metrics`` on every rank, with rank 0's checkpoint of everything a
@@ -295,7 +295,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 loss_sum += loss.detach().double() * len(targets)
                 seen += len(targets)
                 steps += 1
-                reason = watch.ask(time.monotonic() - step_started)
+                reason = watch.ask(steps, time.monotonic() - step_started)
                 if reason:
                     saving = time.monotonic()
                     so_far = _all_reduce_sum([loss_sum.item(), seen], device)
@@ -312,7 +312,10 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                             "preemption %s: checkpoint at step %d of epoch %d", reason, steps, epoch
                         )
             train_seconds = time.monotonic() - epoch_started
-            total_loss, total_seen = _all_reduce_sum([loss_sum.item(), seen], device)
+            total_loss, total_seen, rank_seconds = _all_reduce_sum(
+                [loss_sum.item(), seen, train_seconds], device
+            )
+            watch.pace(rank_seconds / world_size / max(steps - first_step, 1))
             # with what the steps before a restart trained, if it restarted in this epoch
             total_loss, total_seen = total_loss + before[0], total_seen + before[1]
             train_seconds += before[2]

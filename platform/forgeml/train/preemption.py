@@ -5,34 +5,45 @@ drains the node (``DRAIN_NODE_REASON_PREEMPTION``, with a deadline) and Ray Trai
 the notice to every worker (``ray.train.get_preemption_info``). Once the deadline passes
 Ray Train ends the worker group and restarts it from the latest checkpoint, counting a
 preemption rather than a failure. An end-of-epoch checkpoint alone would lose the epoch
-in progress, so the loop asks after every step, checkpoints as soon as a notice comes
-(in case the deadline is missed) and once more just before the deadline: what is lost
-is the steps after that last checkpoint, about one, plus the restart.
+in progress, so the loop asks every ``train.preemption.check_interval_s`` (a step count
+that all ranks share), checkpoints as soon as a notice comes (in case the deadline is
+missed) and once more just before the deadline: what is lost is the steps after that
+last checkpoint, a few, plus the restart.
 """
 
 from __future__ import annotations
 
 import time
 
+from forgeml.config import PreemptionConfig
+
 #: Seconds kept in hand before the deadline besides a checkpoint's and two steps' time.
 SAFETY_S = 1.0
 
 
 class PreemptionWatch:
-    """Asked by every rank after every step, in step: ``ask`` is a collective, and every
-    rank gets the same answer (rank 0's notice and rank 0's clock)."""
+    """Asked by every rank after every step, in step: asking Ray Train is a collective,
+    so it happens every ``every`` steps on all ranks alike (``pace`` sets it from the
+    mean step time of the last epoch, which every rank has all-reduced), and every rank
+    gets the same answer (rank 0's notice and rank 0's clock)."""
 
-    def __init__(self, session, enabled: bool):
+    def __init__(self, session, settings: PreemptionConfig):
         self.session = session
-        self.enabled = enabled
+        self.enabled = settings.checkpoint_on_notice
+        self.interval_s = settings.check_interval_s
+        self.every = 1  # steps between questions; 1 until an epoch has been timed
         self.deadline: float | None = None  # unix seconds; None: no notice or no deadline
         self.noticed = False
         self.saved_near_deadline = False
         self.checkpoint_s = 0.0
 
-    def ask(self, step_s: float) -> str | None:
+    def pace(self, step_s: float) -> None:
+        """Ask about every ``check_interval_s`` from now on, given steps of ``step_s``."""
+        self.every = max(1, int(self.interval_s / max(step_s, 1e-6)))
+
+    def ask(self, step: int, step_s: float) -> str | None:
         """``"notice"`` or ``"deadline"`` when a checkpoint should be written now."""
-        if not self.enabled:
+        if not self.enabled or step % self.every:
             return None
         notice = self.session.preemption_info()
         if notice is None:
@@ -44,7 +55,7 @@ class PreemptionWatch:
             return "notice"
         if self.saved_near_deadline or self.deadline is None:
             return None
-        margin = self.checkpoint_s + 2 * step_s + SAFETY_S
+        margin = self.checkpoint_s + (self.every + 1) * step_s + SAFETY_S
         if self.session.broadcast_from_rank_zero(time.time() >= self.deadline - margin):
             self.saved_near_deadline = True
             return "deadline"
