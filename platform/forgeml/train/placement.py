@@ -126,5 +126,15 @@ def plan_placement(scaling: ScalingConfig, streams_data: bool) -> None:
     if has_autoscaler():
         logger.info("placement: the cluster's autoscaler may add nodes; not checked")
         return
-    plan = check_placement(scaling, DATA_TASK_CPUS if streams_data else 0.0, cluster_nodes())
+    nodes = cluster_nodes()
+    plan = check_placement(scaling, DATA_TASK_CPUS if streams_data else 0.0, nodes)
     logger.info("placement: %s", plan)
+    if not streams_data and len(nodes) > 1:
+        try:
+            check_placement(scaling, DATA_TASK_CPUS, nodes)
+        except PlacementError:
+            logger.warning(
+                "placement: the workers leave no CPU free on any node; if a node is lost, "
+                "Ray cannot rebuild the cached blocks it held and the restarted run waits "
+                "until a node with a free CPU joins"
+            )
