@@ -219,8 +219,8 @@ class LocalCluster:
             try:
                 if name in self.node_ids():
                     return
-            except Exception:  # the dashboard is not up yet
-                pass
+            except (requests.RequestException, ValueError, KeyError):
+                pass  # the dashboard is not up, or not answering the State API yet
             if not node.alive or time.monotonic() > deadline:
                 if node.alive:
                     os.killpg(node.process.pid, signal.SIGKILL)

@@ -216,8 +216,8 @@ def test_a_killed_node_costs_the_run_at_most_the_epoch_in_progress(cluster, s3_e
 
 def test_a_preempted_node_costs_the_run_a_few_steps(cluster, s3_endpoint, tmp_path):
     """`ray drain-node --reason PREEMPTION` with a deadline, as the autoscaler drains a
-    spot node before it is reclaimed: the run checkpoints inside the epoch, just before
-    the deadline, and restarts as a preemption, not a failure (max_failures is 0)."""
+    spot node before it is reclaimed: the ranks see the notice and checkpoint inside the
+    epoch, and the run restarts as a preemption, not a failure (max_failures is 0)."""
     storage = _s3_storage(s3_endpoint, "preemption")
     _, victim = _worker_nodes(cluster)
     job = _running_past_epoch_2(
