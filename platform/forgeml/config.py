@@ -866,7 +866,13 @@ class TrainConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
+    num_workers: int | tuple[int, int] = Field(
+        1,
+        description="Ray Train workers (DDP ranks): a number, or [min, max] for an elastic "
+        "run, which starts with as many workers as the cluster holds (at least min) and "
+        "grows or shrinks with the cluster, restarting from its latest checkpoint. Every "
+        "optimizer step sees the same global batch at any size (train.batch_size).",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     torch_threads: int | None = Field(
@@ -883,6 +889,13 @@ class ScalingConfig(Section):
         description="Node labels every worker's node must match, as Ray label selectors: "
         "{'pool': 'train'}, '!spot', 'in(a,b)', '!in(a,b)'. Null: any node.",
     )
+    resize_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="Elastic runs: how often a healthy run checks whether the cluster now "
+        "holds more or fewer workers. A resize restarts the workers from the latest "
+        "checkpoint, so the work since then is done again.",
+    )
 
     @field_validator("label_selector")
     @classmethod
@@ -893,6 +906,48 @@ class ScalingConfig(Section):
         if problem:
             raise ValueError(problem)
         return selector
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, workers: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (workers, workers) if isinstance(workers, int) else workers
+        if low < 1:
+            raise ValueError(f"at least 1 worker, got {low}")
+        if low > high:
+            raise ValueError(f"[min, max] with min <= max, got [{low}, {high}]")
+        return low if low == high else (low, high)
+
+    @model_validator(mode="after")
+    def _elastic_placement(self) -> ScalingConfig:
+        # Ray 2.60 sizes an elastic group by counting the workers every node's total
+        # resources hold; it ignores label selectors and strict strategies, so the group
+        # it picks could wait forever for nodes those constraints accept.
+        if not self.elastic:
+            return self
+        if self.label_selector:
+            raise ValueError(
+                "label_selector cannot be combined with an elastic num_workers range: Ray "
+                "sizes elastic groups by every node's resources, not only the selected ones"
+            )
+        if self.placement_strategy.startswith("STRICT_"):
+            raise ValueError(
+                f"placement_strategy {self.placement_strategy} cannot be combined with an "
+                "elastic num_workers range: Ray sizes elastic groups without it; use PACK "
+                "or SPREAD"
+            )
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
 
 
 class AutoscalingConfig(Section):
@@ -1511,7 +1566,7 @@ def _check_search_space(cfg: ExperimentConfig, source: str) -> None:
     base = cfg.model_dump(mode="json", exclude={"tune"})
     problems = []
     in_process = cfg.tune.trial_mode == "in_process"
-    if in_process and cfg.scaling.num_workers > 1:
+    if in_process and cfg.scaling.max_workers > 1:
         problems.append(
             f"  tune.trial_mode: in_process trials train on one worker, but "
             f"scaling.num_workers is {cfg.scaling.num_workers}; use trial_mode train for DDP "

@@ -9,6 +9,7 @@ nodes and learn what the same config learns on one node.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -91,14 +92,23 @@ def _latest_checkpoint(storage: dict) -> dict | None:
     return None
 
 
-def _after_epoch(storage: dict, epoch: int, timeout: float = 240) -> dict:
+def _checkpoint_where(storage: dict, wanted, what: str, timeout: float = 240) -> dict:
+    """The metrics of the newest checkpoint, once they are ``wanted``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         latest = _latest_checkpoint(storage)
-        if latest and latest.get("epoch", 0) >= epoch and latest.get("step", 0) == 0:
+        if latest and wanted(latest):
             return latest
         time.sleep(0.2)
-    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout:g} s")
+    raise AssertionError(f"no checkpoint {what} within {timeout:g} s")
+
+
+def _after_epoch(storage: dict, epoch: int) -> dict:
+    return _checkpoint_where(
+        storage,
+        lambda latest: latest.get("epoch", 0) >= epoch and latest.get("step", 0) == 0,
+        f"of epoch {epoch}",
+    )
 
 
 def _worker_nodes(cluster) -> list[str]:
@@ -172,7 +182,7 @@ def test_a_label_selector_no_node_matches_is_refused(cluster, s3_endpoint, tmp_p
     assert seconds < 120
 
 
-# The two tests below take nodes away; they run last.
+# The tests below take nodes away; they run last.
 
 
 def _running_past_epoch_2(cluster, storage: dict, tmp_path, **train) -> BackgroundJob:
@@ -245,3 +255,44 @@ def test_a_preempted_node_costs_the_run_a_few_steps(cluster, s3_endpoint, tmp_pa
     assert restart["checkpoint"] in {"preemption notice", "preemption deadline", "epoch"}
     assert restart["deadline"] is None or restart["saved_at"] <= restart["deadline"]
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 13))
+
+
+def test_an_elastic_run_grows_onto_a_new_node_and_shrinks_when_it_goes(
+    cluster, s3_endpoint, tmp_path
+):
+    """scaling.num_workers [1, 2] on one node of one CPU: a second node joins and the group
+    grows to two workers; that node is drained and taken away, and the group goes on with
+    one. Each time it restarts from its latest checkpoint, and every step keeps the global
+    batch of 2 x 16 rows."""
+    epochs = 60
+    kept = next(name for name in _worker_nodes(cluster) if cluster.nodes[name].cpus == 1)
+    for name in _worker_nodes(cluster):
+        if name != kept:
+            cluster.stop_node(name)
+    storage = _s3_storage(s3_endpoint, "elastic")
+    raw = tiny_raw_config("unused", **SHAPE, storage=storage)
+    raw["data"]["source"]["samples_per_class"] = 300  # epochs of about a second
+    raw["train"] |= {"max_epochs": epochs, "max_failures": 1}
+    raw["train"]["early_stopping"]["patience"] = epochs
+    raw["scaling"] |= {"num_workers": [1, 2], "resize_interval_s": 2}
+    config = write_config(tmp_path / "experiment.yaml", raw)
+    job = BackgroundJob(cluster, tmp_path, "train.py", "--config", str(config))
+
+    _after_epoch(storage, 2)
+    cluster.add_node("e", cpus=1, labels={"zone": "e"})
+    _checkpoint_where(storage, lambda latest: latest.get("workers") == 2, "of two workers")
+    cluster.drain_node("e", deadline_s=4)
+    time.sleep(6)
+    cluster.kill_node("e")
+    code, output = job.finish()
+
+    assert code == 0, output[-4000:]
+    metrics = _registered_metrics(storage)
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert [size for size, _ in itertools.groupby(h["workers"] for h in history)] == [1, 2, 1]
+    assert {h["global_batch"] for h in history} == {32}
+    assert [r["workers"] for r in metrics["run"]["restarts"]][-2:] == [2, 1]
+    nodes = cluster.node_ids()
+    assert [r["node_id"] for r in metrics["run"]["ranks"]] == [nodes[kept]]
+    assert "placement: 1 worker(s) of 1 CPU, PACK, growing to 2" in output

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from forgeml.cli import EXIT_DIVERGED, main
-from forgeml.config import StorageConfig, WaferSource
+from forgeml.config import StorageConfig, WaferSource, config_from_dict
 from forgeml.data.sources import write_wafer_dataset
 from forgeml.data.wafer import CLASS_NAMES, generate, generate_map
 from forgeml.model_package import load_model
@@ -229,6 +229,29 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):
     assert steps == set(range(1, 9))
     scalars = tensorboard_scalars(store / "runs" / outcome.run_name / "tensorboard")
     assert [step for step, _ in scalars["val_loss"]] == list(range(1, 9))
+
+
+def test_an_elastic_run_with_fewer_workers_learns_what_the_full_size_learns(ray_runtime, tmp_path):
+    """scaling.num_workers [1, 2] with batches of 16 on a runtime that holds one such
+    worker: it accumulates two micro-batches per step, so every step sees the global batch
+    of 32 that a fixed run of batch 32 sees, in the same order, and the two learn the
+    same (a model without batch statistics, whose loss is a mean over rows)."""
+
+    def trained(folder: str, batch_size: int, **scaling) -> dict:
+        raw = tiny_raw_config(tmp_path / folder, train={"max_epochs": 3, "batch_size": batch_size})
+        raw["model"] = {"kind": "mlp", "hidden": [32], "batch_norm": False, "dropout": 0.0}
+        raw["scaling"] |= scaling
+        return run_training(config_from_dict(raw)).metrics
+
+    fixed = trained("fixed", 32)
+    elastic = trained("elastic", 16, num_workers=[1, 2], cpus_per_worker=3)
+
+    assert elastic["run"]["workers"] == 1
+    assert [(h["workers"], h["global_batch"]) for h in elastic["history"]] == [(1, 32)] * 3
+    assert [h["global_batch"] for h in fixed["history"]] == [32] * 3
+    for grown, whole in zip(elastic["history"], fixed["history"], strict=True):
+        assert grown["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+        assert grown["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-4)
 
 
 def test_resume_continues_a_stopped_run(ray_runtime, store, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from forgeml.cli import main
@@ -46,6 +47,24 @@ def test_bad_fields_are_named_with_the_reason(tmp_path, override, path, reason):
         load_config(config, [override])
     line = next(line for line in str(info.value).splitlines() if line.strip().startswith(path))
     assert reason in line
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ("scaling.num_workers=[2,1]", "[min, max] with min <= max, got [2, 1]"),
+        ("scaling.num_workers=[0,2]", "at least 1 worker"),
+        ("scaling.placement_strategy=STRICT_SPREAD", "STRICT_SPREAD cannot be combined"),
+        ("scaling.label_selector={zone: a}", "label_selector cannot be combined"),
+    ],
+)
+def test_an_elastic_worker_range_is_checked(tmp_path, override, reason):
+    config = write_config(tmp_path / "c.yaml", tiny_raw_config(tmp_path))
+    elastic = load_config(config, ["scaling.num_workers=[1, 4]"]).scaling
+    assert (elastic.elastic, elastic.min_workers, elastic.max_workers) == (True, 1, 4)
+    assert load_config(config, ["scaling.num_workers=[2,2]"]).scaling.num_workers == 2
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        load_config(config, ["scaling.num_workers=[1, 4]", override])
 
 
 def test_split_fractions_must_leave_training_rows(tmp_path):

@@ -59,6 +59,15 @@ def test_what_fits(scaling, nodes, fits):
             check_placement(scaling, 0, nodes)
 
 
+def test_an_elastic_run_needs_room_for_its_minimum_only():
+    elastic = ScalingConfig(num_workers=(2, 8))
+    assert check_placement(elastic, 0, _nodes(1, 1)) == (
+        "2 worker(s) of 1 CPU, PACK, growing to 8 as the cluster allows"
+    )
+    with pytest.raises(PlacementError, match="at least 2 worker"):
+        check_placement(elastic, 0, _nodes(1))
+
+
 def test_a_selector_nothing_matches_lists_the_labels_there_are():
     with pytest.raises(PlacementError, match=r"no node .* those labels .*'zone': 'b'"):
         check_placement(ScalingConfig(label_selector={"zone": "in(x,y)"}), 0, _nodes(1, 1))

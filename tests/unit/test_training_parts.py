@@ -8,7 +8,7 @@ from forgeml.config import (
     StepSchedule,
 )
 from forgeml.train.early_stopping import EarlyStopping
-from forgeml.train.optim import LRSchedule, apply_hyperparameters, build_optimizer
+from forgeml.train.optim import BatchPlan, LRSchedule, apply_hyperparameters, build_optimizer
 
 # The schedules are stepped without training steps in between; torch warns about that.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
@@ -110,3 +110,26 @@ def test_early_stopping_max_mode_and_disabled():
     restored = EarlyStopping(stopper.cfg)
     restored.load_state_dict(stopper.state_dict())
     assert restored.best == 0.5 and restored.epochs_without_improvement == 1
+
+
+@pytest.mark.parametrize(
+    ("max_workers", "world_size", "micro_batch", "accumulate"),
+    [(1, 1, 32, 1), (2, 2, 32, 1), (2, 1, 32, 2), (4, 3, 22, 2), (3, 2, 24, 2), (8, 1, 32, 8)],
+)
+def test_every_world_size_steps_on_the_global_batch(
+    max_workers, world_size, micro_batch, accumulate
+):
+    """train.batch_size 32 is one worker's batch at the largest size: fewer workers add
+    up micro-batches no larger than it, to (about) the same global batch and so the same
+    steps per epoch."""
+    plan = BatchPlan.for_world(32, max_workers, world_size, train_rows=6400)
+    largest = BatchPlan.for_world(32, max_workers, max_workers, train_rows=6400)
+    assert (plan.micro_batch, plan.accumulate) == (micro_batch, accumulate)
+    assert plan.micro_batch <= 32
+    global_batch = plan.global_batch(world_size)
+    assert 32 * max_workers <= global_batch < 32 * max_workers + world_size * accumulate
+    assert abs(plan.steps_per_epoch - largest.steps_per_epoch) <= 1
+
+
+def test_a_tiny_split_still_takes_one_step():
+    assert BatchPlan.for_world(32, 4, 1, train_rows=3).steps_per_epoch == 1

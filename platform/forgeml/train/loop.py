@@ -28,6 +28,7 @@ import ray.train.collective
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from forgeml.config import ExperimentConfig
 from forgeml.data.preprocessing import ModelInputs, TargetSpec
@@ -36,7 +37,7 @@ from forgeml.tasks import build_task
 from forgeml.tracking import EpochLogger
 from forgeml.train.augment import augment_batch
 from forgeml.train.early_stopping import EarlyStopping
-from forgeml.train.optim import LRSchedule, apply_hyperparameters, build_optimizer
+from forgeml.train.optim import BatchPlan, LRSchedule, apply_hyperparameters, build_optimizer
 from forgeml.train.preemption import PreemptionWatch
 
 logger = logging.getLogger("forgeml.train")
@@ -82,6 +83,14 @@ def _ranks(rank: int, world_size: int) -> list[dict]:
     gathered: list[dict | None] = [None] * world_size
     dist.all_gather_object(gathered, mine)
     return gathered
+
+
+def _gradient_sync(model: torch.nn.Module, sync: bool):
+    """DDP all-reduces gradients in every backward pass; of an accumulation only the
+    last micro-batch's pass needs to."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def _format_seconds(seconds: float) -> str:
@@ -175,10 +184,17 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
     ranks = _ranks(rank, world_size)
     torch.manual_seed(cfg.seed * 1000 + rank)
     optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
+    plan = BatchPlan.for_world(
+        cfg.train.batch_size, cfg.scaling.max_workers, world_size, config["train_rows"]
+    )
+    # The schedule counts steps at the largest size, the same at every size it restarts at.
+    largest = BatchPlan.for_world(
+        cfg.train.batch_size, cfg.scaling.max_workers, cfg.scaling.max_workers, config["train_rows"]
+    )
     schedule = LRSchedule(
         cfg.train.schedule,
         optimizer,
-        steps_per_epoch=config["steps_per_epoch"],
+        steps_per_epoch=largest.steps_per_epoch,
         max_epochs=cfg.train.max_epochs,
         metric_mode=cfg.train.early_stopping.mode,
     )
@@ -214,12 +230,18 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 "saved_at": state.get("saved_at"),
                 "deadline": state.get("deadline"),
                 "resumed_at": round(time.time(), 3),
+                "workers": world_size,
             },
         ]
         tracked = state.get("tracking")
         if rank == 0:
             where = f"step {done_steps} of epoch" if done_steps else "the end of epoch"
-            logger.info("resumed from the checkpoint at %s %d", where, state["epoch"])
+            logger.info(
+                "resumed from the checkpoint at %s %d with %d worker(s)",
+                where,
+                state["epoch"],
+                world_size,
+            )
     tracker = EpochLogger(config["tracking"], cfg, tracked, start_epoch) if rank == 0 else None
 
     watch = PreemptionWatch(session, cfg.train.preemption)
@@ -269,14 +291,15 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
             augmenting = config["augment"]
             if augmenting:
                 generator = augmentation_generator(cfg.seed, epoch, rank, device)
+            optimizer.zero_grad(set_to_none=True)
             for batch in train_shard.iter_torch_batches(
-                batch_size=cfg.train.batch_size,
+                batch_size=plan.step_rows,
                 dtypes=dtypes,
                 device=device,
-                local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                local_shuffle_buffer_size=4 * plan.step_rows,
                 local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank),
             ):
-                if first_step and steps >= config["steps_per_epoch"]:
+                if first_step and steps >= plan.steps_per_epoch:
                     break
                 step_started = time.monotonic()
                 inputs, targets = batch["inputs"], batch["target"]
@@ -284,16 +307,22 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                     inputs, targets = augment_batch(
                         inputs, targets, **augmenting, generator=generator
                     )
-                with _autocast(cfg, device):
-                    loss = task.loss(model(inputs), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                micro = plan.micro_batch
+                parts = list(zip(inputs.split(micro), targets.split(micro), strict=True))
+                for index, (part_inputs, part_targets) in enumerate(parts):
+                    # weighted by rows: the step's gradient is that of the whole batch's mean loss
+                    share = len(part_targets) / len(targets)
+                    with _gradient_sync(model, sync=index == len(parts) - 1):
+                        with _autocast(cfg, device):
+                            loss = task.loss(model(part_inputs), part_targets)
+                        (loss * share).backward()
+                    loss_sum += loss.detach().double() * len(part_targets)
+                seen += len(targets)
                 if cfg.train.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 schedule.after_step()
-                loss_sum += loss.detach().double() * len(targets)
-                seen += len(targets)
                 steps += 1
                 reason = watch.ask(steps, time.monotonic() - step_started)
                 if reason:
@@ -346,6 +375,8 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 "lr": schedule.lr,
                 "samples_per_s": total_seen / max(train_seconds, 1e-9),
                 "epoch_s": time.monotonic() - epoch_started,
+                "workers": world_size,
+                "global_batch": plan.global_batch(world_size),
             }
             history.append(record)
 

@@ -8,6 +8,7 @@ resolution), after every epoch (step decay), or on the validation metric (platea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -102,3 +103,40 @@ class LRSchedule:
     def load_state_dict(self, state: dict) -> None:
         if self.scheduler:
             self.scheduler.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How each rank batches an epoch at one world size.
+
+    The rule for elastic runs: ``train.batch_size`` is one worker's batch at the most
+    workers the run allows, so every optimizer step averages the gradients of
+    ``batch_size * max_workers`` rows (the global batch). With fewer workers each rank
+    reads ``step_rows`` rows per step and adds up the gradients of ``accumulate``
+    micro-batches of them, none larger than ``batch_size`` (memory stays what one worker
+    was sized for). The learning rate, the schedule and the steps per epoch then stay the
+    same whatever the size, so a resize changes how fast a run goes, not what it learns.
+    Layers that normalise by batch statistics (BatchNorm) see micro-batches, as each DDP
+    rank's BatchNorm sees its own batch.
+    """
+
+    micro_batch: int
+    accumulate: int
+    steps_per_epoch: int
+
+    @classmethod
+    def for_world(
+        cls, batch_size: int, max_workers: int, world_size: int, train_rows: int
+    ) -> BatchPlan:
+        accumulate = math.ceil(max_workers / world_size)
+        micro_batch = math.ceil(batch_size * max_workers / (world_size * accumulate))
+        micro_batches = math.ceil(math.ceil(train_rows / world_size) / micro_batch)
+        return cls(micro_batch, accumulate, max(math.ceil(micro_batches / accumulate), 1))
+
+    @property
+    def step_rows(self) -> int:
+        """Rows one rank reads per optimizer step."""
+        return self.micro_batch * self.accumulate
+
+    def global_batch(self, world_size: int) -> int:
+        return self.step_rows * world_size

@@ -14,6 +14,9 @@ first and refuses, with the numbers, what could never run:
   keep a CPU free once the workers are placed. Cached splits are read from the object
   store and augmented on the workers (train/augment.py): they need no CPU of their own.
 
+An elastic run (``scaling.num_workers: [min, max]``) is checked at its minimum: Ray
+starts it with as many workers as the nodes hold, up to the maximum.
+
 The check reads the nodes' total resources: a run that fits waits while other work
 holds them, as Ray does. A cluster with an autoscaler can add nodes, so its present
 nodes do not bound what it can hold; the check is skipped there.
@@ -61,7 +64,7 @@ def _bundles_on(node: Node, scaling: ScalingConfig, reserved_cpus: float) -> int
 
 
 def _workers_fit(scaling: ScalingConfig, capacities: list[int]) -> bool:
-    workers = scaling.num_workers
+    workers = scaling.min_workers
     if scaling.placement_strategy == "STRICT_PACK":
         return max(capacities, default=0) >= workers
     if scaling.placement_strategy == "STRICT_SPREAD":
@@ -74,7 +77,7 @@ def check_placement(scaling: ScalingConfig, data_cpus: float, nodes: list[Node])
 
     ``data_cpus`` is what one node must keep free beside the workers for data tasks.
     """
-    workers = scaling.num_workers
+    workers = scaling.min_workers
     bundle = f"{scaling.cpus_per_worker:g} CPU" + (" + 1 GPU" if scaling.use_gpu else "")
     selector = scaling.label_selector or {}
     eligible = [n for n in nodes if selector_matches(selector, n.labels)]
@@ -92,13 +95,16 @@ def check_placement(scaling: ScalingConfig, data_cpus: float, nodes: list[Node])
             else (f"{len(nodes)} node(s)")
         )
         raise PlacementError(
-            f"scaling: {workers} worker(s) of {bundle} placed {scaling.placement_strategy} "
+            f"scaling: {'at least ' if scaling.elastic else ''}{workers} worker(s) of "
+            f"{bundle} placed {scaling.placement_strategy} "
             f"do not fit this cluster's {where}, which hold {sum(capacities)} such "
             f"worker(s) in all, at most {max(capacities)} on one node ({listing}). Lower "
             "scaling.num_workers or scaling.cpus_per_worker, relax "
             "scaling.placement_strategy, or add nodes"
         )
     plan = f"{workers} worker(s) of {bundle}, {scaling.placement_strategy}"
+    if scaling.elastic:
+        plan += f", growing to {scaling.max_workers} as the cluster allows"
     if data_cpus <= 0:
         return plan
     for spare in nodes:
@@ -129,6 +135,13 @@ def plan_placement(scaling: ScalingConfig, streams_data: bool) -> None:
     nodes = cluster_nodes()
     plan = check_placement(scaling, DATA_TASK_CPUS if streams_data else 0.0, nodes)
     logger.info("placement: %s", plan)
+    if streams_data and scaling.elastic:
+        logger.warning(
+            "placement: an elastic group grows to every worker the nodes hold, up to "
+            "%d; streamed splits then wait for a CPU unless one stays free beside them "
+            "(set data.cache: true, or a maximum below what the cluster holds)",
+            scaling.max_workers,
+        )
     if not streams_data and len(nodes) > 1:
         try:
             check_placement(scaling, DATA_TASK_CPUS, nodes)

@@ -80,12 +80,11 @@ def resolve_run_name(storage: Storage, folder: str, prefix: str, resume: bool | 
 def loop_config(cfg: ExperimentConfig, data: PreparedData, tracking: dict) -> dict:
     """What every rank's training loop is given besides its datasets; ``tracking`` is
     where rank 0 logs the run (``tracking.run_tracking``)."""
-    rows_per_worker = math.ceil(data.sizes["train"] / cfg.scaling.num_workers)
     return {
         "experiment": cfg.model_dump(mode="json"),
         "target": data.training_target(cfg.task).to_dict(),
         "inputs": data.preprocessor.model_inputs.to_dict(),
-        "steps_per_epoch": math.ceil(rows_per_worker / cfg.train.batch_size),
+        "train_rows": data.sizes["train"],
         "tracking": tracking,
         "initial_weights": initial_weights(cfg, data),
         "augment": data.augment.model_dump() if data.augmenting else None,
@@ -125,6 +124,7 @@ def build_trainer(
         train_loop_config=loop_config(cfg, data, tracking),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
             placement_strategy=cfg.scaling.placement_strategy,

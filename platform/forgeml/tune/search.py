@@ -286,7 +286,7 @@ def _trial_rows(results, settings: TuneConfig, base: dict) -> pd.DataFrame:
         seconds = float(history["time_total_s"].max()) if "time_total_s" in history else 0.0
         values = history[settings.metric] if settings.metric in history else pd.Series([])
         best = values.min() if settings.mode == "min" else values.max()
-        cpus = trial.scaling.num_workers * trial.scaling.cpus_per_worker
+        cpus = trial.scaling.max_workers * trial.scaling.cpus_per_worker
         rows.append(
             {
                 "trial_id": "_".join(Path(result.path).name.split("_")[2:4]),
