@@ -5,17 +5,21 @@ separate machines, so multi-node behaviour (placement, storage, node loss, drain
 can be tried on a laptop and tested without a cloud. Every node runs ``ray start
 --block`` in a process group of its own; stopping or killing a node signals that group
 and nothing else, so other Ray clusters on the machine are left alone (``ray stop``
-would end them all).
+would end them all). Every node has a temporary folder of its own too, as a machine
+has: nodes sharing one would share their runtime-environment caches, and a joining
+node's agent would delete the working folder of a job that another node runs.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +98,7 @@ class LocalCluster:
         if token_auth:
             self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         self.nodes: dict[str, LocalNode] = {}
+        self._temp_dirs: list[str] = []
         self._start(
             "head",
             head_cpus,
@@ -121,11 +126,11 @@ class LocalCluster:
         self._wait_for(name)
         return self.nodes[name]
 
-    def node_ids(self) -> dict[str, str]:
-        """Ray's node id of every alive node this cluster started, by name."""
+    def _state(self, kind: str) -> list[dict]:
+        """Ray's State API listing of ``kind`` (nodes, actors...), from the dashboard."""
         response = requests.get(
-            f"{self.dashboard_url}/api/v0/nodes",
-            params={"detail": 1, "limit": 1000},
+            f"{self.dashboard_url}/api/v0/{kind}",
+            params={"detail": 1, "limit": 10000},
             headers=(
                 {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
                 if "RAY_AUTH_TOKEN" in self.env
@@ -134,11 +139,25 @@ class LocalCluster:
             timeout=30,
         )
         response.raise_for_status()
-        states = response.json()["data"]["result"]["result"]
+        return response.json()["data"]["result"]["result"]
+
+    def node_ids(self) -> dict[str, str]:
+        """Ray's node id of every alive node this cluster started, by name."""
         return {
             s["labels"][NODE_LABEL]: s["node_id"]
-            for s in states
+            for s in self._state("nodes")
             if s["state"] == "ALIVE" and NODE_LABEL in s["labels"]
+        }
+
+    def nodes_running(self, actor_class: str) -> set[str]:
+        """The names of the nodes where an alive actor of ``actor_class`` runs."""
+        names = {node_id: name for name, node_id in self.node_ids().items()}
+        return {
+            names[actor["node_id"]]
+            for actor in self._state("actors")
+            if actor["class_name"] == actor_class
+            and actor["state"] == "ALIVE"
+            and actor["node_id"] in names
         }
 
     def kill_node(self, name: str) -> None:
@@ -180,6 +199,8 @@ class LocalCluster:
         for name in [n for n in self.nodes if n != "head"] + ["head"]:
             self.stop_node(name)
         forget_stale_cluster()
+        for folder in self._temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -202,6 +223,7 @@ class LocalCluster:
             # Nodes on one machine must not share their fixed default ports.
             f"--dashboard-agent-listen-port={free_port()}",
             f"--metrics-export-port={free_port()}",
+            f"--temp-dir={self._temp_dir(name)}",
         ]
         process = subprocess.Popen(
             command,
@@ -211,6 +233,14 @@ class LocalCluster:
             start_new_session=True,
         )
         self.nodes[name] = LocalNode(name, cpus, process, log, labels)
+
+    def _temp_dir(self, name: str) -> str:
+        """A fresh temporary folder for node ``name``, under /tmp and not the cluster's
+        folder: Ray's socket paths inside it must stay within the 107 characters a Unix
+        socket path may have."""
+        folder = tempfile.mkdtemp(prefix=f"ray-{name}-")
+        self._temp_dirs.append(folder)
+        return folder
 
     def _wait_for(self, name: str) -> None:
         node = self.nodes[name]

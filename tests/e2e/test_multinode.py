@@ -9,11 +9,13 @@ nodes and learn what the same config learns on one node.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import time
 
 import boto3
+import pandas as pd
 import pytest
 import ray
 from forgeml.config import StorageConfig
@@ -21,6 +23,7 @@ from forgeml.local_cluster import LocalCluster
 from forgeml.runtime import RAY_ENV_DEFAULTS
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
+from forgeml.tune.search import RESULTS_FILE
 
 from tests.conftest import S3_ENV, environment, tiny_config, tiny_raw_config, write_config
 from tests.e2e.jobs import BackgroundJob, submit
@@ -77,19 +80,26 @@ def _registered_metrics(storage: dict) -> dict:
     return json.loads(registry.read(registry.resolve("tiny-wafer"), "metrics.json"))
 
 
-def _latest_checkpoint(storage: dict) -> dict | None:
-    """The metrics of the newest checkpoint Ray Train has registered in the run, if any:
-    a checkpoint folder appears while it is still uploading, the snapshot only after."""
+def _latest_checkpoints(storage: dict, *folder: str) -> dict[str, dict]:
+    """The metrics of the newest checkpoint Ray Train has registered in each run under
+    ``folder``, by run: a checkpoint folder appears while it is still uploading, the
+    snapshot only after."""
     store = Storage(StorageConfig(**storage))
-    for run in store.list_dirs(store.path("runs")):
+    found = {}
+    for run in store.list_dirs(store.path(*folder)):
         try:
-            snapshot = store.read_text(store.path("runs", run, "checkpoint_manager_snapshot.json"))
+            snapshot = store.read_text(store.path(*folder, run, "checkpoint_manager_snapshot.json"))
             latest = json.loads(snapshot)["latest_checkpoint_result"]
         except (OSError, ValueError, KeyError):
             continue
         if latest:
-            return latest["metrics"]
-    return None
+            found[run] = latest["metrics"]
+    return found
+
+
+def _latest_checkpoint(storage: dict) -> dict | None:
+    """The metrics of the newest checkpoint of the one training run in ``storage``."""
+    return next(iter(_latest_checkpoints(storage, "runs").values()), None)
 
 
 def _checkpoint_where(storage: dict, wanted, what: str, timeout: float = 240) -> dict:
@@ -257,6 +267,52 @@ def test_a_preempted_node_costs_the_run_a_few_steps(cluster, s3_endpoint, tmp_pa
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 13))
 
 
+def test_a_search_retries_the_trial_whose_node_is_lost_from_its_checkpoint(
+    cluster, s3_endpoint, tmp_path
+):
+    """Two Train trials at once, results and checkpoints on S3. Once both have
+    checkpointed epoch 2, a node where a trial trains is SIGKILLed and another joins: the
+    trial goes on from its checkpoint, and the search ends with both trials completed."""
+    storage = _s3_storage(s3_endpoint, "tune")
+    raw = tiny_raw_config("unused", **SHAPE, storage=storage)
+    raw["data"]["source"]["samples_per_class"] = 150  # epochs of about half a second
+    raw["train"] |= {"max_epochs": 16, "max_failures": 2, "schedule": {"kind": "constant"}}
+    raw["scaling"]["num_workers"] = 1
+    raw["tune"] = {
+        "metric": "val_loss",
+        "mode": "min",
+        "max_concurrent_trials": 2,
+        "search": {"kind": "grid"},
+        "scheduler": {"kind": "none"},
+        "space": {"train.optimizer.lr": {"kind": "grid", "values": [1e-2, 3e-3]}},
+    }
+    config = write_config(tmp_path / "tune.yaml", raw)
+    job = BackgroundJob(cluster, tmp_path, "tune.py", "--config", str(config))
+    store = Storage(StorageConfig(**storage))
+    deadline = time.monotonic() + 240
+    while True:
+        experiments = store.list_dirs(store.path("tune"))
+        latest = _latest_checkpoints(storage, "tune", *experiments[:1], "trials")
+        if len(latest) == 2 and all(m["epoch"] >= 2 for m in latest.values()):
+            break
+        assert time.monotonic() < deadline, f"trials did not reach epoch 2: {latest}"
+        time.sleep(0.5)
+
+    victim = sorted(cluster.nodes_running("RayTrainWorker"))[0]
+    cluster.kill_node(victim)
+    cluster.add_node("t", cpus=2, labels={"zone": "t"})  # a worker and a spare CPU
+    code, output = job.finish()
+
+    assert code == 0, output[-4000:]
+    (experiment,) = experiments
+    results = store.read_bytes(store.path("tune", experiment, RESULTS_FILE))
+    trials = pd.read_parquet(io.BytesIO(results))
+    assert len(trials) == 2
+    assert list(trials["state"]) == ["completed", "completed"]
+    assert list(trials["epochs"]) == [16, 16]
+    assert "resumed from the checkpoint at the end of epoch" in output
+
+
 def test_an_elastic_run_grows_onto_a_new_node_and_shrinks_when_it_goes(
     cluster, s3_endpoint, tmp_path
 ):
@@ -265,10 +321,10 @@ def test_an_elastic_run_grows_onto_a_new_node_and_shrinks_when_it_goes(
     one. Each time it restarts from its latest checkpoint, and every step keeps the global
     batch of 2 x 16 rows."""
     epochs = 60
-    kept = next(name for name in _worker_nodes(cluster) if cluster.nodes[name].cpus == 1)
     for name in _worker_nodes(cluster):
-        if name != kept:
-            cluster.stop_node(name)
+        cluster.stop_node(name)
+    kept = "f"
+    cluster.add_node(kept, cpus=1, labels={"zone": "f"})
     storage = _s3_storage(s3_endpoint, "elastic")
     raw = tiny_raw_config("unused", **SHAPE, storage=storage)
     raw["data"]["source"]["samples_per_class"] = 300  # epochs of about a second

@@ -385,6 +385,10 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
                 name=experiment,
                 storage_path=storage.path("tune"),
                 storage_filesystem=filesystem,
+                # A trial whose own process is lost (its node went) runs again: a Train
+                # trial's run then goes on from its latest checkpoint, as does an
+                # in-process trial from Tune's.
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
                 # In-process trials checkpoint through Tune; Train trials through Train.
                 # PBT keeps them all: a trial may restore from another's checkpoint at any
                 # time, and one deleted in between fails that restore.
