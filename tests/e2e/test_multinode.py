@@ -246,7 +246,6 @@ def test_a_preempted_node_costs_the_run_a_few_steps(cluster, s3_endpoint, tmp_pa
         tmp_path,
         max_epochs=12,
         max_failures=0,
-        preemption={"check_interval_s": 0},
     )
 
     cluster.drain_node(victim, deadline_s=6)

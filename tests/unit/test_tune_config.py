@@ -1,9 +1,13 @@
 """The tune section: bad search spaces are refused before any trial starts, naming the path."""
 
+import math
+import queue
+
 import pytest
 import ray
+import ray.train
 from forgeml.cli import EXIT_BAD_INPUT, main
-from forgeml.tune.search import trial_config
+from forgeml.tune.search import EpochReportCallback, trial_config
 
 from tests.conftest import tiny_raw_config, write_config
 
@@ -127,3 +131,21 @@ def test_in_process_trials_refuse_more_than_one_worker(tmp_path, capsys):
         in (capsys.readouterr().err)
     )
     assert not ray.is_initialized()
+
+
+def test_train_trials_report_epochs_to_tune_and_not_preemption_checkpoints():
+    """A checkpoint inside an epoch (a preemption notice) carries a NaN score; Tune sees
+    only the epochs' reports, each with its checkpoint's path."""
+    callback = object.__new__(EpochReportCallback)  # outside a Tune session
+    callback._training_actor_item_queue = queue.Queue()
+    checkpoint = ray.train.Checkpoint("/runs/trial/checkpoint_1")
+
+    callback.after_report(None, [{"epoch": 3, "step": 12, "val_loss": math.nan}], checkpoint)
+    callback.after_report(None, [{"epoch": 3, "val_loss": 0.5}], checkpoint)
+
+    assert callback._training_actor_item_queue.get_nowait() == {
+        "epoch": 3,
+        "val_loss": 0.5,
+        "checkpoint_path": "/runs/trial/checkpoint_1",
+    }
+    assert callback._training_actor_item_queue.empty()

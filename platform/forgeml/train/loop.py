@@ -324,7 +324,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 schedule.after_step()
                 steps += 1
-                reason = watch.ask(steps, time.monotonic() - step_started)
+                reason = watch.ask(time.monotonic() - step_started)
                 if reason:
                     saving = time.monotonic()
                     so_far = _all_reduce_sum([loss_sum.item(), seen], device)

@@ -25,13 +25,16 @@ class PreemptionWatch:
     """Asked by every rank after every step, in step: asking Ray Train is a collective,
     so it happens every ``every`` steps on all ranks alike (``pace`` sets it from the
     mean step time of the last epoch, which every rank has all-reduced), and every rank
-    gets the same answer (rank 0's notice and rank 0's clock)."""
+    gets the same answer (rank 0's notice and rank 0's clock). Steps are counted over
+    the whole run, not per epoch: an epoch shorter than ``every`` steps would otherwise
+    never ask."""
 
     def __init__(self, session, settings: PreemptionConfig):
         self.session = session
         self.enabled = settings.checkpoint_on_notice
         self.interval_s = settings.check_interval_s
         self.every = 1  # steps between questions; 1 until an epoch has been timed
+        self.steps = 0  # taken by this run since it started or restarted
         self.deadline: float | None = None  # unix seconds; None: no notice or no deadline
         self.noticed = False
         self.saved_near_deadline = False
@@ -41,9 +44,11 @@ class PreemptionWatch:
         """Ask about every ``check_interval_s`` from now on, given steps of ``step_s``."""
         self.every = max(1, int(self.interval_s / max(step_s, 1e-6)))
 
-    def ask(self, step: int, step_s: float) -> str | None:
-        """``"notice"`` or ``"deadline"`` when a checkpoint should be written now."""
-        if not self.enabled or step % self.every:
+    def ask(self, step_s: float) -> str | None:
+        """After a step of ``step_s`` seconds: ``"notice"`` or ``"deadline"`` when a
+        checkpoint should be written now."""
+        self.steps += 1
+        if not self.enabled or self.steps % self.every:
             return None
         notice = self.session.preemption_info()
         if notice is None:

@@ -2,7 +2,7 @@
 
 The driver prepares the data once and hands the same Ray Datasets to every trial. A
 trial is a function trainable that applies its sampled values to the base config and
-either fits a ``TorchTrainer`` (Ray Train V2) with ``TuneReportCallback`` (trial_mode
+either fits a ``TorchTrainer`` (Ray Train V2) with ``EpochReportCallback`` (trial_mode
 ``train``), or runs the same training loop in its own process with Tune's session as
 the worker session (``in_process``: no Train controller to start, and checkpoints that
 Tune itself keeps, which Population Based Training needs to copy between trials).
@@ -160,6 +160,17 @@ def _scheduler(settings: TuneConfig, max_epochs: int):
     )
 
 
+class EpochReportCallback(TuneReportCallback):
+    """Passes a Train trial's end-of-epoch reports to Tune, and only those: a checkpoint
+    written inside an epoch at a preemption notice reports no validation score (NaN),
+    which a scheduler or searcher must not take for the trial's result."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics[0].get("step", 0):
+            return
+        super().after_report(run_context, metrics, checkpoint)
+
+
 class TuneTrialSession:
     """The training loop's session inside an in-process trial: one worker, Tune reports
     and checkpoints, the search's datasets iterated whole."""
@@ -224,7 +235,7 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, trac
         run_name=trial_id,
         tracking=tracking,
         runs_path=runs_path,
-        callbacks=[TuneReportCallback()],
+        callbacks=[EpochReportCallback()],
     )
     trainer.fit()
 
