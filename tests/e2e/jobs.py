@@ -3,6 +3,7 @@ as users submit to a cluster."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,13 @@ from tests.conftest import REPO
 RAY = Path(sys.executable).parent / "ray"
 
 
-def _command(cluster: LocalCluster, job: str, arguments: tuple[str, ...]) -> list[str]:
+def _command(
+    cluster: LocalCluster, job: str, arguments: tuple[str, ...], env_vars: dict | None = None
+) -> list[str]:
+    """``env_vars``: set for the job's driver and every actor it starts (its runtime env)."""
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
     return [
-        *(str(RAY), "job", "submit", "--address", cluster.dashboard_url),
+        *(str(RAY), "job", "submit", "--address", cluster.dashboard_url, *runtime_env),
         *("--working-dir", str(REPO), "--", "python", f"jobs/{job}", *arguments),
     ]
 
@@ -38,10 +43,17 @@ def submit(
 class BackgroundJob:
     """A submission left running while a test acts on the cluster."""
 
-    def __init__(self, cluster: LocalCluster, folder: Path, job: str, *arguments: str):
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        folder: Path,
+        job: str,
+        *arguments: str,
+        env_vars: dict | None = None,
+    ):
         self.log = folder / "job.log"
         self.process = subprocess.Popen(
-            _command(cluster, job, arguments),
+            _command(cluster, job, arguments, env_vars),
             env=cluster.env,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,

@@ -365,9 +365,13 @@ def test_an_elastic_run_grows_onto_a_new_node_and_shrinks_when_it_goes(
     cluster, s3_endpoint, tmp_path
 ):
     """scaling.num_workers [1, 2] on one node of one CPU: a second node joins and the group
-    grows to two workers; that node is drained and taken away, and the group goes on with
-    one. Each time it restarts from its latest checkpoint, and every step keeps the global
-    batch of 2 x 16 rows."""
+    grows to two workers; that node is stopped (as a scale-down deletes a pod), and the
+    group goes on with one. Each time it restarts from its latest checkpoint, and every
+    step keeps the global batch of 2 x 16 rows.
+
+    Ray 2.60's elastic policy counts a node for a while after it went, so its first
+    restart asks for two workers and waits out Ray Train's worker-group start timeout
+    (one failure) before it starts one: 20 s here instead of the default 60 s."""
     epochs = 60
     for name in _worker_nodes(cluster):
         cluster.stop_node(name)
@@ -376,18 +380,23 @@ def test_an_elastic_run_grows_onto_a_new_node_and_shrinks_when_it_goes(
     storage = _s3_storage(s3_endpoint, "elastic")
     raw = tiny_raw_config("unused", **SHAPE, storage=storage)
     raw["data"]["source"]["samples_per_class"] = 300  # epochs of about a second
-    raw["train"] |= {"max_epochs": epochs, "max_failures": 1}
+    raw["train"] |= {"max_epochs": epochs, "max_failures": 3}
     raw["train"]["early_stopping"]["patience"] = epochs
     raw["scaling"] |= {"num_workers": [1, 2], "resize_interval_s": 2}
     config = write_config(tmp_path / "experiment.yaml", raw)
-    job = BackgroundJob(cluster, tmp_path, "train.py", "--config", str(config))
+    job = BackgroundJob(
+        cluster,
+        tmp_path,
+        "train.py",
+        "--config",
+        str(config),
+        env_vars={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"},
+    )
 
     _after_epoch(storage, 2)
     cluster.add_node("e", cpus=1, labels={"zone": "e"})
     _checkpoint_where(storage, lambda latest: latest.get("workers") == 2, "of two workers")
-    cluster.drain_node("e", deadline_s=4)
-    time.sleep(6)
-    cluster.kill_node("e")
+    cluster.stop_node("e")
     code, output = job.finish()
 
     assert code == 0, output[-4000:]
