@@ -78,6 +78,11 @@ def steady(history: list[dict]) -> float:
     return statistics.median(h["samples_per_s"] for h in history[1:])
 
 
+def waited(history: list[dict]) -> float:
+    """The median seconds an epoch after the first waited on its data, per rank."""
+    return round(statistics.median(h["data_wait_s"] for h in history[1:]), 2)
+
+
 def latest_checkpoint(root: str, name: str) -> dict | None:
     for snapshot in Path(root, "runs").glob(f"{name}-*/checkpoint_manager_snapshot.json"):
         try:
@@ -163,6 +168,9 @@ def throughput(root: str, args) -> dict:
         "one_node_1x2cpu_samples_per_s": round(steady(single["history"]), 1),
         "one_node_2x1cpu_samples_per_s": round(steady(ddp["history"]), 1),
         "two_nodes_2x1cpu_samples_per_s": round(steady(double["history"]), 1),
+        "one_node_1x2cpu_data_wait_s": waited(single["history"]),
+        "one_node_2x1cpu_data_wait_s": waited(ddp["history"]),
+        "two_nodes_2x1cpu_data_wait_s": waited(double["history"]),
         "one_node_test_accuracy": round(single["test"]["accuracy"], 4),
         "two_nodes_test_accuracy": round(double["test"]["accuracy"], 4),
     }

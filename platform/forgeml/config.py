@@ -345,9 +345,10 @@ class DataConfig(Section):
     source: Source = Field(default_factory=WaferSource, description="Where rows come from.")
     cache: bool = Field(
         True,
-        description="Keep preprocessed splits in the object store (blocks reordered every "
-        "epoch); turn off for data larger than the object store, which then streams from "
-        "storage every epoch, its files read in a new random order each time.",
+        description="Keep preprocessed splits in the object store (training rows shuffled "
+        "once, each worker's blocks reordered every epoch); turn off for data larger than "
+        "the object store, which then streams from storage every epoch, its files read in "
+        "a new random order each time.",
     )
     split: SplitConfig = Field(
         default_factory=SplitConfig,

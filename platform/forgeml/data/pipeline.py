@@ -11,14 +11,15 @@ store needs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import ray
 import ray.data
-from ray.data import RandomSeedConfig, SaveMode
+import ray.train
+from ray.data import SaveMode
 
 from forgeml.config import AugmentConfig, ExperimentConfig
 from forgeml.data.preprocessing import (
@@ -28,6 +29,7 @@ from forgeml.data.preprocessing import (
     first_reason,
     no_rejects,
 )
+from forgeml.data.shards import ShardPerWorker, cut_for_training, deal, in_epoch_order
 from forgeml.data.sources import DataSource
 from forgeml.data.split import (
     FILE_COLUMN,
@@ -66,6 +68,9 @@ class PreparedData:
     #: How the rows were split, and each split's rows per class (classification).
     split: str = "random"
     classes: dict[str, dict[str, int]] | None = None
+    #: Cached train and val splits cut into equal shards for every world size the run may
+    #: have (data/shards.py); empty when the splits stream.
+    shards: dict[str, dict[int, list[ray.data.Dataset]]] = field(default_factory=dict)
 
     @property
     def target(self) -> TargetSpec:
@@ -97,20 +102,24 @@ class PreparedData:
             "augmented": self.augmenting,
         }
 
-    def as_trainer_datasets(self) -> dict[str, ray.data.Dataset]:
-        """What training streams: train in a new block order every epoch, val as is.
-        Reordering blocks needs them all at hand, so it only runs on cached splits;
-        streamed ones are read in a new file order every epoch instead. Augmentation
-        happens on the workers (train/augment.py), not here.
+    def trainer_datasets(self) -> dict[str, ray.data.Dataset]:
+        """What training reads, each rank its shard (``data_config``). Augmentation
+        happens on the workers (train/augment.py), not here."""
+        return {"train": self.train, "val": self.val}
 
-        The block orders follow from the experiment's seed and the epoch, so a rerun of a
-        config (a tuned trial's, say) sees its rows in the same order."""
-        train = (
-            self.train.randomize_block_order(seed=RandomSeedConfig(seed=self.seed))
-            if self.cached
-            else self.train
-        )
-        return {"train": train, "val": self.val}
+    def data_config(self) -> ray.train.DataConfig:
+        """How Ray Train deals the splits out (data/shards.py). Cached ones are dealt
+        once per worker group and each rank's training blocks come in a new order every
+        epoch; streamed ones go through Ray Train's streaming split and are read in a
+        new file order every epoch. The orders follow from the experiment's seed, so a
+        rerun of a config (a tuned trial's, say) sees its rows in the same order."""
+        return ShardPerWorker(self.shards, self.seed) if self.cached else ray.train.DataConfig()
+
+    def one_worker_iterators(self) -> dict[str, ray.data.DataIterator]:
+        """What one worker that is not a Ray Train worker (an in-process trial) reads:
+        the whole splits, training blocks in ``data_config``'s order for rank 0."""
+        train = in_epoch_order(self.train, self.seed, rank=0) if self.cached else self.train
+        return {"train": train.iterator(), "val": self.val.iterator()}
 
     @property
     def augmenting(self) -> bool:
@@ -349,6 +358,11 @@ def prepare_data(
             _transform, fn_kwargs={"preprocessor": preprocessor}, batch_format="numpy"
         )
         splits[name] = _in_order(transformed).materialize() if cfg.data.cache else transformed
+    shards = {}
+    if cfg.data.cache:
+        splits["train"] = cut_for_training(splits["train"], cfg.seed)
+        trained = {name: splits[name] for name in ("train", "val")}
+        shards = deal(trained, range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1))
 
     prepared = PreparedData(
         train=splits["train"],
@@ -362,6 +376,7 @@ def prepare_data(
         seed=cfg.seed,
         split=split_how,
         classes=counts.classes or None,
+        shards=shards,
     )
     for line in summary_lines(prepared.summary(cfg.task)):
         logger.info("%s", line)

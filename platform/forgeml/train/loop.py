@@ -292,6 +292,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
             if augmenting:
                 generator = augmentation_generator(cfg.seed, epoch, rank, device)
             optimizer.zero_grad(set_to_none=True)
+            data_wait, fetch_started = 0.0, time.monotonic()
             for batch in train_shard.iter_torch_batches(
                 batch_size=plan.step_rows,
                 dtypes=dtypes,
@@ -302,6 +303,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 if first_step and steps >= plan.steps_per_epoch:
                     break
                 step_started = time.monotonic()
+                data_wait += step_started - fetch_started
                 inputs, targets = batch["inputs"], batch["target"]
                 if augmenting:
                     inputs, targets = augment_batch(
@@ -340,9 +342,10 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                         logger.info(
                             "preemption %s: checkpoint at step %d of epoch %d", reason, steps, epoch
                         )
+                fetch_started = time.monotonic()
             train_seconds = time.monotonic() - epoch_started
-            total_loss, total_seen, rank_seconds = _all_reduce_sum(
-                [loss_sum.item(), seen, train_seconds], device
+            total_loss, total_seen, rank_seconds, rank_waits = _all_reduce_sum(
+                [loss_sum.item(), seen, train_seconds, data_wait], device
             )
             watch.pace(rank_seconds / world_size / max(steps - first_step, 1))
             # with what the steps before a restart trained, if it restarted in this epoch
@@ -375,6 +378,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 "lr": schedule.lr,
                 "samples_per_s": total_seen / max(train_seconds, 1e-9),
                 "epoch_s": time.monotonic() - epoch_started,
+                "data_wait_s": rank_waits / world_size,
                 "workers": world_size,
                 "global_batch": plan.global_batch(world_size),
             }

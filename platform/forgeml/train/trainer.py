@@ -131,7 +131,8 @@ def build_trainer(
             label_selector=cfg.scaling.label_selector,
         ),
         run_config=run_config,
-        datasets=data.as_trainer_datasets(),
+        datasets=data.trainer_datasets(),
+        dataset_config=data.data_config(),
     )
 
 

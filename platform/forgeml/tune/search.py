@@ -177,8 +177,8 @@ class TuneTrialSession:
 
     rank, world_size = 0, 1
 
-    def __init__(self, datasets: dict, use_gpu: bool):
-        self.datasets = datasets
+    def __init__(self, iterators: dict, use_gpu: bool):
+        self.iterators = iterators
         # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU.
         self.device = torch.device("cuda" if use_gpu else "cpu")
 
@@ -189,7 +189,7 @@ class TuneTrialSession:
         return tune.get_checkpoint()
 
     def dataset(self, name):
-        return self.datasets[name].iterator()
+        return self.iterators[name]
 
     def report(self, metrics, checkpoint=None):
         if checkpoint is not None:  # the loop builds Ray Train's class; Tune wants its own
@@ -225,7 +225,7 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, trac
         **{"forgeml.tune_experiment": context.get_experiment_name()},
     )
     if base["tune"]["trial_mode"] == "in_process":
-        session = TuneTrialSession(data.as_trainer_datasets(), cfg.scaling.use_gpu)
+        session = TuneTrialSession(data.one_worker_iterators(), cfg.scaling.use_gpu)
         train_worker(loop_config(cfg, data, tracking), session)
         return
     trainer = build_trainer(
