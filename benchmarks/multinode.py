@@ -14,8 +14,9 @@ node of this machine shares. Prints one JSON object.
   a new node joins zone b: training redone (kill time - checkpoint time) and downtime (kill
   to resumed).
 - preemption: the 2-worker run, zone b's node drained with a deadline, a new node
-  joins zone b, the drained one is killed after the deadline: training lost (deadline
-  - last checkpoint) and downtime (deadline to resumed), against the time of one step.
+  joins zone b, the drained one is killed after the deadline: time lost (deadline - the
+  last checkpoint's state), of which the checkpoint's writing and the rest steps
+  trained in vain, and downtime (deadline to resumed).
 
     python benchmarks/multinode.py [--samples-per-class 700] [--epochs 8] [--parts ...]
 """
@@ -147,7 +148,9 @@ def preemption(cluster: LocalCluster, root: str, args) -> dict:
         "checkpoint": restart["checkpoint"],
         "step_s": round(step_s, 3),
         "lost_s": round(lost, 2),
-        "lost_steps": round(lost / step_s, 1),
+        "checkpoint_write_s": restart["write_s"],
+        # steps trained after the checkpoint was written, until the deadline
+        "lost_steps": round((lost - restart["write_s"]) / step_s, 1),
         "downtime_s": round(restart["resumed_at"] - restart["deadline"], 2),
     }
 

@@ -229,6 +229,7 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                 "checkpoint": state.get("kind", "epoch"),
                 "saved_at": state.get("saved_at"),
                 "deadline": state.get("deadline"),
+                "write_s": state.get("write_s"),
                 "resumed_at": round(time.time(), 3),
                 "workers": world_size,
             },
@@ -267,6 +268,8 @@ def train_worker(config: dict, session: WorkerSession) -> dict:
                     "tracking": tracker.state,
                     "saved_at": round(time.time(), 3),
                     "deadline": watch.deadline,  # of a preemption notice, if one came
+                    # the longest preemption checkpoint so far: what the deadline's margin used
+                    "write_s": round(watch.checkpoint_s, 3),
                 }
                 torch.save(state, Path(folder) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
