@@ -12,6 +12,7 @@ node's agent would delete the working folder of a job that another node runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 
 #: The label that names each node this module starts, for finding it in Ray's node table.
@@ -161,9 +163,17 @@ class LocalCluster:
         }
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL every process of a node at once, as when its machine is lost."""
+        """SIGKILL every process of a node at once, as when its machine is lost. Ray's
+        workers run in process groups of their own, so the node's group is stopped
+        first (no new worker starts) and its processes are killed with everything
+        they started."""
         node = self.nodes[name]
+        os.killpg(node.process.pid, signal.SIGSTOP)
+        started = psutil.Process(node.process.pid).children(recursive=True)
         os.killpg(node.process.pid, signal.SIGKILL)
+        for process in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         node.process.wait()
 
     def drain_node(self, name: str, deadline_s: int, reason: str = "PREEMPTION") -> None:
