@@ -295,6 +295,7 @@ def test_a_preempted_node_costs_the_run_a_few_steps(cluster, s3_endpoint, tmp_pa
         tmp_path,
         max_epochs=100,  # epochs of about 0.3 s: still training at the deadline
         max_failures=0,
+        early_stopping={"enabled": False},  # every one of them
     )
 
     cluster.drain_node(victim, deadline_s=10)  # an epoch end and its upload fit, on 2 busy cores
