@@ -8,7 +8,8 @@ On a node whose CPUs the workers hold, that task waits for a fresh worker proces
 split of one block (small data) holds back every rank's first batch. ``ShardPerWorker``
 deals a cached split out once per worker group instead: each rank keeps its shard (rows
 that the shuffle made a random sample) and reads its blocks in a new order every epoch,
-from its own node's object store after the first. The shards are cut in the driver for
+after the first from the copies its node pulled (Ray keeps them while the object store
+has room). The shards are cut in the driver for
 every world size the run may have (``deal``), while no worker holds a CPU. Streamed
 splits keep Ray Train's streaming split.
 """
