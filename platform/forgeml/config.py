@@ -950,6 +950,11 @@ class ScalingConfig(Section):
     def max_workers(self) -> int:
         return self.num_workers[1] if self.elastic else self.num_workers
 
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers a run may have."""
+        return range(self.min_workers, self.max_workers + 1)
+
 
 class AutoscalingConfig(Section):
     """Ray Serve autoscaling of each model deployment."""

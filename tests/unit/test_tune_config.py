@@ -7,7 +7,8 @@ import pytest
 import ray
 import ray.train
 from forgeml.cli import EXIT_BAD_INPUT, main
-from forgeml.tune.search import EpochReportCallback, trial_config
+from forgeml.config import config_from_dict
+from forgeml.tune.search import EpochReportCallback, trial_config, trial_world_sizes
 
 from tests.conftest import tiny_raw_config, write_config
 
@@ -117,6 +118,22 @@ def test_trial_values_land_at_their_paths_and_the_tune_section_is_dropped(tmp_pa
     assert cfg.train.optimizer.lr == 0.003 and cfg.model.width == 12
     assert cfg.tune is None
     assert cfg.train.max_epochs == raw["train"]["max_epochs"]
+
+
+@pytest.mark.parametrize(
+    ("searched", "sizes"),
+    [
+        (None, {2}),
+        ({"kind": "choice", "values": [1, [3, 4]]}, {1, 2, 3, 4}),
+        ({"kind": "int", "low": 2, "high": 5}, {2, 3, 4, 5}),
+    ],
+)
+def test_a_search_cuts_shards_for_every_worker_count_its_trials_may_take(tmp_path, searched, sizes):
+    """Shards are cut in the search's driver, before trials hold CPUs: for the base
+    scaling and every value a searched scaling.num_workers can take."""
+    space = {"train.optimizer.lr": LR, **({"scaling.num_workers": searched} if searched else {})}
+    raw = tiny_raw_config(tmp_path, scaling={"num_workers": 2}, tune={"space": space})
+    assert trial_world_sizes(config_from_dict(raw)) == sizes
 
 
 def test_in_process_trials_refuse_more_than_one_worker(tmp_path, capsys):

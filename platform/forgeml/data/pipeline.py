@@ -11,6 +11,7 @@ store needs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -324,8 +325,11 @@ def prepare_data(
     source: DataSource,
     rejects_folder: str,
     filesystem: pafs.FileSystem,
+    world_sizes: Iterable[int] | None = None,
 ) -> PreparedData:
     """Transformed train/val/test datasets of an opened source, and the fitted state.
+    Cached splits are cut into shards for ``world_sizes`` (default: the sizes
+    ``cfg.scaling`` allows; a search passes those of all its trials).
 
     Rejected rows go to ``rejects_folder`` on ``filesystem``, with their reasons, before
     anything fails; more than ``data.max_reject_fraction`` of them raises TooManyRejects.
@@ -362,7 +366,7 @@ def prepare_data(
     if cfg.data.cache:
         splits["train"] = cut_for_training(splits["train"], cfg.seed)
         trained = {name: splits[name] for name in ("train", "val")}
-        shards = deal(trained, range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1))
+        shards = deal(trained, world_sizes or cfg.scaling.world_sizes)
 
     prepared = PreparedData(
         train=splits["train"],

@@ -9,14 +9,15 @@ split of one block (small data) holds back every rank's first batch. ``ShardPerW
 deals a cached split out once per worker group instead: each rank keeps its shard (rows
 that the shuffle made a random sample) and reads its blocks in a new order every epoch,
 after the first from the copies its node pulled (Ray keeps them while the object store
-has room). The shards are cut in the driver for
-every world size the run may have (``deal``), while no worker holds a CPU. Streamed
-splits keep Ray Train's streaming split.
+has room). The shards are cut in the driver for every number of workers the run, or a
+search's trials, may have (``deal``), while no worker holds a CPU. Streamed splits keep
+Ray Train's streaming split.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import ray.data
@@ -56,10 +57,11 @@ def in_epoch_order(shard: ray.data.Dataset, seed: int, rank: int) -> ray.data.Da
 
 
 def deal(
-    datasets: dict[str, MaterializedDataset], world_sizes: range
+    datasets: dict[str, MaterializedDataset], world_sizes: Iterable[int]
 ) -> dict[str, dict[int, list[MaterializedDataset]]]:
     """Each cached split cut into equal shards for every world size a run may have
-    (every size of an elastic range), now, in the driver, before any worker holds a CPU:
+    (every size of an elastic range, every value a search gives scaling.num_workers),
+    now, in the driver, before any worker holds a CPU:
     ``Dataset.split`` cuts a block with a task of one CPU, which a cluster whose CPUs all
     went to the workers would never run. Only the cut blocks are new objects."""
     return {
@@ -71,8 +73,7 @@ def deal(
 class ShardPerWorker(ray.train.DataConfig):
     """Cached splits dealt out once per worker group from the shards ``deal`` cut, equal
     rows per rank (the last rows that do not divide are left out, as Ray Train's
-    streaming split does); the ``reordered`` ones read in a new block order every epoch.
-    A world size no shards were cut for (a trial that tunes ``scaling``) is cut here."""
+    streaming split does); the ``reordered`` ones read in a new block order every epoch."""
 
     def __init__(
         self,
@@ -89,8 +90,7 @@ class ShardPerWorker(ray.train.DataConfig):
         streamed = {n: d for n, d in datasets.items() if n not in self.shards}
         output = super().configure(streamed, world_size, worker_handles, worker_node_ids, **kwargs)
         for name, by_size in self.shards.items():
-            shards = by_size.get(world_size) or datasets[name].split(world_size, equal=True)
-            for rank, shard in enumerate(shards):
+            for rank, shard in enumerate(by_size[world_size]):
                 ordered = (
                     in_epoch_order(shard, self.seed, rank) if name in self.reordered else shard
                 )

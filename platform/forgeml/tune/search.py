@@ -45,6 +45,7 @@ from forgeml.config import (
     IntParam,
     LogUniformParam,
     RangeParam,
+    ScalingConfig,
     SearchParam,
     TuneConfig,
     UniformParam,
@@ -169,6 +170,20 @@ class EpochReportCallback(TuneReportCallback):
         if metrics[0].get("step", 0):
             return
         super().after_report(run_context, metrics, checkpoint)
+
+
+def trial_world_sizes(cfg: ExperimentConfig) -> set[int]:
+    """Every number of workers a trial may train with: the base config's, and those of
+    every value a searched ``scaling.num_workers`` can take."""
+    sizes = set(cfg.scaling.world_sizes)
+    param = cfg.tune.space.get("scaling.num_workers")
+    if param is not None:
+        values = (
+            param.values if isinstance(param, ChoiceParam) else range(param.low, param.high + 1)
+        )
+        for value in values:
+            sizes.update(ScalingConfig(num_workers=value).world_sizes)
+    return sizes
 
 
 class TuneTrialSession:
@@ -361,7 +376,9 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     load_judge(cfg, storage, source.features)
     runtime.connect()
     runtime.require_shared_storage(cfg.storage)
-    data = prepare_data(cfg, source, f"{experiment_path}/rejected", storage.fs)
+    data = prepare_data(
+        cfg, source, f"{experiment_path}/rejected", storage.fs, trial_world_sizes(cfg)
+    )
     base = cfg.model_dump(mode="json")
     tracking = open_tracking(cfg, storage)
     trainable = tune.with_resources(
