@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 
 from forgeml.config import (
-    IMAGE_GENERATION_TASKS,
-    SERVED_TASKS,
     ConfigError,
     ExperimentConfig,
     StorageConfig,
+    TaskConfig,
     json_schema,
     load_config,
     reference_markdown,
+    variants,
 )
 
 EXIT_BAD_INPUT = 2
@@ -354,13 +354,12 @@ def _train(args: argparse.Namespace) -> int:
     _print_test_results(outcome.metrics)
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
     root = cfg.storage.root
-    if cfg.task.kind not in SERVED_TASKS:
-        needs = {"seq2seq": " --prompt TEXT"} | dict.fromkeys(
-            IMAGE_GENERATION_TASKS, " --output samples.png"
-        )
+    if not cfg.task.served:
+        needs = " --prompt TEXT" if cfg.task.needs_prompts else ""
+        needs += " --output samples.png" if cfg.task.draws_images else ""
         print(
             f"sample it: forgeml generate --model {outcome.version.ref} --storage-root {root}"
-            + needs.get(cfg.task.kind, "")
+            + needs
         )
         return 0
     print(
@@ -399,18 +398,19 @@ def _generate(args: argparse.Namespace) -> int:
     from forgeml.storage import ModelRegistry, Storage
 
     loaded = load_model(ModelRegistry(Storage(_storage_config(args))), args.model)
-    task, kind = loaded.task, loaded.config.task.kind
-    if hasattr(task, "draw"):
+    task, task_cfg = loaded.task, loaded.config.task
+    if task_cfg.draws_images:
         return _draw_images(args, loaded)
-    if not hasattr(task, "sample"):
+    if not task_cfg.writes_text:
+        generators = [k for k, t in variants(TaskConfig).items() if t.draws_images or t.writes_text]
         raise ValueError(
-            f"{loaded.version.ref}: a {kind} model does not generate; forgeml generate "
-            "draws from language, seq2seq, vae and gan models"
+            f"{loaded.version.ref}: a {task_cfg.kind} model does not generate; forgeml generate "
+            f"draws from {', '.join(generators)} models"
         )
     if args.output:
         raise ValueError(f"{loaded.version.ref}: --output is for image models; texts print")
-    if task.needs_prompts and not args.prompts:
-        raise ValueError(f"{loaded.version.ref}: a {kind} model translates --prompt texts")
+    if task_cfg.needs_prompts and not args.prompts:
+        raise ValueError(f"{loaded.version.ref}: a {task_cfg.kind} model translates --prompt texts")
     samples = 5 if args.samples is None else args.samples
     prompts = [prompt for prompt in args.prompts or [""] for _ in range(samples)]
     samples = task.sample(

@@ -44,7 +44,7 @@ def evaluate(
             targets.append(batch["target"].numpy())
             inputs.append(preprocessor.input_summary(batch["inputs"].numpy()))
     report = task.report(metrics.compute())
-    if hasattr(task, "generation_metrics"):  # tasks that write text score what they write
+    if task.cfg.writes_text:  # tasks that write text score what they write
         batches = dataset.iter_batches(batch_size=GENERATION_BATCH, batch_format="numpy")
         report |= task.generation_metrics(model, batches, preprocessor)
     return Evaluation(

@@ -24,7 +24,6 @@ from pydantic import TypeAdapter
 
 import forgeml
 from forgeml.config import (
-    IMAGE_GENERATION_TASKS,
     ExperimentConfig,
     ModelConfig,
     apply_overrides,
@@ -192,8 +191,7 @@ def model_card(contents: PackageContents) -> str:
             "numeric": ", ".join(described["numeric"]) or "none",
             "categorical": ", ".join(described["categorical"]) or "none",
         }
-    generative = cfg.task.kind in IMAGE_GENERATION_TASKS
-    if generative:
+    if cfg.task.draws_images:
         what = f"{described['height']}x{described['width']} images like those of `{target.name}`"
     elif target.classes:
         what = f"{len(target.classes)} classes of `{target.name}`: {', '.join(target.classes)}"
@@ -210,7 +208,7 @@ def model_card(contents: PackageContents) -> str:
         if described["kind"].startswith("image")
         else ""
     )
-    use = "generative" if generative else cfg.data.source.kind
+    use = "generative" if cfg.task.draws_images else cfg.data.source.kind
     return f"""# {cfg.name}
 
 Trained by forgeml {forgeml.__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.

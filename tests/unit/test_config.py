@@ -1,5 +1,7 @@
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 from forgeml.cli import main
@@ -160,3 +162,18 @@ def test_splits_that_would_follow_the_label_or_cannot_be_made_are_refused(data, 
         del raw["data"]["features"]
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+def test_the_config_package_imports_without_ray_or_torch():
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, forgeml.config; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch'}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]"

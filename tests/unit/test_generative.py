@@ -188,7 +188,7 @@ def test_code_preprocessor_keeps_values_and_targets_the_image():
 @pytest.mark.parametrize(
     ("sections", "message"),
     [
-        ({"task": {"kind": "vae"}}, "task vae needs model conv_vae"),
+        ({"task": {"kind": "vae"}}, "task vae on an image source needs model conv_vae"),
         ({"model": {"kind": "dcgan"}}, "dcgan is made for task gan"),
         (
             {
@@ -199,7 +199,7 @@ def test_code_preprocessor_keeps_values_and_targets_the_image():
                     "features": {"kind": "tabular", "target": "y", "numeric": ["x"]},
                 },
             },
-            "gan draws images and needs an image source",
+            "task: gan needs an image source",
         ),
         (
             {"task": {"kind": "vae"}, "model": {"kind": "conv_vae"}, "tune": {"metric": "epoch"}},

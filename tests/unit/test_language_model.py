@@ -137,10 +137,12 @@ def test_a_language_model_needs_a_corpus_and_a_causal_model():
     lm = {"kind": "language_model"}
     causal = {"kind": "causal_transformer"}
     assert config_from_dict({"name": "t", "data": corpus, "model": causal, "task": lm})
-    with pytest.raises(ConfigError, match="task: language_model needs data.features of kind"):
+    with pytest.raises(ConfigError, match="of kind corpus, which task language_model learns from"):
         config_from_dict({"name": "t", "data": corpus, "model": causal})
     with pytest.raises(
-        ConfigError, match="model: task language_model needs model causal_transformer \\(got mlp\\)"
+        ConfigError,
+        match="model: task language_model on data.features of kind corpus needs model "
+        "causal_transformer \\(got mlp\\)",
     ):
         config_from_dict({"name": "t", "data": corpus, "model": {"kind": "mlp"}, "task": lm})
     text = {**table, "features": {"kind": "text", "text": "t", "target": "y"}}

@@ -129,9 +129,11 @@ def test_seq2seq_needs_text_pairs_and_its_own_model():
     }
     model, task = {"kind": "seq2seq_transformer"}, {"kind": "seq2seq"}
     assert config_from_dict({"name": "t", "data": pairs, "model": model, "task": task})
-    with pytest.raises(ConfigError, match="task: seq2seq needs data.features of kind text_pair"):
+    with pytest.raises(ConfigError, match="of kind text_pair, which task seq2seq learns from"):
         config_from_dict({"name": "t", "data": pairs, "model": model})
-    with pytest.raises(ConfigError, match="model: task seq2seq needs model seq2seq_transformer"):
+    with pytest.raises(
+        ConfigError, match="model: causal_transformer is made for task language_model"
+    ):
         config_from_dict(
             {"name": "t", "data": pairs, "model": {"kind": "causal_transformer"}, "task": task}
         )

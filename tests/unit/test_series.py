@@ -196,10 +196,12 @@ def test_forecasts_need_series_features_and_a_sequence_model():
     assert config_from_dict(
         {"name": "t", "data": series, "model": {"kind": "rnn"}, "task": task, "train": stopping}
     )
-    with pytest.raises(ConfigError, match="task: forecast needs data.features of kind series"):
+    with pytest.raises(ConfigError, match="of kind series, which task forecast learns from"):
         config_from_dict({"name": "t", "data": series, "model": {"kind": "rnn"}})
     with pytest.raises(
-        ConfigError, match="model: task forecast needs model transformer or rnn \\(got mlp\\)"
+        ConfigError,
+        match="model: task forecast on data.features of kind series needs model transformer or "
+        "rnn \\(got mlp\\)",
     ):
         config_from_dict({"name": "t", "data": series, "model": {"kind": "mlp"}, "task": task})
     text = {

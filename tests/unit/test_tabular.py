@@ -230,13 +230,13 @@ TABLE = {
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"data": TABLE, "model": {"kind": "cnn"}}, "model: cnn needs an image source"),
+        ({"data": TABLE, "model": {"kind": "cnn"}}, "needs model mlp \\(got cnn\\)"),
         (
             {"data": {"source": {"kind": "table", "path": "a.csv"}}, "model": {"kind": "mlp"}},
             "a table source needs features",
         ),
         ({"data": {"features": TABLE["features"]}}, "the wafer source holds images"),
-        ({"task": {"kind": "regression"}}, "regression needs a numeric target"),
+        ({"task": {"kind": "regression"}}, "task: regression needs data.features of kind tabular"),
         (
             {
                 "data": TABLE,

@@ -26,7 +26,6 @@ import ray.data
 from PIL import Image
 
 from forgeml.config import (
-    IMAGE_GENERATION_TASKS,
     ExperimentConfig,
     ImageFolderSource,
     NumpySource,
@@ -377,7 +376,7 @@ def open_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
             source.filesystem, source.paths[0], source.format, group_by, "data.split.group_by"
         )
         source = replace(source, split_columns=tuple(group_by))
-    if cfg.task.kind in IMAGE_GENERATION_TASKS:
+    if cfg.task.draws_images:
         return replace(source, features=replace(source.features, codes=True))
     return source
 

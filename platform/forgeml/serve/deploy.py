@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 import forgeml
-from forgeml.config import SERVED_TASKS, ExperimentConfig, StorageConfig
+from forgeml.config import ExperimentConfig, StorageConfig
 from forgeml.data.preprocessing import preprocessor_from_dict
 from forgeml.model_package import package_config
 from forgeml.serve.app import (
@@ -91,7 +91,7 @@ def plan(args: AppArgs) -> ServingPlan:
     for requested in args.models:
         version = registry.resolve(requested)
         cfg = package_config(registry, version, args.overrides)
-        if cfg.task.kind not in SERVED_TASKS:
+        if not cfg.task.served:
             raise ValueError(
                 f"{version.ref}: a {cfg.task.kind} model is not served over /predict; "
                 "draw samples from it with forgeml generate"

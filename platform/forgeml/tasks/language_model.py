@@ -8,7 +8,7 @@ the metrics skip. Perplexity is exp of the mean cross-entropy per real target to
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,8 +69,13 @@ class LanguageModelTask:
 
     #: Tokens ``forgeml generate`` samples from, unless told otherwise.
     default_top_k = 50
-    #: Whether sampling needs a prompt (a source to translate) or can start from nothing.
-    needs_prompts = False
+
+    def generation_metrics(
+        self, model: nn.Module, batches: Iterable[dict[str, np.ndarray]], preprocessor
+    ) -> dict[str, float]:
+        """None: what a language model writes has no reference text to be scored against
+        (its perplexity says how well it predicts the test texts)."""
+        return {}
 
     @torch.no_grad()
     def sample(

@@ -18,7 +18,6 @@ from forgeml.tasks.language_model import LanguageModelTask, Sampling, extend
 @register_task("seq2seq")
 class Seq2SeqTask(LanguageModelTask):
     default_top_k = 1  # greedy: a translation has one right answer
-    needs_prompts = True
 
     @torch.no_grad()
     def sample(

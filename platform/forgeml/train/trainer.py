@@ -263,7 +263,7 @@ def register_checkpoint(
         cfg.seed,
     )
     files = {}
-    if hasattr(task, "sample_report"):  # generative: draw, show and rate new images
+    if cfg.task.draws_images:  # draw, show and rate new images
         judge = load_judge(cfg, storage, data.preprocessor)
         test_maps = code_maps(data.test.iter_batches(batch_size=1024, batch_format="numpy"))
         sampled, files = task.sample_report(model, test_maps, judge)
