@@ -23,8 +23,8 @@ import numpy as np
 import ray
 import torch
 from forgeml.config import config_from_dict
+from forgeml.data.base import ModelInputs
 from forgeml.data.pipeline import prepare_data
-from forgeml.data.preprocessing import ModelInputs
 from forgeml.data.sources import open_source
 from forgeml.models import build_model
 from forgeml.storage import Storage
@@ -62,7 +62,9 @@ def plain_pytorch(cfg, images: np.ndarray, labels: np.ndarray, target) -> list[f
     torch.set_num_threads(cfg.scaling.torch_threads * cfg.scaling.num_workers)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, target)
-    model = build_model(cfg.model, ModelInputs(shape=images.shape[1:]), task.num_outputs)
+    model = build_model(
+        cfg.model, ModelInputs(shape=images.shape[1:], data="images"), task.num_outputs
+    )
     optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
     steps = int(np.ceil(len(images) / cfg.train.batch_size))
     schedule = LRSchedule(cfg.train.schedule, optimizer, steps, cfg.train.max_epochs, "min")

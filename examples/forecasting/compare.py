@@ -22,8 +22,9 @@ import numpy as np
 import ray
 from forgeml.config import load_config
 from forgeml.data.pipeline import usable_rows
-from forgeml.data.series import FUTURE, HISTORY, carry_forward, naive_steps
+from forgeml.data.series import FUTURE, HISTORY, carry_forward
 from forgeml.data.sources import open_source
+from forgeml.models.series import naive_steps
 from forgeml.storage import Storage
 from forgeml.train.trainer import run_training
 

@@ -26,8 +26,8 @@ from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from forgeml.data.preprocessing import Preprocessor
-from forgeml.data.series import naive_steps
+from forgeml.data.base import Preprocessor
+from forgeml.models.series import naive_steps
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import numpy as np
 import ray.data
 import torch
 
-from forgeml.data.preprocessing import Preprocessor
+from forgeml.data.base import Preprocessor
 from forgeml.train.loop import batch_dtypes
 
 #: Rows a generating task decodes together.

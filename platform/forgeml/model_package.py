@@ -29,12 +29,8 @@ from forgeml.config import (
     apply_overrides,
     config_from_dict,
 )
-from forgeml.data.preprocessing import (
-    ModelInputs,
-    Preprocessor,
-    TargetSpec,
-    preprocessor_from_dict,
-)
+from forgeml.data.base import ModelInputs, Preprocessor, TargetSpec
+from forgeml.data.kinds import preprocessor_from_dict
 from forgeml.models import build_model
 from forgeml.storage import ModelRegistry, ModelVersion
 from forgeml.tasks import build_task

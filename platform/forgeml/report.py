@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_precision_recall_curve, multiclass_roc
 
-from forgeml.data.preprocessing import WAFER_MAX
+from forgeml.data.images import WAFER_MAX
 from forgeml.explain import explain_inputs, explainable
 from forgeml.monitor.report import STYLE, data_uri, plt, png_bytes, png_data_uri
 from forgeml.tasks.generative import WAFER_COLOURS

@@ -19,7 +19,7 @@ import pytest
 import ray
 from forgeml.cli import EXIT_DIVERGED, main
 from forgeml.config import StorageConfig, WaferSource, config_from_dict
-from forgeml.data.sources import write_wafer_dataset
+from forgeml.data.builtin import write_wafer_dataset
 from forgeml.data.wafer import CLASS_NAMES, generate, generate_map
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from forgeml.baselines import compare, has_baseline, make_baseline, warning_text
 from forgeml.config import ClassificationTask, ForecastTask, LanguageModelTask, RegressionTask
-from forgeml.data.preprocessing import ImagePreprocessor, TargetSpec
+from forgeml.data.base import TargetSpec
+from forgeml.data.images import ImagePreprocessor
 from forgeml.data.series import SeriesPreprocessor
 from forgeml.data.tabular import TabularPreprocessor
 from forgeml.tasks import build_task

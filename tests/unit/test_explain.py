@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from forgeml.config import CNNConfig
-from forgeml.data.preprocessing import ModelInputs
+from forgeml.data.base import ModelInputs
 from forgeml.explain import gradcam
 from forgeml.models import build_model
 from scipy.ndimage import binary_dilation
@@ -36,7 +36,7 @@ def trained_cnn():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     cfg = CNNConfig(kind="cnn", width=8, depth=2, dropout=0.0)
-    model = build_model(cfg, ModelInputs(shape=(1, SIZE, SIZE), dtype="float32"), 2)
+    model = build_model(cfg, ModelInputs(shape=(1, SIZE, SIZE), data="images"), 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     maps, labels, _ = _maps(rng, 2000)
     for _ in range(3):

@@ -17,7 +17,8 @@ from forgeml.config import (
     VAETask,
     config_from_dict,
 )
-from forgeml.data.preprocessing import ImageFeatures, ImagePreprocessor, ModelInputs, TargetSpec
+from forgeml.data.base import ModelInputs, TargetSpec
+from forgeml.data.images import ImageFeatures, ImagePreprocessor
 from forgeml.data.wafer import CLASS_NAMES, generate
 from forgeml.models import build_model
 from forgeml.models.generative import one_hot_maps
@@ -37,7 +38,7 @@ def generative_raw_config(**sections) -> dict:
     return raw
 
 
-CODES = ModelInputs(shape=(16, 16), dtype="int64", vocab_size=3)
+CODES = ModelInputs(shape=(16, 16), data="images", dtype="int64", vocab_size=3)
 TARGET = TargetSpec(classes=CLASS_NAMES, name="image", vocab_size=3)
 
 
@@ -125,7 +126,9 @@ def test_gan_draws_codes_and_scores_the_discriminator():
 @pytest.mark.parametrize("config", [ConvVAEConfig(depth=3), DCGANConfig(depth=3)])
 def test_generative_model_needs_a_side_that_halves_evenly(config):
     with pytest.raises(ValueError, match="model.depth=3 halves the 20x20 image"):
-        build_model(config, ModelInputs(shape=(20, 20), dtype="int64", vocab_size=3), 3)
+        build_model(
+            config, ModelInputs(shape=(20, 20), data="images", dtype="int64", vocab_size=3), 3
+        )
 
 
 class FixedLogits(torch.nn.Module):

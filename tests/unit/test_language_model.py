@@ -14,7 +14,7 @@ from forgeml.config import (
     LanguageModelTask,
     config_from_dict,
 )
-from forgeml.data.preprocessing import preprocessor_from_dict
+from forgeml.data.kinds import preprocessor_from_dict
 from forgeml.data.text import CorpusFeatures as CorpusColumn
 from forgeml.models import build_model
 from forgeml.tasks import build_task

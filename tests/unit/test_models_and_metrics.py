@@ -2,8 +2,8 @@ import pytest
 import torch
 from forgeml.config import ClassificationTask as ClassificationConfig
 from forgeml.config import CNNConfig
+from forgeml.data.base import ModelInputs, TargetSpec
 from forgeml.data.pipeline import PreparedData
-from forgeml.data.preprocessing import ModelInputs, TargetSpec
 from forgeml.data.tabular import TabularPreprocessor
 from forgeml.models import build_model, registered_models
 from forgeml.tasks import build_task
@@ -11,20 +11,22 @@ from forgeml.tasks import build_task
 
 @pytest.mark.parametrize(("width", "depth", "size"), [(4, 1, 16), (8, 3, 32), (16, 4, 64)])
 def test_cnn_output_shape(width, depth, size):
-    model = build_model(CNNConfig(width=width, depth=depth), ModelInputs((1, size, size)), 9)
+    model = build_model(
+        CNNConfig(width=width, depth=depth), ModelInputs((1, size, size), "images"), 9
+    )
     assert model(torch.zeros(5, 1, size, size)).shape == (5, 9)
 
 
 def test_cnn_width_and_depth_change_capacity():
-    small = build_model(CNNConfig(width=4, depth=2), ModelInputs((1, 32, 32)), 9)
-    large = build_model(CNNConfig(width=8, depth=3), ModelInputs((1, 32, 32)), 9)
+    small = build_model(CNNConfig(width=4, depth=2), ModelInputs((1, 32, 32), "images"), 9)
+    large = build_model(CNNConfig(width=8, depth=3), ModelInputs((1, 32, 32), "images"), 9)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(large) > 4 * count(small)
 
 
 def test_cnn_too_deep_for_input_names_the_field():
     with pytest.raises(ValueError, match="model.depth=5"):
-        build_model(CNNConfig(depth=5), ModelInputs((1, 16, 16)), 9)
+        build_model(CNNConfig(depth=5), ModelInputs((1, 16, 16), "images"), 9)
 
 
 def test_registry_lists_cnn():

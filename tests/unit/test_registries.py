@@ -5,16 +5,43 @@ from __future__ import annotations
 
 import pytest
 from forgeml.config import ModelConfig, TaskConfig, variants
-from forgeml.data.preprocessing import TargetSpec
-from forgeml.models import registered_models
+from forgeml.data.base import ModelInputs, TargetSpec
+from forgeml.models import build_model, registered_models
 from forgeml.tasks import build_task, registered_tasks
+from torch import nn
 
+#: A small input of each kind of data: its shape and dtype.
+INPUTS = {
+    "images": ((1, 16, 16), "float32"),
+    "tabular": ((5,), "float32"),
+    "text": ((8,), "int64"),
+    "series": ((8, 2), "float32"),
+    "corpus": ((8,), "int64"),
+    "text_pair": ((2, 8), "int64"),
+}
+#: Image generators read maps of value codes.
+CODE_MAPS = ModelInputs((16, 16), "images", "int64", vocab_size=3)
 TARGET = TargetSpec(classes=("a", "b"), name="y", vocab_size=12, horizon=3)
 
 
 def test_every_task_and_model_variant_has_an_implementation():
     assert registered_tasks() == sorted(variants(TaskConfig))
     assert registered_models() == sorted(variants(ModelConfig))
+
+
+@pytest.mark.parametrize("kind", sorted(variants(ModelConfig)))
+def test_a_model_builds_for_every_kind_of_data_its_config_says_it_reads(kind):
+    cfg = variants(ModelConfig)[kind]()
+    for data in cfg.reads:
+        shape, dtype = INPUTS[data]
+        inputs = ModelInputs(shape, data, dtype, vocab_size=12)
+        if cfg.made_for in ("vae", "gan"):
+            inputs = CODE_MAPS
+        outputs = 12 if cfg.made_for == "language_model" else 3
+        assert isinstance(build_model(cfg, inputs, outputs), nn.Module)
+    unread = next(d for d in INPUTS if d not in cfg.reads)
+    with pytest.raises(ValueError, match=f"model {kind} reads .* data, not {unread}"):
+        build_model(cfg, ModelInputs(*INPUTS[unread][:1], unread), 3)
 
 
 @pytest.mark.parametrize("kind", sorted(variants(TaskConfig)))

@@ -14,7 +14,7 @@ from forgeml.config import (
     config_from_dict,
 )
 from forgeml.data.dates import generate_dates
-from forgeml.data.preprocessing import preprocessor_from_dict
+from forgeml.data.kinds import preprocessor_from_dict
 from forgeml.data.text import TextPairFeatures as TextPairColumns
 from forgeml.models import build_model
 from forgeml.tasks import build_task

@@ -16,7 +16,8 @@ from forgeml.config import (
     TransformerConfig,
     config_from_dict,
 )
-from forgeml.data.preprocessing import preprocessor_from_dict
+from forgeml.data.base import REJECT_COLUMN, SPLIT_COLUMN
+from forgeml.data.kinds import preprocessor_from_dict
 from forgeml.data.series import (
     FUTURE,
     HISTORY,
@@ -25,7 +26,6 @@ from forgeml.data.series import (
     carry_forward,
     series_rows,
 )
-from forgeml.data.split import REJECT_COLUMN, SPLIT_COLUMN
 from forgeml.models import build_model
 from forgeml.tasks import build_task
 

@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from forgeml.data.split import SplitKeys, SplitPlan, category, draws, hash_values, quotas
+from forgeml.data.columns import category
+from forgeml.data.split import SplitKeys, SplitPlan, draws, hash_values, quotas
 
 
 def _keys(units=None, strata=None, files=None, rows=None, usable=None) -> SplitKeys:

@@ -1,8 +1,6 @@
 """Tables without Ray: parsing, reject reasons, the fitted transform, the readers."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -16,9 +14,11 @@ from forgeml.config import (
     TabularFeatures,
     config_from_dict,
 )
-from forgeml.data.preprocessing import ModelInputs, TargetSpec, preprocessor_from_dict
-from forgeml.data.sources import RAW_COLUMN, _csv_batches, _jsonl_batches
-from forgeml.data.tabular import TableFeatures, TabularPreprocessor, parse_numbers
+from forgeml.data.base import RAW_COLUMN, ModelInputs, TargetSpec
+from forgeml.data.columns import parse_numbers
+from forgeml.data.kinds import preprocessor_from_dict
+from forgeml.data.readers import _csv_batches, _jsonl_batches
+from forgeml.data.tabular import TableFeatures, TabularPreprocessor
 from forgeml.models import build_model
 from forgeml.tasks import build_task
 
@@ -217,7 +217,7 @@ def test_regression_learns_the_standardised_target_and_reports_real_units():
 
 
 def test_mlp_maps_flat_features_to_outputs():
-    model = build_model(MLPConfig(hidden=[8, 4], batch_norm=True), ModelInputs((6,)), 3)
+    model = build_model(MLPConfig(hidden=[8, 4], batch_norm=True), ModelInputs((6,), "tabular"), 3)
     assert model(torch.zeros(5, 6)).shape == (5, 3)
 
 
@@ -273,24 +273,3 @@ def test_parts_that_do_not_fit_together_are_refused(raw, message):
 def test_classification_config_accepts_a_table():
     cfg = config_from_dict({"name": "t", "data": TABLE, "model": {"kind": "mlp"}})
     assert isinstance(cfg.task, ClassificationTask)
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        "forgeml.data.tabular",
-        "forgeml.data.text",
-        "forgeml.data.preprocessing",
-        "forgeml.data.series",
-        "forgeml.models.series",
-        "forgeml.tasks.seq2seq",
-        "forgeml.models.generative",
-        "forgeml.tasks.generative",
-    ],
-)
-def test_each_data_module_imports_first_in_a_fresh_process(module):
-    """A Ray worker that unpickles a class imports its module before any other."""
-    result = subprocess.run(
-        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr

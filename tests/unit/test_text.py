@@ -14,7 +14,7 @@ from forgeml.config import (
     TransformerConfig,
     config_from_dict,
 )
-from forgeml.data.preprocessing import preprocessor_from_dict
+from forgeml.data.kinds import preprocessor_from_dict
 from forgeml.data.text import TextColumnFeatures
 from forgeml.models import build_model
 from forgeml.models.text import masked_max

@@ -1,11 +1,7 @@
 import numpy as np
 from forgeml.data import wafer
-from forgeml.data.preprocessing import (
-    ImageFeatures,
-    ImagePreprocessor,
-    decode_images,
-    preprocessor_from_dict,
-)
+from forgeml.data.images import ImageFeatures, ImagePreprocessor, decode_images
+from forgeml.data.kinds import preprocessor_from_dict
 
 
 def test_generator_is_deterministic_per_seed():

@@ -23,16 +23,7 @@ import ray.train
 from ray.data import SaveMode
 
 from forgeml.config import AugmentConfig, ExperimentConfig
-from forgeml.data.preprocessing import (
-    Features,
-    Preprocessor,
-    TargetSpec,
-    first_reason,
-    no_rejects,
-)
-from forgeml.data.shards import ShardPerWorker, cut_for_training, deal, in_epoch_order
-from forgeml.data.sources import DataSource
-from forgeml.data.split import (
+from forgeml.data.base import (
     FILE_COLUMN,
     REJECT_COLUMN,
     ROW_COLUMN,
@@ -40,11 +31,14 @@ from forgeml.data.split import (
     SPLITS,
     STRATUM_COLUMN,
     UNIT_COLUMN,
-    SplitKeys,
-    SplitPlan,
-    key_columns,
-    missing_ids,
+    Features,
+    Preprocessor,
+    TargetSpec,
 )
+from forgeml.data.columns import first_reason, no_rejects
+from forgeml.data.readers import DataSource
+from forgeml.data.shards import ShardPerWorker, cut_for_training, deal, in_epoch_order
+from forgeml.data.split import SplitKeys, SplitPlan, key_columns, missing_ids
 
 logger = logging.getLogger(__name__)
 

@@ -22,18 +22,19 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-import ray.data
 
+from forgeml.config import ExperimentConfig
 from forgeml.config import SeriesFeatures as SeriesConfig
-from forgeml.data.preprocessing import (
+from forgeml.data.base import (
+    RAW_COLUMN,
+    REJECT_COLUMN,
+    SPLIT_COLUMN,
     ModelInputs,
     TargetSpec,
-    no_rejects,
+    register_features,
     register_preprocessor,
 )
-from forgeml.data.sources import RAW_COLUMN, DataSource
-from forgeml.data.split import REJECT_COLUMN, SPLIT_COLUMN
-from forgeml.data.tabular import parse_numbers
+from forgeml.data.columns import no_rejects, parse_numbers
 
 ORIGIN, HISTORY, FUTURE = "origin", "history", "future"
 
@@ -161,31 +162,6 @@ def _windows(
     return pd.DataFrame(rows)
 
 
-@dataclass(frozen=True, kw_only=True)
-class SeriesSource(DataSource):
-    """Files of (time, value) rows, read as forecast windows that carry their split."""
-
-    series: SeriesConfig
-    val_fraction: float
-    test_fraction: float
-    assigns_splits = True
-
-    def read(self, shuffle_files: bool = False) -> ray.data.Dataset:
-        points = self.read_columns([self.series.time, self.series.value]).to_pandas()
-        if points.empty:
-            raise ValueError("data.source holds no rows")
-        rows = series_rows(points, self.series, self.val_fraction, self.test_fraction)
-        return ray.data.from_pandas(rows)
-
-
-def naive_steps(window: int, horizon: int, season: int) -> np.ndarray:
-    """For each horizon step, the window position the naive forecast repeats: the same
-    point of the last season in the window, or (no season) the window's last value."""
-    if season:
-        return window - season + np.arange(horizon) % season
-    return np.full(horizon, window - 1)
-
-
 def carry_forward(values: np.ndarray, fill: float) -> np.ndarray:
     """(N, T) values with each NaN replaced by the last finite value before it in its row,
     or by ``fill`` where there is none."""
@@ -269,7 +245,7 @@ class SeriesPreprocessor:
 
     @property
     def model_inputs(self) -> ModelInputs:
-        return ModelInputs(shape=(self.window, 2), season=self.season)
+        return ModelInputs(shape=(self.window, 2), data="series", season=self.season)
 
     @property
     def target(self) -> TargetSpec:
@@ -327,3 +303,9 @@ class SeriesPreprocessor:
     @classmethod
     def from_dict(cls, state: dict) -> SeriesPreprocessor:
         return cls(**{k: v for k, v in state.items() if k != "kind"})
+
+
+@register_features("series")
+def series_features(cfg: ExperimentConfig) -> SeriesWindowFeatures:
+    """The windows ``sources.SeriesSource`` cuts from the series' (time, value) rows."""
+    return SeriesWindowFeatures(cfg.data.features)

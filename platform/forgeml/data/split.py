@@ -23,20 +23,20 @@ of several classes the split is not stratified (and says so).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-#: Columns the pipeline adds to raw rows: the row's split and why it is rejected ("" if not).
-SPLIT_COLUMN, REJECT_COLUMN = "_split", "_reject"
-#: Where a reader found a row: the file's index in the source and the row's within it
-#: (-1 for a line that could not be parsed).
-FILE_COLUMN, ROW_COLUMN = "_file", "_row"
-#: What the split draws by, while rows are split (see ``key_columns``).
-UNIT_COLUMN, STRATUM_COLUMN = "_unit", "_stratum"
-SPLITS = ("train", "val", "test")
+from forgeml.data.base import (
+    FILE_COLUMN,
+    REJECT_COLUMN,
+    ROW_COLUMN,
+    SPLIT_COLUMN,
+    STRATUM_COLUMN,
+    UNIT_COLUMN,
+)
+from forgeml.data.columns import category
 
 
 def splitmix64(values: np.ndarray) -> np.ndarray:
@@ -52,20 +52,6 @@ def draws(units: np.ndarray, seed: int) -> np.ndarray:
     """Each unit's draw in [0, 1): a pure function of (unit, seed)."""
     hashed = splitmix64(units.astype(np.uint64) ^ splitmix64(np.array([seed], np.uint64)))
     return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def category(value) -> str | None:
-    """A value as the text of a category: None when missing; 3.0 and 3 are both '3'
-    (NumPy's floats of any width too)."""
-    if value is None:
-        return None
-    if isinstance(value, (float, np.floating)):
-        if math.isnan(value):
-            return None
-        if float(value).is_integer():
-            value = int(value)
-    text = str(value).strip()
-    return text or None
 
 
 def hash_values(batch: dict, columns: list[str]) -> np.ndarray:

@@ -13,55 +13,22 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from ray.data.aggregate import ApproximateQuantile, Count, Max, Mean, Min, Std, ValueCounter
 
+from forgeml.config import ExperimentConfig
 from forgeml.config import TabularFeatures as TabularConfig
-from forgeml.data.preprocessing import (
-    ModelInputs,
-    TargetSpec,
+from forgeml.data.base import ModelInputs, TargetSpec, register_features, register_preprocessor
+from forgeml.data.columns import (
+    mark_class_rejects,
     no_rejects,
-    register_preprocessor,
+    parse_categories,
+    parse_numbers,
+    unseen_class_reasons,
 )
-from forgeml.data.split import category
 
 #: The category drift summaries give a value that training never saw.
 UNSEEN_CATEGORY = "(unseen)"
-
-
-def parse_numbers(values) -> tuple[np.ndarray, np.ndarray]:
-    """float64 values (NaN where missing) and a mask of values that are present but not a
-    finite number. Empty strings and nulls are missing."""
-    series = pd.Series(np.asarray(values, dtype=object), dtype=object)
-    missing = series.isna() | (series.astype(str).str.strip() == "")
-    parsed = pd.to_numeric(series.where(~missing), errors="coerce").astype(np.float64)
-    numbers = parsed.to_numpy(copy=True)
-    bad = ~missing.to_numpy() & ~np.isfinite(numbers)
-    numbers[bad] = np.nan
-    return numbers, bad
-
-
-def parse_categories(values) -> np.ndarray:
-    return np.array([category(v) for v in values], dtype=object)
-
-
-def mark_class_rejects(reasons: np.ndarray, values, target: str, declared: list[str] | None):
-    """Set the reason of rows whose class is missing or not among the declared classes."""
-    labels = parse_categories(values)
-    reasons[np.equal(labels, None) & (reasons == "")] = f"{target}: missing target"
-    if declared:
-        unknown = ~np.isin(labels.astype(str), declared) & (labels != None)  # noqa: E711
-        reasons[unknown & (reasons == "")] = f"{target}: not one of data.features.class_names"
-
-
-def unseen_class_reasons(values, target: str, classes: tuple[str, ...]) -> np.ndarray:
-    """Reasons for rows whose class the fitted classes lack ("" for the others)."""
-    labels = parse_categories(values)
-    reasons = no_rejects(len(labels))
-    unseen = ~np.isin(labels.astype(str), classes) & (labels != None)  # noqa: E711
-    reasons[unseen] = f"{target}: class not in the training split"
-    return reasons
 
 
 @dataclass(frozen=True)
@@ -248,7 +215,7 @@ class TabularPreprocessor:
 
     @property
     def model_inputs(self) -> ModelInputs:
-        return ModelInputs(shape=(len(self.feature_names),))
+        return ModelInputs(shape=(len(self.feature_names),), data="tabular")
 
     @property
     def target(self) -> TargetSpec:
@@ -376,3 +343,8 @@ class TabularPreprocessor:
     def from_dict(cls, state: dict) -> TabularPreprocessor:
         fields = {k: v for k, v in state.items() if k != "kind"}
         return cls(**{**fields, "target_spec": TargetSpec.from_dict(fields["target_spec"])})
+
+
+@register_features("tabular")
+def tabular_features(cfg: ExperimentConfig) -> TableFeatures:
+    return TableFeatures(cfg.data.features, cfg.task.kind, cfg.data.source.id_column)

@@ -19,17 +19,14 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from forgeml.config import CorpusFeatures as CorpusConfig
+from forgeml.config import ExperimentConfig
 from forgeml.config import TextFeatures as TextConfig
 from forgeml.config import TextPairFeatures as TextPairConfig
-from forgeml.data.preprocessing import (
-    ModelInputs,
-    TargetSpec,
+from forgeml.data.base import ModelInputs, TargetSpec, register_features, register_preprocessor
+from forgeml.data.columns import (
     first_reason,
-    no_rejects,
-    register_preprocessor,
-)
-from forgeml.data.tabular import (
     mark_class_rejects,
+    no_rejects,
     parse_categories,
     unseen_class_reasons,
 )
@@ -187,7 +184,9 @@ class TokenizedText:
 
     @property
     def model_inputs(self) -> ModelInputs:
-        return ModelInputs(shape=(self.max_length,), dtype="int64", vocab_size=self.vocab_size)
+        return ModelInputs(
+            shape=(self.max_length,), data=self.data, dtype="int64", vocab_size=self.vocab_size
+        )
 
     def request_columns(self, instances):
         return text_request_columns(instances, self.text_column)
@@ -242,6 +241,7 @@ class TextPreprocessor(TokenizedText):
     target_spec: TargetSpec
 
     kind = "text-wordpiece"
+    data = "text"
     refuses_rows = True  # a class the training split lacks
 
     def __post_init__(self):
@@ -332,6 +332,7 @@ class CorpusPreprocessor(TokenizedText):
     model reads the first ``max_length`` and predicts each next one."""
 
     kind = "text-corpus"
+    data = "corpus"
     refuses_rows = False
 
     @property
@@ -450,7 +451,9 @@ class TextPairPreprocessor(TokenizedText):
 
     @property
     def model_inputs(self) -> ModelInputs:
-        return ModelInputs(shape=(2, self.max_length), dtype="int64", vocab_size=self.vocab_size)
+        return ModelInputs(
+            shape=(2, self.max_length), data="text_pair", dtype="int64", vocab_size=self.vocab_size
+        )
 
     @property
     def target(self) -> TargetSpec:
@@ -532,3 +535,18 @@ class TextPairPreprocessor(TokenizedText):
     @classmethod
     def from_dict(cls, state: dict) -> TextPairPreprocessor:
         return cls(**cls._fields(state))
+
+
+@register_features("text")
+def text_features(cfg: ExperimentConfig) -> TextColumnFeatures:
+    return TextColumnFeatures(cfg.data.features, cfg.data.source.id_column)
+
+
+@register_features("corpus")
+def corpus_features(cfg: ExperimentConfig) -> CorpusFeatures:
+    return CorpusFeatures(cfg.data.features, cfg.data.source.id_column)
+
+
+@register_features("text_pair")
+def text_pair_features(cfg: ExperimentConfig) -> TextPairFeatures:
+    return TextPairFeatures(cfg.data.features, cfg.data.source.id_column)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from forgeml.config import CNNConfig
-from forgeml.data.preprocessing import ModelInputs
+from forgeml.data.base import ModelInputs
 from forgeml.models import register_model
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from forgeml.config import ConvVAEConfig, DCGANConfig
-from forgeml.data.preprocessing import ModelInputs
+from forgeml.data.base import ModelInputs
 from forgeml.models import register_model
 
 

@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from forgeml.config import MLPConfig
-from forgeml.data.preprocessing import ModelInputs
+from forgeml.data.base import ModelInputs
 from forgeml.models import register_model
 
 

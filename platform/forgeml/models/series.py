@@ -9,13 +9,22 @@ forecast on little data and keeps trending series in range past the levels of tr
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from forgeml.config import RNNConfig, TransformerConfig
-from forgeml.data.preprocessing import ModelInputs
-from forgeml.data.series import naive_steps
+from forgeml.data.base import ModelInputs
+from forgeml.models import register_model
 from forgeml.models.blocks import encoder, recurrent
+
+
+def naive_steps(window: int, horizon: int, season: int) -> np.ndarray:
+    """For each horizon step, the window position the naive forecast repeats: the same
+    point of the last season in the window, or (no season) the window's last value."""
+    if season:
+        return window - season + np.arange(horizon) % season
+    return np.full(horizon, window - 1)
 
 
 class NaiveForecast(nn.Module):
@@ -100,6 +109,11 @@ class RNNForecaster(nn.Module):
         return self.head(self.dropout(last)) + self.base(windows)
 
 
-def reads_series(inputs: ModelInputs) -> bool:
-    """Whether the inputs are windows of a series: (steps, channels) floats."""
-    return inputs.dtype == "float32" and len(inputs.shape) == 2 and not inputs.vocab_size
+@register_model("transformer", data="series")
+def build_transformer_forecaster(cfg: TransformerConfig, inputs: ModelInputs, num_outputs: int):
+    return TransformerForecaster(cfg, inputs, num_outputs)
+
+
+@register_model("rnn", data="series")
+def build_rnn_forecaster(cfg: RNNConfig, inputs: ModelInputs, num_outputs: int):
+    return RNNForecaster(cfg, inputs, num_outputs)

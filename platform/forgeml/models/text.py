@@ -21,10 +21,9 @@ from forgeml.config import (
     Seq2SeqTransformerConfig,
     TransformerConfig,
 )
-from forgeml.data.preprocessing import ModelInputs
+from forgeml.data.base import ModelInputs
 from forgeml.models import register_model
 from forgeml.models.blocks import encoder, recurrent
-from forgeml.models.series import RNNForecaster, TransformerForecaster, reads_series
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -198,42 +197,23 @@ class Seq2SeqTransformer(nn.Module):
         return hidden @ self.tokens.weight.T
 
 
-def _token_inputs(kind: str, inputs: ModelInputs) -> None:
-    if inputs.dtype != "int64" or not inputs.vocab_size or len(inputs.shape) != 1:
-        raise ValueError(
-            f"model {kind} needs token ids (text features) or series windows, got {inputs}"
-        )
-
-
-def _sequence_model(kind: str, forecaster, classifier, cfg, inputs: ModelInputs, outputs: int):
-    """A forecaster of series windows, or a classifier of token ids."""
-    if reads_series(inputs):
-        return forecaster(cfg, inputs, outputs)
-    _token_inputs(kind, inputs)
-    return classifier(cfg, inputs, outputs)
-
-
-@register_model("transformer")
+@register_model("transformer", data="text")
 def build_transformer(cfg: TransformerConfig, inputs: ModelInputs, num_outputs: int):
-    return _sequence_model(
-        "transformer", TransformerForecaster, TransformerClassifier, cfg, inputs, num_outputs
-    )
+    return TransformerClassifier(cfg, inputs, num_outputs)
 
 
-@register_model("rnn")
+@register_model("rnn", data="text")
 def build_rnn(cfg: RNNConfig, inputs: ModelInputs, num_outputs: int):
-    return _sequence_model("rnn", RNNForecaster, RNNClassifier, cfg, inputs, num_outputs)
+    return RNNClassifier(cfg, inputs, num_outputs)
 
 
 @register_model("bag_of_ngrams")
 def build_bag_of_ngrams(cfg: BagOfNgramsConfig, inputs: ModelInputs, num_outputs: int):
-    _token_inputs("bag_of_ngrams", inputs)
     return BagOfNgrams(cfg, inputs, num_outputs)
 
 
 @register_model("causal_transformer")
 def build_causal_transformer(cfg: CausalTransformerConfig, inputs: ModelInputs, num_outputs: int):
-    _token_inputs("causal_transformer", inputs)
     if num_outputs != inputs.vocab_size:
         raise ValueError(
             f"model causal_transformer predicts the next token: {num_outputs} outputs for a "
@@ -246,6 +226,4 @@ def build_causal_transformer(cfg: CausalTransformerConfig, inputs: ModelInputs, 
 def build_seq2seq_transformer(
     cfg: Seq2SeqTransformerConfig, inputs: ModelInputs, num_outputs: int
 ) -> Seq2SeqTransformer:
-    if inputs.dtype != "int64" or not inputs.vocab_size or inputs.shape[:1] != (2,):
-        raise ValueError(f"model seq2seq_transformer needs text pairs, got {inputs}")
     return Seq2SeqTransformer(cfg, inputs)

@@ -25,7 +25,7 @@ from ray import serve
 
 import forgeml
 from forgeml.config import ExperimentConfig, StorageConfig
-from forgeml.data.preprocessing import preprocessor_from_dict
+from forgeml.data.kinds import preprocessor_from_dict
 from forgeml.model_package import package_config
 from forgeml.serve.app import (
     Gateway,

@@ -19,7 +19,7 @@ import torchmetrics
 from torch import nn
 
 from forgeml.config import TaskSection
-from forgeml.data.preprocessing import TargetSpec
+from forgeml.data.base import TargetSpec
 
 
 class Task(Protocol):

@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics import classification as tmc
 
 from forgeml.config import ClassificationTask as ClassificationConfig
-from forgeml.data.preprocessing import TargetSpec
+from forgeml.data.base import TargetSpec
 from forgeml.tasks import register_task
 
 

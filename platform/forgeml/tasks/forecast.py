@@ -11,7 +11,7 @@ from torchmetrics import regression as tmr
 from torchmetrics.wrappers.abstract import WrapperMetric
 
 from forgeml.config import ForecastTask as ForecastConfig
-from forgeml.data.preprocessing import TargetSpec
+from forgeml.data.base import TargetSpec
 from forgeml.tasks import register_task
 from forgeml.tasks.regression import LOSSES, RMSE
 

@@ -25,7 +25,8 @@ from torchmetrics.aggregation import MeanMetric
 
 from forgeml.config import ImageGenerationTask as ImageGenerationConfig
 from forgeml.config import JudgeConfig
-from forgeml.data.preprocessing import WAFER_MAX, TargetSpec
+from forgeml.data.base import TargetSpec
+from forgeml.data.images import WAFER_MAX
 from forgeml.tasks import register_task
 
 #: Images drawn or rated per forward pass.

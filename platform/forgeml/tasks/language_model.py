@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from forgeml.config import LanguageModelTask as LanguageModelConfig
-from forgeml.data.preprocessing import TargetSpec
+from forgeml.data.base import TargetSpec
 from forgeml.tasks import register_task
 
 PAD_ID = 0

@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics import regression as tmr
 
 from forgeml.config import RegressionTask as RegressionConfig
-from forgeml.data.preprocessing import TargetSpec
+from forgeml.data.base import TargetSpec
 from forgeml.tasks import register_task
 
 LOSSES = {"mse": nn.MSELoss, "huber": nn.HuberLoss, "l1": nn.L1Loss}

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from forgeml.config import ExperimentConfig
-from forgeml.data.preprocessing import ModelInputs, TargetSpec
+from forgeml.data.base import ModelInputs, TargetSpec
 from forgeml.models import build_model
 from forgeml.tasks import build_task
 from forgeml.tracking import EpochLogger

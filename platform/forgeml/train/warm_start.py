@@ -18,8 +18,7 @@ from sklearn.linear_model import RidgeCV
 from forgeml.baselines import training_rows
 from forgeml.config import ExperimentConfig
 from forgeml.data.pipeline import PreparedData
-from forgeml.data.series import naive_steps
-from forgeml.models.series import AUTOREGRESSION
+from forgeml.models.series import AUTOREGRESSION, naive_steps
 
 
 def initial_weights(cfg: ExperimentConfig, data: PreparedData) -> dict[str, list]:

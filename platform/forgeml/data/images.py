@@ -1,168 +1,14 @@
-"""Fitted preprocessing shared by training, evaluation and serving.
-
-Every data kind has two halves:
-
-* ``Features``: what the raw columns mean before anything is fitted. It gives each row
-  its id and class where it has them (what ``split.py`` splits by), names the rows that
-  cannot be used and why, and fits a ``Preprocessor`` on the training split with Ray
-  Data aggregations.
-* ``Preprocessor``: the fitted state (``preprocessor.json`` in the model package). It
-  turns raw columns into model ``inputs`` (and a ``target``), and turns a request's
-  instances into raw columns, so serving applies exactly what training applied.
-
-This module holds the registry and the image kind; ``tabular.py`` the table kind.
-"""
+"""Images: square single-channel maps or pictures with a class index, read as model
+inputs or (generative tasks) as value codes that are themselves the target."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import numpy as np
-import ray.data
 
-from forgeml.data.split import category
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """What the model predicts: classes (classification), a number with the training
-    split's mean and standard deviation (regression trains on the standardised value),
-    or the next token out of a vocabulary (language models). Forecasts predict
-    ``horizon`` standardised values at once."""
-
-    classes: tuple[str, ...] = ()
-    name: str = ""
-    mean: float = 0.0
-    std: float = 1.0
-    vocab_size: int = 0
-    horizon: int = 0
-    #: The loss's weight of each class (training only; empty: every row alike).
-    class_weights: tuple[float, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "classes": list(self.classes),
-            "class_weights": list(self.class_weights),
-        }
-
-    @classmethod
-    def from_dict(cls, state: dict) -> TargetSpec:
-        return cls(
-            **{
-                **state,
-                "classes": tuple(state.get("classes", ())),
-                "class_weights": tuple(state.get("class_weights", ())),
-            }
-        )
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """What the model receives per row: its shape (no batch dimension), its dtype, for
-    token ids the vocabulary size, and for series windows the steps per season."""
-
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-    vocab_size: int = 0
-    season: int = 0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, state: dict) -> ModelInputs:
-        return cls(**{**state, "shape": tuple(state["shape"])})
-
-
-class Preprocessor(Protocol):
-    """Fitted state: raw columns to model inputs, identical in training and serving."""
-
-    kind: str
-
-    @property
-    def model_inputs(self) -> ModelInputs: ...
-
-    @property
-    def target(self) -> TargetSpec: ...
-
-    #: Whether ``reject_reasons`` can refuse anything (if not, rows are counted only once).
-    refuses_rows: bool
-
-    def reject_reasons(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Reasons ("" if none) for rows only the fitted state can refuse (unseen classes)."""
-
-    def transform(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Raw columns to ``inputs`` (and ``target`` when the target column is present)."""
-
-    def request_columns(self, instances: list[dict]) -> dict[str, np.ndarray]:
-        """A request's instances as raw columns; ValueError naming the instance and field."""
-
-    def input_summary(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-row values of the inputs that drift tests compare, by name."""
-
-    def describe(self) -> dict:
-        """What a client must send, for ``/v1/models``."""
-
-    def to_dict(self) -> dict: ...
-
-
-class Features(Protocol):
-    """A data kind before fitting: which raw columns it reads and which rows it refuses."""
-
-    columns: list[str]
-    augmentable: bool  # whether data.augment applies (images)
-    #: The column of each row's stable id; None: rows are known by their position.
-    id_column: str | None
-
-    def classes(self, batch: dict[str, np.ndarray]) -> np.ndarray | None:
-        """Each row's class as text (what a stratified split balances), or None when the
-        rows have no classes."""
-
-    def reject_reasons(self, batch: dict[str, np.ndarray]) -> np.ndarray: ...
-
-    def compact(self, batch: dict[str, np.ndarray], reasons: np.ndarray) -> dict:
-        """The batch with its columns in their most compact form for the passes to come."""
-
-    def fit(self, train: ray.data.Dataset) -> Preprocessor:
-        """Fit on the usable training rows (raw columns)."""
-
-
-_PREPROCESSORS: dict[str, type] = {}
-
-
-def register_preprocessor(cls: type) -> type:
-    _PREPROCESSORS[cls.kind] = cls
-    return cls
-
-
-def preprocessor_from_dict(state: dict) -> Preprocessor:
-    """Rebuild a stored ``preprocessor.json``."""
-    # Importing the data kinds registers their preprocessors; here, not at module level,
-    # because they import this module.
-    from forgeml.data import series, tabular, text  # noqa: F401
-
-    kind = state.get("kind")
-    if kind not in _PREPROCESSORS:
-        raise ValueError(f"unknown preprocessor kind {kind!r}; known: {sorted(_PREPROCESSORS)}")
-    return _PREPROCESSORS[kind].from_dict(state)
-
-
-def no_rejects(n: int) -> np.ndarray:
-    return np.full(n, "", dtype=object)
-
-
-def first_reason(*reasons: np.ndarray) -> np.ndarray:
-    """Per row, the first non-empty reason of several reason arrays."""
-    out = no_rejects(len(reasons[0]))
-    for reason in reasons:
-        empty = out == ""
-        out[empty] = reason[empty]
-    return out
-
-
-# ----------------------------------------------------------------------------- images
+from forgeml.data.base import ModelInputs, TargetSpec, register_preprocessor
+from forgeml.data.columns import category, no_rejects
 
 
 def _pixel_count(image) -> int:
@@ -324,8 +170,10 @@ class ImagePreprocessor:
     def model_inputs(self) -> ModelInputs:
         side = self.image_size
         if self.codes:
-            return ModelInputs(shape=(side, side), dtype="int64", vocab_size=self.max_value + 1)
-        return ModelInputs(shape=(1, side, side))
+            return ModelInputs(
+                shape=(side, side), data="images", dtype="int64", vocab_size=self.max_value + 1
+            )
+        return ModelInputs(shape=(1, side, side), data="images")
 
     @property
     def target(self) -> TargetSpec:
