@@ -36,7 +36,6 @@ import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from forgeml import runtime
 from forgeml.config import (
     PBT_MUTABLE,
     ChoiceParam,
@@ -52,18 +51,13 @@ from forgeml.config import (
     config_from_dict,
     set_path,
 )
-from forgeml.data.pipeline import PreparedData, prepare_data
-from forgeml.data.sources import open_source
+from forgeml.data.pipeline import PreparedData
+from forgeml.launch import prepare_launch, resolve_run_name
+from forgeml.registration import register_checkpoint
 from forgeml.storage import ModelVersion, Storage
-from forgeml.tracking import close_stopped_trials, open_tracking, run_tracking
+from forgeml.tracking import close_stopped_trials, run_tracking
 from forgeml.train.loop import CHECKPOINT_FILE, train_worker
-from forgeml.train.trainer import (
-    build_trainer,
-    load_judge,
-    loop_config,
-    register_checkpoint,
-    resolve_run_name,
-)
+from forgeml.train.trainer import build_trainer, loop_config
 
 logger = logging.getLogger(__name__)
 
@@ -365,22 +359,21 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     started = time.monotonic()
     settings = cfg.tune
     storage = Storage(cfg.storage)
-    experiment = resolve_run_name(storage, "tune", f"{cfg.name}-tune", resume)
-    experiment_path = storage.path("tune", experiment)
-    if resume is not False and storage.exists(f"{experiment_path}/{RESULTS_FILE}"):
-        raise ValueError(
-            f"--resume: search {experiment} has finished; its results are in "
-            f"{storage.uri('tune', experiment, RESULTS_FILE)}"
-        )
-    source = open_source(cfg, storage)
-    load_judge(cfg, storage, source.features)
-    runtime.connect()
-    runtime.require_shared_storage(cfg.storage)
-    data = prepare_data(
-        cfg, source, f"{experiment_path}/rejected", storage.fs, trial_world_sizes(cfg)
+    if resume is not False:
+        finished = resolve_run_name(storage, "tune", f"{cfg.name}-tune", resume)
+        if storage.exists(storage.path("tune", finished, RESULTS_FILE)):
+            raise ValueError(
+                f"--resume: search {finished} has finished; its results are in "
+                f"{storage.uri('tune', finished, RESULTS_FILE)}"
+            )
+    # Trials share the cluster as the search schedules them, so no one worker group's
+    # placement is checked up front.
+    launch = prepare_launch(
+        cfg, "tune", f"{cfg.name}-tune", resume, trial_world_sizes(cfg), check_placement=False
     )
+    experiment, experiment_path, data = launch.name, launch.path, launch.data
     base = cfg.model_dump(mode="json")
-    tracking = open_tracking(cfg, storage)
+    tracking = launch.tracking
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
