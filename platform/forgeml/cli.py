@@ -275,7 +275,7 @@ def _storage_config(args: argparse.Namespace) -> StorageConfig:
 def _serve(args: argparse.Namespace) -> int:
     import yaml
 
-    from forgeml.serve.app import read_token
+    from forgeml.serve.auth import read_token
     from forgeml.serve.deploy import (
         GATEWAY_APP,
         AppArgs,

@@ -27,7 +27,7 @@ from forgeml.model_package import load_model
 from forgeml.monitor.check import DriftGauges, check
 from forgeml.monitor.traffic import read_traffic
 from forgeml.runtime import RAY_ENV_DEFAULTS
-from forgeml.serve.app import build_gateway, build_model_app
+from forgeml.serve.apps import build_gateway, build_model_app
 from forgeml.serve.deploy import AppArgs, deploy
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
@@ -442,7 +442,7 @@ def test_serve_build_pins_versions_for_serve_deploy(served, capsys, monkeypatch)
     monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
     for app in config["applications"]:
         module, _, builder = app["import_path"].partition(":")
-        assert module == "forgeml.serve.app"
+        assert module == "forgeml.serve.apps"
         assert isinstance(
             {"build_model_app": build_model_app, "build_gateway": build_gateway}[builder](
                 app["args"]

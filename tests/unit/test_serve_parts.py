@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from forgeml.config import AutoscalingConfig
 from forgeml.data.images import ImagePreprocessor
-from forgeml.serve.app import TOKEN_ENV, TOKEN_FILE_ENV, read_token
+from forgeml.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 from forgeml.serve.schemas import ImageInstance
 from PIL import Image
 

@@ -27,17 +27,15 @@ import forgeml
 from forgeml.config import ExperimentConfig, StorageConfig
 from forgeml.data.kinds import preprocessor_from_dict
 from forgeml.model_package import package_config
-from forgeml.serve.app import (
-    Gateway,
+from forgeml.serve.apps import (
     GatewayArgs,
     ModelAppArgs,
-    Route,
-    RoutingTable,
     bind_gateway,
     bind_model,
     model_deployment,
-    read_token,
 )
+from forgeml.serve.auth import read_token
+from forgeml.serve.gateway import Gateway, Route, RoutingTable
 from forgeml.serve.schemas import ModelInfo
 from forgeml.storage import ModelRegistry, ModelVersion, Storage
 
@@ -192,7 +190,7 @@ def serve_config(args: AppArgs, host: str, port: int) -> dict:
         {
             "name": route.app,
             "route_prefix": None,
-            "import_path": "forgeml.serve.app:build_model_app",
+            "import_path": "forgeml.serve.apps:build_model_app",
             "args": model.model_dump(mode="json"),
         }
         for model, route in zip(serving.models, serving.table.routes, strict=True)
@@ -200,7 +198,7 @@ def serve_config(args: AppArgs, host: str, port: int) -> dict:
     gateway = {
         "name": GATEWAY_APP,
         "route_prefix": "/",
-        "import_path": "forgeml.serve.app:build_gateway",
+        "import_path": "forgeml.serve.apps:build_gateway",
         "args": serving.gateway.model_dump(mode="json"),
         "deployments": [{"name": "Gateway", "user_config": serving.table.model_dump(mode="json")}],
     }

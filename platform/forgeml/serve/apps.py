@@ -1,0 +1,78 @@
+"""Serve applications built from arguments: one per model version, and the gateway.
+
+``build_model_app`` and ``build_gateway`` are the ``import_path`` targets of the Serve
+config file that ``forgeml serve build`` writes; ``forgeml.serve.deploy`` binds the same
+deployments itself, with versions pinned.
+"""
+
+from pydantic import BaseModel, Field
+from ray.serve import Application, Deployment
+
+from forgeml.config import ServeConfig, StorageConfig
+from forgeml.model_package import package_config
+from forgeml.serve.auth import read_token
+from forgeml.serve.gateway import Gateway
+from forgeml.serve.http import ACCESS_LOGS
+from forgeml.serve.model_server import ModelServer
+from forgeml.storage import ModelRegistry, Storage
+
+
+class ModelAppArgs(BaseModel):
+    """One model version's Serve application (``forgeml.serve.apps:build_model_app``)."""
+
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*:v[0-9]+$", description="Pinned ref name:vN.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    overrides: list[str] = Field(
+        default_factory=list, description="serve.* overrides applied to the package's config."
+    )
+
+
+class GatewayArgs(BaseModel):
+    """The gateway application (``import_path: forgeml.serve.apps:build_gateway``).
+
+    Which versions it routes to is its ``user_config``, a ``RoutingTable``."""
+
+    auth: bool = Field(True, description="Require a bearer token on /v1 routes.")
+    max_body_bytes: int = Field(ServeConfig().max_body_bytes, ge=1024)
+
+
+def model_deployment(args: ModelAppArgs) -> Deployment:
+    """``ModelServer`` with the replica, batching and autoscaling settings of the package."""
+    registry = ModelRegistry(Storage(args.storage))
+    cfg = package_config(registry, registry.resolve(args.model), args.overrides).serve
+    scaling = cfg.autoscaling
+    return ModelServer.options(
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": scaling.min_replicas,
+            "initial_replicas": max(scaling.min_replicas, 1),
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+            "look_back_period_s": scaling.look_back_period_s,
+        },
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        logging_config=ACCESS_LOGS,
+    )
+
+
+def bind_model(deployment: Deployment, args: ModelAppArgs) -> Application:
+    """``deployment`` (a ``ModelServer``) bound to the model version ``args`` names."""
+    return deployment.bind(args.model, args.storage.model_dump(), args.overrides)
+
+
+def build_model_app(args: dict | ModelAppArgs) -> Application:
+    """Serve application builder for one model version."""
+    args = ModelAppArgs.model_validate(args)
+    return bind_model(model_deployment(args), args)
+
+
+def bind_gateway(deployment: Deployment, args: GatewayArgs) -> Application:
+    """``deployment`` (a ``Gateway``) bound to the token and body limit of ``args``."""
+    return deployment.bind(read_token(args.auth), args.max_body_bytes)
+
+
+def build_gateway(args: dict | GatewayArgs) -> Application:
+    """Serve application builder for the gateway; its routing table comes as user_config."""
+    return bind_gateway(Gateway, GatewayArgs.model_validate(args))

@@ -1,0 +1,276 @@
+"""The gateway: one FastAPI ingress in front of the applications of the served model versions.
+
+    GET  /healthz                                   liveness (no auth)
+    GET  /readyz                                    every model replica answers (no auth)
+    GET  /v1/models                                 served models and versions
+    POST /v1/models/{name}/predict                  newest served version of a model
+    POST /v1/models/{name}/versions/{version}/predict
+    POST /v1/models/{name}/explain                  Grad-CAM or Integrated Gradients
+    POST /v1/models/{name}/versions/{version}/explain
+
+The routing table is the deployment's ``user_config``, so a new version is switched in
+place (``forgeml.serve.deploy``). Each replica builds its HTTP app from its own settings
+(``gateway_api``), after its constructor, through Serve's ``__serve_build_asgi_app__``.
+"""
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+import forgeml
+from forgeml.serve.auth import bearer_credentials, check_bearer_token
+from forgeml.serve.http import ACCESS_LOGS, RequestAccounting, add_error_handlers
+from forgeml.serve.metrics import RequestMetrics
+from forgeml.serve.schemas import (
+    ErrorResponse,
+    ExplainRequest,
+    ExplainResponse,
+    ModelInfo,
+    PredictRequest,
+    PredictResponse,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Longest wait, when the routing changes, for new versions to answer and old calls to end.
+SWITCH_TIMEOUT_S = 300.0
+#: Instances one /explain request may hold: each costs tens of forward and backward passes.
+MAX_EXPLAIN_INSTANCES = 16
+#: Longest wait of /readyz for each model version.
+READY_TIMEOUT_S = 10.0
+
+
+class Route(BaseModel):
+    """One served model version: the Serve application running it and what clients see."""
+
+    app: str
+    info: ModelInfo
+    max_instances: int = Field(ge=1)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.info.name}:{self.info.version}"
+
+
+class RoutingTable(BaseModel):
+    """The gateway's ``user_config``: the model versions it routes to."""
+
+    routes: list[Route] = Field(default_factory=list)
+
+
+@serve.deployment(max_ongoing_requests=256, logging_config=ACCESS_LOGS)
+@serve.ingress()
+class Gateway:
+    """Routes requests to model versions, checks tokens, validates inputs."""
+
+    def __init__(self, token: str | None, max_body_bytes: int):
+        self.token = token
+        self.max_body_bytes = max_body_bytes
+        self.routes: dict[str, Route] = {}
+        self.handles: dict[str, DeploymentHandle] = {}
+        self.latest: dict[str, str] = {}
+        self.in_flight: Counter[str] = Counter()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this on each replica after ``__init__``: the HTTP app of this gateway."""
+        return gateway_api(self, self.max_body_bytes)
+
+    async def reconfigure(self, table: dict) -> None:
+        """Switch to a new routing table without failing a request.
+
+        Versions new to the table must answer before traffic moves to them; if one does
+        not within SWITCH_TIMEOUT_S, the old table stays (the deployer sees that in
+        ``routed_apps`` and reports it). Calls still running on versions that left the
+        table finish before this returns. Serve applies a ``user_config`` change in
+        place, on every replica, and the deployer only deletes a model's application
+        after that, so no call can reach a deleted one.
+        """
+        routes = {route.ref: route for route in RoutingTable.model_validate(table).routes}
+        handles = {
+            # No existence check: it blocks this event loop, and in a Serve config file
+            # the model's application may still be starting; ready() waits for it.
+            ref: self.handles.get(ref)
+            or serve.get_deployment_handle("ModelServer", route.app, _check_exists=False)
+            for ref, route in routes.items()
+        }
+        new = routes.keys() - self.routes.keys()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(handles[ref].ready.remote() for ref in new)),
+                timeout=SWITCH_TIMEOUT_S,
+            )
+        except Exception:
+            logger.exception("new model versions %s did not answer; routes unchanged", new)
+            return
+        dropped = self.routes.keys() - routes.keys()
+        self.routes, self.handles = routes, handles
+        newest_first = sorted(routes.values(), key=lambda r: int(r.info.version[1:]), reverse=True)
+        self.latest = {}
+        for route in newest_first:
+            self.latest.setdefault(route.info.name, route.ref)
+        deadline = time.monotonic() + SWITCH_TIMEOUT_S
+        while any(self.in_flight[ref] for ref in dropped):
+            if time.monotonic() > deadline:
+                busy = {ref: self.in_flight[ref] for ref in dropped if self.in_flight[ref]}
+                logger.warning("calls still running on dropped versions: %s", busy)
+                return
+            await asyncio.sleep(0.02)
+
+    def routed_apps(self) -> list[str]:
+        """The model applications this gateway sends traffic to (the deployer keeps these)."""
+        return [route.app for route in self.routes.values()]
+
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    async def readyz(self) -> JSONResponse:
+        if not self.routes:
+            return JSONResponse({"status": "not ready", "reason": "no models routed"}, 503)
+        try:
+            for ref, handle in list(self.handles.items()):
+                self.in_flight[ref] += 1  # a routing switch waits for this call too
+                try:
+                    await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+                finally:
+                    self.in_flight[ref] -= 1
+        except Exception as exc:  # any replica failure or a timeout means not ready
+            return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, 503)
+        return JSONResponse({"status": "ready", "models": sorted(self.routes)})
+
+    async def list_models(
+        self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials)
+    ) -> list[ModelInfo]:
+        check_bearer_token(self.token, credentials)
+        return [route.info for route in self.routes.values()]
+
+    async def predict_latest(
+        self,
+        name: str,
+        body: PredictRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
+    ) -> PredictResponse:
+        check_bearer_token(self.token, credentials)
+        if name not in self.latest:
+            raise HTTPException(404, f"no served model named {name!r}; see /v1/models")
+        return await self._predict(self.latest[name], body, request)
+
+    async def predict_version(
+        self,
+        name: str,
+        version: str,
+        body: PredictRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
+    ) -> PredictResponse:
+        check_bearer_token(self.token, credentials)
+        return await self._predict(self._served(name, version), body, request)
+
+    async def explain_latest(
+        self,
+        name: str,
+        body: ExplainRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
+    ) -> ExplainResponse:
+        check_bearer_token(self.token, credentials)
+        if name not in self.latest:
+            raise HTTPException(404, f"no served model named {name!r}; see /v1/models")
+        return await self._explain(self.latest[name], body, request)
+
+    async def explain_version(
+        self,
+        name: str,
+        version: str,
+        body: ExplainRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
+    ) -> ExplainResponse:
+        check_bearer_token(self.token, credentials)
+        return await self._explain(self._served(name, version), body, request)
+
+    def _served(self, name: str, version: str) -> str:
+        ref = f"{name}:{version}"
+        if ref not in self.routes:
+            served = sorted(r for r in self.routes if r.startswith(f"{name}:"))
+            raise HTTPException(404, f"model version {ref!r} is not served; served: {served}")
+        return ref
+
+    async def _call(self, ref: str, request: Request, limit: int, method: str, *args) -> dict:
+        """One model call for ``ref``, counted in flight so a routing switch waits for it;
+        a 413 beyond ``limit`` instances, a 422 for what the model refuses."""
+        # No await until the call is counted in flight: a routing switch waits for it.
+        route, handle = self.routes[ref], self.handles[ref]
+        request.state.model, request.state.version = route.info.name, route.info.version
+        count = len(args[0])
+        if count > limit:
+            raise HTTPException(413, f"{count} instances exceed the limit of {limit}")
+        self.in_flight[ref] += 1
+        try:
+            result = await getattr(handle, method).remote(*args)
+        finally:
+            self.in_flight[ref] -= 1
+        if "error" in result:
+            raise HTTPException(422, result["error"])
+        return result
+
+    async def _predict(self, ref: str, body: PredictRequest, request: Request) -> PredictResponse:
+        # Read before awaiting: a routing switch may drop ``ref`` while the call runs.
+        route = self.routes[ref]
+        result = await self._call(ref, request, route.max_instances, "infer", body.instances)
+        info = route.info
+        return PredictResponse(
+            model=info.name, version=info.version, predictions=result["predictions"]
+        )
+
+    async def _explain(self, ref: str, body: ExplainRequest, request: Request) -> ExplainResponse:
+        route = self.routes[ref]  # before awaiting, as in _predict
+        limit = min(route.max_instances, MAX_EXPLAIN_INSTANCES)
+        result = await self._call(ref, request, limit, "explain", body.instances, body.target)
+        info = route.info
+        return ExplainResponse(
+            model=info.name, version=info.version, explanations=result["explanations"]
+        )
+
+
+def gateway_api(gateway: "Gateway", max_body_bytes: int) -> FastAPI:
+    """The FastAPI app of one gateway replica: its routes, error bodies, request metrics
+    and a body limit of ``max_body_bytes``. Call it in the replica (it creates metrics)."""
+    api = FastAPI(
+        title="forgeml",
+        version=forgeml.__version__,
+        description="Predictions from registered forgeml model packages.",
+        responses={
+            401: {"model": ErrorResponse},
+            404: {"model": ErrorResponse},
+            413: {"model": ErrorResponse},
+            422: {"model": ErrorResponse},
+        },
+    )
+    api.add_middleware(RequestAccounting, max_body_bytes=max_body_bytes, metrics=RequestMetrics())
+    add_error_handlers(api)
+    api.add_api_route("/healthz", gateway.healthz, methods=["GET"])
+    api.add_api_route("/readyz", gateway.readyz, methods=["GET"])
+    api.add_api_route(
+        "/v1/models", gateway.list_models, methods=["GET"], response_model=list[ModelInfo]
+    )
+    predict = {"methods": ["POST"], "response_model": PredictResponse}
+    api.add_api_route("/v1/models/{name}/predict", gateway.predict_latest, **predict)
+    api.add_api_route(
+        "/v1/models/{name}/versions/{version}/predict", gateway.predict_version, **predict
+    )
+    explain = {"methods": ["POST"], "response_model": ExplainResponse}
+    api.add_api_route("/v1/models/{name}/explain", gateway.explain_latest, **explain)
+    api.add_api_route(
+        "/v1/models/{name}/versions/{version}/explain", gateway.explain_version, **explain
+    )
+    return api
