@@ -9,7 +9,7 @@ import ray.data
 import torch
 
 from forgeml.data.preprocessing import Preprocessor
-from forgeml.train.loop import batch_dtypes
+from forgeml.tasks import batch_dtypes
 
 #: Rows a generating task decodes together.
 GENERATION_BATCH = 256
@@ -21,6 +21,13 @@ class Evaluation:
     predictions: np.ndarray  # per row: class probabilities, values, or a text's log perplexity
     targets: np.ndarray
     inputs: dict[str, np.ndarray]  # the preprocessor's input summary, per row
+
+
+def _scores_what_it_generates(task) -> bool:
+    """Whether the task also scores the outputs it generates (``generation_metrics``),
+    as tasks that write text do. The one capability evaluation probes for: the typed
+    ``Task`` protocol replaces this probe."""
+    return hasattr(task, "generation_metrics")
 
 
 def evaluate(
@@ -44,7 +51,7 @@ def evaluate(
             targets.append(batch["target"].numpy())
             inputs.append(preprocessor.input_summary(batch["inputs"].numpy()))
     report = task.report(metrics.compute())
-    if hasattr(task, "generation_metrics"):  # tasks that write text score what they write
+    if _scores_what_it_generates(task):
         batches = dataset.iter_batches(batch_size=GENERATION_BATCH, batch_format="numpy")
         report |= task.generation_metrics(model, batches, preprocessor)
     return Evaluation(

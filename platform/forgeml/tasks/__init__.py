@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
+from forgeml.data.preprocessing import ModelInputs
+
 _TASKS: dict[str, Callable] = {}
 
 
@@ -28,6 +32,11 @@ def register_task(kind: str):
 def build_task(cfg, target):
     """The task for a task config and the fitted ``TargetSpec``."""
     return _TASKS[cfg.kind](cfg, target)
+
+
+def batch_dtypes(task, inputs: ModelInputs) -> dict[str, torch.dtype]:
+    """Tensor types of a batch's model inputs and target, for training and evaluation alike."""
+    return {"inputs": getattr(torch, inputs.dtype), "target": task.target_dtype}
 
 
 from forgeml.tasks import (  # noqa: E402,F401
