@@ -9,7 +9,7 @@ import ray.data
 import torch
 
 from forgeml.data.base import Preprocessor
-from forgeml.train.loop import batch_dtypes
+from forgeml.tasks import Task, batch_dtypes
 
 #: Rows a generating task decodes together.
 GENERATION_BATCH = 256
@@ -25,7 +25,7 @@ class Evaluation:
 
 def evaluate(
     model: torch.nn.Module,
-    task,
+    task: Task,
     dataset: ray.data.Dataset,
     preprocessor: Preprocessor,
 ) -> Evaluation:

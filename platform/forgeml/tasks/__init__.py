@@ -19,7 +19,7 @@ import torchmetrics
 from torch import nn
 
 from forgeml.config import TaskSection
-from forgeml.data.base import TargetSpec
+from forgeml.data.base import ModelInputs, TargetSpec
 
 
 class Task(Protocol):
@@ -102,6 +102,11 @@ def build_task(cfg: TaskSection, target: TargetSpec) -> Task:
 
 def registered_tasks() -> list[str]:
     return sorted(_TASKS)
+
+
+def batch_dtypes(task: Task, inputs: ModelInputs) -> dict[str, torch.dtype]:
+    """Tensor types of a batch's model inputs and target, for training and evaluation alike."""
+    return {"inputs": getattr(torch, inputs.dtype), "target": task.target_dtype}
 
 
 from forgeml.tasks import (  # noqa: E402,F401  importing the implementations registers them

@@ -1,11 +1,12 @@
 """The per-worker training loop run by Ray Train on every DDP rank.
 
-Reads top to bottom: build the model, optimizer and schedule from the config; restore
-the latest checkpoint if one is handed over (a restarted worker group, ``--resume``, or
-a Population Based Training trial continuing from another's); then per epoch train on
-this rank's shard, validate, decide on early stopping, and report metrics with a
-checkpoint. All ranks take the same decisions because every number they decide on is
-all-reduced first.
+``train_worker`` reads top to bottom, one ``WorkerRecipe`` method per step: build the
+model, optimizer and schedule from the config; ``restore`` the latest checkpoint if one
+is handed over (a restarted worker group, ``--resume``, or a Population Based Training
+trial continuing from another's); then ``train``: per epoch train on this rank's shard
+(checkpointing inside it on a preemption notice), validate, decide on early stopping,
+and report metrics with a checkpoint. All ranks take the same decisions because every
+number they decide on is all-reduced first.
 
 The loop reaches Ray only through a ``WorkerSession``: ``RayTrainSession`` on a Ray
 Train worker, or a Tune trial's own session when a search trains in-process.
@@ -18,6 +19,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -33,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from forgeml.config import ExperimentConfig
 from forgeml.data.base import ModelInputs, TargetSpec
 from forgeml.models import build_model
-from forgeml.tasks import build_task
+from forgeml.tasks import batch_dtypes, build_task
 from forgeml.tracking import EpochLogger
 from forgeml.train.augment import augment_batch
 from forgeml.train.early_stopping import EarlyStopping
@@ -43,11 +45,6 @@ from forgeml.train.preemption import PreemptionWatch
 logger = logging.getLogger("forgeml.train")
 
 CHECKPOINT_FILE = "state.pt"
-
-
-def batch_dtypes(task, inputs: ModelInputs) -> dict[str, torch.dtype]:
-    """Tensor types of a batch's model inputs and target."""
-    return {"inputs": getattr(torch, inputs.dtype), "target": task.target_dtype}
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -159,6 +156,37 @@ def augmentation_generator(seed: int, epoch: int, rank: int, device: torch.devic
     return generator
 
 
+def _model_with_initial_weights(
+    cfg: ExperimentConfig, inputs: ModelInputs, task, initial_weights: dict
+) -> torch.nn.Module:
+    """The config's model, starting from the weights handed over (a warm start), if any."""
+    model = build_model(cfg.model, inputs, task.num_outputs)
+    start = {name: torch.tensor(value) for name, value in initial_weights.items()}
+    unknown = model.load_state_dict(start, strict=False).unexpected_keys
+    if unknown:
+        raise ValueError(f"initial weights for parameters the model lacks: {unknown}")
+    return model
+
+
+def _lr_schedule(cfg: ExperimentConfig, optimizer, train_rows: int) -> LRSchedule:
+    # The schedule counts steps at the largest size, the same at every size it restarts at.
+    largest = BatchPlan.for_world(
+        cfg.train.batch_size, cfg.scaling.max_workers, cfg.scaling.max_workers, train_rows
+    )
+    return LRSchedule(
+        cfg.train.schedule,
+        optimizer,
+        steps_per_epoch=largest.steps_per_epoch,
+        max_epochs=cfg.train.max_epochs,
+        metric_mode=cfg.train.early_stopping.mode,
+    )
+
+
+def _diverged(record: dict) -> bool:
+    """A non-finite training or validation loss: training cannot go on from here."""
+    return not math.isfinite(record["train_loss"]) or not math.isfinite(record["val_loss"])
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """The TorchTrainer's entry point on every rank."""
     return train_worker(config, RayTrainSession())
@@ -167,280 +195,375 @@ def train_loop_per_worker(config: dict) -> dict:
 def train_worker(config: dict, session: WorkerSession) -> dict:
     """Train one rank. Returns (on every rank) the run's status and per-epoch history."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    cfg = ExperimentConfig.model_validate(config["experiment"])
-    rank, world_size, device = session.rank, session.world_size, session.device
-    torch.set_num_threads(cfg.scaling.torch_threads or max(int(cfg.scaling.cpus_per_worker), 1))
+    recipe = WorkerRecipe(config, session)
+    recipe.restore(session.checkpoint())
+    return recipe.train()
 
-    torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task, TargetSpec.from_dict(config["target"]))
-    inputs = ModelInputs.from_dict(config["inputs"])
-    dtypes = batch_dtypes(task, inputs)
-    model = build_model(cfg.model, inputs, task.num_outputs)
-    start = {name: torch.tensor(value) for name, value in config["initial_weights"].items()}
-    unknown = model.load_state_dict(start, strict=False).unexpected_keys
-    if unknown:
-        raise ValueError(f"initial weights for parameters the model lacks: {unknown}")
-    model = session.prepare_model(model)
-    ranks = _ranks(rank, world_size)
-    torch.manual_seed(cfg.seed * 1000 + rank)
-    optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
-    plan = BatchPlan.for_world(
-        cfg.train.batch_size, cfg.scaling.max_workers, world_size, config["train_rows"]
-    )
-    # The schedule counts steps at the largest size, the same at every size it restarts at.
-    largest = BatchPlan.for_world(
-        cfg.train.batch_size, cfg.scaling.max_workers, cfg.scaling.max_workers, config["train_rows"]
-    )
-    schedule = LRSchedule(
-        cfg.train.schedule,
-        optimizer,
-        steps_per_epoch=largest.steps_per_epoch,
-        max_epochs=cfg.train.max_epochs,
-        metric_mode=cfg.train.early_stopping.mode,
-    )
-    stopper = EarlyStopping(cfg.train.early_stopping)
-    history: list[dict] = []
-    restarts: list[dict] = []  # every restart of this run from a checkpoint, in order
-    start_epoch, done_steps = 1, 0  # done_steps: of start_epoch, by a preemption checkpoint
-    carried = [0.0, 0.0, 0.0]  # loss sum, rows and seconds of those steps, all ranks
 
-    checkpoint = session.checkpoint()
-    tracked = None  # the restored run's tracking state
-    if checkpoint:
+@dataclass
+class EpochProgress:
+    """How far this rank is through an epoch. A resumed epoch counts its steps from where
+    the preemption checkpoint left off, and carries what those steps trained."""
+
+    epoch: int
+    first_step: int  # 0, or the steps a preemption checkpoint had taken of this epoch
+    carried: list[float]  # loss sum, rows and seconds of those steps, all ranks together
+    loss_sum: torch.Tensor  # of this rank's rows since (re)starting the epoch
+    steps: int = 0
+    rows: int = 0
+    data_wait_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EpochTraining:
+    """An epoch's training, over all ranks and including the steps before a restart."""
+
+    loss: float  # mean per row
+    rows: float
+    seconds: float
+    data_wait_s: float  # mean over the ranks
+    started: float  # monotonic clock when the epoch began
+
+
+class WorkerRecipe:
+    """One rank's run: built from the config (``__init__``), ``restore`` from a
+    checkpoint, then ``train``; every epoch trains, validates, checkpoints and reports."""
+
+    def __init__(self, config: dict, session: WorkerSession):
+        cfg = self.cfg = ExperimentConfig.model_validate(config["experiment"])
+        self.session = session
+        self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
+        torch.set_num_threads(cfg.scaling.torch_threads or max(int(cfg.scaling.cpus_per_worker), 1))
+
+        torch.manual_seed(cfg.seed)
+        self.task = build_task(cfg.task, TargetSpec.from_dict(config["target"]))
+        inputs = ModelInputs.from_dict(config["inputs"])
+        self.dtypes = batch_dtypes(self.task, inputs)
+        model = _model_with_initial_weights(cfg, inputs, self.task, config["initial_weights"])
+        self.model = session.prepare_model(model)
+        self.ranks = _ranks(self.rank, self.world_size)
+        torch.manual_seed(cfg.seed * 1000 + self.rank)
+        self.optimizer = build_optimizer(cfg.train.optimizer, self.model.parameters())
+        self.plan = BatchPlan.for_world(
+            cfg.train.batch_size, cfg.scaling.max_workers, self.world_size, config["train_rows"]
+        )
+        self.schedule = _lr_schedule(cfg, self.optimizer, config["train_rows"])
+        self.stopper = EarlyStopping(cfg.train.early_stopping)
+        self.watched = cfg.train.early_stopping.metric
+        self.watch = PreemptionWatch(session, cfg.train.preemption)
+        self.augment = config["augment"]  # augment_batch's settings, or nothing
+        self.tracking = config["tracking"]
+        self.tracker: EpochLogger | None = None  # rank 0's, while training
+
+        # Where training starts, unless ``restore`` finds a checkpoint.
+        self.history: list[dict] = []
+        self.restarts: list[dict] = []  # every restart of this run from a checkpoint, in order
+        self.start_epoch = 1
+        self.done_steps = 0  # of start_epoch, by a preemption checkpoint
+        self.carried = [0.0, 0.0, 0.0]  # loss sum, rows and seconds of those steps, all ranks
+        self.resumed_tracking: dict | None = None  # the restored run's tracking state
+
+    def restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
+        """Continue from ``checkpoint``, if one is handed over: at the epoch after it, or
+        at the step of its epoch where a preemption checkpoint was written."""
+        if not checkpoint:
+            return
+        cfg = self.cfg
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device)
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=self.device)
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
         # The checkpoint may come from a trial with other values (PBT): ours apply from here.
         # Checkpoints written before base_lr was recorded were saved at this run's lr.
-        schedule.rescale(cfg.train.optimizer.lr / state.get("base_lr", cfg.train.optimizer.lr))
-        apply_hyperparameters(optimizer, cfg.train.optimizer)
-        stopper.load_state_dict(state["early_stopping"])
-        history = state["history"]
-        done_steps = state.get("step", 0)
-        start_epoch = state["epoch"] + (0 if done_steps else 1)
-        carried = state.get("carried", carried)
-        restarts = [
+        self.schedule.rescale(cfg.train.optimizer.lr / state.get("base_lr", cfg.train.optimizer.lr))
+        apply_hyperparameters(self.optimizer, cfg.train.optimizer)
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.history = state["history"]
+        self.done_steps = state.get("step", 0)
+        self.start_epoch = state["epoch"] + (0 if self.done_steps else 1)
+        self.carried = state.get("carried", self.carried)
+        self.restarts = [
             *state.get("restarts", []),
             {
                 "epoch": state["epoch"],
-                "step": done_steps,
+                "step": self.done_steps,
                 "checkpoint": state.get("kind", "epoch"),
                 "saved_at": state.get("saved_at"),
                 "deadline": state.get("deadline"),
                 "write_s": state.get("write_s"),
                 "resumed_at": round(time.time(), 3),
-                "workers": world_size,
+                "workers": self.world_size,
             },
         ]
-        tracked = state.get("tracking")
-        if rank == 0:
-            where = f"step {done_steps} of epoch" if done_steps else "the end of epoch"
+        self.resumed_tracking = state.get("tracking")
+        if self.rank == 0:
+            where = f"step {self.done_steps} of epoch" if self.done_steps else "the end of epoch"
             logger.info(
                 "resumed from the checkpoint at %s %d with %d worker(s)",
                 where,
                 state["epoch"],
-                world_size,
+                self.world_size,
             )
-    tracker = EpochLogger(config["tracking"], cfg, tracked, start_epoch) if rank == 0 else None
 
-    watch = PreemptionWatch(session, cfg.train.preemption)
+    def train(self) -> dict:
+        """Train up to ``max_epochs``, or until early stopping or a non-finite loss.
+        Returns the run's status, history, restarts, world size and where the ranks ran."""
+        cfg = self.cfg
+        if self.rank == 0:
+            self.tracker = EpochLogger(self.tracking, cfg, self.resumed_tracking, self.start_epoch)
+        train_shard, val_shard = self.session.dataset("train"), self.session.dataset("val")
+        self.run_started = time.monotonic()
+        status = "completed"
+        try:
+            for epoch in range(self.start_epoch, cfg.train.max_epochs + 1):
+                training = self.train_epoch(epoch, train_shard)
+                scores = self.validate(val_shard)
+                record = self.epoch_record(epoch, training, scores)
+                self.history.append(record)
+                if _diverged(record):
+                    status = "diverged"
+                    self.session.report(record)
+                    self.track(record)
+                    break
 
-    def save(kind: str, epoch: int, step: int, metrics: dict, partial=None) -> None:
+                stop = self.stopper.update(record[self.watched], epoch)
+                self.schedule.after_epoch(record[self.watched])
+                record["best_epoch"] = self.stopper.best_epoch
+                self.track(record)
+                self.report_with_checkpoint(record, "epoch", epoch)
+                if self.rank == 0:
+                    self.log_epoch_line(record, scores)
+                if stop:
+                    status = "early_stopped"
+                    if self.rank == 0:
+                        self.log_early_stop()
+                    break
+        except BaseException:
+            self.cleanup("failed")
+            raise
+        self.cleanup(status)
+        return {
+            "status": status,
+            "history": self.history,
+            "restarts": self.restarts,
+            "world_size": self.world_size,
+            "ranks": self.ranks,
+        }
+
+    def train_epoch(self, epoch: int, shard: ray.data.DataIterator) -> EpochTraining:
+        """One pass over this rank's shard; a resumed epoch trains the steps it had left,
+        on a fresh pass. Checkpoints in between when a preemption notice asks for it."""
+        first_step = self.done_steps if epoch == self.start_epoch else 0
+        progress = EpochProgress(
+            epoch=epoch,
+            first_step=first_step,
+            carried=self.carried if first_step else [0.0, 0.0, 0.0],
+            loss_sum=torch.zeros((), dtype=torch.float64, device=self.device),
+            steps=first_step,
+        )
+        self.model.train()
+        generator = None
+        if self.augment:
+            generator = augmentation_generator(self.cfg.seed, epoch, self.rank, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        fetch_started = time.monotonic()
+        for batch in shard.iter_torch_batches(
+            batch_size=self.plan.step_rows,
+            dtypes=self.dtypes,
+            device=self.device,
+            local_shuffle_buffer_size=4 * self.plan.step_rows,
+            local_shuffle_seed=shuffle_seed(self.cfg.seed, epoch, self.rank),
+        ):
+            if first_step and progress.steps >= self.plan.steps_per_epoch:
+                break
+            step_started = time.monotonic()
+            progress.data_wait_s += step_started - fetch_started
+            self.train_step(batch, generator, progress)
+            reason = self.watch.ask(time.monotonic() - step_started)
+            if reason:
+                self.checkpoint_for_preemption(reason, progress)
+            fetch_started = time.monotonic()
+        return self._epoch_training(progress)
+
+    def train_step(
+        self, batch: dict, generator: torch.Generator | None, progress: EpochProgress
+    ) -> None:
+        """One optimizer step on a batch, accumulated over micro-batches that fit."""
+        inputs, targets = batch["inputs"], batch["target"]
+        if self.augment:
+            inputs, targets = augment_batch(inputs, targets, **self.augment, generator=generator)
+        micro = self.plan.micro_batch
+        parts = list(zip(inputs.split(micro), targets.split(micro), strict=True))
+        for index, (part_inputs, part_targets) in enumerate(parts):
+            # weighted by rows: the step's gradient is that of the whole batch's mean loss
+            share = len(part_targets) / len(targets)
+            with _gradient_sync(self.model, sync=index == len(parts) - 1):
+                with _autocast(self.cfg, self.device):
+                    loss = self.task.loss(self.model(part_inputs), part_targets)
+                (loss * share).backward()
+            progress.loss_sum += loss.detach().double() * len(part_targets)
+        progress.rows += len(targets)
+        if self.cfg.train.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.after_step()
+        progress.steps += 1
+
+    def _epoch_training(self, progress: EpochProgress) -> EpochTraining:
+        """The finished epoch's loss, rows and times over all ranks; paces the
+        preemption watch by this epoch's mean step."""
+        seconds = time.monotonic() - progress.started
+        loss_sum, rows, rank_seconds, rank_waits = _all_reduce_sum(
+            [progress.loss_sum.item(), progress.rows, seconds, progress.data_wait_s], self.device
+        )
+        steps = max(progress.steps - progress.first_step, 1)
+        self.watch.pace(rank_seconds / self.world_size / steps)
+        # with what the steps before a restart trained, if it restarted in this epoch
+        loss_sum, rows = loss_sum + progress.carried[0], rows + progress.carried[1]
+        return EpochTraining(
+            loss=loss_sum / max(rows, 1),
+            rows=rows,
+            seconds=seconds + progress.carried[2],
+            data_wait_s=rank_waits / self.world_size,
+            started=progress.started,
+        )
+
+    def validate(self, shard: ray.data.DataIterator) -> dict[str, float]:
+        """Loss and metrics on the validation split, over all ranks: ``val_loss`` and
+        ``val_<metric>`` for each of the task's validation metrics."""
+        self.model.eval()
+        metrics = self.task.validation_metrics().to(self.device)
+        loss_sum, rows = 0.0, 0
+        with torch.no_grad():
+            for batch in shard.iter_torch_batches(
+                batch_size=4 * self.cfg.train.batch_size, dtypes=self.dtypes, device=self.device
+            ):
+                with _autocast(self.cfg, self.device):
+                    outputs = self.model(batch["inputs"])
+                targets = batch["target"]
+                loss_sum += self.task.loss(outputs, targets).item() * len(targets)
+                rows += len(targets)
+                metrics.update(self.task.predict(outputs), targets)
+        computed = {f"val_{name}": float(value) for name, value in metrics.compute().items()}
+        total_loss, total_rows = _all_reduce_sum([loss_sum, rows], self.device)
+        return {"val_loss": total_loss / max(total_rows, 1), **computed}
+
+    def epoch_record(self, epoch: int, training: EpochTraining, scores: dict) -> dict:
+        """The epoch's entry in the history: what is reported, tracked and checkpointed."""
+        return {
+            "epoch": epoch,
+            "train_loss": training.loss,
+            **scores,
+            "lr": self.schedule.lr,
+            "samples_per_s": training.rows / max(training.seconds, 1e-9),
+            "epoch_s": time.monotonic() - training.started,
+            "data_wait_s": training.data_wait_s,
+            "workers": self.world_size,
+            "global_batch": self.plan.global_batch(self.world_size),
+        }
+
+    def report_with_checkpoint(
+        self,
+        metrics: dict,
+        kind: str,
+        epoch: int,
+        step: int = 0,
+        carried: list[float] | None = None,
+    ) -> None:
         """Report ``metrics`` on every rank, with rank 0's checkpoint of everything a
         restart needs; ``step`` > 0 is a checkpoint inside ``epoch``."""
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
-            if rank == 0:
-                state = {
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "base_lr": cfg.train.optimizer.lr,
-                    "early_stopping": stopper.state_dict(),
-                    "epoch": epoch,
-                    "step": step,
-                    "kind": kind,
-                    "carried": partial,
-                    "history": history,
-                    "restarts": restarts,
-                    "tracking": tracker.state,
-                    "saved_at": round(time.time(), 3),
-                    "deadline": watch.deadline,  # of a preemption notice, if one came
-                    # the longest preemption checkpoint so far: what the deadline's margin used
-                    "write_s": round(watch.checkpoint_s, 3),
-                }
+            if self.rank == 0:
+                state = self.checkpoint_state(kind, epoch, step, carried)
                 torch.save(state, Path(folder) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            session.report(metrics, checkpoint=checkpoint)
+            self.session.report(metrics, checkpoint=checkpoint)
 
-    train_shard = session.dataset("train")
-    val_shard = session.dataset("val")
-    watched = cfg.train.early_stopping.metric
-    run_started = time.monotonic()
-    status = "completed"
+    def checkpoint_state(
+        self, kind: str, epoch: int, step: int, carried: list[float] | None
+    ) -> dict:
+        """Everything ``restore`` reads back: weights, optimizer, schedule, early
+        stopping, where in the run it was written, history, restarts and tracking."""
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "base_lr": self.cfg.train.optimizer.lr,
+            "early_stopping": self.stopper.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "kind": kind,
+            "carried": carried,
+            "history": self.history,
+            "restarts": self.restarts,
+            "tracking": self.tracker.state,
+            "saved_at": round(time.time(), 3),
+            "deadline": self.watch.deadline,  # of a preemption notice, if one came
+            # the longest preemption checkpoint so far: what the deadline's margin used
+            "write_s": round(self.watch.checkpoint_s, 3),
+        }
 
-    try:
-        for epoch in range(start_epoch, cfg.train.max_epochs + 1):
-            epoch_started = time.monotonic()
-            model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            seen = 0
-            # A resumed epoch trains the steps it had left, on a fresh pass of the shard.
-            first_step = done_steps if epoch == start_epoch else 0
-            before = carried if first_step else [0.0, 0.0, 0.0]
-            steps = first_step
-            augmenting = config["augment"]
-            if augmenting:
-                generator = augmentation_generator(cfg.seed, epoch, rank, device)
-            optimizer.zero_grad(set_to_none=True)
-            data_wait, fetch_started = 0.0, time.monotonic()
-            for batch in train_shard.iter_torch_batches(
-                batch_size=plan.step_rows,
-                dtypes=dtypes,
-                device=device,
-                local_shuffle_buffer_size=4 * plan.step_rows,
-                local_shuffle_seed=shuffle_seed(cfg.seed, epoch, rank),
-            ):
-                if first_step and steps >= plan.steps_per_epoch:
-                    break
-                step_started = time.monotonic()
-                data_wait += step_started - fetch_started
-                inputs, targets = batch["inputs"], batch["target"]
-                if augmenting:
-                    inputs, targets = augment_batch(
-                        inputs, targets, **augmenting, generator=generator
-                    )
-                micro = plan.micro_batch
-                parts = list(zip(inputs.split(micro), targets.split(micro), strict=True))
-                for index, (part_inputs, part_targets) in enumerate(parts):
-                    # weighted by rows: the step's gradient is that of the whole batch's mean loss
-                    share = len(part_targets) / len(targets)
-                    with _gradient_sync(model, sync=index == len(parts) - 1):
-                        with _autocast(cfg, device):
-                            loss = task.loss(model(part_inputs), part_targets)
-                        (loss * share).backward()
-                    loss_sum += loss.detach().double() * len(part_targets)
-                seen += len(targets)
-                if cfg.train.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.after_step()
-                steps += 1
-                reason = watch.ask(time.monotonic() - step_started)
-                if reason:
-                    saving = time.monotonic()
-                    so_far = _all_reduce_sum([loss_sum.item(), seen], device)
-                    partial = [
-                        before[0] + so_far[0],
-                        before[1] + so_far[1],
-                        before[2] + time.monotonic() - epoch_started,
-                    ]
-                    marker = {"epoch": epoch, "step": steps, watched: float("nan")}
-                    save(f"preemption {reason}", epoch, steps, marker, partial)
-                    watch.took(time.monotonic() - saving)
-                    if rank == 0:
-                        logger.info(
-                            "preemption %s: checkpoint at step %d of epoch %d", reason, steps, epoch
-                        )
-                fetch_started = time.monotonic()
-            train_seconds = time.monotonic() - epoch_started
-            total_loss, total_seen, rank_seconds, rank_waits = _all_reduce_sum(
-                [loss_sum.item(), seen, train_seconds, data_wait], device
+    def checkpoint_for_preemption(self, reason: str, progress: EpochProgress) -> None:
+        """Checkpoint inside the epoch, with what its steps so far trained on all ranks,
+        because a node is about to be reclaimed (``reason``: notice or deadline)."""
+        saving = time.monotonic()
+        so_far = _all_reduce_sum([progress.loss_sum.item(), progress.rows], self.device)
+        carried = [
+            progress.carried[0] + so_far[0],
+            progress.carried[1] + so_far[1],
+            progress.carried[2] + time.monotonic() - progress.started,
+        ]
+        marker = {"epoch": progress.epoch, "step": progress.steps, self.watched: float("nan")}
+        self.report_with_checkpoint(
+            marker, f"preemption {reason}", progress.epoch, progress.steps, carried
+        )
+        self.watch.took(time.monotonic() - saving)
+        if self.rank == 0:
+            logger.info(
+                "preemption %s: checkpoint at step %d of epoch %d",
+                reason,
+                progress.steps,
+                progress.epoch,
             )
-            watch.pace(rank_seconds / world_size / max(steps - first_step, 1))
-            # with what the steps before a restart trained, if it restarted in this epoch
-            total_loss, total_seen = total_loss + before[0], total_seen + before[1]
-            train_seconds += before[2]
-            train_loss = total_loss / max(total_seen, 1)
 
-            model.eval()
-            metrics = task.validation_metrics().to(device)
-            val_loss_sum, val_seen = 0.0, 0
-            with torch.no_grad():
-                for batch in val_shard.iter_torch_batches(
-                    batch_size=4 * cfg.train.batch_size, dtypes=dtypes, device=device
-                ):
-                    with _autocast(cfg, device):
-                        outputs = model(batch["inputs"])
-                    targets = batch["target"]
-                    val_loss_sum += task.loss(outputs, targets).item() * len(targets)
-                    val_seen += len(targets)
-                    metrics.update(task.predict(outputs), targets)
-            computed = {k: float(v) for k, v in metrics.compute().items()}
-            computed_names = [f"val_{name}" for name in computed]
-            val_total, val_count = _all_reduce_sum([val_loss_sum, val_seen], device)
+    def track(self, record: dict) -> None:
+        """Log the epoch to TensorBoard and MLflow (rank 0)."""
+        if self.tracker:
+            self.tracker.log_epoch(record)
 
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_total / max(val_count, 1),
-                **{f"val_{name}": value for name, value in computed.items()},
-                "lr": schedule.lr,
-                "samples_per_s": total_seen / max(train_seconds, 1e-9),
-                "epoch_s": time.monotonic() - epoch_started,
-                "data_wait_s": rank_waits / world_size,
-                "workers": world_size,
-                "global_batch": plan.global_batch(world_size),
-            }
-            history.append(record)
+    def log_epoch_line(self, record: dict, scores: dict) -> None:
+        """The console's line for a finished epoch: losses, scores, speed, time and ETA."""
+        epoch, max_epochs = record["epoch"], self.cfg.train.max_epochs
+        elapsed = time.monotonic() - self.run_started
+        eta = elapsed / (epoch - self.start_epoch + 1) * (max_epochs - epoch)
+        scored = "  ".join(f"{name} {value:.4f}" for name, value in scores.items())
+        logger.info(
+            "epoch %d/%d  train_loss %.4f  %s  lr %.2e  %.0f samples/s  elapsed %s  eta %s",
+            epoch,
+            max_epochs,
+            record["train_loss"],
+            scored,
+            record["lr"],
+            record["samples_per_s"],
+            _format_seconds(elapsed),
+            _format_seconds(eta),
+        )
 
-            if not math.isfinite(train_loss) or not math.isfinite(record["val_loss"]):
-                status = "diverged"
-                session.report(record)
-                if tracker:
-                    tracker.log_epoch(record)
-                break
+    def log_early_stop(self) -> None:
+        """The console's line saying why training stopped before ``max_epochs``."""
+        logger.info(
+            "early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+            self.watched,
+            self.stopper.epochs_without_improvement,
+            self.stopper.best,
+            self.stopper.best_epoch,
+        )
 
-            stop = stopper.update(record[watched], epoch)
-            schedule.after_epoch(record[watched])
-            record["best_epoch"] = stopper.best_epoch
-            if tracker:
-                tracker.log_epoch(record)
-            save("epoch", epoch, 0, record)
-
-            if rank == 0:
-                elapsed = time.monotonic() - run_started
-                done = epoch - start_epoch + 1
-                eta = elapsed / done * (cfg.train.max_epochs - epoch)
-                scores = "  ".join(
-                    f"{name} {record[name]:.4f}" for name in ("val_loss", *computed_names)
-                )
-                logger.info(
-                    "epoch %d/%d  train_loss %.4f  %s  lr %.2e  %.0f samples/s  elapsed %s  eta %s",
-                    epoch,
-                    cfg.train.max_epochs,
-                    train_loss,
-                    scores,
-                    record["lr"],
-                    record["samples_per_s"],
-                    _format_seconds(elapsed),
-                    _format_seconds(eta),
-                )
-            if stop:
-                status = "early_stopped"
-                if rank == 0:
-                    logger.info(
-                        "early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                        watched,
-                        stopper.epochs_without_improvement,
-                        stopper.best,
-                        stopper.best_epoch,
-                    )
-                break
-    except BaseException:
-        if tracker:
-            tracker.close("failed")
-        raise
-    if tracker:
-        tracker.close(status)
-
-    return {
-        "status": status,
-        "history": history,
-        "restarts": restarts,
-        "world_size": world_size,
-        "ranks": ranks,
-    }
+    def cleanup(self, status: str) -> None:
+        """Close the tracked run with the run's status."""
+        if self.tracker:
+            self.tracker.close(status)
