@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forgeml import console
 from forgeml.config import (
     IMAGE_GENERATION_TASKS,
     SERVED_TASKS,
@@ -56,9 +56,21 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_verbose_argument(parser: argparse.ArgumentParser, default=False) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default,
+        help=f"show Ray's own info logs on the console too (or set {console.VERBOSE_ENV}=1)",
+    )
+
+
 def _command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
-    """A (sub)command's parser."""
-    return commands.add_parser(name, **kwargs)
+    """A (sub)command's parser; it takes ``--verbose`` after its name too, without
+    overwriting a ``forgeml --verbose`` given before it."""
+    parser = commands.add_parser(name, **kwargs)
+    _add_verbose_argument(parser, default=argparse.SUPPRESS)
+    return parser
 
 
 def _add_train_command(commands) -> None:
@@ -247,6 +259,7 @@ def _add_serve_command(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command in ``COMMANDS``, in their order."""
     parser = argparse.ArgumentParser(prog="forgeml", description=__doc__.split("\n")[0])
+    _add_verbose_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():
         command.add_parser(commands)
@@ -382,9 +395,24 @@ def _print_test_results(metrics: dict) -> None:
         print(f"WARNING: {baseline['warning']}")
 
 
+def _print_config_summary(cfg: ExperimentConfig) -> None:
+    """What is about to run, in one line: the first thing a training console shows."""
+    workers = cfg.scaling.num_workers
+    device = "GPU" if cfg.scaling.use_gpu else "CPU"
+    print(
+        f"{cfg.name}: {cfg.task.kind} with a {cfg.model.kind} model on {cfg.data.source.kind} "
+        f"data; up to {cfg.train.max_epochs} epochs, batch {cfg.train.batch_size}, "
+        f"{cfg.train.optimizer.name} lr {cfg.train.optimizer.lr:g}; {workers} {device} "
+        f"worker(s); storage {cfg.storage.root}",
+        flush=True,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from forgeml.train.trainer import TrainingDiverged, run_training
+
+    _print_config_summary(cfg)
 
     try:
         outcome = run_training(cfg, resume=args.resume)
@@ -422,6 +450,13 @@ def _tune(args: argparse.Namespace) -> int:
     if cfg.tune is None:
         raise ConfigError(f"{args.config} has no tune section (see docs/configuration.md)")
     from forgeml.tune.search import BEST_CONFIG_FILE, RESULTS_FILE, run_tuning
+
+    _print_config_summary(cfg)
+    print(
+        f"search: {cfg.tune.num_trials} trials ({cfg.tune.search.kind}, "
+        f"{cfg.tune.scheduler.kind}) for the best {cfg.tune.metric}",
+        flush=True,
+    )
 
     outcome = run_tuning(cfg, resume=args.resume)
     columns = ["trial_id", *[c for c in outcome.trials if c.startswith("param.")]]
@@ -714,7 +749,7 @@ COMMANDS: dict[str, Command] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console.configure(verbose=args.verbose or console.verbose_from_environment())
     try:
         return COMMANDS[args.command].run(args)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
@@ -726,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"forgeml: error: {cause}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        console.close_run_log()
 
 
 def _bad_input_inside_ray(exc: BaseException) -> BaseException | None:

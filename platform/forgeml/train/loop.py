@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from forgeml.config import ExperimentConfig
+from forgeml.console import configure_worker_logging
 from forgeml.data.preprocessing import ModelInputs, TargetSpec
 from forgeml.models import build_model
 from forgeml.tasks import build_task
@@ -166,7 +167,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
 def train_worker(config: dict, session: WorkerSession) -> dict:
     """Train one rank. Returns (on every rank) the run's status and per-epoch history."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    configure_worker_logging()
     cfg = ExperimentConfig.model_validate(config["experiment"])
     rank, world_size, device = session.rank, session.world_size, session.device
     torch.set_num_threads(cfg.scaling.torch_threads or max(int(cfg.scaling.cpus_per_worker), 1))

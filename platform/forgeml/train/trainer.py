@@ -18,7 +18,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from forgeml import runtime
+from forgeml import console, runtime
 from forgeml.baselines import fit_baseline
 from forgeml.config import ExperimentConfig
 from forgeml.data.pipeline import PreparedData, prepare_data
@@ -109,6 +109,7 @@ def build_trainer(
         storage_path=runs_path or storage.path("runs"),
         callbacks=callbacks,
         storage_filesystem=None if storage.is_local else storage.fs,
+        logging_config=console.ray_train_logging_config(),
         failure_config=ray.train.FailureConfig(
             max_failures=cfg.train.max_failures,
             max_preemption_failures=cfg.train.preemption.max_restarts,
@@ -190,6 +191,7 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     started = time.monotonic()
     storage = Storage(cfg.storage)
     run_name = resolve_run_name(storage, "runs", cfg.name, resume)
+    console.keep_run_log(storage, storage.path("runs", run_name))
     source = open_source(cfg, storage)
     load_judge(cfg, storage, source.features)
     runtime.connect()

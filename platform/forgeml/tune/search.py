@@ -36,7 +36,7 @@ import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from forgeml import runtime
+from forgeml import console, runtime
 from forgeml.config import (
     PBT_MUTABLE,
     ChoiceParam,
@@ -367,6 +367,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     storage = Storage(cfg.storage)
     experiment = resolve_run_name(storage, "tune", f"{cfg.name}-tune", resume)
     experiment_path = storage.path("tune", experiment)
+    console.keep_run_log(storage, experiment_path)
     if resume is not False and storage.exists(f"{experiment_path}/{RESULTS_FILE}"):
         raise ValueError(
             f"--resume: search {experiment} has finished; its results are in "
