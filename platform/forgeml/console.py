@@ -80,7 +80,7 @@ class ConsoleHandler(logging.Handler):
             return True
         if record.name == RAY_DATA_PROGRESS_LOGGER:
             return False
-        return _is_forgeml(record) or record.levelno >= logging.WARNING
+        return _forgeml_or_warning(record)
 
     def format(self, record: logging.LogRecord) -> str:
         if self.verbose or not _is_forgeml(record):
@@ -270,12 +270,21 @@ def _record_forwarded(data: dict[str, Any]) -> None:
 
 
 def configure_worker_logging() -> None:
-    """Set up logging in a training worker: forgeml's lines as plain messages (Ray
-    forwards them to the driver's console), Ray Data's info logs only in Ray's log files
-    unless verbose."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    """Set up logging in a training worker: forgeml's lines as plain messages on stderr,
+    which Ray forwards to the driver's console, and, unless verbose, other loggers' only
+    from WARNING up there. Ray's log files keep the rest: Ray Train's handlers on the
+    root logger (some Ray Train modules log under their file's path, not ``ray.train``)
+    and Ray Data's stay."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if _is_console(h)]:
+        root.removeHandler(handler)
+    forwarded = logging.StreamHandler()
+    forwarded.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(forwarded)
+    root.setLevel(logging.INFO)
     if verbose_from_environment():
         return
+    forwarded.addFilter(_forgeml_or_warning)
     ray_data = logging.getLogger("ray.data")
     for handler in ray_data.handlers:
         if _is_console(handler):
@@ -283,6 +292,10 @@ def configure_worker_logging() -> None:
     progress = logging.getLogger(RAY_DATA_PROGRESS_LOGGER)
     progress.handlers = [h for h in ray_data.handlers if not _is_console(h)]
     progress.propagate = False
+
+
+def _forgeml_or_warning(record: logging.LogRecord) -> bool:
+    return _is_forgeml(record) or record.levelno >= logging.WARNING
 
 
 def worker_runtime_env() -> dict | None:

@@ -80,3 +80,20 @@ def test_every_command_has_a_parser_and_takes_verbose_before_or_after_its_name()
     assert parser.parse_args(["--verbose", *train]).verbose is True
     assert parser.parse_args([*train, "--verbose"]).verbose is True
     assert parser.parse_args(["serve", "run", "--model", "m", "--verbose"]).verbose is True
+
+
+def test_a_worker_forwards_forgeml_lines_and_warnings_and_keeps_ray_files(monkeypatch):
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    ray_file = logging.NullHandler()  # stands for Ray Train's log file on the root logger
+    root.handlers = [logging.StreamHandler(), ray_file]
+    try:
+        console.configure_worker_logging()
+        (forwarded,) = [h for h in root.handlers if console._is_console(h)]
+        assert ray_file in root.handlers
+    finally:
+        root.handlers, root.level = saved, level
+    assert forwarded.filter(_record("forgeml.train", logging.INFO, "epoch 1/2"))
+    assert not forwarded.filter(_record("/ray/train/v2/context.py", logging.INFO, "Reporting"))
+    assert forwarded.filter(_record("ray.train", logging.WARNING))
