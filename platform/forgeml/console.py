@@ -260,11 +260,16 @@ def _record_forwarded(data: dict[str, Any]) -> None:
     handler = _installed(RunLogHandler)
     if handler is None or not handler.attached:
         return
-    who = data.get("actor_name") or data.get("task_name") or ""
+    who = data.get("actor_name") or data.get("task_name")
     ip = data.get("ip")
     where = "" if ip == data.get("localhost") else f", ip={ip}"
-    prefix = f"({who} pid={data.get('pid')}{where})".replace("( ", "(")
-    for line in data.get("lines", []):
+    prefix = f"({f'{who} ' if who else ''}pid={data.get('pid')}{where})"
+    lines = data.get("lines", [])
+    if data.get("pid") == "autoscaler":  # its status dumps; Ray prints only the events
+        from ray._private.worker import filter_autoscaler_events
+
+        lines = filter_autoscaler_events(lines)
+    for line in lines:
         if "__ray_tqdm_magic_token__" not in line:
             handler.write_line(f"{prefix} {line}")
 

@@ -97,3 +97,28 @@ def test_a_worker_forwards_forgeml_lines_and_warnings_and_keeps_ray_files(monkey
     assert forwarded.filter(_record("forgeml.train", logging.INFO, "epoch 1/2"))
     assert not forwarded.filter(_record("/ray/train/v2/context.py", logging.INFO, "Reporting"))
     assert forwarded.filter(_record("ray.train", logging.WARNING))
+
+
+def test_forwarded_worker_lines_go_to_the_run_log_with_rays_prefix(tmp_path):
+    storage = Storage(StorageConfig(root=str(tmp_path)))
+    root = logging.getLogger()
+    handler = console.RunLogHandler()
+    root.addHandler(handler)
+    try:
+        console._record_forwarded({"pid": 9, "lines": ["before the run's folder"]})
+        handler.attach(storage, storage.path("runs", "r"))
+        console._record_forwarded(
+            {
+                "pid": 7,
+                "actor_name": "RayTrainWorker",
+                "ip": "a",
+                "localhost": "a",
+                "lines": ["epoch 1/2", "__ray_tqdm_magic_token__ {}"],
+            }
+        )
+        console._record_forwarded({"pid": 8, "ip": "b", "localhost": "a", "lines": ["x"]})
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    lines = (tmp_path / "runs" / "r" / console.LOG_FILE).read_text().splitlines()
+    assert lines == ["(RayTrainWorker pid=7) epoch 1/2", "(pid=8, ip=b) x"]
