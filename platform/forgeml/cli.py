@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from forgeml import console
 from forgeml.config import (
     ConfigError,
     ExperimentConfig,
@@ -53,11 +56,25 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forgeml", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_verbose_argument(parser: argparse.ArgumentParser, default=False) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default,
+        help=f"show Ray's own info logs on the console too (or set {console.VERBOSE_ENV}=1)",
+    )
 
-    train = commands.add_parser("train", help="train, evaluate and register a model")
+
+def _command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A (sub)command's parser; it takes ``--verbose`` after its name too, without
+    overwriting a ``forgeml --verbose`` given before it."""
+    parser = commands.add_parser(name, **kwargs)
+    _add_verbose_argument(parser, default=argparse.SUPPRESS)
+    return parser
+
+
+def _add_train_command(commands) -> None:
+    train = _command(commands, "train", help="train, evaluate and register a model")
     _add_config_arguments(train)
     train.add_argument(
         "--resume",
@@ -68,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the latest run of this experiment (or the named RUN) from its checkpoint",
     )
 
-    tune = commands.add_parser(
-        "tune", help="search hyperparameters (the config's tune section) and register the best"
+
+def _add_tune_command(commands) -> None:
+    tune = _command(
+        commands,
+        "tune",
+        help="search hyperparameters (the config's tune section) and register the best",
     )
     _add_config_arguments(tune)
     tune.add_argument(
@@ -81,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="finish the latest search of this experiment (or the named SEARCH)",
     )
 
-    generate = commands.add_parser("generate", help="draw samples from a generative model")
+
+def _add_generate_command(commands) -> None:
+    generate = _command(commands, "generate", help="draw samples from a generative model")
     generate.add_argument(
         "--model",
         required=True,
@@ -125,24 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--seed", type=int, default=0, help="seeds the sampling")
 
-    config = commands.add_parser("config", help="inspect the experiment schema")
+
+def _add_config_command(commands) -> None:
+    config = _command(commands, "config", help="inspect the experiment schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    config_commands.add_parser("schema", help="print the JSON Schema of experiment files")
-    config_commands.add_parser("docs", help="print the configuration reference (Markdown)")
-    validate = config_commands.add_parser("validate", help="check a config and print it resolved")
+    _command(config_commands, "schema", help="print the JSON Schema of experiment files")
+    _command(config_commands, "docs", help="print the configuration reference (Markdown)")
+    validate = _command(config_commands, "validate", help="check a config and print it resolved")
     _add_config_arguments(validate)
 
-    models = commands.add_parser("models", help="the model registry")
-    models_commands = models.add_subparsers(dest="models_command", required=True)
-    _add_storage_arguments(models_commands.add_parser("list", help="registered models"))
 
-    runs = commands.add_parser("runs", help="the runs behind registered models")
+def _add_models_command(commands) -> None:
+    models = _command(commands, "models", help="the model registry")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    _add_storage_arguments(_command(models_commands, "list", help="registered models"))
+
+
+def _add_runs_command(commands) -> None:
+    runs = _command(commands, "runs", help="the runs behind registered models")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
-    runs_list = runs_commands.add_parser("list", help="every registered version's run")
+    runs_list = _command(runs_commands, "list", help="every registered version's run")
     runs_list.add_argument(
         "--model", dest="models", action="append", metavar="NAME", help="only these (repeatable)"
     )
-    compare = runs_commands.add_parser("compare", help="versions side by side")
+    compare = _command(runs_commands, "compare", help="versions side by side")
     compare.add_argument("refs", nargs="+", metavar="NAME[:vN]", help="registered versions")
     compare.add_argument(
         "--all", action="store_true", help="every config value, not only those that differ"
@@ -151,14 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
         _add_storage_arguments(sub)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    report = commands.add_parser(
-        "report", help="write a registered model's HTML run report into its package again"
+
+def _add_report_command(commands) -> None:
+    report = _command(
+        commands,
+        "report",
+        help="write a registered model's HTML run report into its package again",
     )
     report.add_argument("--model", required=True, metavar="NAME[:vN]", help="registered version")
     report.add_argument("--output", type=Path, help="also write it to this file")
     _add_storage_arguments(report)
-    explain = commands.add_parser(
-        "explain", help="explain predictions: Grad-CAM for images, Integrated Gradients else"
+
+
+def _add_explain_command(commands) -> None:
+    explain = _command(
+        commands,
+        "explain",
+        help="explain predictions: Grad-CAM for images, Integrated Gradients else",
     )
     explain.add_argument("--model", required=True, metavar="NAME[:vN]", help="registered version")
     explain.add_argument(
@@ -172,8 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, help="images: write the heat-maps over the inputs as this PNG"
     )
     _add_storage_arguments(explain)
-    monitor = commands.add_parser(
-        "monitor", help="check a served model's recorded traffic for drift; retrain on an alarm"
+
+
+def _add_monitor_command(commands) -> None:
+    monitor = _command(
+        commands,
+        "monitor",
+        help="check a served model's recorded traffic for drift; retrain on an alarm",
     )
     monitor.add_argument("--model", required=True, metavar="NAME[:vN]", help="served version")
     _add_storage_arguments(monitor)
@@ -191,21 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="check again every this many seconds, until interrupted (keeps the gauges live)",
     )
 
-    serving = commands.add_parser("serve", help="serve registered models with Ray Serve")
+
+def _add_serve_command(commands) -> None:
+    serving = _command(commands, "serve", help="serve registered models with Ray Serve")
     serve_commands = serving.add_subparsers(dest="serve_command", required=True)
-    run = serve_commands.add_parser(
-        "run", help="serve over HTTP until interrupted (embedded Ray runtime or a cluster)"
+    run = _command(
+        serve_commands,
+        "run",
+        help="serve over HTTP until interrupted (embedded Ray runtime or a cluster)",
     )
-    deploy = serve_commands.add_parser(
+    deploy = _command(
+        serve_commands,
         "deploy",
         help="serve these versions on a running cluster, switching traffic without failed "
         "requests, and return",
     )
-    build = serve_commands.add_parser(
-        "build", help="print a Serve config (serve deploy, RayService)"
+    build = _command(
+        serve_commands, "build", help="print a Serve config (serve deploy, RayService)"
     )
     for sub in (run, deploy, build):
         _add_serve_arguments(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command in ``COMMANDS``, in their order."""
+    parser = argparse.ArgumentParser(prog="forgeml", description=__doc__.split("\n")[0])
+    _add_verbose_argument(parser)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS.values():
+        command.add_parser(commands)
     return parser
 
 
@@ -338,9 +395,24 @@ def _print_test_results(metrics: dict) -> None:
         print(f"WARNING: {baseline['warning']}")
 
 
+def _print_config_summary(cfg: ExperimentConfig) -> None:
+    """What is about to run, in one line: the first thing a training console shows."""
+    workers = cfg.scaling.num_workers
+    device = "GPU" if cfg.scaling.use_gpu else "CPU"
+    print(
+        f"{cfg.name}: {cfg.task.kind} with a {cfg.model.kind} model on {cfg.data.source.kind} "
+        f"data; up to {cfg.train.max_epochs} epochs, batch {cfg.train.batch_size}, "
+        f"{cfg.train.optimizer.name} lr {cfg.train.optimizer.lr:g}; {workers} {device} "
+        f"worker(s); storage {cfg.storage.root}",
+        flush=True,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from forgeml.train.trainer import TrainingDiverged, run_training
+
+    _print_config_summary(cfg)
 
     try:
         outcome = run_training(cfg, resume=args.resume)
@@ -377,6 +449,13 @@ def _tune(args: argparse.Namespace) -> int:
     if cfg.tune is None:
         raise ConfigError(f"{args.config} has no tune section (see docs/configuration.md)")
     from forgeml.tune.search import BEST_CONFIG_FILE, RESULTS_FILE, run_tuning
+
+    _print_config_summary(cfg)
+    print(
+        f"search: {cfg.tune.num_trials} trials ({cfg.tune.search.kind}, "
+        f"{cfg.tune.scheduler.kind}) for the best {cfg.tune.metric}",
+        flush=True,
+    )
 
     outcome = run_tuning(cfg, resume=args.resume)
     columns = ["trial_id", *[c for c in outcome.trials if c.startswith("param.")]]
@@ -634,38 +713,45 @@ def _monitor(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+def _config(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        print(json_schema())
+    elif args.config_command == "docs":
+        print(reference_markdown(), end="")
+    else:
+        cfg: ExperimentConfig = load_config(args.config, args.overrides)
+        print(cfg.to_yaml(), end="")
+    return 0
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command: what adds its parser (with its help and arguments), what runs it."""
+
+    add_parser: Callable[[Any], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: Every command by name, in the order ``forgeml --help`` lists them.
+COMMANDS: dict[str, Command] = {
+    "train": Command(_add_train_command, _train),
+    "tune": Command(_add_tune_command, _tune),
+    "generate": Command(_add_generate_command, _generate),
+    "config": Command(_add_config_command, _config),
+    "models": Command(_add_models_command, _models_list),
+    "runs": Command(_add_runs_command, _runs),
+    "report": Command(_add_report_command, _report),
+    "explain": Command(_add_explain_command, _explain),
+    "monitor": Command(_add_monitor_command, _monitor),
+    "serve": Command(_add_serve_command, _serve),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console.configure(verbose=args.verbose or console.verbose_from_environment())
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "tune":
-            return _tune(args)
-        if args.command == "config" and args.config_command == "schema":
-            print(json_schema())
-            return 0
-        if args.command == "config" and args.config_command == "docs":
-            print(reference_markdown(), end="")
-            return 0
-        if args.command == "config" and args.config_command == "validate":
-            cfg: ExperimentConfig = load_config(args.config, args.overrides)
-            print(cfg.to_yaml(), end="")
-            return 0
-        if args.command == "models":
-            return _models_list(args)
-        if args.command == "runs":
-            return _runs(args)
-        if args.command == "monitor":
-            return _monitor(args)
-        if args.command == "report":
-            return _report(args)
-        if args.command == "explain":
-            return _explain(args)
-        if args.command == "generate":
-            return _generate(args)
-        if args.command == "serve":
-            return _serve(args)
+        return COMMANDS[args.command].run(args)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"forgeml: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -675,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"forgeml: error: {cause}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    raise AssertionError(f"unhandled command {args}")
+    finally:
+        console.close_run_log()
 
 
 def _bad_input_inside_ray(exc: BaseException) -> BaseException | None:

@@ -8,6 +8,7 @@ import numpy as np
 import ray.data
 import torch
 
+from forgeml.console import progress
 from forgeml.data.base import Preprocessor
 from forgeml.tasks import Task, batch_dtypes
 
@@ -37,7 +38,7 @@ def evaluate(
     with torch.no_grad():
         dtypes = batch_dtypes(task, preprocessor.model_inputs)
         batches = dataset.iter_torch_batches(batch_size=task.evaluation_batch_size, dtypes=dtypes)
-        for batch in batches:
+        for batch in progress(batches, "scoring the test split"):
             predicted = task.predict(model(batch["inputs"]))
             metrics.update(predicted, batch["target"])
             predictions.append(task.row_outputs(predicted, batch["target"]))

@@ -1,7 +1,7 @@
-"""What training and tuning do before Ray Train starts, in one order: name the run,
-open the source and check a judge, join the cluster, check that the workers fit it,
-open tracking and prepare the data; a bad config or cluster fails here, before any
-worker starts."""
+"""What training and tuning do before Ray Train starts, in one order: name the run and
+keep its log in its folder, open the source and check a judge, join the cluster, check
+that the workers fit it, open tracking and prepare the data; a bad config or cluster
+fails here, before any worker starts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from forgeml import runtime
+from forgeml import console, runtime
 from forgeml.config import ExperimentConfig
 from forgeml.data.pipeline import PreparedData, prepare_data
 from forgeml.data.sources import open_source
@@ -63,6 +63,7 @@ def prepare_launch(
     storage = Storage(cfg.storage)
     name = resolve_run_name(storage, folder, prefix, resume)
     path = storage.path(folder, name)
+    console.keep_run_log(storage, path)
     source = open_source(cfg, storage)
     load_judge(cfg, storage, source.features)
     runtime.connect()

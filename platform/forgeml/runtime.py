@@ -17,6 +17,7 @@ import ray
 from ray._common.utils import reset_ray_address
 from ray._private.utils import read_ray_address
 
+from forgeml import console
 from forgeml.config import StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ def _address() -> str | None:
 
 
 def connect(require_cluster: bool = False) -> None:
-    """Join or start Ray once per process; quiet Ray Data's progress bars in logs.
+    """Join or start Ray once per process, with Ray's logs routed as ``forgeml.console``
+    says (info to the run's log file, warnings and errors to the console too) and Ray
+    Data's progress bars off (forgeml reports progress itself).
 
     With ``require_cluster`` an embedded runtime is refused: what is started on it
     (a Serve deployment) would end with this process.
@@ -80,7 +83,16 @@ def connect(require_cluster: bool = False) -> None:
         raise ValueError("no running Ray cluster: start one (ray start --head) or set RAY_ADDRESS")
     for name, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    ray.init(address=address, configure_logging=True, logging_level=logging.WARNING)
+    routed = console.route_ray_logs()
+    ray.init(
+        address=address,
+        configure_logging=not routed,
+        logging_level=logging.WARNING,
+        runtime_env=console.worker_runtime_env(),
+    )
+    if routed:
+        console.route_ray_logs()
+        console.record_worker_output()
     ray.data.DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()
     logger.info(

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from forgeml.config import ExperimentConfig
+from forgeml.console import configure_worker_logging
 from forgeml.data.base import ModelInputs, TargetSpec
 from forgeml.models import build_model
 from forgeml.tasks import batch_dtypes, build_task
@@ -194,7 +195,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
 def train_worker(config: dict, session: WorkerSession) -> dict:
     """Train one rank. Returns (on every rank) the run's status and per-epoch history."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    configure_worker_logging()
     recipe = WorkerRecipe(config, session)
     recipe.restore(session.checkpoint())
     return recipe.train()

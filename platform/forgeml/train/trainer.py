@@ -16,6 +16,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from forgeml import console
 from forgeml.config import ExperimentConfig
 from forgeml.data.pipeline import PreparedData
 from forgeml.launch import prepare_launch
@@ -73,6 +74,7 @@ def build_trainer(
         storage_path=runs_path or storage.path("runs"),
         callbacks=callbacks,
         storage_filesystem=None if storage.is_local else storage.fs,
+        logging_config=console.ray_train_logging_config(),
         failure_config=ray.train.FailureConfig(
             max_failures=cfg.train.max_failures,
             max_preemption_failures=cfg.train.preemption.max_restarts,
