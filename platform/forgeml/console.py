@@ -327,6 +327,12 @@ def ray_train_logging_config():
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
     """``items`` with a live progress bar (rate, ETA) on a terminal; on anything else (CI,
     ``ray job logs``, a file) no bar, just the items."""
+    return _bar(description, total, items)
+
+
+def _bar(description: str, total: int | None, items: Iterable | None = None):
+    """A tqdm bar on stderr (over ``items``, if given), drawn only on a terminal and from
+    the main thread."""
     from tqdm import tqdm
 
     shown = sys.stderr.isatty() and threading.current_thread() is threading.main_thread()
@@ -339,3 +345,23 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+
+class Steps:
+    """A progress bar over the named steps of one piece of work: ``start(name)`` shows the
+    step under way, and the bar advances as each one starts after the first."""
+
+    def __init__(self, description: str, names: list[str]):
+        self.names = names
+        self.bar = _bar(description, len(names))
+        self.started = 0
+
+    def start(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started += 1
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        self.bar.update(len(self.names) - self.bar.n)
+        self.bar.close()

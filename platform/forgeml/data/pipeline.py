@@ -23,6 +23,7 @@ import ray.train
 from ray.data import SaveMode
 
 from forgeml.config import AugmentConfig, ExperimentConfig
+from forgeml.console import Steps
 from forgeml.data.base import (
     FILE_COLUMN,
     REJECT_COLUMN,
@@ -314,6 +315,16 @@ def usable_rows(cfg: ExperimentConfig, source: DataSource, split: str) -> pd.Dat
     return rows.to_pandas().drop(columns=[SPLIT_COLUMN, REJECT_COLUMN])
 
 
+#: What ``prepare_data`` shows on its progress bar, in order.
+PREPARATION_STEPS = [
+    "reading and splitting",
+    "counting and writing rejects",
+    "fitting the preprocessing",
+    *(f"transforming {name}" for name in SPLITS),
+    "dealing shards to workers",
+]
+
+
 def prepare_data(
     cfg: ExperimentConfig,
     source: DataSource,
@@ -330,8 +341,12 @@ def prepare_data(
     Rows are counted before fitting (so a split left empty by rejects is named) and again
     after, when the fitted state can refuse more (a class the training split lacks).
     """
+    steps = Steps("preparing data", PREPARATION_STEPS)
+    steps.start("reading and splitting")
     tagged, split_how = tag_rows(cfg, source)
+    steps.start("counting and writing rejects")
     before = _account_for_rejects(cfg, tagged, source.features, rejects_folder, filesystem)
+    steps.start("fitting the preprocessing")
     preprocessor = source.features.fit(
         tagged.map_batches(_rows, fn_kwargs={"split": "train"}, batch_format="numpy")
     )
@@ -351,6 +366,7 @@ def prepare_data(
 
     splits = {}
     for name in SPLITS:
+        steps.start(f"transforming {name}")
         rows = checked.map_batches(_rows, fn_kwargs={"split": name}, batch_format="numpy")
         transformed = rows.map_batches(
             _transform, fn_kwargs={"preprocessor": preprocessor}, batch_format="numpy"
@@ -358,6 +374,7 @@ def prepare_data(
         splits[name] = _in_order(transformed).materialize() if cfg.data.cache else transformed
     shards = {}
     if cfg.data.cache:
+        steps.start("dealing shards to workers")
         splits["train"] = cut_for_training(splits["train"], cfg.seed)
         trained = {name: splits[name] for name in ("train", "val")}
         shards = deal(trained, world_sizes or cfg.scaling.world_sizes)
@@ -376,6 +393,7 @@ def prepare_data(
         classes=counts.classes or None,
         shards=shards,
     )
+    steps.close()
     for line in summary_lines(prepared.summary(cfg.task)):
         logger.info("%s", line)
     return prepared

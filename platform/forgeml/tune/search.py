@@ -36,6 +36,7 @@ import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from forgeml import console
 from forgeml.config import (
     PBT_MUTABLE,
     ChoiceParam,
@@ -164,6 +165,52 @@ class EpochReportCallback(TuneReportCallback):
         if metrics[0].get("step", 0):
             return
         super().after_report(run_context, metrics, checkpoint)
+
+
+class TrialProgress(tune.Callback):
+    """The search as forgeml reports it: a line per finished trial (its metric and epochs)
+    and, on a terminal, a bar over the trials; Tune's own status tables are off unless
+    verbose. The bar is made when the search starts, so the callback pickles with the
+    search's state."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.bar = None
+        self.finished = 0
+
+    def setup(self, total_num_samples: int | None = None, **info):
+        self.total = total_num_samples
+        self.bar = console.progress(iter(()), "trials", total=total_num_samples)
+
+    def _finished(self, trial, how: str) -> None:
+        self.finished += 1
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        scored = f"{self.metric} {value:.4g}" if isinstance(value, float) else "no result"
+        logger.info(
+            "trial %d/%s %s: %s after %s epochs (%s)",
+            self.finished,
+            self.total or "?",
+            trial.trial_id,
+            scored,
+            result.get("epoch", 0),
+            how,
+        )
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finished(trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finished(trial, "failed")
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __getstate__(self):
+        return {**self.__dict__, "bar": None}
 
 
 def trial_world_sizes(cfg: ExperimentConfig) -> set[int]:
@@ -404,6 +451,8 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
             ),
             run_config=tune.RunConfig(
                 name=experiment,
+                callbacks=[TrialProgress(settings.metric)],
+                verbose=None if console.verbose_from_environment() else 0,
                 storage_path=storage.path("tune"),
                 storage_filesystem=filesystem,
                 # A trial whose own process is lost (its node went) runs again: a Train
