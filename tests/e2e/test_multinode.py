@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -63,8 +64,27 @@ def single_node_run(tmp_path_factory):
     return outcome.metrics
 
 
+#: The worker nodes of the module's cluster, one CPU each, labelled with their zone.
+WORKER_ZONES = ("a", "b")
+
+
+def _with_the_original_worker_nodes(cluster: LocalCluster) -> LocalCluster:
+    """The cluster as it started: worker nodes a and b back if a test took them away,
+    and every node a test added stopped. Tests that kill, drain or add nodes leave the
+    next test the cluster every test expects."""
+    for name, node in list(cluster.nodes.items()):
+        if name not in ("head", *WORKER_ZONES) and node.alive:
+            cluster.stop_node(name)
+    for zone in WORKER_ZONES:
+        if zone not in cluster.nodes or not cluster.nodes[zone].alive:
+            cluster.add_node(zone, cpus=1, labels={"zone": zone})
+    return cluster
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_endpoint, single_node_run):
+def started_cluster(tmp_path_factory, s3_endpoint, single_node_run):
+    """The module's one cluster, started once (after the single-node run) and stopped
+    when the module ends."""
     with environment(S3_ENV):  # for this process's own S3 client
         boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
         with LocalCluster(
@@ -72,9 +92,14 @@ def cluster(tmp_path_factory, s3_endpoint, single_node_run):
             head_cpus=0,
             extra_env={**RAY_ENV_DEFAULTS, **S3_ENV},
         ) as started:
-            started.add_node("a", cpus=1, labels={"zone": "a"})
-            started.add_node("b", cpus=1, labels={"zone": "b"})
-            yield started
+            yield _with_the_original_worker_nodes(started)
+
+
+@pytest.fixture
+def cluster(started_cluster) -> LocalCluster:
+    """The module's cluster with its original worker nodes, whatever an earlier test
+    did to them."""
+    return _with_the_original_worker_nodes(started_cluster)
 
 
 def _s3_storage(s3_endpoint: str, prefix: str) -> dict:
@@ -138,20 +163,47 @@ def _train(cluster, tmp_path, raw: dict):
     return job, job.stdout + job.stderr, time.monotonic() - started
 
 
-def test_ddp_ranks_on_two_nodes_learn_what_one_node_learns(
-    cluster, s3_endpoint, single_node_run, tmp_path
-):
+@dataclass(frozen=True)
+class TwoNodeRun:
+    """The module's one submission of SHAPE with a rank on each worker node: the finished
+    job, its output, the S3 storage it registered tiny-wafer in, and Ray's node id of each
+    worker node while it ran."""
+
+    job: subprocess.CompletedProcess
+    output: str
+    storage: dict
+    node_ids: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def two_node_run(started_cluster, s3_endpoint, tmp_path_factory) -> TwoNodeRun:
+    """SHAPE submitted once, its ranks spread over zones a and b, for every test of it."""
+    cluster = _with_the_original_worker_nodes(started_cluster)
     storage = _s3_storage(s3_endpoint, "shape")
     raw = tiny_raw_config("unused", **SHAPE, storage=storage)
     raw["scaling"] |= {"placement_strategy": "STRICT_SPREAD", "label_selector": {"zone": "in(a,b)"}}
 
-    job, output, _ = _train(cluster, tmp_path, raw)
+    job, output, _ = _train(cluster, tmp_path_factory.mktemp("two-nodes"), raw)
 
-    assert job.returncode == 0, output[-4000:]
+    return TwoNodeRun(job, output, storage, cluster.node_ids())
+
+
+@pytest.fixture
+def registered_on_s3(two_node_run) -> dict:
+    """The S3 storage of the two-node run: the tests that serve its model stop here, with
+    the job's output, when the run failed."""
+    assert two_node_run.job.returncode == 0, two_node_run.output[-4000:]
+    return two_node_run.storage
+
+
+def test_ddp_ranks_on_two_nodes_learn_what_one_node_learns(two_node_run, single_node_run):
+    storage = two_node_run.storage
+
+    assert two_node_run.job.returncode == 0, two_node_run.output[-4000:]
     registry = ModelRegistry(Storage(StorageConfig(**storage)))
     (version,) = registry.versions("tiny-wafer")
     metrics = json.loads(registry.read(registry.resolve(f"tiny-wafer:v{version}"), "metrics.json"))
-    nodes = cluster.node_ids()
+    nodes = two_node_run.node_ids
     ranks = metrics["run"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert {r["node_id"] for r in ranks} == {nodes["a"], nodes["b"]}
@@ -161,11 +213,11 @@ def test_ddp_ranks_on_two_nodes_learn_what_one_node_learns(
     assert single > 0.35 and abs(multi - single) <= 0.1
 
 
-def test_the_model_on_s3_is_served_from_the_worker_nodes(cluster, s3_endpoint):
+def test_the_model_on_s3_is_served_from_the_worker_nodes(cluster, registered_on_s3, s3_endpoint):
     """`forgeml serve deploy` to the cluster: the gateway and the model's replica take a
     CPU each, so they run on the worker nodes (the head has none), which read the
-    package that the run above registered on S3."""
-    storage = _s3_storage(s3_endpoint, "shape")
+    package that the two-node run registered on S3."""
+    storage = registered_on_s3
     port = free_port()
     deployed = subprocess.run(
         [
@@ -193,7 +245,7 @@ def test_the_model_on_s3_is_served_from_the_worker_nodes(cluster, s3_endpoint):
         assert len(body["predictions"]) == len(CLASS_NAMES)
         for prediction in body["predictions"]:
             assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-4)
-    finally:  # the CPUs are for the runs below
+    finally:  # the CPUs are for the other tests' runs
         stopped = subprocess.run(
             [str(Path(sys.executable).parent / "serve"), "shutdown", "--yes"],
             env={**cluster.env, "RAY_DASHBOARD_ADDRESS": cluster.dashboard_url},
@@ -241,7 +293,8 @@ def test_a_label_selector_no_node_matches_is_refused(cluster, s3_endpoint, tmp_p
     assert seconds < 120
 
 
-# The tests below take nodes away; they run last.
+# The tests below take nodes away or add some; the `cluster` fixture puts the original
+# worker nodes back for the next test.
 
 
 def _running_past_epoch_2(cluster, storage: dict, tmp_path, **train) -> BackgroundJob:
@@ -299,7 +352,7 @@ def test_a_preempted_node_costs_the_run_a_few_steps(cluster, s3_endpoint, tmp_pa
     )
 
     cluster.drain_node(victim, deadline_s=10)  # an epoch end and its upload fit, on 2 busy cores
-    cluster.add_node("d", cpus=2, labels={"zone": "d"})  # a CPU spare, as above
+    cluster.add_node("d", cpus=2, labels={"zone": "d"})  # a CPU spare, as for a killed node
     time.sleep(12)  # past the deadline: the machine goes
     cluster.kill_node(victim)
     code, output = job.finish()

@@ -10,6 +10,7 @@ import secrets
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,21 +46,45 @@ def token_cluster(tmp_path_factory):
         yield cluster
 
 
-def test_submitted_training_job_registers_its_model(token_cluster, tmp_path):
-    store = token_cluster.folder / "store"
-    config = write_config(tmp_path / "tiny.yaml", tiny_raw_config(store))
+@dataclass(frozen=True)
+class SubmittedTraining:
+    """The module's one `ray job submit` of jobs/train.py: the finished submission and the
+    storage root it registered tiny-wafer:v1 in."""
 
+    job: subprocess.CompletedProcess
+    store: Path
+
+
+@pytest.fixture(scope="module")
+def submitted_training(token_cluster, tmp_path_factory) -> SubmittedTraining:
+    """jobs/train.py of the tiny config, submitted once for every test of its model."""
+    store = token_cluster.folder / "store"
+    config = write_config(tmp_path_factory.mktemp("train") / "tiny.yaml", tiny_raw_config(store))
     job = submit(token_cluster, "train.py", "--config", str(config))
+    return SubmittedTraining(job, store)
+
+
+@pytest.fixture
+def trained_store(submitted_training) -> Path:
+    """The storage root of the submitted run: the tests that serve, monitor or package its
+    model stop here, with the job's output, when the run failed."""
+    job = submitted_training.job
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    return submitted_training.store
+
+
+def test_submitted_training_job_registers_its_model(submitted_training):
+    job = submitted_training.job
 
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
     assert "registered tiny-wafer:v1" in job.stdout
-    registry = ModelRegistry(Storage(StorageConfig(root=str(store))))
+    registry = ModelRegistry(Storage(StorageConfig(root=str(submitted_training.store))))
     assert registry.versions("tiny-wafer") == [1]
 
 
-def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster):
-    """After the training job above: deploy returns, and the cluster keeps serving."""
+def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster, trained_store):
+    """Deploy of the submitted run's model returns, and the cluster keeps serving."""
     token, port = secrets.token_hex(16), free_port()
     env = {
         **token_cluster.env,
@@ -73,7 +98,7 @@ def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster):
         "--model",
         "tiny-wafer",
         "--storage-root",
-        str(token_cluster.folder / "store"),
+        str(trained_store),
         "--port",
         str(port),
     ]
@@ -91,13 +116,15 @@ def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster):
     assert response.json()["version"] == "v1"
 
 
-def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(token_cluster, tmp_path):
+def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(
+    token_cluster, trained_store, tmp_path
+):
     """jobs/monitor.py as a job on the cluster: traffic of edge-ring maps, recorded for
-    the model trained above as its replicas record it, raises an alarm, and the monitor
+    the submitted run's model as its replicas record it, raises an alarm, and the monitor
     submits a retraining job with new maps appended through the Jobs API, with the
     cluster's token (followed until it trains; tests/integration/test_training.py checks
     that appended rows are trained on). A later alarm on the same version submits nothing."""
-    store = token_cluster.folder / "store"
+    store = trained_store
     storage = Storage(StorageConfig(root=str(store)))
     loaded = load_model(ModelRegistry(storage), "tiny-wafer:v1")
     inputs = loaded.preprocessor.transform({"image": drifted_maps(360, seed=12)})["inputs"]
@@ -136,11 +163,11 @@ def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(token_cluster, 
     assert again["retrain"] == {"skipped": "already started", **summary["retrain"]}
 
 
-def test_the_charts_rayservice_serves_what_serve_build_writes(token_cluster, tmp_path):
+def test_the_charts_rayservice_serves_what_serve_build_writes(trained_store, tmp_path):
     """One generator: the RayService's serveConfigV2 is `forgeml serve build`'s output for
-    the model trained above, passed through the Helm chart unchanged."""
+    the submitted run's model, passed through the Helm chart unchanged."""
     command = [str(BIN / "forgeml"), "serve", "build", "--model", "tiny-wafer"]
-    command += ["--storage-root", str(token_cluster.folder / "store"), "--host", "0.0.0.0"]
+    command += ["--storage-root", str(trained_store), "--host", "0.0.0.0"]
     built = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     serve_file = tmp_path / "serve.yaml"
     serve_file.write_text(built.stdout)

@@ -52,7 +52,9 @@ def served(tmp_path_factory):
             patch.setenv(name, value)  # as an embedded runtime of forgeml's starts with
         ray.init(
             address="local",
-            num_cpus=8,  # logical: three small apps on two cores
+            # logical: the module's apps on two cores, with a replica each for the
+            # version switch's own two gateways and two versions
+            num_cpus=12,
             include_dashboard=False,
             configure_logging=False,
             _metrics_export_port=metrics_port,
@@ -181,8 +183,9 @@ def _check(storage: Storage, since: float, *overrides: str, gauges=None) -> dict
     return check(storage, f"{DRIFTING}:v1", [window, *overrides], gauges, now=now)
 
 
-def _copy_of_the_served_model(served, root: Path):
-    """tiny-wafer:v1 registered again as drift-wafer:v1 under another storage root."""
+def _copy_of_the_served_model(served, root: Path, name: str):
+    """tiny-wafer:v1 registered again as ``name``:v1 under another storage root, for a
+    test that must not change what the module's gateways serve."""
     source = ModelRegistry(Storage(served["cfg"].storage))
     version = source.resolve("tiny-wafer:v1")
     files = {
@@ -191,10 +194,10 @@ def _copy_of_the_served_model(served, root: Path):
         if not path.endswith("_COMPLETE")
     }
     raw = yaml.safe_load(files["config.yaml"])
-    raw["name"], raw["storage"]["root"] = DRIFTING, str(root)
+    raw["name"], raw["storage"]["root"] = name, str(root)
     cfg = config_from_dict(raw)
     files["config.yaml"] = cfg.to_yaml().encode()
-    ModelRegistry(Storage(cfg.storage)).register(DRIFTING, files)
+    ModelRegistry(Storage(cfg.storage)).register(name, files)
     return cfg
 
 
@@ -202,7 +205,7 @@ def test_served_traffic_is_checked_for_drift_and_an_alarm_is_exported(served, tm
     """Maps like the training ones raise no alarm; edge-ring maps on a noisier line do,
     with an HTML report and a gauge on the metrics endpoint. What an alarm submits is
     tested on a cluster (tests/e2e/test_ray_job_submit.py)."""
-    cfg = _copy_of_the_served_model(served, tmp_path / "store")
+    cfg = _copy_of_the_served_model(served, tmp_path / "store", DRIFTING)
     recording = AppArgs(
         models=[DRIFTING],
         storage=cfg.storage,
@@ -580,15 +583,30 @@ def test_schema_fuzz_never_gets_a_server_error(served):
     assert {code for _, code in seen} & {200, 422}
 
 
-def test_switching_to_a_new_version_under_load_fails_no_request(served, monkeypatch):
-    """Both gateways move from v1 to a newly registered v2 while clients keep calling;
-    v1's application is deleted once no gateway routes to it."""
-    storage = served["cfg"].storage
+#: A model of its own for the version switch, so that tiny-wafer stays at v1 for the
+#: other tests whichever order they run in.
+SWITCHING = "switch-wafer"
+
+
+def test_switching_to_a_new_version_under_load_fails_no_request(served, monkeypatch, tmp_path):
+    """Two gateways, one with auth and one without, move from v1 to a newly registered v2
+    while clients keep calling; v1's application is deleted once no gateway routes to it."""
+    storage = _copy_of_the_served_model(served, tmp_path / "store", SWITCHING).storage
+    monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
+    prefixes = {"secured": "/switch-secured", "open": "/switch-open"}
+
+    def serve_latest(gateway: str, ref: str = SWITCHING) -> None:
+        args = AppArgs(models=[ref], storage=storage, auth=gateway == "secured")
+        deploy(args, name=f"switch-{gateway}", route_prefix=prefixes[gateway])
+
+    for gateway in prefixes:
+        serve_latest(gateway, f"{SWITCHING}:v1")
     registry = ModelRegistry(Storage(storage))
-    v1 = registry.resolve("tiny-wafer:v1")
+    v1 = registry.resolve(f"{SWITCHING}:v1")
     files = {p.name: p.read_bytes() for p in Path(v1.path).iterdir() if p.name != "_COMPLETE"}
-    assert registry.register("tiny-wafer", files).version == 2
-    urls = {"secured": served["url"] + PREDICT, "open": served["url"] + "/open" + PREDICT}
+    assert registry.register(SWITCHING, files).version == 2
+    predict = f"/v1/models/{SWITCHING}/predict"
+    urls = {gateway: served["url"] + prefix + predict for gateway, prefix in prefixes.items()}
     stop = threading.Event()
     seen: dict[str, list[tuple[int, str]]] = {gateway: [] for gateway in urls}
 
@@ -606,16 +624,17 @@ def test_switching_to_a_new_version_under_load_fails_no_request(served, monkeypa
         client.start()
     try:
         time.sleep(1)
-        monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
-        deploy(AppArgs(models=["tiny-wafer"], storage=storage), name="secured")
-        assert "tiny-wafer-v1" in serve.status().applications  # "open" still routes to it
-        deploy(AppArgs(models=["tiny-wafer"], storage=storage, auth=False), "open", "/open")
+        serve_latest("secured")
+        assert f"{SWITCHING}-v1" in serve.status().applications  # "open" still routes to it
+        serve_latest("open")
         time.sleep(1)
     finally:
         stop.set()
         for client in clients:
             client.join()
-    assert "tiny-wafer-v1" not in serve.status().applications
+    assert f"{SWITCHING}-v1" not in serve.status().applications
     for gateway, results in seen.items():
         assert [r for r in results if r[0] != 200] == [], gateway
         assert len(results) > 50 and results[0][1] == "v1" and results[-1][1] == "v2", gateway
+    for app in (*(f"switch-{gateway}" for gateway in prefixes), f"{SWITCHING}-v2"):
+        serve.delete(app)

@@ -3,9 +3,12 @@ aside, preprocessing fitted on the training split only, and the penguins example
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -149,25 +152,37 @@ def test_a_missing_column_is_named_before_any_work(tmp_path, capsys):
     assert "column 'color' is not in" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("example", ["species", "body_mass"])
-def test_penguins_example_trains_and_its_package_predicts(ray_runtime, tmp_path, example, capsys):
+@dataclass(frozen=True)
+class PenguinsRun:
+    """One penguins example trained by `forgeml train` for two epochs: where its package
+    went, what the command printed, and a record to ask the model about."""
+
+    example: str
+    root: Path
+    name: str
+    console: str
+    record: dict
+
+    @property
+    def package(self) -> Path:
+        return self.root / "models" / self.name / "v1"
+
+    def read(self, file: str) -> dict:
+        return json.loads((self.package / file).read_text())
+
+
+@pytest.fixture(scope="module", params=["species", "body_mass"])
+def penguins(request, ray_runtime, tmp_path_factory) -> PenguinsRun:
+    """examples/penguins/<example>.yaml trained once per module, for every test of its run."""
+    example = request.param
+    root = tmp_path_factory.mktemp(f"penguins-{example}")
     config = REPO / "examples" / "penguins" / f"{example}.yaml"
-    overrides = [
-        f"storage.root={tmp_path}",
-        "train.max_epochs=2",
-        "train.early_stopping.patience=1",
-    ]
+    overrides = [f"storage.root={root}", "train.max_epochs=2", "train.early_stopping.patience=1"]
     args = ["train", "--config", str(config)]
     for override in overrides:
         args += ["--set", override]
-
-    assert main(args) == 0
-    console = capsys.readouterr().out
-
-    name = yaml.safe_load(config.read_text())["name"]
-    package = tmp_path / "models" / name / "v1"
-    assert {p.name for p in package.iterdir()} >= PACKAGE_FILES
-    loaded = load_model(ModelRegistry(Storage(StorageConfig(root=str(tmp_path)))), name)
+    with contextlib.redirect_stdout(io.StringIO()) as console:
+        assert main(args) == 0
     record = {
         "bill_length_mm": 47.5,
         "bill_depth_mm": 15.0,
@@ -179,28 +194,53 @@ def test_penguins_example_trains_and_its_package_predicts(ray_runtime, tmp_path,
         record["body_mass_g"] = 5200
     else:
         record["species"] = "Gentoo"
-    inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns([record]))["inputs"]
+    name = yaml.safe_load(config.read_text())["name"]
+    return PenguinsRun(example, root, name, console.getvalue(), record)
+
+
+def test_penguins_example_registers_a_package_that_predicts(penguins):
+    assert {p.name for p in penguins.package.iterdir()} >= PACKAGE_FILES
+    loaded = load_model(
+        ModelRegistry(Storage(StorageConfig(root=str(penguins.root)))), penguins.name
+    )
+    columns = loaded.preprocessor.request_columns([penguins.record])
+    inputs = loaded.preprocessor.transform(columns)["inputs"]
+
     with torch.no_grad():
         prediction = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
-    metrics = json.loads((package / "metrics.json").read_text())
-    reference = json.loads((package / "reference.json").read_text())
-    baseline = metrics["baseline"]
-    assert f"baseline ({baseline['model']}): " in console
-    if example == "species":
+
+    metrics = penguins.read("metrics.json")
+    if penguins.example == "species":
+        assert prediction.shape == (1, 3) and np.isclose(prediction.sum(), 1)
+        assert set(metrics["test"]) >= {"accuracy", "macro_f1", "auroc_ovr"}
+    else:
+        assert prediction.shape == (1,) and np.isfinite(prediction).all()
+        assert set(metrics["test"]) == {"mse", "rmse", "mae", "mape", "r2"}
+        assert metrics["data"]["rejected"] == {"body_mass_g: missing target": 2}
+
+
+def test_penguins_example_reports_its_baseline_and_says_when_the_model_is_worse(penguins, capsys):
+    baseline = penguins.read("metrics.json")["baseline"]
+
+    assert f"baseline ({baseline['model']}): " in penguins.console
+    if penguins.example == "species":
         assert re.fullmatch(r"logistic regression on the \d+ encoded features", baseline["model"])
     else:
         # two epochs of an MLP do worse than a ridge regression: it says so everywhere
         assert re.fullmatch(r"ridge regression on the \d+ encoded features", baseline["model"])
         (compared,) = baseline["compared"]
         assert compared["metric"] == "rmse" and compared["worse"]
-        assert "WARNING: the model does worse on test than its baseline" in console
-        assert "class='warning'" in (package / "report.html").read_text()
+        assert "WARNING: the model does worse on test than its baseline" in penguins.console
+        assert "class='warning'" in (penguins.package / "report.html").read_text()
         capsys.readouterr()
-        assert main(["runs", "list", "--storage-root", str(tmp_path)]) == 0
+        assert main(["runs", "list", "--storage-root", str(penguins.root)]) == 0
         assert capsys.readouterr().out.splitlines()[1].split()[-1] == "rmse"
-    if example == "species":
-        assert prediction.shape == (1, 3) and np.isclose(prediction.sum(), 1)
-        assert set(metrics["test"]) >= {"accuracy", "macro_f1", "auroc_ovr"}
+
+
+def test_penguins_reference_holds_the_inputs_in_their_own_units_and_the_predictions(penguins):
+    reference = penguins.read("reference.json")
+
+    if penguins.example == "species":
         inputs = reference["input"]
         assert {
             "bill_length_mm",
@@ -215,26 +255,30 @@ def test_penguins_example_trains_and_its_package_predicts(ray_runtime, tmp_path,
         assert 2500 < np.median(inputs["body_mass_g"]["sample"]) < 6500
         assert set(reference["prediction"]["class"]["counts"]) <= {"Adelie", "Chinstrap", "Gentoo"}
     else:
-        assert prediction.shape == (1,) and np.isfinite(prediction).all()
-        assert set(metrics["test"]) == {"mse", "rmse", "mae", "mape", "r2"}
-        assert metrics["data"]["rejected"] == {"body_mass_g: missing target": 2}
         assert reference["prediction"]["value"]["kind"] == "numeric"
 
-    # Integrated Gradients per feature (a one-hot block and a missing indicator summed
-    # into theirs), the largest first; and the run report in a browser
+
+def test_penguins_explain_ranks_integrated_gradients_per_feature(penguins, tmp_path, capsys):
+    """A one-hot block and a missing indicator are summed into their feature's
+    attribution; the largest comes first."""
     request = tmp_path / "request.json"
-    request.write_text(json.dumps([record]))
+    request.write_text(json.dumps([penguins.record]))
+    args = ["explain", "--model", penguins.name, "--input", str(request)]
     capsys.readouterr()
-    assert (
-        main(["explain", "--model", name, "--input", str(request), "--storage-root", str(tmp_path)])
-        == 0
-    )
+
+    assert main([*args, "--storage-root", str(penguins.root)]) == 0
+
     (explained,) = json.loads(capsys.readouterr().out)["explanations"]
     features = [a["feature"] for a in explained["attributions"]]
-    assert set(features) <= set(record) and len(features) == len(set(features))
+    assert set(features) <= set(penguins.record) and len(features) == len(set(features))
     sizes = [abs(a["attribution"]) for a in explained["attributions"]]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
-    images = 3 if example == "species" else 2  # curves, then confusion and ROC, or scatter
-    headings = check_report(package / "report.html", tmp_path, min_images=images)
-    plot = "Confusion matrix" if example == "species" else "Predicted vs actual"
+
+
+def test_penguins_run_report_renders_in_a_browser(penguins, tmp_path):
+    images = 3 if penguins.example == "species" else 2  # curves, then confusion and ROC, or scatter
+
+    headings = check_report(penguins.package / "report.html", tmp_path, min_images=images)
+
+    plot = "Confusion matrix" if penguins.example == "species" else "Predicted vs actual"
     assert plot in headings and "Sample predictions and explanations" in headings

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from forgeml.cli import EXIT_DIVERGED, main
-from forgeml.config import StorageConfig, WaferSource, config_from_dict
+from forgeml.config import ExperimentConfig, StorageConfig, WaferSource, config_from_dict
 from forgeml.data.builtin import write_wafer_dataset
 from forgeml.data.wafer import CLASS_NAMES, generate, generate_map
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
-from forgeml.train.trainer import run_training
+from forgeml.train.trainer import TrainingOutcome, run_training
 from mlflow import MlflowClient
 from PIL import Image
 from ray.util.state import list_actors
@@ -60,12 +61,32 @@ def _train_worker_pids() -> list[int]:
     return [actor.pid for actor in actors]
 
 
-def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
-    ray_runtime, store, tmp_path, capsys
-):
-    exported = tmp_path / "wm811k-export"
+@dataclass(frozen=True)
+class DdpRun:
+    """What the module's one two-worker DDP run left: its store, config, outcome and the
+    package it registered."""
+
+    store: Path
+    cfg: ExperimentConfig
+    outcome: TrainingOutcome
+    package: Path
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.package / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_runtime, tmp_path_factory) -> DdpRun:
+    """Two workers fit the tiny CNN for 3 epochs on wafer maps exported as parquet files,
+    with newly labelled maps appended, augmentation and MLflow tracking: trained once,
+    for every test below that checks a part of what such a run leaves."""
+    folder = tmp_path_factory.mktemp("ddp")
+    store = folder / "store"
+    store.mkdir()
+    exported = folder / "wm811k-export"
     write_wafer_dataset(
-        Storage(StorageConfig(root=str(tmp_path))),
+        Storage(StorageConfig(root=str(folder))),
         str(exported),
         WaferSource(samples_per_class=30, image_size=16, shards=3),
         seed=1,
@@ -77,7 +98,7 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
         "class_names": list(CLASS_NAMES),
     }
     # newly labelled maps appended to the source, as a retraining adds them
-    appended = tmp_path / "appended"
+    appended = folder / "appended"
     appended.mkdir()
     new_rows = generate(samples_per_class=5, size=16, seed=2, first_id=100_000)
     table = pa.table(
@@ -100,34 +121,17 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
         tracking={"mlflow": {}},
     )
     outcome = run_training(cfg)
+    return DdpRun(store, cfg, outcome, store / "models" / "tiny-wafer" / "v1")
+
+
+def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(ddp_run):
+    outcome, store = ddp_run.outcome, ddp_run.store
 
     assert outcome.metrics["run"]["workers"] == 2
     assert [h["epoch"] for h in outcome.metrics["history"]] == [1, 2, 3]
     assert outcome.version.ref == "tiny-wafer:v1"
-    package = store / "models" / "tiny-wafer" / "v1"
-    assert {p.name for p in package.iterdir()} >= PACKAGE_FILES
-    metrics = json.loads((package / "metrics.json").read_text())
-    assert sum(metrics["data"]["rows"].values()) == 9 * 30 + 9 * 5
-    data = metrics["data"]
-    assert data["split"] == "stratified by class, seed 7" and data["augmented"]
-    for name in CLASS_NAMES:  # each class holds its shares to within one row
-        total = sum(data["classes"][split][name] for split in ("train", "val", "test"))
-        assert abs(data["classes"]["test"][name] - 0.15 * total) <= 1
-        assert abs(data["classes"]["val"][name] - 0.15 * total) <= 1
-    test = metrics["test"]
-    assert 0.0 <= test["accuracy"] <= 1.0
-    baseline = metrics["baseline"]  # fitted on the same split's pixels, scored on its test rows
-    assert baseline["model"] == "logistic regression on the pixels"
-    assert baseline["train_rows"] == metrics["data"]["rows"]["train"]
-    assert [row["metric"] for row in baseline["compared"]] == ["accuracy", "auroc_ovr"]
-    assert sum(map(sum, baseline["test"]["confusion_matrix"]["matrix"])) == data["rows"]["test"]
-    assert len(test["confusion_matrix"]["matrix"]) == 9
-    assert sum(map(sum, test["confusion_matrix"]["matrix"])) == metrics["data"]["rows"]["test"]
-    # the first epochs of a tiny CNN still learn: the training loss goes down
-    history = metrics["history"]
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-
-    loaded = load_model(ModelRegistry(Storage(cfg.storage)), "tiny-wafer")
+    assert {p.name for p in ddp_run.package.iterdir()} >= PACKAGE_FILES
+    loaded = load_model(ModelRegistry(Storage(ddp_run.cfg.storage)), "tiny-wafer")
     assert loaded.version.version == 1
     assert loaded.task.class_names == CLASS_NAMES
     assert loaded.preprocessor.image_size == 16
@@ -135,17 +139,58 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
     assert 1 <= len(_checkpoints(store)) <= 2
     assert not (store / "datasets").exists()  # read in place, nothing generated
 
-    # rank 0 alone logged every epoch, to TensorBoard and to one MLflow run
-    run_dir = store / "runs" / outcome.run_name
+
+def test_the_split_holds_the_appended_rows_and_every_class_in_its_shares(ddp_run):
+    data = ddp_run.metrics["data"]
+
+    assert sum(data["rows"].values()) == 9 * 30 + 9 * 5
+    assert data["split"] == "stratified by class, seed 7" and data["augmented"]
+    for name in CLASS_NAMES:  # each class holds its shares to within one row
+        total = sum(data["classes"][split][name] for split in ("train", "val", "test"))
+        assert abs(data["classes"]["test"][name] - 0.15 * total) <= 1
+        assert abs(data["classes"]["val"][name] - 0.15 * total) <= 1
+
+
+def test_the_model_and_its_baseline_are_scored_on_the_same_test_rows(ddp_run):
+    metrics = ddp_run.metrics
+    data, test = metrics["data"], metrics["test"]
+
+    assert 0.0 <= test["accuracy"] <= 1.0
+    assert len(test["confusion_matrix"]["matrix"]) == 9
+    assert sum(map(sum, test["confusion_matrix"]["matrix"])) == data["rows"]["test"]
+    baseline = metrics["baseline"]  # fitted on the same split's pixels, scored on its test rows
+    assert baseline["model"] == "logistic regression on the pixels"
+    assert baseline["train_rows"] == data["rows"]["train"]
+    assert [row["metric"] for row in baseline["compared"]] == ["accuracy", "auroc_ovr"]
+    assert sum(map(sum, baseline["test"]["confusion_matrix"]["matrix"])) == data["rows"]["test"]
+
+
+def test_the_first_epochs_of_a_tiny_cnn_lower_its_training_loss(ddp_run):
+    history = ddp_run.metrics["history"]
+
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_rank_0_alone_logs_every_epoch_to_tensorboard(ddp_run):
+    metrics = ddp_run.metrics
+    run_dir = ddp_run.store / "runs" / ddp_run.outcome.run_name
+
     scalars = tensorboard_scalars(run_dir / "tensorboard")
+
     assert [step for step, _ in scalars["val_loss"]] == [1, 2, 3]
     assert [value for _, value in scalars["train_loss"]] == pytest.approx(
-        [h["train_loss"] for h in history]
+        [h["train_loss"] for h in metrics["history"]]
     )
     assert {"lr", "samples_per_s", "val_accuracy", "val_macro_f1"} <= set(scalars)
-    assert scalars["test/accuracy"][0][1] == pytest.approx(test["accuracy"])
+    assert scalars["test/accuracy"][0][1] == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_rank_0_alone_logs_every_epoch_and_the_package_to_one_mlflow_run(ddp_run):
+    store, test = ddp_run.store, ddp_run.metrics["test"]
+
     (run,) = mlflow_runs(store, "tiny-wafer")
-    assert run.info.status == "FINISHED" and run.info.run_name == outcome.run_name
+
+    assert run.info.status == "FINISHED" and run.info.run_name == ddp_run.outcome.run_name
     assert run.data.params["model.kind"] == "cnn" and run.data.params["scaling.num_workers"] == "2"
     assert run.data.tags["forgeml.model_version"] == "tiny-wafer:v1"
     assert run.data.metrics["test/accuracy"] == pytest.approx(test["accuracy"])
@@ -155,8 +200,13 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "model_package")}
     assert {f"model_package/{name}" for name in PACKAGE_FILES} <= logged
 
-    # the run report renders in a browser: curves, confusion matrix, ROC/PR, Grad-CAM
-    headings = check_report(package / "report.html", tmp_path, min_images=4)
+
+def test_the_run_report_renders_in_a_browser(ddp_run, tmp_path):
+    """Curves, confusion matrix, ROC/PR and Grad-CAM, every image drawn."""
+    report = ddp_run.package / "report.html"
+
+    headings = check_report(report, tmp_path, min_images=4)
+
     assert headings[:5] == [
         "Test metrics",
         "Baseline",
@@ -165,21 +215,37 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
         "ROC and precision-recall",
     ]
     assert "Sample predictions and explanations" in headings
-    assert "Grad-CAM" in (package / "report.html").read_text()
-    # forgeml report writes it again from the package alone
+    assert "Grad-CAM" in report.read_text()
+
+
+def test_forgeml_report_writes_the_run_report_again_from_the_package_alone(ddp_run, tmp_path):
     again = tmp_path / "again.html"
-    root = ["--storage-root", str(store)]
+    root = ["--storage-root", str(ddp_run.store)]
+
     assert main(["report", "--model", "tiny-wafer:v1", *root, "--output", str(again)]) == 0
+
+    headings = re.findall(r"<h2>(.*?)</h2>", (ddp_run.package / "report.html").read_text())
     assert re.findall(r"<h2>(.*?)</h2>", again.read_text()) == headings
 
-    # forgeml explain: a Grad-CAM heat-map per map, summing to 1, and a PNG of them
+
+def _explain_args(ddp_run, tmp_path: Path) -> list[str]:
+    """`forgeml explain` arguments for the run's model and a request file of two maps, a
+    center and an edge-ring one."""
     request = tmp_path / "request.json"
     maps = [generate_map(label, 16, np.random.default_rng(label)) for label in (1, 4)]
     request.write_text(json.dumps({"instances": [{"image": m.tolist()} for m in maps]}))
-    heatmaps = tmp_path / "heatmaps.png"
-    args = ["explain", "--model", "tiny-wafer", "--input", str(request), *root]
+    root = ["--storage-root", str(ddp_run.store)]
+    return ["explain", "--model", "tiny-wafer", "--input", str(request), *root]
+
+
+def test_forgeml_explain_answers_a_grad_cam_heatmap_of_each_predicted_class(
+    ddp_run, tmp_path, capsys
+):
+    args = _explain_args(ddp_run, tmp_path)
     capsys.readouterr()
+
     assert main(args) == 0
+
     explained = json.loads(capsys.readouterr().out)["explanations"]
     assert [row["explained"] for row in explained] == [
         row["prediction"]["label"] for row in explained
@@ -187,12 +253,27 @@ def test_two_worker_ddp_fit_on_parquet_files_registers_a_complete_package(
     for row in explained:
         heatmap = np.array(row["heatmap"])
         assert heatmap.shape == (16, 16) and heatmap.sum() == pytest.approx(1, abs=1e-3)
+
+
+def test_forgeml_explain_draws_the_heatmaps_of_a_chosen_class(ddp_run, tmp_path, capsys):
+    heatmaps = tmp_path / "heatmaps.png"
+    args = _explain_args(ddp_run, tmp_path)
+    capsys.readouterr()
+
     assert main([*args, "--output", str(heatmaps), "--target", "edge-ring"]) == 0
+
     assert {row["explained"] for row in json.loads(capsys.readouterr().out)["explanations"]} == {
         "edge-ring"
     }
     assert Image.open(heatmaps).size[0] > 200
+
+
+def test_forgeml_explain_refuses_a_class_the_model_does_not_have(ddp_run, tmp_path, capsys):
+    args = _explain_args(ddp_run, tmp_path)
+    capsys.readouterr()
+
     assert main([*args, "--target", "no-such-class"]) == 2
+
     assert "not a class of tiny-wafer" in capsys.readouterr().err
 
 

@@ -101,9 +101,11 @@ def test_every_trial_is_tracked_and_the_best_holds_the_package(searched):
     assert best[0].data.metrics["test/accuracy"] > 0
 
 
-def test_the_best_config_trains_to_the_reported_metric(searched):
+def test_the_best_config_trains_to_the_reported_metric(searched, tmp_path):
+    """Retrained under a storage root of its own: the search's store keeps only what the
+    search registered and tracked, which the other tests here read."""
     _, outcome = searched
-    best = load_config(Path(outcome.uri) / BEST_CONFIG_FILE)
+    best = load_config(Path(outcome.uri) / BEST_CONFIG_FILE, [f"storage.root={tmp_path / 'store'}"])
     assert best.tune is None
     assert best.train.optimizer.lr == outcome.best_params["train.optimizer.lr"]
 
