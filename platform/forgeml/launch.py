@@ -1,7 +1,7 @@
-"""What training and tuning do before Ray Train starts, in one order: name the run and
-keep its log in its folder, open the source and check a judge, join the cluster, check
-that the workers fit it, open tracking and prepare the data; a bad config or cluster
-fails here, before any worker starts."""
+"""What training and tuning do before Ray Train starts, in one order: name the run, open
+the source and check a judge, join the cluster, check that the workers fit it, keep the
+run's log in its folder, open tracking and prepare the data; a bad config or cluster
+fails here, before any worker starts and before the run has a folder."""
 
 from __future__ import annotations
 
@@ -63,13 +63,14 @@ def prepare_launch(
     storage = Storage(cfg.storage)
     name = resolve_run_name(storage, folder, prefix, resume)
     path = storage.path(folder, name)
-    console.keep_run_log(storage, path)
     source = open_source(cfg, storage)
     load_judge(cfg, storage, source.features)
     runtime.connect()
     runtime.require_shared_storage(cfg.storage)
     if check_placement:
         plan_placement(cfg.scaling, streams_data=not cfg.data.cache)
+    # Only a run that may start gets a folder; until then its log lines are held.
+    console.keep_run_log(storage, path)
     tracking = open_tracking(cfg, storage)
     data = prepare_data(cfg, source, f"{path}/rejected", storage.fs, world_sizes)
     return Launch(storage, name, path, data, tracking)

@@ -297,13 +297,19 @@ def test_a_label_selector_no_node_matches_is_refused(cluster, s3_endpoint, tmp_p
 # worker nodes back for the next test.
 
 
+#: Ray Train's own info lines (which source a restart is counted against) on the job's
+#: console, as --verbose shows them; forgeml keeps them off it by default.
+VERBOSE = {"FORGEML_VERBOSE": "1"}
+
+
 def _running_past_epoch_2(cluster, storage: dict, tmp_path, **train) -> BackgroundJob:
-    """A submitted run of SHAPE with ``train`` settings, once its epoch 2 is checkpointed."""
+    """A submitted run of SHAPE with ``train`` settings, once its epoch 2 is checkpointed;
+    verbose, so that the job's output says how Ray Train counted a restart."""
     raw = tiny_raw_config("unused", **SHAPE, storage=storage)
     raw["train"] |= train
     raw["scaling"]["placement_strategy"] = "STRICT_SPREAD"  # a rank on each node
     config = write_config(tmp_path / "experiment.yaml", raw)
-    job = BackgroundJob(cluster, tmp_path, "train.py", "--config", str(config))
+    job = BackgroundJob(cluster, tmp_path, "train.py", "--config", str(config), env_vars=VERBOSE)
     _after_epoch(storage, 2)
     return job
 
