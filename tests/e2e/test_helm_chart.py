@@ -1,6 +1,7 @@
 """The Helm chart, rendered by the real helm binary for every values profile in the repo
 and checked strictly: core kinds against Kubernetes' own schemas, KubeRay kinds against
-the v1.7.0 CRDs with unknown fields refused, and the security policies we promise."""
+the schemas of KubeRay's CRDs in helm/kuberay-schemas with unknown fields refused, and
+the security policies we promise."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from tests.conftest import REPO
 from tests.e2e.chart import CHART, helm, render
 
 PROFILES = sorted((CHART / "ci").glob("*-values.yaml"))
-CRDS = REPO.parent / "shared" / "kuberay-crds"
 #: The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
 KUBERNETES_VERSIONS = ("1.30.0", "1.35.0")
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
@@ -31,6 +31,8 @@ UNVALIDATED_KINDS = {"PodMonitor"}
 
 
 PLAIN_MANIFESTS = REPO / "deploy" / "k8s"
+#: KubeRay's CRDs beside the repository, when there, to check the committed schemas against.
+CRDS = REPO.parent / "shared" / "kuberay-crds"
 
 
 def _load_generator(path: Path):
@@ -38,6 +40,10 @@ def _load_generator(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+KUBERAY_SCHEMAS = _load_generator(REPO / "helm" / "kuberay_schemas.py")
+SCHEMAS = KUBERAY_SCHEMAS.SCHEMAS
 
 
 @pytest.fixture(scope="module", params=[*PROFILES, PLAIN_MANIFESTS], ids=lambda path: path.name)
@@ -50,32 +56,11 @@ def rendered(request) -> list[dict]:
     return render("-f", str(request.param))
 
 
-def _closed(schema):
-    """The schema with additionalProperties: false wherever properties are listed and
-    unknown fields are not explicitly kept, as the API server's strict field validation
-    treats them (the CRD files leave them open)."""
-    if isinstance(schema, dict):
-        schema = {key: _closed(value) for key, value in schema.items()}
-        if (
-            "properties" in schema
-            and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")
-        ):
-            schema["additionalProperties"] = False
-        return schema
-    if isinstance(schema, list):
-        return [_closed(item) for item in schema]
-    return schema
-
-
 @cache
 def crd_validator(kind: str) -> jsonschema.Validator:
-    for path in CRDS.glob("ray.io_*.yaml"):
-        crd = yaml.safe_load(path.read_text())
-        if crd["spec"]["names"]["kind"] == kind:
-            (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-            return jsonschema.Draft202012Validator(_closed(version["schema"]["openAPIV3Schema"]))
-    raise LookupError(f"no CRD for {kind} in {CRDS}")
+    """A validator with the schema of KubeRay's CRD for ``kind``, unknown fields refused."""
+    path = SCHEMAS / KUBERAY_SCHEMAS.schema_file_name(kind)
+    return jsonschema.Draft202012Validator(json.loads(path.read_text()))
 
 
 def ray_cluster_specs(doc: dict) -> list[dict]:
@@ -131,6 +116,25 @@ def test_the_strict_crd_check_refuses_an_unknown_field():
     cluster["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
     errors = list(crd_validator("RayCluster").iter_errors(cluster))
     assert any("'maxReplica' was unexpected" in e.message for e in errors)
+
+
+def test_the_kuberay_schemas_are_of_the_operator_the_chart_names():
+    version = KUBERAY_SCHEMAS.kuberay_version()
+    for kind in KUBERAY_KINDS:
+        schema = json.loads((SCHEMAS / KUBERAY_SCHEMAS.schema_file_name(kind)).read_text())
+        assert schema["$comment"].startswith(f"KubeRay v{version} {kind} "), (
+            "run: python helm/kuberay_schemas.py with the CRDs of KubeRay " + version
+        )
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason=f"no KubeRay CRDs in {CRDS} to convert again")
+def test_the_kuberay_schemas_are_the_crds_converted(tmp_path):
+    KUBERAY_SCHEMAS.write(KUBERAY_SCHEMAS.schemas(CRDS), tmp_path)
+    generated = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    committed = {path.name: path.read_bytes() for path in SCHEMAS.iterdir()}
+    assert sorted(committed) == sorted(generated)
+    stale = [name for name in sorted(generated) if committed[name] != generated[name]]
+    assert not stale, f"{stale} differ: run python helm/kuberay_schemas.py {CRDS}"
 
 
 def test_worker_groups_carry_the_ray_labels_experiments_select_on():
