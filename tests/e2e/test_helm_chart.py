@@ -1,7 +1,7 @@
 """The Helm chart, rendered by the real helm binary for every values profile in the repo
 and checked strictly: core kinds against Kubernetes' own schemas, KubeRay kinds against
-the schemas of KubeRay's CRDs in helm/kuberay-schemas with unknown fields refused, and
-the security policies we promise."""
+the schemas of KubeRay's CRDs in helm/kuberay-schemas with unknown fields refused, the
+security policies we promise, and the experiments it mounts against forgeml's config."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import copy
 import importlib.util
 import json
 import re
+import string
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -31,6 +34,8 @@ UNVALIDATED_KINDS = {"PodMonitor"}
 
 
 PLAIN_MANIFESTS = REPO / "deploy" / "k8s"
+KIND_SCRIPT = PLAIN_MANIFESTS / "e2e-kind.sh"
+FORGEML = Path(sys.executable).parent / "forgeml"
 #: KubeRay's CRDs beside the repository, when there, to check the committed schemas against.
 CRDS = REPO.parent / "shared" / "kuberay-crds"
 
@@ -61,6 +66,43 @@ def crd_validator(kind: str) -> jsonschema.Validator:
     """A validator with the schema of KubeRay's CRD for ``kind``, unknown fields refused."""
     path = SCHEMAS / KUBERAY_SCHEMAS.schema_file_name(kind)
     return jsonschema.Draft202012Validator(json.loads(path.read_text()))
+
+
+def experiments(docs: list[dict]) -> list[str]:
+    """The experiment files held by the ConfigMaps among ``docs``."""
+    return [
+        doc["data"]["experiment.yaml"]
+        for doc in docs
+        if doc["kind"] == "ConfigMap" and "experiment.yaml" in doc.get("data", {})
+    ]
+
+
+def config_validate(experiment: str, folder: Path) -> subprocess.CompletedProcess:
+    """``forgeml config validate`` run on the experiment file's text."""
+    path = folder / "experiment.yaml"
+    path.write_text(experiment)
+    command = [str(FORGEML), "config", "validate", "--config", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def kind_script_values() -> str:
+    """The values file e2e-kind.sh installs the chart with, as the shell writes it: the
+    heredoc behind ``helm install ... -f FILE``, its variables expanded."""
+    script = KIND_SCRIPT.read_text()
+    install = re.search(r"^helm install \S+ helm/forgeml -f (\S+)", script, re.MULTILINE)
+    assert install, f"{KIND_SCRIPT.name}: no `helm install ... helm/forgeml -f FILE`"
+    values_file = re.escape(install[1])
+    heredoc = re.search(
+        rf"^cat > {values_file} <<(['\"]?)(\w+)\1\n(.*?)^\2$", script, re.MULTILINE | re.DOTALL
+    )
+    assert heredoc, f"{KIND_SCRIPT.name}: no heredoc writes {install[1]}"
+    quoted, text = heredoc[1], heredoc[3]
+    if quoted:
+        return text
+    # Variables set to a literal at the top level of the script; substitute() raises on
+    # any other, as the values would then not be what the script installs.
+    variables = dict(re.findall(r"^(\w+)=([^\s$\"'`]+)$", script, re.MULTILINE))
+    return string.Template(text).substitute(variables)
 
 
 def ray_cluster_specs(doc: dict) -> list[dict]:
@@ -135,6 +177,26 @@ def test_the_kuberay_schemas_are_the_crds_converted(tmp_path):
     assert sorted(committed) == sorted(generated)
     stale = [name for name in sorted(generated) if committed[name] != generated[name]]
     assert not stale, f"{stale} differ: run python helm/kuberay_schemas.py {CRDS}"
+
+
+def test_every_mounted_experiment_passes_config_validate(rendered, tmp_path):
+    """The experiment of every RayJob a profile or the plain manifests install is one
+    that `forgeml config validate` takes."""
+    found = experiments(rendered)
+    jobs = [doc for doc in rendered if doc["kind"] == "RayJob"]
+    assert len(found) == len(jobs), "one experiment ConfigMap per RayJob"
+    for experiment in found:
+        result = config_validate(experiment, tmp_path)
+        assert result.returncode == 0, result.stderr
+
+
+def test_the_kind_scripts_experiment_passes_config_validate(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(kind_script_values())
+    found = experiments(render("-f", str(values)))
+    assert len(found) == 1, f"{KIND_SCRIPT.name} installs {len(found)} experiments, not one"
+    result = config_validate(found[0], tmp_path)
+    assert result.returncode == 0, result.stderr
 
 
 def test_worker_groups_carry_the_ray_labels_experiments_select_on():
