@@ -8,11 +8,21 @@ and nothing else, so other Ray clusters on the machine are left alone (``ray sto
 would end them all). Every node has a temporary folder of its own too, as a machine
 has: nodes sharing one would share their runtime-environment caches, and a joining
 node's agent would delete the working folder of a job that another node runs.
+
+A cluster can also start with Ray's autoscaler on its head (``autoscaling``), which then
+adds and removes worker nodes as work asks for them, the way KubeRay's in-tree autoscaler
+adds and removes worker pods: ``autoscaling_from_raycluster`` derives its node types
+from a RayCluster object with the autoscaler's own translation. The nodes it adds are
+started on this machine by Ray's local node provider (a private Ray module, pinned by a
+test); they share the head's temporary folder, so jobs on such a cluster should not
+upload a working directory (bring the code with the image, as pods do).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 import secrets
 import shutil
@@ -44,11 +54,42 @@ _WITH_DEFAULT_SIGINT = [
 ]
 
 
+#: Ray's node provider that starts the nodes an autoscaler asks for as raylets on this
+#: machine, and the node id and type it gives the head. Ray 2.60's wheel lacks the
+#: defaults file its ``fake_multinode`` provider type reads, so it is loaded as an
+#: external provider by module path.
+LOCAL_NODE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+LOCAL_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
+LOCAL_HEAD_NODE_TYPE = "ray.head.default"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def autoscaling_from_raycluster(raycluster: dict) -> dict:
+    """The autoscaler config that KubeRay's autoscaler derives from ``raycluster`` (a
+    RayCluster object, or a RayJob's or RayService's ``rayClusterSpec`` wrapped in one):
+    one node type per worker group, with the CPUs and GPUs of its ``rayStartParams`` or
+    container limits, ``minReplicas`` to ``maxReplicas`` nodes, and the idle timeout and
+    upscaling mode of ``autoscalerOptions``. Node memory is left to the machine: the
+    local provider cannot give a node a memory size."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    raycluster = copy.deepcopy(raycluster)
+    raycluster["metadata"].setdefault("namespace", "default")
+    config = _derive_autoscaling_config_from_ray_cr(raycluster)
+    node_types = config["available_node_types"]
+    node_types[LOCAL_HEAD_NODE_TYPE] = node_types.pop(config["head_node_type"])
+    config["head_node_type"] = LOCAL_HEAD_NODE_TYPE
+    for node_type in node_types.values():
+        node_type["resources"].pop("memory", None)
+    return config
 
 
 @dataclass
@@ -59,6 +100,7 @@ class LocalNode:
     cpus: int
     process: subprocess.Popen
     log: Path
+    temp_dir: Path
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -72,7 +114,10 @@ class LocalCluster:
 
     ``env`` is what a client of this cluster runs with (the token, the cluster's
     address for ``ray job submit`` and ``ray.init``); ``extra_env`` is set on every node
-    so that its workers inherit it (S3 credentials, Ray settings).
+    so that its workers inherit it (S3 credentials, Ray settings). ``autoscaling``: an
+    autoscaler config (``autoscaling_from_raycluster``) whose node types the head's
+    autoscaler adds and removes; ``head_params``: more ``ray start`` options of the head
+    (a RayCluster's head ``rayStartParams``).
     """
 
     def __init__(
@@ -82,6 +127,8 @@ class LocalCluster:
         head_cpus: int = 0,
         token_auth: bool = True,
         start_timeout_s: float = 120,
+        autoscaling: dict | None = None,
+        head_params: dict[str, str] | None = None,
     ):
         self.folder = Path(folder)
         (self.folder / "home").mkdir(parents=True, exist_ok=True)
@@ -101,24 +148,50 @@ class LocalCluster:
             self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         self.nodes: dict[str, LocalNode] = {}
         self._temp_dirs: list[str] = []
-        self._start(
-            "head",
-            head_cpus,
-            {},
-            [
-                "--head",
-                f"--port={self.gcs_port}",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={free_port()}",
-            ],
-        )
+        head = [
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            *(f"--{name}={value}" for name, value in (head_params or {}).items()),
+            # Last, over head_params: one machine's address, and no fixed ports.
+            "--dashboard-host=127.0.0.1",
+            f"--metrics-export-port={free_port()}",
+        ]
+        head_env = {}
+        if autoscaling is not None:
+            head.append(f"--autoscaling-config={self._write_autoscaling(autoscaling)}")
+            head_env = {
+                # Ray's own local autoscaling clusters look every second; KubeRay's every
+                # 5 s, which only delays each decision.
+                "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                "RAY_FAKE_CLUSTER": "1",
+                "RAY_enable_autoscaler_v2": "1",
+                "RAY_CLOUD_INSTANCE_ID": LOCAL_HEAD_NODE_ID,
+                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": LOCAL_HEAD_NODE_ID,
+            }
+        self._start("head", head_cpus, {}, head, head_env)
         self._wait_for("head")
 
     @property
     def client_env(self) -> dict[str, str]:
         """The environment of a driver that joins this cluster with ``ray.init()``."""
         return {**self.env, "RAY_ADDRESS": self.gcs_address}
+
+    def _write_autoscaling(self, autoscaling: dict) -> Path:
+        """``autoscaling`` with the local node provider, joined to this head, in a file."""
+        config = copy.deepcopy(autoscaling)
+        config["provider"] = {
+            **config["provider"],
+            "type": "external",
+            "module": LOCAL_NODE_PROVIDER,
+            "gcs_address": self.gcs_address,
+            "head_node_id": LOCAL_HEAD_NODE_ID,
+            "launch_multiple": True,
+        }
+        path = self.folder / "autoscaling.json"
+        path.write_text(json.dumps(config, indent=1))
+        return path
 
     def add_node(self, name: str, cpus: int, labels: dict[str, str] | None = None) -> LocalNode:
         """Start a worker node with ``cpus`` CPUs and ``labels``; returns once Ray lists it."""
@@ -142,6 +215,14 @@ class LocalCluster:
         )
         response.raise_for_status()
         return response.json()["data"]["result"]["result"]
+
+    def autoscaled_nodes(self) -> set[str]:
+        """Ray's node ids of the alive nodes the autoscaler added."""
+        return {
+            s["node_id"]
+            for s in self._state("nodes")
+            if s["state"] == "ALIVE" and NODE_LABEL not in s["labels"]
+        }
 
     def node_ids(self) -> dict[str, str]:
         """Ray's node id of every alive node this cluster started, by name."""
@@ -191,16 +272,21 @@ class LocalCluster:
         subprocess.run(command, env=self.env, check=True, capture_output=True, timeout=60)
 
     def stop_node(self, name: str) -> None:
-        """Stop one node the way Ctrl-C stops ``ray start --block``."""
+        """Stop one node the way Ctrl-C stops ``ray start --block``, then kill whatever
+        it started that outlived it (the head's autoscaler starts nodes of its own)."""
         node = self.nodes[name]
         if not node.alive:
             return
+        started = psutil.Process(node.process.pid).children(recursive=True)
         os.killpg(node.process.pid, signal.SIGINT)
         try:
             node.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(node.process.pid, signal.SIGKILL)
             node.process.wait()
+        for process in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
     def shutdown(self) -> None:
         """Stop the worker nodes, then the head, and forget the cluster's address file."""
@@ -218,9 +304,17 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def _start(self, name: str, cpus: int, labels: dict[str, str], role: list[str]) -> None:
+    def _start(
+        self,
+        name: str,
+        cpus: int,
+        labels: dict[str, str],
+        role: list[str],
+        env: dict[str, str] | None = None,
+    ) -> None:
         labels = {**labels, NODE_LABEL: name}
         log = self.folder / f"{name}.log"
+        temp_dir = self._temp_dir(name)
         command = [
             *_WITH_DEFAULT_SIGINT,
             str(_BIN / "ray"),
@@ -232,23 +326,24 @@ class LocalCluster:
             "--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()),
             # Nodes on one machine must not share their fixed default ports.
             f"--dashboard-agent-listen-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--temp-dir={self._temp_dir(name)}",
+            f"--temp-dir={temp_dir}",
         ]
+        if name != "head":
+            command.append(f"--metrics-export-port={free_port()}")
         process = subprocess.Popen(
             command,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.nodes[name] = LocalNode(name, cpus, process, log, labels)
+        self.nodes[name] = LocalNode(name, cpus, process, log, temp_dir, labels)
 
-    def _temp_dir(self, name: str) -> str:
+    def _temp_dir(self, name: str) -> Path:
         """A fresh temporary folder for node ``name``, under /tmp and not the cluster's
         folder: Ray's socket paths inside it must stay within the 107 characters a Unix
         socket path may have."""
-        folder = tempfile.mkdtemp(prefix=f"ray-{name}-")
+        folder = Path(tempfile.mkdtemp(prefix=f"ray-{name}-"))
         self._temp_dirs.append(folder)
         return folder
 
