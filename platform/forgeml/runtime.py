@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import ray
 from ray._common.utils import reset_ray_address
 from ray._private.utils import read_ray_address
+from ray._raylet import GcsClient
+from ray.core.generated.autoscaler_pb2 import AutoscalingState, GetClusterStatusReply
 
 from forgeml import console
 from forgeml.config import StorageConfig
@@ -135,11 +137,14 @@ def cluster_nodes() -> list[Node]:
     ]
 
 
-def has_autoscaler() -> bool:
-    """Whether an autoscaler has told the cluster which nodes it may add."""
-    from ray._private.state import state
-
-    return state.get_cluster_config() is not None
+def autoscaler_state() -> AutoscalingState | None:
+    """What Ray's autoscaler (v2, as KubeRay runs it with ``autoscalerOptions.version:
+    v2``) last reported to the connected cluster's GCS: the node launches it has asked for
+    and the requests no node type could ever hold. None when no autoscaler reports."""
+    reply = GetClusterStatusReply()
+    reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status())
+    state = reply.autoscaling_state
+    return state if state.autoscaler_state_version else None
 
 
 def require_shared_storage(storage: StorageConfig) -> None:

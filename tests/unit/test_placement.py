@@ -4,7 +4,13 @@ what the refusal says."""
 import pytest
 from forgeml.config import ScalingConfig
 from forgeml.runtime import Node
-from forgeml.train.placement import PlacementError, check_placement, selector_matches
+from forgeml.train.placement import (
+    PlacementError,
+    autoscaler_verdict,
+    check_placement,
+    selector_matches,
+)
+from ray.core.generated.autoscaler_pb2 import AutoscalingState, GangResourceRequest
 
 
 def _nodes(*cpus: float, gpus: float = 0) -> list[Node]:
@@ -86,3 +92,21 @@ def test_label_selector_conditions(condition, matched):
 def test_a_malformed_selector_is_a_config_error():
     with pytest.raises(ValueError, match="label_selector"):
         ScalingConfig(label_selector={"zone": "in(a,"})
+
+
+def test_the_autoscaler_judges_a_reservation_after_two_update_rounds():
+    """Infeasible as soon as the autoscaler says so; feasible only once a round that
+    certainly saw the request has passed without a word."""
+    ours, other = "aa" * 18, "bb" * 18
+    refused = GangResourceRequest(details=f"{ours}:PACK|PENDING")
+    stale = GangResourceRequest(details=f"{other}:PACK|PENDING")
+
+    def state(version, *infeasible):
+        return AutoscalingState(
+            autoscaler_state_version=version, infeasible_gang_resource_requests=infeasible
+        )
+
+    assert autoscaler_verdict(state(5, stale), ours, since_version=5) is None
+    assert autoscaler_verdict(state(6, stale), ours, since_version=5) is None
+    assert autoscaler_verdict(state(6, stale, refused), ours, since_version=5) is True
+    assert autoscaler_verdict(state(7, stale), ours, since_version=5) is False

@@ -18,22 +18,35 @@ An elastic run (``scaling.num_workers: [min, max]``) is checked at its minimum: 
 starts it with as many workers as the nodes hold, up to the maximum.
 
 The check reads the nodes' total resources: a run that fits waits while other work
-holds them, as Ray does. A cluster with an autoscaler can add nodes, so its present
-nodes do not bound what it can hold; the check is skipped there.
+holds them, as Ray does. A cluster with an autoscaler can add nodes, so a run its present
+nodes cannot hold is put to the autoscaler instead, which alone knows its node types
+(KubeRay's worker groups): the workers' bundles are reserved as a placement group, and
+if the autoscaler marks it infeasible (a GPU worker on a CPU-only cluster, more CPUs per
+worker than any node type has) the run is refused instead of waiting forever for a node
+that never comes. Otherwise the reservation is held until the nodes the autoscaler adds
+for it are up, then released for the run's own.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from forgeml.config import ScalingConfig
-from forgeml.runtime import Node, cluster_nodes, has_autoscaler
+from forgeml.runtime import Node, autoscaler_state, cluster_nodes
 
 logger = logging.getLogger(__name__)
 
 #: CPUs of one Ray Data read or map task (Ray Data's default ``num_cpus``).
 DATA_TASK_CPUS = 1.0
+
+#: How long the pre-launch check waits for the nodes the autoscaler adds for the
+#: workers (cloud VMs or Kubernetes pods take minutes) before it lets the run wait for
+#: them itself.
+AUTOSCALER_WAIT_S = 600.0
 
 
 class PlacementError(ValueError):
@@ -127,13 +140,64 @@ def check_placement(scaling: ScalingConfig, data_cpus: float, nodes: list[Node])
     )
 
 
+def autoscaler_verdict(state, placement_group_id: str, since_version: int) -> bool | None:
+    """What an autoscaler state says of a reservation made when its version was
+    ``since_version``: True once marked infeasible, False once two update rounds have
+    passed without that (the first may predate the request), None before."""
+    if any(
+        request.details.startswith(placement_group_id)
+        for request in state.infeasible_gang_resource_requests
+    ):
+        return True
+    return False if state.autoscaler_state_version >= since_version + 2 else None
+
+
+def _refused_by_autoscaler(scaling: ScalingConfig) -> bool:
+    """Whether the cluster's autoscaler marks the run's worker group infeasible. A group
+    it can hold is kept reserved until its nodes are up, so that the data preparation
+    that comes next uses them rather than asking for more."""
+    bundle = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    workers = scaling.min_workers
+    selector = [scaling.label_selector] * workers if scaling.label_selector else None
+    since = autoscaler_state().autoscaler_state_version
+    group = placement_group(
+        [bundle] * workers,
+        strategy=scaling.placement_strategy,
+        bundle_label_selector=selector,
+    )
+    try:
+        deadline = time.monotonic() + AUTOSCALER_WAIT_S
+        judged = False
+        while not group.wait(timeout_seconds=0.5):
+            if not judged:
+                verdict = autoscaler_verdict(autoscaler_state(), group.id.hex(), since)
+                if verdict:
+                    return True
+                if verdict is False:
+                    judged = True
+                    logger.info("placement: the autoscaler adds nodes for the workers")
+            if time.monotonic() > deadline:
+                logger.warning("placement: the workers' nodes are not up yet; the run waits")
+                break
+        return False
+    finally:
+        remove_placement_group(group)
+
+
 def plan_placement(scaling: ScalingConfig, streams_data: bool) -> None:
     """Check the connected cluster before a run launches; PlacementError if it never fits."""
-    if has_autoscaler():
-        logger.info("placement: the cluster's autoscaler may add nodes; not checked")
-        return
     nodes = cluster_nodes()
-    plan = check_placement(scaling, DATA_TASK_CPUS if streams_data else 0.0, nodes)
+    try:
+        plan = check_placement(scaling, DATA_TASK_CPUS if streams_data else 0.0, nodes)
+    except PlacementError as error:
+        if autoscaler_state() is None:
+            raise
+        if _refused_by_autoscaler(scaling):
+            raise PlacementError(
+                f"{error}. The cluster's autoscaler cannot add such nodes either: none of "
+                "its node types holds these workers"
+            ) from None
+        return
     logger.info("placement: %s", plan)
     if streams_data and scaling.elastic:
         logger.warning(

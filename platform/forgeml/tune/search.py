@@ -34,6 +34,10 @@ import pyarrow.parquet as pq
 import ray.train
 import torch
 from ray import tune
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+    get_or_create_autoscaling_coordinator,
+)
+from ray.train.v2._internal.state.state_actor import get_state_actor
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from forgeml import console
@@ -293,7 +297,29 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, trac
         runs_path=runs_path,
         callbacks=[EpochReportCallback()],
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        release_autoscaler_request(trial_id)
+
+
+def release_autoscaler_request(run_name: str) -> None:
+    """Withdraw what the Train run ``run_name`` asked the cluster's autoscaler for.
+
+    Ray Train registers a run's workers with the autoscaling coordinator (Ray Data's,
+    shared by the cluster) and withdraws them when its controller shuts down; in Ray
+    2.60 a run inside a Tune trial leaves its request standing, and no node the request
+    counts can be removed until it expires 180 s later. A test on an autoscaling
+    cluster fails if this stops working or is no longer needed."""
+    state = get_state_actor()
+    if state is None:
+        return
+    job = ray.get_runtime_context().get_job_id()
+    runs = ray.get(state.get_train_runs.remote()).values()
+    coordinator = get_or_create_autoscaling_coordinator()
+    for run in runs:
+        if run.name == run_name and run.job_id == job:
+            ray.get(coordinator.cancel_request.remote(f"train-{run.id}"))
 
 
 def _trial_resources(cfg: ExperimentConfig) -> dict:
@@ -413,10 +439,16 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
                 f"--resume: search {finished} has finished; its results are in "
                 f"{storage.uri('tune', finished, RESULTS_FILE)}"
             )
-    # Trials share the cluster as the search schedules them, so no one worker group's
-    # placement is checked up front.
+    # Trials share the cluster as the search schedules them; each trial's worker group
+    # must fit it, which is checked up front unless the search varies the scaling.
+    sized_by_trial = any(key.startswith("scaling.") for key in settings.space)
     launch = prepare_launch(
-        cfg, "tune", f"{cfg.name}-tune", resume, trial_world_sizes(cfg), check_placement=False
+        cfg,
+        "tune",
+        f"{cfg.name}-tune",
+        resume,
+        trial_world_sizes(cfg),
+        check_placement=not sized_by_trial,
     )
     experiment, experiment_path, data = launch.name, launch.path, launch.data
     base = cfg.model_dump(mode="json")
