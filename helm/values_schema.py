@@ -140,6 +140,7 @@ def schema() -> dict:
                         "enabled": {"type": "boolean"},
                         "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
                         "upscalingMode": {"enum": ["Conservative", "Default", "Aggressive"]},
+                        "version": {"enum": ["v1", "v2"]},
                         "resources": RESOURCES,
                     }
                 ),

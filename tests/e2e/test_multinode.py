@@ -13,20 +13,15 @@ import io
 import itertools
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import boto3
-import numpy as np
 import pandas as pd
 import pytest
 import ray
-import requests
 from forgeml.config import StorageConfig
-from forgeml.data.wafer import CLASS_NAMES, generate_map
-from forgeml.local_cluster import LocalCluster, free_port
+from forgeml.local_cluster import LocalCluster
 from forgeml.runtime import RAY_ENV_DEFAULTS
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
@@ -188,14 +183,6 @@ def two_node_run(started_cluster, s3_endpoint, tmp_path_factory) -> TwoNodeRun:
     return TwoNodeRun(job, output, storage, cluster.node_ids())
 
 
-@pytest.fixture
-def registered_on_s3(two_node_run) -> dict:
-    """The S3 storage of the two-node run: the tests that serve its model stop here, with
-    the job's output, when the run failed."""
-    assert two_node_run.job.returncode == 0, two_node_run.output[-4000:]
-    return two_node_run.storage
-
-
 def test_ddp_ranks_on_two_nodes_learn_what_one_node_learns(two_node_run, single_node_run):
     storage = two_node_run.storage
 
@@ -211,49 +198,6 @@ def test_ddp_ranks_on_two_nodes_learn_what_one_node_learns(two_node_run, single_
     multi, single = metrics["test"]["accuracy"], single_node_run["test"]["accuracy"]
     print(f"test accuracy: two nodes {multi:.4f}, one node {single:.4f}")
     assert single > 0.35 and abs(multi - single) <= 0.1
-
-
-def test_the_model_on_s3_is_served_from_the_worker_nodes(cluster, registered_on_s3, s3_endpoint):
-    """`forgeml serve deploy` to the cluster: the gateway and the model's replica take a
-    CPU each, so they run on the worker nodes (the head has none), which read the
-    package that the two-node run registered on S3."""
-    storage = registered_on_s3
-    port = free_port()
-    deployed = subprocess.run(
-        [
-            *(str(Path(sys.executable).parent / "forgeml"), "serve", "deploy"),
-            *("--model", "tiny-wafer", "--storage-root", storage["root"]),
-            *("--storage-endpoint-url", s3_endpoint, "--port", str(port), "--no-auth"),
-        ],
-        env=cluster.client_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    try:
-        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-        rng = np.random.default_rng(5)
-        maps = [generate_map(i, 16, rng).tolist() for i in range(len(CLASS_NAMES))]
-        response = requests.post(
-            f"http://127.0.0.1:{port}/v1/models/tiny-wafer/predict",
-            json={"instances": [{"image": m} for m in maps]},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert (body["model"], body["version"]) == ("tiny-wafer", "v1")
-        assert len(body["predictions"]) == len(CLASS_NAMES)
-        for prediction in body["predictions"]:
-            assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-4)
-    finally:  # the CPUs are for the other tests' runs
-        stopped = subprocess.run(
-            [str(Path(sys.executable).parent / "serve"), "shutdown", "--yes"],
-            env={**cluster.env, "RAY_DASHBOARD_ADDRESS": cluster.dashboard_url},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
 
 
 def test_a_local_storage_root_is_refused_on_several_nodes(cluster, tmp_path):

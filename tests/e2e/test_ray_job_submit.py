@@ -17,7 +17,6 @@ import pytest
 import ray
 import requests
 import torch
-import yaml
 from forgeml.config import StorageConfig, TrafficConfig
 from forgeml.local_cluster import LocalCluster, free_port
 from forgeml.model_package import load_model
@@ -28,7 +27,6 @@ from forgeml.storage import ModelRegistry, Storage
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from tests.conftest import tiny_raw_config, write_config
-from tests.e2e.chart import render
 from tests.e2e.drifted import appended_maps, drifted_maps
 from tests.e2e.jobs import submit
 
@@ -161,25 +159,6 @@ def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(
     again = check(storage, "tiny-wafer:v1", ["monitor.min_rows=300", retrain])
     assert again["alarm"]
     assert again["retrain"] == {"skipped": "already started", **summary["retrain"]}
-
-
-def test_the_charts_rayservice_serves_what_serve_build_writes(trained_store, tmp_path):
-    """One generator: the RayService's serveConfigV2 is `forgeml serve build`'s output for
-    the submitted run's model, passed through the Helm chart unchanged."""
-    command = [str(BIN / "forgeml"), "serve", "build", "--model", "tiny-wafer"]
-    command += ["--storage-root", str(trained_store), "--host", "0.0.0.0"]
-    built = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
-    serve_file = tmp_path / "serve.yaml"
-    serve_file.write_text(built.stdout)
-
-    docs = render(
-        "--set", "serving.enabled=true", "--set-file", f"serving.serveConfigV2={serve_file}"
-    )
-
-    (service,) = [doc for doc in docs if doc["kind"] == "RayService"]
-    served = yaml.safe_load(service["spec"]["serveConfigV2"])
-    assert served == yaml.safe_load(built.stdout)
-    assert [app["name"] for app in served["applications"]] == ["tiny-wafer-v1", "forgeml"]
 
 
 @pytest.mark.parametrize(

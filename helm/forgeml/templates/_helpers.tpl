@@ -263,6 +263,7 @@ enableInTreeAutoscaling: {{ $values.autoscaling.enabled }}
 autoscalerOptions:
   idleTimeoutSeconds: {{ $values.autoscaling.idleTimeoutSeconds }}
   upscalingMode: {{ $values.autoscaling.upscalingMode }}
+  version: {{ $values.autoscaling.version }}
   imagePullPolicy: {{ $values.image.pullPolicy }}
   resources:
     {{- toYaml $values.autoscaling.resources | nindent 4 }}

@@ -1,0 +1,400 @@
+"""The chart's RayJob and RayService, run on a cluster that Ray's autoscaler grows and
+shrinks as KubeRay's would.
+
+`helm template` renders a RayJob (with its experiment ConfigMap) and, once the job has
+registered a model, a RayService whose ``serveConfigV2`` is `forgeml serve build`'s. The
+RayJob's own cluster starts here as KubeRay would start it (tests/e2e/kuberay.py): a head
+with no CPUs for work and no worker node, and the autoscaler with the chart's CPU group
+sized to one CPU, zero to three nodes, and a short idle timeout. Jobs are submitted with
+the RayJob's entrypoint through the Jobs API, the Serve config applied as the operator
+applies it, and every scale-up and scale-down is watched in Ray's node table.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets as secrets_module
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import psutil
+import pytest
+import ray
+import requests
+import yaml
+from forgeml.config import StorageConfig
+from forgeml.local_cluster import LocalCluster, free_port
+from forgeml.storage import ModelRegistry, Storage
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from tests.conftest import S3_ENV, environment, tiny_raw_config
+from tests.e2e.chart import render
+from tests.e2e.kuberay import (
+    IMAGE_WORKDIR,
+    autoscaling_of,
+    local_command,
+    mount_config_maps,
+    node_env,
+    only,
+    serve_config,
+    start_cluster,
+)
+
+BIN = Path(sys.executable).parent
+BUCKET = "autoscaling"
+#: Seconds an idle worker node stays (the chart's autoscaling.idleTimeoutSeconds).
+IDLE_TIMEOUT_S = 10
+#: The chart's values for this machine: worker nodes of one CPU, none at the start.
+VALUES = {
+    "workers": {
+        "cpu": {
+            "replicas": 0,
+            "minReplicas": 0,
+            "maxReplicas": 3,
+            "resources": {
+                "requests": {"cpu": "1", "memory": "2Gi"},
+                "limits": {"cpu": "1", "memory": "2Gi"},
+            },
+        }
+    },
+    "autoscaling": {"idleTimeoutSeconds": IDLE_TIMEOUT_S},
+    "s3": {"region": "us-east-1", "credentialsSecret": "forgeml-s3"},
+}
+SERVE_TOKEN = "serve-token-for-the-autoscaling-tests"
+
+
+@dataclass
+class ChartCluster:
+    """The rendered chart's RayJob cluster, running, and the values it was rendered with."""
+
+    cluster: LocalCluster
+    secrets: dict[str, dict[str, str]]
+    values: dict
+    folder: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What KubeRay sends the dashboard: the cluster's token."""
+        return {"Authorization": f"Bearer {self.secrets['forgeml-ray-token']['auth_token']}"}
+
+    @property
+    def jobs(self) -> JobSubmissionClient:
+        return JobSubmissionClient(self.cluster.dashboard_url, headers=self.headers)
+
+    def render(self, *args: str) -> list[dict]:
+        values = self.folder / "values.yaml"
+        values.write_text(yaml.safe_dump(self.values))
+        return render("-f", str(values), *args)
+
+    def experiment(self, **sections) -> dict:
+        """A tiny experiment on the chart's S3 storage, set as the RayJob's."""
+        raw = tiny_raw_config(f"s3://{BUCKET}/store", **sections)
+        self.values["job"]["experiment"] = raw
+        return raw
+
+    def metrics(self, ref: str) -> dict:
+        """The metrics.json of a registered model version."""
+        storage = StorageConfig(root=f"s3://{BUCKET}/store")
+        with environment({**S3_ENV, "AWS_ENDPOINT_URL": self.values["s3"]["endpointUrl"]}):
+            registry = ModelRegistry(Storage(storage))
+            return json.loads(registry.read(registry.resolve(ref), "metrics.json"))
+
+
+@pytest.fixture(scope="module")
+def chart_cluster(tmp_path_factory, s3_endpoint):
+    ray.shutdown()  # the integration runtime, if this session started one
+    folder = tmp_path_factory.mktemp("chart-cluster")
+    with environment(S3_ENV):
+        boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    secrets = {
+        "forgeml-ray-token": {"auth_token": secrets_module.token_hex(32)},
+        "forgeml-s3": {k: v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"},
+        "forgeml-serve-token": {"token": SERVE_TOKEN},
+    }
+    values = {**VALUES, "s3": {**VALUES["s3"], "endpointUrl": s3_endpoint}}
+    chart = ChartCluster(None, secrets, {**values, "job": {"enabled": True}}, folder)
+    chart.experiment()
+    rayjob = only(chart.render(), "RayJob")
+    spec = rayjob["spec"]["rayClusterSpec"]
+    with start_cluster(folder / "nodes", rayjob["metadata"]["name"], spec, secrets) as cluster:
+        chart.cluster = cluster
+        yield chart
+    # Stopping the head's process group ended every node its autoscaler started.
+    deadline = time.monotonic() + 30
+    while left := [
+        " ".join(p.info["cmdline"])[:300]
+        for p in psutil.process_iter(["cmdline"])
+        if cluster.gcs_address in " ".join(p.info["cmdline"] or [])
+    ]:
+        assert time.monotonic() < deadline, f"processes of the stopped cluster run on: {left}"
+        time.sleep(1)
+
+
+@dataclass
+class Scaling:
+    """What the node table showed while a job ran and after it ended."""
+
+    peak_nodes: int
+    first_node_s: float | None
+    all_nodes_s: float | None
+    scale_down_s: float
+    status: JobStatus
+    logs: str
+
+
+def _run_and_watch(chart: ChartCluster, entrypoint: str, timeout: float = 420) -> Scaling:
+    """Submits ``entrypoint``, follows the autoscaled nodes until it ends and until they
+    are all gone again."""
+    cluster = chart.cluster
+    assert cluster.autoscaled_nodes() == set(), "a worker node is left from an earlier test"
+    started = time.monotonic()
+    job = chart.jobs.submit_job(entrypoint=entrypoint)
+    peak, first, all_up = 0, None, None
+    deadline = started + timeout
+    while (status := chart.jobs.get_job_status(job)).is_terminal() is False:
+        nodes = len(cluster.autoscaled_nodes())
+        if nodes and first is None:
+            first = time.monotonic() - started
+        if nodes > peak:
+            peak, all_up = nodes, time.monotonic() - started
+        assert time.monotonic() < deadline, chart.jobs.get_job_logs(job)[-3000:]
+        time.sleep(0.5)
+    ended = time.monotonic()
+    while cluster.autoscaled_nodes():
+        assert time.monotonic() < ended + IDLE_TIMEOUT_S + 60, _status(cluster)
+        time.sleep(1)
+    scaling = Scaling(
+        peak, first, all_up, time.monotonic() - ended, status, chart.jobs.get_job_logs(job)
+    )
+    print(json.dumps({"entrypoint": entrypoint.split()[1], **scaling.__dict__} | {"logs": None}))
+    return scaling
+
+
+def _status(cluster: LocalCluster) -> str:
+    """`ray status -v`: the nodes and what keeps each busy, for a failure message."""
+    command = [str(BIN / "ray"), "status", "-v", f"--address={cluster.gcs_address}"]
+    return subprocess.run(command, env=cluster.env, capture_output=True, text=True).stdout
+
+
+def _entrypoint(chart: ChartCluster, docs: list[dict]) -> str:
+    """The RayJob's entrypoint, its ConfigMaps mounted where the head pod mounts them."""
+    rayjob = only(docs, "RayJob")
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]
+    root = chart.folder / f"mounts-{time.monotonic_ns()}"
+    return local_command(rayjob["spec"]["entrypoint"], mount_config_maps(head, docs, root))
+
+
+def test_the_rayjob_grows_the_cluster_to_its_workers_and_it_shrinks_after(chart_cluster):
+    """Two workers of one CPU on a cluster with none: the autoscaler adds two nodes, the
+    run trains and registers, and the nodes go once idle."""
+    chart = chart_cluster
+    chart.experiment()["scaling"]["num_workers"] = 2
+
+    scaling = _run_and_watch(chart, _entrypoint(chart, chart.render()))
+
+    assert scaling.status == JobStatus.SUCCEEDED, scaling.logs[-3000:]
+    assert "registered tiny-wafer:v1" in scaling.logs
+    ranks = chart.metrics("tiny-wafer:v1")["run"]["ranks"]
+    # Two nodes for the ranks; Ray Data's request for the data preparation may have
+    # added a third while they came up.
+    assert len({rank["node_id"] for rank in ranks}) == 2
+    assert 2 <= scaling.peak_nodes <= 3
+    assert scaling.scale_down_s <= IDLE_TIMEOUT_S + 60
+
+
+def test_a_search_grows_the_cluster_to_its_concurrent_trials_and_it_shrinks_after(
+    chart_cluster,
+):
+    """Three Train trials at once, each a worker of one CPU: three nodes, gone after the
+    search (forgeml withdraws what Ray Train leaves asked for)."""
+    chart = chart_cluster
+    chart.experiment(
+        name="searched-wafer",
+        train={"max_epochs": 1},
+        tune={
+            "num_trials": 3,
+            "max_concurrent_trials": 3,
+            "search": {"kind": "grid"},
+            "scheduler": {"kind": "none"},
+            "space": {"train.optimizer.lr": {"kind": "grid", "values": [1e-2, 3e-3, 1e-3]}},
+        },
+    )
+    tune = (
+        f"job.entrypoint=python {IMAGE_WORKDIR}/jobs/tune.py --config /etc/forgeml/experiment.yaml"
+    )
+
+    scaling = _run_and_watch(chart, _entrypoint(chart, chart.render("--set", tune)))
+
+    assert scaling.status == JobStatus.SUCCEEDED, scaling.logs[-3000:]
+    assert scaling.peak_nodes == 3
+    assert "registered searched-wafer:v1" in scaling.logs
+    assert chart.metrics("searched-wafer:v1")["test"]
+
+
+def test_a_gpu_worker_on_a_cpu_only_cluster_is_refused_before_launch(chart_cluster):
+    """No hang on a placement group no node could ever hold: the autoscaler marks it
+    infeasible and the job fails at once, saying so (the same path refuses more CPUs per
+    worker than a group has; tests/unit/test_placement.py has the reading)."""
+    chart = chart_cluster
+    chart.experiment(name="refused-wafer")["scaling"]["use_gpu"] = True
+
+    result = _run_and_watch(chart, _entrypoint(chart, chart.render()), timeout=90)
+
+    assert result.status == JobStatus.FAILED
+    assert "1 CPU + 1 GPU" in result.logs
+    assert "autoscaler cannot add such nodes" in result.logs
+    assert result.peak_nodes == 0
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(url + "/readyz", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _serve_status(chart: ChartCluster) -> dict:
+    response = requests.get(
+        f"{chart.cluster.dashboard_url}/api/serve/applications/",
+        headers=chart.headers,
+        timeout=30,
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+def _replicas(chart: ChartCluster, deployment: str) -> list[dict]:
+    """The RUNNING replicas of ``deployment`` (their ids and nodes), by Serve's status."""
+    return [
+        replica
+        for app in _serve_status(chart)["applications"].values()
+        for name, status in app["deployments"].items()
+        if name == deployment
+        for replica in status["replicas"]
+        if replica["state"] == "RUNNING"
+    ]
+
+
+def _replica_log(chart: ChartCluster, replica: dict) -> str:
+    """The access log of a model replica, read from its node through Ray's log API."""
+    response = requests.get(
+        f"{chart.cluster.dashboard_url}/api/v0/logs/file",
+        params={
+            "node_id": replica["node_id"],
+            "filename": f"serve/replica_tiny-wafer-v1_ModelServer_{replica['replica_id']}.log",
+        },
+        headers=chart.headers,
+        timeout=30,
+    )
+    return response.text if response.ok else ""
+
+
+def test_the_rayservice_serves_and_its_replicas_grow_onto_a_new_node_and_back(
+    chart_cluster, tmp_path
+):
+    """`forgeml serve build`'s config through the chart's RayService, applied with the
+    Serve REST API (KubeRay's call): the gateway and one model replica take a node each.
+    Under load the model asks for a second replica, which fits nowhere until the
+    autoscaler adds a node; it serves there, and after the load the replica and the node
+    go. Not one request fails."""
+    chart = chart_cluster
+    settings = {
+        "autoscaling.min_replicas": 1,
+        "autoscaling.max_replicas": 2,
+        "autoscaling.target_ongoing_requests": 1,
+        "autoscaling.upscale_delay_s": 0.5,
+        "autoscaling.downscale_delay_s": 3,
+        "autoscaling.look_back_period_s": 12,
+        "batch_wait_timeout_s": 0.05,
+    }
+    command = [str(BIN / "forgeml"), "serve", "build", "--model", "tiny-wafer"]
+    command += ["--storage-root", f"s3://{BUCKET}/store", "--host", "0.0.0.0"]
+    command += [arg for k, v in settings.items() for arg in ("--set", f"serve.{k}={v}")]
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": chart.values["s3"]["endpointUrl"]}
+    built = subprocess.run(
+        command, env={**chart.cluster.env, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (tmp_path / "serve.yaml").write_text(built.stdout)
+    docs = chart.render(
+        "--set",
+        "serving.enabled=true",
+        "--set-file",
+        f"serving.serveConfigV2={tmp_path / 'serve.yaml'}",
+    )
+    service = only(docs, "RayService")
+    # KubeRay would start the RayService a cluster of its own, from the same groups.
+    rayjob = only(docs, "RayJob")
+    service_spec = service["spec"]["rayClusterConfig"]
+    job_spec = rayjob["spec"]["rayClusterSpec"]
+    assert node_env(service_spec, chart.secrets) == node_env(job_spec, chart.secrets)
+    assert autoscaling_of("s", service_spec) == autoscaling_of("s", job_spec)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    applied = requests.put(
+        f"{chart.cluster.dashboard_url}/api/serve/applications/",
+        json=serve_config(service, port),
+        headers=chart.headers,
+        timeout=60,
+    )
+    assert applied.status_code == 200, applied.text
+    deadline = time.monotonic() + 180
+    while _serve_status(chart)["applications"].get("forgeml", {}).get("status") != "RUNNING":
+        assert time.monotonic() < deadline, json.dumps(_serve_status(chart))[-3000:]
+        time.sleep(1)
+    before = chart.cluster.autoscaled_nodes()
+    assert len(before) == 2
+    predict = f"{url}/v1/models/tiny-wafer/predict"
+    headers = {"Authorization": f"Bearer {SERVE_TOKEN}"}
+    body = {"instances": [{"image": [[1] * 16] * 16}]}
+    assert requests.post(predict, json=body, timeout=60).status_code == 401
+    assert requests.post(predict, json=body, headers=headers, timeout=60).status_code == 200
+
+    stop, codes = threading.Event(), []
+
+    def load():
+        with requests.Session() as session:
+            while not stop.is_set():
+                codes.append(
+                    session.post(predict, json=body, headers=headers, timeout=60).status_code
+                )
+
+    clients = [threading.Thread(target=load) for _ in range(6)]
+    for client in clients:
+        client.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(replicas := _replicas(chart, "ModelServer")) < 2:
+            assert time.monotonic() < deadline, "no second replica under load"
+            time.sleep(0.5)
+        added = chart.cluster.autoscaled_nodes() - before
+        assert len(added) == 1
+        (new,) = [r for r in replicas if r["node_id"] in added]
+        while "/v1/models/" not in _replica_log(chart, new):
+            assert time.monotonic() < deadline, "the new replica logged no request"
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    deadline = time.monotonic() + 120
+    while (
+        len(_replicas(chart, "ModelServer")) > 1 or len(chart.cluster.autoscaled_nodes()) > 2
+    ):  # Serve may keep either replica; the node left without one goes
+        assert time.monotonic() < deadline, (
+            f"replicas {_replicas(chart, 'ModelServer')}:\n{_status(chart.cluster)}"
+        )
+        time.sleep(1)
+    assert codes and set(codes) == {200}
+    deleted = requests.delete(
+        f"{chart.cluster.dashboard_url}/api/serve/applications/",
+        headers=chart.headers,
+        timeout=60,
+    )
+    assert deleted.status_code == 200
