@@ -507,57 +507,6 @@ def test_access_logs_are_json_lines_with_the_request_id(served):
     assert any("200" in r["message"] and "/predict" in r["message"] for r in records)
 
 
-def _running_replicas(app: str, deployment: str) -> int:
-    status = serve.status().applications[app].deployments[deployment]
-    return status.replica_states.get("RUNNING", 0)
-
-
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
-    settings = {
-        "autoscaling.min_replicas": 1,
-        "autoscaling.max_replicas": 2,
-        "autoscaling.target_ongoing_requests": 1,
-        "autoscaling.upscale_delay_s": 0.5,
-        "autoscaling.downscale_delay_s": 3,
-        "autoscaling.look_back_period_s": 12,  # idle sooner after the load stops
-        "batch_wait_timeout_s": 0.05,
-        "cpus_per_replica": 0.5,
-    }
-    scaled = AppArgs(
-        models=["tiny-wafer:v1"],
-        storage=served["cfg"].storage,
-        auth=False,
-        overrides=[f"serve.{k}={v}" for k, v in settings.items()],
-    )
-    deploy(scaled, name="open", route_prefix="/open")
-    assert _running_replicas("tiny-wafer-v1", "ModelServer") == 1
-    url = served["url"] + "/open" + PREDICT
-    stop, codes = threading.Event(), []
-
-    def load():
-        with requests.Session() as session:
-            while not stop.is_set():
-                codes.append(session.post(url, json={"instances": [GOOD]}, timeout=30).status_code)
-
-    workers = [threading.Thread(target=load) for _ in range(8)]
-    for worker in workers:
-        worker.start()
-    try:
-        deadline = time.monotonic() + 60
-        while _running_replicas("tiny-wafer-v1", "ModelServer") < 2:
-            assert time.monotonic() < deadline, "no second replica under load"
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join()
-    deadline = time.monotonic() + 90
-    while _running_replicas("tiny-wafer-v1", "ModelServer") > 1:
-        assert time.monotonic() < deadline, "the idle deployment did not scale back to 1"
-        time.sleep(1)
-    assert codes and set(codes) == {200}
-
-
 def test_schema_fuzz_never_gets_a_server_error(served):
     """Requests generated from the served OpenAPI schema, for every route, with the token."""
     schema = schemathesis.openapi.from_url(served["url"] + "/openapi.json")
@@ -581,6 +530,54 @@ def test_schema_fuzz_never_gets_a_server_error(served):
 
         call()
     assert {code for _, code in seen} & {200, 422}
+
+
+#: A model of its own for the bounded queue, whose settings must not reach the others.
+BOUNDED = "bounded-wafer"
+
+
+def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(served, tmp_path):
+    """One replica taking one request at a time, each waiting 0.2 s for a batch, and a
+    queue of two: a burst of 24 at once gets answers or 503s with Retry-After, all within
+    seconds, and the model serves again once the burst is over."""
+    cfg = _copy_of_the_served_model(served, tmp_path / "store", BOUNDED)
+    settings = {
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 2,
+        "retry_after_s": 2,
+        "max_batch_size": 2,
+        "batch_wait_timeout_s": 0.2,
+        "autoscaling.max_replicas": 1,
+    }
+    bounded = AppArgs(
+        models=[BOUNDED],
+        storage=cfg.storage,
+        auth=False,
+        overrides=[f"serve.{k}={v}" for k, v in settings.items()],
+    )
+    deploy(bounded, name="bounded", route_prefix="/bounded")
+    url = f"{served['url']}/bounded/v1/models/{BOUNDED}/predict"
+    answers: list[requests.Response] = []
+
+    def call():
+        answers.append(requests.post(url, json={"instances": [GOOD]}, timeout=30))
+
+    started = time.monotonic()
+    burst = [threading.Thread(target=call) for _ in range(24)]
+    for thread in burst:
+        thread.start()
+    for thread in burst:
+        thread.join()
+
+    assert time.monotonic() - started < 20
+    codes = [answer.status_code for answer in answers]
+    assert set(codes) == {200, 503}, codes
+    for refused in (a for a in answers if a.status_code == 503):
+        assert refused.headers["Retry-After"] == "2"
+        assert "max_queued_requests" in refused.json()["error"]["message"]
+    assert requests.post(url, json={"instances": [GOOD]}, timeout=30).status_code == 200
+    serve.delete("bounded")
+    serve.delete(f"{BOUNDED}-v1")
 
 
 #: A model of its own for the version switch, so that tiny-wafer stays at v1 for the

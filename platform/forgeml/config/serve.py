@@ -64,6 +64,15 @@ class ServeConfig(Section):
         0.005, ge=0, description="Longest wait for a batch to fill."
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Concurrent requests per replica.")
+    max_queued_requests: int = Field(
+        256,
+        ge=1,
+        description="Requests each gateway replica holds for this model while its replicas "
+        "are full; beyond it clients get 503 with Retry-After at once instead of waiting.",
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After (seconds) of a 503 for a full queue."
+    )
     cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved per model replica.")
     gpus_per_replica: float = Field(0, ge=0, description="GPUs per model replica.")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per model replica.")

@@ -43,6 +43,8 @@ def model_deployment(args: ModelAppArgs) -> Deployment:
     scaling = cfg.autoscaling
     return ModelServer.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config={"retry_after_s": cfg.retry_after_s},
         autoscaling_config={
             "min_replicas": scaling.min_replicas,
             "initial_replicas": max(scaling.min_replicas, 1),

@@ -15,6 +15,7 @@ place (``forgeml.serve.deploy``). Each replica builds its HTTP app from its own 
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -67,7 +69,17 @@ class RoutingTable(BaseModel):
     routes: list[Route] = Field(default_factory=list)
 
 
-@serve.deployment(max_ongoing_requests=256, logging_config=ACCESS_LOGS)
+#: Requests Serve's proxy holds for each gateway replica while it is full; beyond them
+#: clients get 503 with Retry-After at once, as for a model's queue (serve.max_queued_requests).
+GATEWAY_MAX_QUEUED_REQUESTS = 1024
+
+
+@serve.deployment(
+    max_ongoing_requests=256,
+    max_queued_requests=GATEWAY_MAX_QUEUED_REQUESTS,
+    backpressure_config={"retry_after_s": 1},
+    logging_config=ACCESS_LOGS,
+)
 @serve.ingress()
 class Gateway:
     """Routes requests to model versions, checks tokens, validates inputs."""
@@ -217,6 +229,9 @@ class Gateway:
         self.in_flight[ref] += 1
         try:
             result = await getattr(handle, method).remote(*args)
+        except BackPressureError as full:
+            retry = {"Retry-After": str(math.ceil(full.retry_after_s or 0))}
+            raise HTTPException(503, str(full), headers=retry) from None
         finally:
             self.in_flight[ref] -= 1
         if "error" in result:
