@@ -315,11 +315,14 @@ def release_autoscaler_request(run_name: str) -> None:
     if state is None:
         return
     job = ray.get_runtime_context().get_job_id()
-    runs = ray.get(state.get_train_runs.remote()).values()
-    coordinator = get_or_create_autoscaling_coordinator()
-    for run in runs:
-        if run.name == run_name and run.job_id == job:
-            ray.get(coordinator.cancel_request.remote(f"train-{run.id}"))
+    try:
+        runs = ray.get(state.get_train_runs.remote()).values()
+        coordinator = get_or_create_autoscaling_coordinator()
+        for run in runs:
+            if run.name == run_name and run.job_id == job:
+                ray.get(coordinator.cancel_request.remote(f"train-{run.id}"))
+    except ray.exceptions.RayError:  # never in place of the trial's own outcome
+        logger.warning("could not withdraw the autoscaler request of %s", run_name)
 
 
 def _trial_resources(cfg: ExperimentConfig) -> dict:
