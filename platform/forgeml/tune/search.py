@@ -309,8 +309,8 @@ def release_autoscaler_request(run_name: str) -> None:
     Ray Train registers a run's workers with the autoscaling coordinator (Ray Data's,
     shared by the cluster) and withdraws them when its controller shuts down; in Ray
     2.60 a run inside a Tune trial leaves its request standing, and no node the request
-    counts can be removed until it expires 180 s later. A test on an autoscaling
-    cluster fails if this stops working or is no longer needed."""
+    counts can be removed until it expires 180 s later. The search test on an
+    autoscaling cluster (tests/e2e/test_autoscaling.py) fails if this stops working."""
     state = get_state_actor()
     if state is None:
         return
