@@ -147,16 +147,16 @@ class LocalCluster:
         if token_auth:
             self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         self.nodes: dict[str, LocalNode] = {}
-        self._temp_dirs: list[str] = []
+        self._temp_dirs: list[Path] = []
         head = [
             "--head",
             f"--port={self.gcs_port}",
             f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}",
+            # ray start takes the last of a repeated option: what follows head_params here
+            # and in _start (one machine's address, no fixed ports) wins over them.
             *(f"--{name}={value}" for name, value in (head_params or {}).items()),
-            # Last, over head_params: one machine's address, and no fixed ports.
             "--dashboard-host=127.0.0.1",
-            f"--metrics-export-port={free_port()}",
         ]
         head_env = {}
         if autoscaling is not None:
@@ -326,10 +326,9 @@ class LocalCluster:
             "--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()),
             # Nodes on one machine must not share their fixed default ports.
             f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             f"--temp-dir={temp_dir}",
         ]
-        if name != "head":
-            command.append(f"--metrics-export-port={free_port()}")
         process = subprocess.Popen(
             command,
             env={**self.env, **(env or {})},

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import boto3
@@ -82,8 +83,9 @@ class ChartCluster:
         """What KubeRay sends the dashboard: the cluster's token."""
         return {"Authorization": f"Bearer {self.secrets['forgeml-ray-token']['auth_token']}"}
 
-    @property
+    @cached_property
     def jobs(self) -> JobSubmissionClient:
+        """The Jobs API client, made once: making one asks the dashboard for its version."""
         return JobSubmissionClient(self.cluster.dashboard_url, headers=self.headers)
 
     def render(self, *args: str) -> list[dict]:
