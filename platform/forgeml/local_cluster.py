@@ -70,6 +70,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _kill_at_once(roots: list[psutil.Process]) -> None:
+    """SIGKILL ``roots`` and every process they started, none able to react: all are
+    stopped first, until no stopped one has started another, so none is orphaned unseen
+    (Ray's workers run in process groups of their own, which signalling a group misses)."""
+    stopped: dict[int, psutil.Process] = {}
+    while found := [
+        process
+        for root in roots
+        for process in (root, *_children(root))
+        if process.pid not in stopped
+    ]:
+        for process in found:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+            stopped[process.pid] = process
+    for process in stopped.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def autoscaling_from_raycluster(raycluster: dict) -> dict:
     """The autoscaler config that KubeRay's autoscaler derives from ``raycluster`` (a
     RayCluster object, or a RayJob's or RayService's ``rayClusterSpec`` wrapped in one):
@@ -244,18 +278,22 @@ class LocalCluster:
         }
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL every process of a node at once, as when its machine is lost. Ray's
-        workers run in process groups of their own, so the node's group is stopped
-        first (no new worker starts) and its processes are killed with everything
-        they started."""
+        """SIGKILL every process of a node at once, as when its machine is lost."""
         node = self.nodes[name]
-        os.killpg(node.process.pid, signal.SIGSTOP)
-        started = psutil.Process(node.process.pid).children(recursive=True)
-        os.killpg(node.process.pid, signal.SIGKILL)
-        for process in started:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        _kill_at_once([psutil.Process(node.process.pid)])
         node.process.wait()
+
+    def kill_autoscaled_node(self, node_id: str) -> None:
+        """SIGKILL every process of a node the autoscaler added (Ray's node id), as when
+        its machine is lost: its raylet and agents, found among what the head started
+        by the node id they were started with, and everything they started. The
+        autoscaler then sees the node dead and ends it, as KubeRay's ends a lost pod."""
+        head = psutil.Process(self.nodes["head"].process.pid)
+        flags = {f"--node_id={node_id}", f"--node-id={node_id}"}
+        roots = [p for p in head.children(recursive=True) if flags & set(_cmdline(p))]
+        if not roots:
+            raise ValueError(f"no process of an autoscaled node {node_id} runs")
+        _kill_at_once(roots)
 
     def drain_node(self, name: str, deadline_s: int, reason: str = "PREEMPTION") -> None:
         """Tell Ray that a node goes away in ``deadline_s`` seconds, as a cloud's spot

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -299,14 +300,23 @@ def _replica_log(chart: ChartCluster, replica: dict) -> str:
     return response.text if response.ok else ""
 
 
-def test_the_rayservice_serves_and_its_replicas_grow_onto_a_new_node_and_back(
+def _wait_for_requests_on(chart: ChartCluster, replica: dict, deadline: float) -> None:
+    """Returns once ``replica``'s access log shows a request it served."""
+    while "/v1/models/" not in _replica_log(chart, replica):
+        assert time.monotonic() < deadline, f"replica {replica['replica_id']} logged no request"
+        time.sleep(0.5)
+
+
+def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
     chart_cluster, tmp_path
 ):
     """`forgeml serve build`'s config through the chart's RayService, applied with the
     Serve REST API (KubeRay's call): the gateway and one model replica take a node each.
     Under load the model asks for a second replica, which fits nowhere until the
-    autoscaler adds a node; it serves there, and after the load the replica and the node
-    go. Not one request fails."""
+    autoscaler adds a node; it serves there. Then that node is SIGKILLed: its calls go to
+    the other replica, Serve starts a replacement on a node the autoscaler adds, /readyz
+    stays true, and at most 0.1% of requests fail. After the load the replica and the
+    node go."""
     chart = chart_cluster
     settings = {
         "autoscaling.min_replicas": 1,
@@ -361,18 +371,29 @@ def test_the_rayservice_serves_and_its_replicas_grow_onto_a_new_node_and_back(
     assert requests.post(predict, json=body, timeout=60).status_code == 401
     assert requests.post(predict, json=body, headers=headers, timeout=60).status_code == 200
 
-    stop, codes = threading.Event(), []
+    stop, codes, ready_codes = threading.Event(), [], []
 
     def load():
         with requests.Session() as session:
             while not stop.is_set():
-                codes.append(
-                    session.post(predict, json=body, headers=headers, timeout=60).status_code
-                )
+                try:
+                    response = session.post(predict, json=body, headers=headers, timeout=60)
+                    codes.append(response.status_code)
+                except requests.RequestException as exc:
+                    codes.append(type(exc).__name__)
 
-    clients = [threading.Thread(target=load) for _ in range(6)]
-    for client in clients:
-        client.start()
+    def probe_readiness():
+        while not stop.is_set():
+            try:
+                ready_codes.append(requests.get(f"{url}/readyz", timeout=30).status_code)
+            except requests.RequestException as exc:
+                ready_codes.append(type(exc).__name__)
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    threads.append(threading.Thread(target=probe_readiness))
+    for thread in threads:
+        thread.start()
     try:
         deadline = time.monotonic() + 120
         while len(replicas := _replicas(chart, "ModelServer")) < 2:
@@ -381,13 +402,25 @@ def test_the_rayservice_serves_and_its_replicas_grow_onto_a_new_node_and_back(
         added = chart.cluster.autoscaled_nodes() - before
         assert len(added) == 1
         (new,) = [r for r in replicas if r["node_id"] in added]
-        while "/v1/models/" not in _replica_log(chart, new):
-            assert time.monotonic() < deadline, "the new replica logged no request"
+        _wait_for_requests_on(chart, new, deadline)
+
+        # The new replica's node is lost, as a pod whose machine goes: its calls go to
+        # the other replica, and Serve starts a replacement on a node the autoscaler adds.
+        chart.cluster.kill_autoscaled_node(new["node_id"])
+        killed = time.monotonic()
+        deadline = killed + 180
+        while len(back := _replicas(chart, "ModelServer")) < 2 or new["node_id"] in {
+            r["node_id"] for r in back
+        }:
+            assert time.monotonic() < deadline, "the lost replica did not come back"
             time.sleep(0.5)
+        (replacement,) = [r for r in back if r["node_id"] not in before]
+        _wait_for_requests_on(chart, replacement, deadline)
+        recovered_s = time.monotonic() - killed
     finally:
         stop.set()
-        for client in clients:
-            client.join()
+        for thread in threads:
+            thread.join()
     deadline = time.monotonic() + 120
     while (
         len(_replicas(chart, "ModelServer")) > 1 or len(chart.cluster.autoscaled_nodes()) > 2
@@ -396,7 +429,11 @@ def test_the_rayservice_serves_and_its_replicas_grow_onto_a_new_node_and_back(
             f"replicas {_replicas(chart, 'ModelServer')}:\n{_status(chart.cluster)}"
         )
         time.sleep(1)
-    assert codes and set(codes) == {200}
+    failed = Counter(code for code in codes if code != 200)
+    print(json.dumps({"requests": len(codes), "failed": failed, "recovered_s": recovered_s}))
+    assert codes and failed.total() <= len(codes) / 1000, failed
+    # /readyz said ready throughout, and it was: a replica answered all along.
+    assert ready_codes and set(ready_codes) == {200}, Counter(ready_codes)
     deleted = requests.delete(
         f"{chart.cluster.dashboard_url}/api/serve/applications/",
         headers=chart.headers,

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -49,6 +50,11 @@ SWITCH_TIMEOUT_S = 300.0
 MAX_EXPLAIN_INSTANCES = 16
 #: Longest wait of /readyz for each model version.
 READY_TIMEOUT_S = 10.0
+#: Tries of one model call. A replica lost with its node fails the calls it holds
+#: (ActorDiedError, or ActorUnavailableError until its death is known) and Serve's router
+#: stops picking it, so the call goes again to another replica: inference changes nothing
+#: a second call could repeat.
+MODEL_CALL_TRIES = 3
 
 
 class Route(BaseModel):
@@ -151,7 +157,7 @@ class Gateway:
             for ref, handle in list(self.handles.items()):
                 self.in_flight[ref] += 1  # a routing switch waits for this call too
                 try:
-                    await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+                    await asyncio.wait_for(_call_replica(handle, "ready"), READY_TIMEOUT_S)
                 finally:
                     self.in_flight[ref] -= 1
         except Exception as exc:  # any replica failure or a timeout means not ready
@@ -228,7 +234,7 @@ class Gateway:
             raise HTTPException(413, f"{count} instances exceed the limit of {limit}")
         self.in_flight[ref] += 1
         try:
-            result = await getattr(handle, method).remote(*args)
+            result = await _call_replica(handle, method, *args)
         except BackPressureError as full:
             retry = {"Retry-After": str(math.ceil(full.retry_after_s or 0))}
             raise HTTPException(503, str(full), headers=retry) from None
@@ -255,6 +261,20 @@ class Gateway:
         return ExplainResponse(
             model=info.name, version=info.version, explanations=result["explanations"]
         )
+
+
+async def _call_replica(handle: DeploymentHandle, method: str, *args):
+    """``method`` of a replica of ``handle``'s deployment, sent again to another replica
+    when the one it reached is lost, up to MODEL_CALL_TRIES times."""
+    for tries_left in range(MODEL_CALL_TRIES - 1, -1, -1):
+        try:
+            return await getattr(handle, method).remote(*args)
+        except RayActorError as lost:
+            if not tries_left:
+                raise
+            logger.warning(
+                "%s during %s: sending it to another replica", type(lost).__name__, method
+            )
 
 
 def gateway_api(gateway: "Gateway", max_body_bytes: int) -> FastAPI:
