@@ -266,6 +266,12 @@ class LocalCluster:
             if s["state"] == "ALIVE" and NODE_LABEL in s["labels"]
         }
 
+    def status(self) -> str:
+        """`ray status -v`: the nodes, what keeps each busy, and what was asked of the
+        autoscaler (``request_resources``)."""
+        command = [str(_BIN / "ray"), "status", "-v", f"--address={self.gcs_address}"]
+        return subprocess.run(command, env=self.env, capture_output=True, text=True).stdout
+
     def nodes_running(self, actor_class: str) -> set[str]:
         """The names of the nodes where an alive actor of ``actor_class`` runs."""
         names = {node_id: name for name, node_id in self.node_ids().items()}

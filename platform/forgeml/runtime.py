@@ -31,8 +31,12 @@ logger = logging.getLogger(__name__)
 #: Ray Train's controller polls its workers every 2 s and waits a poll at each step of a
 #: run; at 0.5 s the ``fit`` of a tiny run takes 14.5 s instead of 19 s (2 cores), and
 #: two polls a second per worker cost a small cluster nothing it would notice.
+#: Ray Train's state tracking records every run (the dashboard's Train view reads it);
+#: through it a search withdraws the autoscaler requests its trials' runs leave behind
+#: (``forgeml.tune.search.release_autoscaler_requests``).
 RAY_ENV_DEFAULTS = {
     "RAY_DATA_CLUSTER_AUTOSCALER": "V2",
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 

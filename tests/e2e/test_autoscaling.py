@@ -171,19 +171,13 @@ def _run_and_watch(chart: ChartCluster, entrypoint: str, timeout: float = 420) -
         time.sleep(0.5)
     ended = time.monotonic()
     while cluster.autoscaled_nodes():
-        assert time.monotonic() < ended + IDLE_TIMEOUT_S + 60, _status(cluster)
+        assert time.monotonic() < ended + IDLE_TIMEOUT_S + 60, cluster.status()
         time.sleep(1)
     scaling = Scaling(
         peak, first, all_up, time.monotonic() - ended, status, chart.jobs.get_job_logs(job)
     )
     print(json.dumps({"entrypoint": entrypoint.split()[1], **scaling.__dict__} | {"logs": None}))
     return scaling
-
-
-def _status(cluster: LocalCluster) -> str:
-    """`ray status -v`: the nodes and what keeps each busy, for a failure message."""
-    command = [str(BIN / "ray"), "status", "-v", f"--address={cluster.gcs_address}"]
-    return subprocess.run(command, env=cluster.env, capture_output=True, text=True).stdout
 
 
 def _entrypoint(chart: ChartCluster, docs: list[dict]) -> str:
@@ -238,6 +232,8 @@ def test_a_search_grows_the_cluster_to_its_concurrent_trials_and_it_shrinks_afte
 
     assert scaling.status == JobStatus.SUCCEEDED, scaling.logs[-3000:]
     assert scaling.peak_nodes == 3
+    status = chart.cluster.status()
+    assert "From request_resources:\n (none)" in status, status  # none left asked for
     assert "registered searched-wafer:v1" in scaling.logs
     assert chart.metrics("searched-wafer:v1")["test"]
 
@@ -426,7 +422,7 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
         len(_replicas(chart, "ModelServer")) > 1 or len(chart.cluster.autoscaled_nodes()) > 2
     ):  # Serve may keep either replica; the node left without one goes
         assert time.monotonic() < deadline, (
-            f"replicas {_replicas(chart, 'ModelServer')}:\n{_status(chart.cluster)}"
+            f"replicas {_replicas(chart, 'ModelServer')}:\n{chart.cluster.status()}"
         )
         time.sleep(1)
     failed = Counter(code for code in codes if code != 200)

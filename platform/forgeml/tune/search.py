@@ -299,30 +299,37 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, trac
     )
     try:
         trainer.fit()
-    finally:
-        release_autoscaler_request(trial_id)
+    finally:  # every attempt of this trial: one lost with its node could not
+        release_autoscaler_requests(trial_id)
 
 
-def release_autoscaler_request(run_name: str) -> None:
-    """Withdraw what the Train run ``run_name`` asked the cluster's autoscaler for.
+def release_autoscaler_requests(run_name: str | None = None) -> None:
+    """Withdraw what this job's Ray Train runs named ``run_name`` (all of them, when
+    None) asked the cluster's autoscaler for.
 
     Ray Train registers a run's workers with the autoscaling coordinator (Ray Data's,
-    shared by the cluster) and withdraws them when its controller shuts down; in Ray
-    2.60 a run inside a Tune trial leaves its request standing, and no node the request
-    counts can be removed until it expires 180 s later. The search test on an
-    autoscaling cluster (tests/e2e/test_autoscaling.py) fails if this stops working."""
+    shared by the cluster) and withdraws them when its controller shuts down. A run
+    inside a Tune trial can leave its request standing: in Ray 2.60 when Tune ends the
+    trial first, and always when the trial's process is lost with its node. Until the
+    request expires 180 s later, no node it counts is removed, and an elastic run
+    started meanwhile sees those resources as taken and waits. Runs are found through
+    Train's state actor, which exists with RAY_TRAIN_ENABLE_STATE_TRACKING=1 (in
+    RAY_ENV_DEFAULTS and the chart's env); without it nothing is withdrawn. Guarded by
+    tests/e2e/test_autoscaling.py (nodes go after a search) and the search that loses a
+    node in tests/e2e/test_multinode.py (nothing is left asked for after it)."""
     state = get_state_actor()
     if state is None:
+        logger.warning("Ray Train's state tracking is off: autoscaler requests stay 180 s")
         return
     job = ray.get_runtime_context().get_job_id()
     try:
         runs = ray.get(state.get_train_runs.remote()).values()
         coordinator = get_or_create_autoscaling_coordinator()
         for run in runs:
-            if run.name == run_name and run.job_id == job:
+            if run.job_id == job and run_name in (None, run.name):
                 ray.get(coordinator.cancel_request.remote(f"train-{run.id}"))
     except ray.exceptions.RayError:  # never in place of the trial's own outcome
-        logger.warning("could not withdraw the autoscaler request of %s", run_name)
+        logger.warning("could not withdraw the autoscaler requests of %s", run_name or job)
 
 
 def _trial_resources(cfg: ExperimentConfig) -> dict:
@@ -506,7 +513,10 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
                 ),
             ),
         )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:  # a trial lost for good with its node left its run's request too
+        release_autoscaler_requests()
     close_stopped_trials(tracking, experiment)
     trials = _trial_rows(results, settings, base)
     buffer = pa.BufferOutputStream()
