@@ -309,8 +309,8 @@ def release_autoscaler_requests(run_name: str | None = None) -> None:
 
     Ray Train registers a run's workers with the autoscaling coordinator (Ray Data's,
     shared by the cluster) and withdraws them when its controller shuts down. A run
-    inside a Tune trial can leave its request standing: in Ray 2.60 when Tune ends the
-    trial first, and always when the trial's process is lost with its node. Until the
+    inside a Tune trial can leave its request standing, and always does when the
+    trial's process is lost with its node (the run's controller dies with it). Until the
     request expires 180 s later, no node it counts is removed, and an elastic run
     started meanwhile sees those resources as taken and waits. Runs are found through
     Train's state actor, which exists with RAY_TRAIN_ENABLE_STATE_TRACKING=1 (in
