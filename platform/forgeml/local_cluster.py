@@ -270,7 +270,8 @@ class LocalCluster:
         """`ray status -v`: the nodes, what keeps each busy, and what was asked of the
         autoscaler (``request_resources``)."""
         command = [str(_BIN / "ray"), "status", "-v", f"--address={self.gcs_address}"]
-        return subprocess.run(command, env=self.env, capture_output=True, text=True).stdout
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True)
+        return done.stdout + done.stderr
 
     def nodes_running(self, actor_class: str) -> set[str]:
         """The names of the nodes where an alive actor of ``actor_class`` runs."""
@@ -287,13 +288,16 @@ class LocalCluster:
         """SIGKILL every process of a node at once, as when its machine is lost."""
         node = self.nodes[name]
         _kill_at_once([psutil.Process(node.process.pid)])
+        with contextlib.suppress(ProcessLookupError):  # what left the tree but not the group
+            os.killpg(node.process.pid, signal.SIGKILL)
         node.process.wait()
 
     def kill_autoscaled_node(self, node_id: str) -> None:
-        """SIGKILL every process of a node the autoscaler added (Ray's node id), as when
-        its machine is lost: its raylet and agents, found among what the head started
-        by the node id they were started with, and everything they started. The
-        autoscaler then sees the node dead and ends it, as KubeRay's ends a lost pod."""
+        """SIGKILL the processes of a node the autoscaler added (Ray's node id) that run
+        or hold work, as when its machine is lost: its raylet and agents, found among
+        what the head started by the node id they were started with, and everything
+        they started. Its log monitor, which names no node id, is left for the
+        autoscaler to end with the node once Ray has marked the node dead."""
         head = psutil.Process(self.nodes["head"].process.pid)
         flags = {f"--node_id={node_id}", f"--node-id={node_id}"}
         roots = [p for p in head.children(recursive=True) if flags & set(_cmdline(p))]

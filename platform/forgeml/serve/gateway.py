@@ -51,9 +51,10 @@ MAX_EXPLAIN_INSTANCES = 16
 #: Longest wait of /readyz for each model version.
 READY_TIMEOUT_S = 10.0
 #: Tries of one model call. A replica lost with its node fails the calls it holds
-#: (ActorDiedError, or ActorUnavailableError until its death is known) and Serve's router
-#: stops picking it, so the call goes again to another replica: inference changes nothing
-#: a second call could repeat.
+#: (ActorDiedError, or ActorUnavailableError until its death is known); Serve's router
+#: stops picking a dead replica and probes an unavailable one before picking it again, so
+#: the call goes to another replica. Inference may run twice (an unavailable replica may
+#: have answered), which costs at most a batch recorded twice by traffic capture.
 MODEL_CALL_TRIES = 3
 
 

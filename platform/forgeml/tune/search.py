@@ -314,12 +314,12 @@ def release_autoscaler_requests(run_name: str | None = None) -> None:
     request expires 180 s later, no node it counts is removed, and an elastic run
     started meanwhile sees those resources as taken and waits. Runs are found through
     Train's state actor, which exists with RAY_TRAIN_ENABLE_STATE_TRACKING=1 (in
-    RAY_ENV_DEFAULTS and the chart's env); without it nothing is withdrawn. Guarded by
-    tests/e2e/test_autoscaling.py (nodes go after a search) and the search that loses a
-    node in tests/e2e/test_multinode.py (nothing is left asked for after it)."""
+    RAY_ENV_DEFAULTS and the chart's env); without it nothing is withdrawn. The search
+    tests in tests/e2e/test_autoscaling.py and tests/e2e/test_multinode.py (whose retried
+    trial withdraws its lost attempt's request) check that nothing is left asked for;
+    the withdrawal at a search's end covers a trial lost for good, which none tests."""
     state = get_state_actor()
     if state is None:
-        logger.warning("Ray Train's state tracking is off: autoscaler requests stay 180 s")
         return
     job = ray.get_runtime_context().get_job_id()
     try:
