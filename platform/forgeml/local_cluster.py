@@ -273,6 +273,18 @@ class LocalCluster:
         done = subprocess.run(command, env=self.env, capture_output=True, text=True)
         return done.stdout + done.stderr
 
+    def requests_left(self, timeout_s: float = 30) -> str | None:
+        """None once `ray status` shows nothing asked of the autoscaler with
+        ``request_resources`` (Ray Train's and Ray Data's requests go that way), within
+        ``timeout_s``: without autoscaler v2 it shows the monitor's last report, made
+        every few seconds. Otherwise the last status, for a failure message."""
+        deadline = time.monotonic() + timeout_s
+        while "From request_resources:\n (none)" not in (status := self.status()):
+            if time.monotonic() > deadline:
+                return status
+            time.sleep(1)
+        return None
+
     def nodes_running(self, actor_class: str) -> set[str]:
         """The names of the nodes where an alive actor of ``actor_class`` runs."""
         names = {node_id: name for name, node_id in self.node_ids().items()}
