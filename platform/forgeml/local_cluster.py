@@ -235,7 +235,7 @@ class LocalCluster:
         self._wait_for(name)
         return self.nodes[name]
 
-    def _state(self, kind: str) -> list[dict]:
+    def state(self, kind: str) -> list[dict]:
         """Ray's State API listing of ``kind`` (nodes, actors...), from the dashboard."""
         response = requests.get(
             f"{self.dashboard_url}/api/v0/{kind}",
@@ -254,7 +254,7 @@ class LocalCluster:
         """Ray's node ids of the alive nodes the autoscaler added."""
         return {
             s["node_id"]
-            for s in self._state("nodes")
+            for s in self.state("nodes")
             if s["state"] == "ALIVE" and NODE_LABEL not in s["labels"]
         }
 
@@ -262,7 +262,7 @@ class LocalCluster:
         """Ray's node id of every alive node this cluster started, by name."""
         return {
             s["labels"][NODE_LABEL]: s["node_id"]
-            for s in self._state("nodes")
+            for s in self.state("nodes")
             if s["state"] == "ALIVE" and NODE_LABEL in s["labels"]
         }
 
@@ -290,7 +290,7 @@ class LocalCluster:
         names = {node_id: name for name, node_id in self.node_ids().items()}
         return {
             names[actor["node_id"]]
-            for actor in self._state("actors")
+            for actor in self.state("actors")
             if actor["class_name"] == actor_class
             and actor["state"] == "ALIVE"
             and actor["node_id"] in names

@@ -295,6 +295,17 @@ def _replica_log(chart: ChartCluster, replica: dict) -> str:
     return response.text if response.ok else ""
 
 
+def _large_objects(chart: ChartCluster) -> list[tuple]:
+    """Objects in the cluster's object stores of over 50 kB, with the actor whose call
+    made each (a node that holds one is not idle to the autoscaler) and the owner's pid."""
+    actors = {a["actor_id"][:24]: (a["name"], a["state"]) for a in chart.cluster.state("actors")}
+    return [
+        (o["object_id"], o["object_size"], o["pid"], actors.get(o["object_id"][16:40]))
+        for o in chart.cluster.state("objects")
+        if o["object_size"] > 50_000
+    ]
+
+
 def _wait_for_requests_on(chart: ChartCluster, replica: dict, deadline: float) -> None:
     """Returns once ``replica``'s access log shows a request it served."""
     while "/v1/models/" not in _replica_log(chart, replica):
@@ -421,7 +432,8 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
         len(_replicas(chart, "ModelServer")) > 1 or len(chart.cluster.autoscaled_nodes()) > 2
     ):  # Serve may keep either replica; the node left without one goes
         assert time.monotonic() < deadline, (
-            f"replicas {_replicas(chart, 'ModelServer')}:\n{chart.cluster.status()}"
+            f"replicas {_replicas(chart, 'ModelServer')}:\n{chart.cluster.status()}\n"
+            f"objects held: {_large_objects(chart)}"
         )
         time.sleep(1)
     failed = Counter(code for code in codes if code != 200)
