@@ -297,10 +297,11 @@ def _replica_log(chart: ChartCluster, replica: dict) -> str:
 
 def _large_objects(chart: ChartCluster) -> list[tuple]:
     """Objects in the cluster's object stores of over 50 kB, with the actor whose call
-    made each (a node that holds one is not idle to the autoscaler) and the owner's pid."""
-    actors = {a["actor_id"][:24]: (a["name"], a["state"]) for a in chart.cluster.state("actors")}
+    made each (a node that holds one is not idle to the autoscaler) and the owner's pid.
+    A returned object's id is its task's id (8 bytes, then the actor's 16) and an index."""
+    actors = {a["actor_id"]: (a["name"], a["state"]) for a in chart.cluster.state("actors")}
     return [
-        (o["object_id"], o["object_size"], o["pid"], actors.get(o["object_id"][16:40]))
+        (o["object_id"], o["object_size"], o["pid"], actors.get(o["object_id"][16:48]))
         for o in chart.cluster.state("objects")
         if o["object_size"] > 50_000
     ]
