@@ -287,6 +287,7 @@ def test_every_cluster_uses_token_auth_from_the_secret(rendered):
         assert serve_token["name"] == "forgeml-serve-token", where
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
         assert env["RAY_DATA_CLUSTER_AUTOSCALER"]["value"] == "V2"
+        assert env["RAY_max_direct_call_object_size"]["value"] == "262144"
 
 
 def test_no_secret_values_and_no_exposed_dashboard_by_default():
