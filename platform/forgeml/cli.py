@@ -399,6 +399,19 @@ def _print_config_summary(cfg: ExperimentConfig) -> None:
     """What is about to run, in one line: the first thing a training console shows."""
     workers = cfg.scaling.num_workers
     device = "GPU" if cfg.scaling.use_gpu else "CPU"
+    if cfg.task.acts:
+        task = cfg.task
+        limits = f"up to {task.max_iterations} iterations"
+        if task.target_return is not None:
+            limits += f" or return {task.target_return:g}"
+        print(
+            f"{cfg.name}: {task.algorithm.name} in {cfg.env.name} with a {cfg.model.kind} "
+            f"policy; {limits}, {task.algorithm.train_batch_size} steps per batch, lr "
+            f"{task.algorithm.lr:g}; {workers} env runner(s) of {task.envs_per_runner} "
+            f"environments, {device} learner; storage {cfg.storage.root}",
+            flush=True,
+        )
+        return
     print(
         f"{cfg.name}: {cfg.task.kind} with a {cfg.model.kind} model on {cfg.data.source.kind} "
         f"data; up to {cfg.train.max_epochs} epochs, batch {cfg.train.batch_size}, "
@@ -414,6 +427,8 @@ def _train(args: argparse.Namespace) -> int:
 
     _print_config_summary(cfg)
 
+    if cfg.task.acts:
+        return _train_policy(cfg, args.resume)
     try:
         outcome = run_training(cfg, resume=args.resume)
     except TrainingDiverged as exc:
@@ -444,10 +459,38 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_policy(cfg: ExperimentConfig, resume: bool | str) -> int:
+    """``forgeml train`` of a reinforcement experiment: the run, then the evaluation
+    beside a random policy."""
+    from forgeml.rl.train import run_reinforcement
+
+    outcome = run_reinforcement(cfg, resume=resume)
+    metrics = outcome.metrics
+    test, baseline = metrics["test"], metrics["baseline"]["test"]
+    print(
+        f"\n{cfg.name}: {outcome.status} after {outcome.epochs} iterations "
+        f"(registered iteration {metrics['best_epoch']}, run {outcome.run_name})"
+    )
+    success = f"  success rate {test['success_rate']:.3f}" if "success_rate" in test else ""
+    print(
+        f"evaluation ({test['episodes']} episodes): return {test['return_mean']:.2f} ± "
+        f"{test['return_std']:.2f}  episode length {test['episode_length_mean']:.1f}{success}"
+    )
+    print(f"random policy: return {baseline['return_mean']:.2f} ± {baseline['return_std']:.2f}")
+    if metrics["baseline"]["warning"]:
+        print(f"WARNING: {metrics['baseline']['warning']}")
+    print(f"registered {outcome.version.ref} at {outcome.version.uri}")
+    return 0
+
+
 def _tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.tune is None:
         raise ConfigError(f"{args.config} has no tune section (see docs/configuration.md)")
+    if cfg.task.acts:
+        raise ConfigError(
+            f"{args.config}: searching a reinforcement task's hyperparameters is not built yet"
+        )
     from forgeml.tune.search import BEST_CONFIG_FILE, RESULTS_FILE, run_tuning
 
     _print_config_summary(cfg)

@@ -324,6 +324,12 @@ def ray_train_logging_config():
     return ray.train.LoggingConfig(log_level="INFO" if verbose_from_environment() else "WARNING")
 
 
+def format_seconds(seconds: float) -> str:
+    """A duration as the console shows it: 42s, 3m05s."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
     """``items`` with a live progress bar (rate, ETA) on a terminal; on anything else (CI,
     ``ray job logs``, a file) no bar, just the items."""

@@ -247,6 +247,11 @@ def load_model(registry: ModelRegistry, ref: str) -> LoadedModel:
     """Rebuild a registered model (eval mode, CPU) with its preprocessing and task."""
     version = registry.resolve(ref)
     config = package_config(registry, version)
+    if config.task.acts:
+        raise ValueError(
+            f"{version.ref} is a policy (task {config.task.kind}): reports, explanations and "
+            "drift monitoring of policies are not built yet"
+        )
     preprocessor = preprocessor_from_dict(json.loads(registry.read(version, "preprocessor.json")))
     saved = torch.load(io.BytesIO(registry.read(version, "model.pt")), map_location="cpu")
     if saved.get("format") != MODEL_FORMAT:

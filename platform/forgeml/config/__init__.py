@@ -33,6 +33,9 @@ from forgeml.config.data import (
     TextPairFeatures,
     WaferSource,
 )
+from forgeml.config.environment import (
+    EnvConfig,
+)
 from forgeml.config.experiment import (
     DEFAULT_MODELS,
     ExperimentConfig,
@@ -56,6 +59,7 @@ from forgeml.config.models import (
     MLPConfig,
     ModelConfig,
     ModelSection,
+    PolicyMLPConfig,
     RNNConfig,
     Seq2SeqTransformerConfig,
     TransformerConfig,
@@ -78,13 +82,17 @@ from forgeml.config.storage import (
 )
 from forgeml.config.tasks import (
     VALIDATION_METRICS,
+    Algorithm,
     ClassificationTask,
+    DQNAlgorithm,
     ForecastTask,
     GANTask,
     ImageGenerationTask,
     JudgeConfig,
     LanguageModelTask,
+    PPOAlgorithm,
     RegressionTask,
+    ReinforcementTask,
     Seq2SeqTask,
     TaskConfig,
     TaskSection,
@@ -144,6 +152,7 @@ __all__ = [
     "SplitConfig",
     "AugmentConfig",
     "DataConfig",
+    "EnvConfig",
     "ModelSection",
     "CNNConfig",
     "MLPConfig",
@@ -154,6 +163,7 @@ __all__ = [
     "Seq2SeqTransformerConfig",
     "ConvVAEConfig",
     "DCGANConfig",
+    "PolicyMLPConfig",
     "ModelConfig",
     "TaskSection",
     "ClassificationTask",
@@ -165,6 +175,10 @@ __all__ = [
     "ImageGenerationTask",
     "VAETask",
     "GANTask",
+    "PPOAlgorithm",
+    "DQNAlgorithm",
+    "Algorithm",
+    "ReinforcementTask",
     "TaskConfig",
     "VALIDATION_METRICS",
     "OptimizerConfig",

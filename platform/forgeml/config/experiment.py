@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from forgeml.config.base import Section, variants
 from forgeml.config.data import DataConfig, Features, Source
+from forgeml.config.environment import EnvConfig
 from forgeml.config.models import CNNConfig, ModelConfig
 from forgeml.config.monitor import MonitorConfig
 from forgeml.config.serve import ServeConfig
@@ -51,7 +52,7 @@ def _default_models() -> dict[str, str]:
     tasks = {
         kind: model
         for kind, model in tasks.items()
-        if model and any(data[d] != model for d in variants(TaskConfig)[kind].data)
+        if model and any(data.get(d) != model for d in variants(TaskConfig)[kind].data)
     }
     return tasks | data
 
@@ -67,6 +68,11 @@ def _data_text(kinds: tuple[str, ...] | list[str]) -> str:
     if features:
         said.append(f"data.features of kind {' or '.join(features)}")
     return " or ".join(said)
+
+
+#: The only train and scaling settings a task that acts in an environment takes.
+ACTING_TRAIN_FIELDS = frozenset({"max_failures", "checkpoint"})
+ACTING_SCALING_FIELDS = frozenset({"num_workers", "cpus_per_worker", "use_gpu"})
 
 
 class ExperimentConfig(Section):
@@ -86,6 +92,9 @@ class ExperimentConfig(Section):
         default_factory=StorageConfig, description="Where datasets, runs and models live."
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Source and preprocessing.")
+    env: EnvConfig | None = Field(
+        None, description="The environment a reinforcement task learns in, instead of data."
+    )
     model: ModelConfig = Field(
         default_factory=CNNConfig,
         description="Model family. Omitted: the usual first model for the task or the data ("
@@ -134,6 +143,12 @@ class ExperimentConfig(Section):
         """Task, data and model fit together as each states what it can do; then the
         checks that belong to one pairing."""
         task, data, model = self.task, self.data, self.model
+        if task.acts:
+            return self._check_reinforcement()
+        if self.env is not None:
+            raise ValueError(
+                f"env: only task reinforcement learns in an environment (task is {task.kind})"
+            )
         if data.kind not in task.data:
             takers = [kind for kind, t in variants(TaskConfig).items() if data.kind in t.data]
             raise ValueError(
@@ -182,6 +197,43 @@ class ExperimentConfig(Section):
                 )
         return self
 
+    def _check_reinforcement(self) -> ExperimentConfig:
+        """An environment and no data; the settings of ``train`` and ``scaling`` that a
+        run of RLlib has no use for are refused, not ignored."""
+        if self.env is None:
+            raise ValueError(
+                f"env: task {self.task.kind} learns in an environment; add env: {{id: "
+                "CartPole-v1} or env: {entry_point: module:Factory}"
+            )
+        if "data" in self.model_fields_set:
+            raise ValueError(
+                "data: a reinforcement task learns in its env, not from a dataset; remove data"
+            )
+        if self.model.made_for != self.task.kind:
+            fitting = models_for(self.task.kind, "environment")
+            raise ValueError(f"model: task {self.task.kind} needs model {' or '.join(fitting)}")
+        for name in sorted(self.train.model_fields_set - ACTING_TRAIN_FIELDS):
+            raise ValueError(
+                f"train.{name}: a reinforcement run takes its training settings from task "
+                "(algorithm, max_iterations, target_return); only train.max_failures and "
+                "train.checkpoint apply"
+            )
+        if isinstance(self.scaling.num_workers, tuple):
+            raise ValueError(
+                "scaling.num_workers: a reinforcement run has a fixed number of env runners"
+            )
+        for name in sorted(self.scaling.model_fields_set - ACTING_SCALING_FIELDS):
+            raise ValueError(
+                f"scaling.{name}: a reinforcement run sets only its env runners "
+                "(num_workers, cpus_per_worker) and the learner's use_gpu"
+            )
+        if self.tune is not None and self.tune.metric not in self.task.metrics:
+            raise ValueError(
+                f"tune.metric: {self.task.kind} reports {', '.join(self.task.metrics)} "
+                f"(got {self.tune.metric})"
+            )
+        return self
+
     def _check_image_generation(self) -> None:
         """The image side a model's levels halve; a GAN's training defaults."""
         side = getattr(self.data.source, "image_size", None)
@@ -206,4 +258,10 @@ class ExperimentConfig(Section):
             )
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config; for a task that acts, without the settings it refuses."""
+        dumped = self.model_dump(mode="json")
+        if self.task.acts:
+            del dumped["data"]
+            dumped["train"] = {k: dumped["train"][k] for k in sorted(ACTING_TRAIN_FIELDS)}
+            dumped["scaling"] = {k: dumped["scaling"][k] for k in sorted(ACTING_SCALING_FIELDS)}
+        return yaml.safe_dump(dumped, sort_keys=False)

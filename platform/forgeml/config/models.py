@@ -185,6 +185,30 @@ class DCGANConfig(ModelSection):
     depth: int = Field(3, ge=1, le=6, description="Stride-2 levels; each halves the image side.")
 
 
+class PolicyMLPConfig(ModelSection):
+    """RLlib's default networks for flat observations: fully connected layers to the
+    policy's outputs (action logits, a Gaussian's mean and log-std, or Q-values) and,
+    for PPO, a value function of the same shape beside them."""
+
+    reads = ("environment",)
+    made_for = "reinforcement"
+
+    kind: Literal["policy_mlp"] = Field("policy_mlp", description="Selects this variant.")
+    hidden: list[int] = Field(
+        default_factory=lambda: [64, 64], min_length=1, description="Width of each hidden layer."
+    )
+    activation: Literal["tanh", "relu", "linear"] = Field("tanh", description="Hidden activation.")
+    share_value_layers: bool = Field(
+        False, description="PPO: the value function shares the policy's hidden layers."
+    )
+
+    @model_validator(mode="after")
+    def _widths(self) -> PolicyMLPConfig:
+        if min(self.hidden) < 1:
+            raise ValueError(f"hidden widths must be >= 1 (got {self.hidden})")
+        return self
+
+
 ModelConfig = Annotated[
     CNNConfig
     | MLPConfig
@@ -194,6 +218,7 @@ ModelConfig = Annotated[
     | CausalTransformerConfig
     | Seq2SeqTransformerConfig
     | ConvVAEConfig
-    | DCGANConfig,
+    | DCGANConfig
+    | PolicyMLPConfig,
     Field(discriminator="kind"),
 ]

@@ -47,9 +47,10 @@ def _capabilities(model: type[BaseModel]) -> str | None:
         said = [
             f"Learns from: {', '.join(model.data)}.",
             f"Models: {', '.join(fits)}.",
-            f"Reports: val_loss, {', '.join(model.metrics)}.",
-            "Served by /predict." if model.served else "Sampled by forgeml generate.",
+            f"Reports: {', '.join(model.metrics if model.acts else ('val_loss', *model.metrics))}.",
         ]
+        if not model.acts:
+            said.append("Served by /predict." if model.served else "Sampled by forgeml generate.")
     elif issubclass(model, ModelSection):
         made_for = f" Made for task {model.made_for} only." if model.made_for else ""
         said = [f"Reads: {', '.join(model.reads)}.{made_for}"]

@@ -4,9 +4,9 @@ validation, the docs, serving and the CLI read it from there."""
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from forgeml.config.base import Section, variants
 
@@ -30,6 +30,8 @@ class TaskSection(Section):
     needs_prompts: ClassVar[bool] = False
     #: Whether its rows have classes (what a stratified split balances).
     has_classes: ClassVar[bool] = False
+    #: Whether it learns by acting in an environment (``env``) rather than from data.
+    acts: ClassVar[bool] = False
 
 
 class ClassificationTask(TaskSection):
@@ -148,6 +150,122 @@ class GANTask(ImageGenerationTask):
     kind: Literal["gan"] = Field("gan", description="Selects this variant.")
 
 
+class PPOAlgorithm(Section):
+    """Proximal Policy Optimization (RLlib's PPO): each iteration collects
+    ``train_batch_size`` environment steps with the current policy, then takes
+    ``num_epochs`` passes of clipped policy-gradient steps over them. The defaults are
+    the original paper's, which most PPO libraries share."""
+
+    name: Literal["ppo"] = Field("ppo", description="Selects this variant.")
+    lr: float = Field(3e-4, gt=0, le=1, description="Adam learning rate.")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor of future rewards.")
+    gae_lambda: float = Field(
+        0.95, ge=0, le=1, description="Generalised advantage estimation's lambda."
+    )
+    train_batch_size: int = Field(
+        4000, ge=64, description="Environment steps collected per training iteration."
+    )
+    minibatch_size: int = Field(128, ge=8, description="Steps per gradient step.")
+    num_epochs: int = Field(10, ge=1, le=100, description="Passes over each collected batch.")
+    clip: float = Field(0.2, gt=0, lt=1, description="Clip range of the policy ratio.")
+    entropy_coeff: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
+    vf_loss_coeff: float = Field(0.5, ge=0, description="Weight of the value-function loss.")
+    vf_clip: float | None = Field(
+        None,
+        gt=0,
+        description="Clip each step's squared value error at this; null: no clip. RLlib's "
+        "own default (10) stops the value function learning from returns far above it.",
+    )
+    grad_clip: float | None = Field(0.5, gt=0, description="Global gradient-norm clip; null: none.")
+
+
+class DQNAlgorithm(Section):
+    """Deep Q-learning (RLlib's DQN, double and dueling Q by default): epsilon-greedy
+    steps fill a replay buffer; gradient steps on sampled batches move the Q-network
+    towards a target network that follows it every ``target_update_steps``. Discrete
+    actions only."""
+
+    name: Literal["dqn"] = Field("dqn", description="Selects this variant.")
+    lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate.")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor of future rewards.")
+    train_batch_size: int = Field(32, ge=1, description="Replayed steps per gradient step.")
+    replay_capacity: int = Field(50_000, ge=100, description="Steps the replay buffer holds.")
+    target_update_steps: int = Field(
+        500, ge=1, description="Environment steps between target-network updates."
+    )
+    epsilon: tuple[float, float] = Field(
+        (1.0, 0.05), description="Exploration rate at the start and at the end of its decay."
+    )
+    epsilon_steps: int = Field(
+        10_000, ge=1, description="Environment steps over which epsilon decays linearly."
+    )
+    n_step: int = Field(1, ge=1, le=20, description="Steps summed into each return target.")
+    double_q: bool = Field(True, description="Double Q-learning's target.")
+    dueling: bool = Field(True, description="Separate value and advantage heads.")
+    grad_clip: float | None = Field(
+        40.0, gt=0, description="Global gradient-norm clip; null: none."
+    )
+
+    @field_validator("epsilon")
+    @classmethod
+    def _probabilities(cls, epsilon: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= epsilon[1] <= epsilon[0] <= 1:
+            raise ValueError("needs 0 <= end <= start <= 1")
+        return epsilon
+
+
+Algorithm = Annotated[PPOAlgorithm | DQNAlgorithm, Field(discriminator="name")]
+
+
+class ReinforcementTask(TaskSection):
+    """Learn a policy that maximises an environment's return (``env``), with RLlib. Each
+    iteration collects environment steps on the env runners (``scaling.num_workers``
+    actors of ``scaling.cpus_per_worker`` CPUs each) and updates the policy in the trial;
+    the run stops at ``max_iterations``, ``max_env_steps`` or once the mean return of
+    the last episodes reaches ``target_return``. The policy registered is then scored
+    on ``evaluation_episodes`` new episodes, seeded apart from training, acting
+    greedily."""
+
+    metrics = ("episode_return_mean",)
+    data = ("environment",)
+    own_models = True
+    acts = True
+
+    kind: Literal["reinforcement"] = Field("reinforcement", description="Selects this variant.")
+    algorithm: Algorithm = Field(
+        default_factory=PPOAlgorithm,
+        description="The algorithm and its hyperparameters; a name alone (ppo, dqn) keeps "
+        "its defaults.",
+    )
+    envs_per_runner: int = Field(
+        4, ge=1, le=256, description="Environment copies each env runner steps as one batch."
+    )
+    max_iterations: int = Field(200, ge=1, description="Training iterations at most.")
+    max_env_steps: int | None = Field(
+        None, ge=1, description="Environment steps at most; null: no limit."
+    )
+    target_return: float | None = Field(
+        None,
+        description="Stop once the mean return of the last training episodes reaches it; "
+        "null: train to the limits.",
+    )
+    checkpoint_every: int = Field(
+        5,
+        ge=1,
+        description="Iterations between checkpoints (a resumed run repeats at most "
+        "these); the last iteration is always kept.",
+    )
+    evaluation_episodes: int = Field(
+        100, ge=1, le=10_000, description="Episodes the registered policy is scored on."
+    )
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _name_alone(cls, algorithm: Any) -> Any:
+        """``algorithm: ppo`` is ``algorithm: {name: ppo}``."""
+        return {"name": algorithm} if isinstance(algorithm, str) else algorithm
+
+
 TaskConfig = Annotated[
     ClassificationTask
     | RegressionTask
@@ -155,7 +273,8 @@ TaskConfig = Annotated[
     | LanguageModelTask
     | Seq2SeqTask
     | VAETask
-    | GANTask,
+    | GANTask
+    | ReinforcementTask,
     Field(discriminator="kind"),
 ]
 

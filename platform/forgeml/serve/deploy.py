@@ -89,6 +89,8 @@ def plan(args: AppArgs) -> ServingPlan:
     for requested in args.models:
         version = registry.resolve(requested)
         cfg = package_config(registry, version, args.overrides)
+        if cfg.task.acts:
+            raise ValueError(f"{version.ref}: serving a policy is not built yet")
         if not cfg.task.served:
             raise ValueError(
                 f"{version.ref}: a {cfg.task.kind} model is not served over /predict; "

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from forgeml.config import ExperimentConfig
-from forgeml.console import configure_worker_logging
+from forgeml.console import configure_worker_logging, format_seconds
 from forgeml.data.base import ModelInputs, TargetSpec
 from forgeml.models import build_model
 from forgeml.tasks import batch_dtypes, build_task
@@ -89,11 +89,6 @@ def _gradient_sync(model: torch.nn.Module, sync: bool):
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def _format_seconds(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class WorkerSession(Protocol):
@@ -550,8 +545,8 @@ class WorkerRecipe:
             scored,
             record["lr"],
             record["samples_per_s"],
-            _format_seconds(elapsed),
-            _format_seconds(eta),
+            format_seconds(elapsed),
+            format_seconds(eta),
         )
 
     def log_early_stop(self) -> None:

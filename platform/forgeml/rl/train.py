@@ -1,0 +1,217 @@
+"""From a reinforcement experiment to a registered policy: RLlib's algorithm runs as a
+Ray Tune trial (Tune checkpoints it, stops it, retries it after a failure and restores
+it for ``--resume``), then the best kept checkpoint's policy is scored on held-out
+episodes beside a random policy and registered."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import datetime, timezone
+
+from ray import tune
+from ray.rllib.core.rl_module.rl_module import RLModule
+from ray.tune.utils import flatten_dict
+
+from forgeml import console, runtime
+from forgeml.baselines import compare, warning_text
+from forgeml.config import ExperimentConfig
+from forgeml.launch import resolve_run_name
+from forgeml.rl.algorithm import algorithm_config, register_environment
+from forgeml.rl.evaluate import EVALUATION_SEED_OFFSET, random_actor, run_episodes
+from forgeml.rl.package import policy_package
+from forgeml.rl.policy import Policy, supported_spaces
+from forgeml.storage import ModelRegistry, Storage
+
+logger = logging.getLogger("forgeml.rl")
+
+#: RLlib's result keys, as Tune reads them (nested keys joined by "/").
+RETURN = "env_runners/episode_return_mean"
+EPISODE_LENGTH = "env_runners/episode_len_mean"
+ENV_STEPS = "num_env_steps_sampled_lifetime"
+#: Where an algorithm checkpoint keeps its policy.
+MODULE_PATH = "learner_group/learner/rl_module/default_policy"
+
+
+class IterationLine(tune.Callback):
+    """The console's line for every training iteration: env steps, the mean return and
+    length of the latest episodes, time and ETA (by whichever limit comes first)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.task = cfg.task
+        self.started = time.monotonic()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        result = flatten_dict(result, delimiter="/")
+        done, steps = result["training_iteration"], result.get(ENV_STEPS, 0)
+        elapsed = time.monotonic() - self.started
+        per_iteration = result["time_total_s"] / done  # training only, not start-up
+        eta = per_iteration * (self.task.max_iterations - done)
+        if self.task.max_env_steps and steps:
+            eta = min(eta, per_iteration * done / steps * (self.task.max_env_steps - steps))
+        logger.info(
+            "iteration %d/%d  env steps %d  return %.2f  episode length %.1f  elapsed %s  eta %s",
+            done,
+            self.task.max_iterations,
+            steps,
+            result.get(RETURN, math.nan),
+            result.get(EPISODE_LENGTH, math.nan),
+            console.format_seconds(elapsed),
+            console.format_seconds(max(eta, 0)),
+        )
+
+
+def check_environment(cfg: ExperimentConfig) -> None:
+    """The environment builds, and its spaces fit RLlib's default networks and the
+    algorithm, before any Ray worker starts."""
+    env = cfg.env.make()
+    problem = supported_spaces(env.observation_space, env.action_space)
+    env.close()
+    if problem:
+        raise ValueError(f"env: {cfg.env.name}: {problem}")
+    if cfg.task.algorithm.name == "dqn" and not hasattr(env.action_space, "n"):
+        raise ValueError(
+            f"task.algorithm: dqn needs discrete actions; {cfg.env.name} has "
+            f"{env.action_space}; use ppo"
+        )
+
+
+def _history(result: tune.Result) -> list[dict]:
+    """One record per iteration, as a package's history has one per epoch."""
+    frame = result.metrics_dataframe
+    columns = {
+        "epoch": "training_iteration",
+        "env_steps": ENV_STEPS,
+        "episode_return_mean": RETURN,
+        "episode_length_mean": EPISODE_LENGTH,
+        "time_s": "time_total_s",
+    }
+    return [
+        {name: _number(row.get(column)) for name, column in columns.items()}
+        for row in frame.to_dict("records")
+    ]
+
+
+def _number(value) -> float | int | None:
+    """A JSON number, or None where RLlib had none (no episode ended yet)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def scored_metrics(result: tune.Result) -> list[tuple]:
+    """The kept checkpoints whose iteration had a mean return (an episode had ended)."""
+    flat = [(c, flatten_dict(metrics, delimiter="/")) for c, metrics in result.best_checkpoints]
+    scored = [(c, metrics) for c, metrics in flat if math.isfinite(metrics.get(RETURN, math.nan))]
+    if not scored:
+        raise RuntimeError(
+            f"no training episode ended in {result.metrics['training_iteration']} "
+            "iterations; raise task.max_iterations"
+        )
+    return scored
+
+
+def _stop_reason(cfg: ExperimentConfig, last: dict) -> str:
+    task = cfg.task
+    target = task.target_return
+    if target is not None and (last["episode_return_mean"] or -math.inf) >= target:
+        return "reached target_return"
+    if task.max_env_steps is not None and last["env_steps"] >= task.max_env_steps:
+        return "reached max_env_steps"
+    return "reached max_iterations"
+
+
+def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
+    """Train, evaluate and register a policy; returns the same outcome as supervised
+    training (``forgeml.train.trainer.TrainingOutcome``)."""
+    from forgeml.train.trainer import TrainingOutcome
+
+    started = time.monotonic()
+    storage = Storage(cfg.storage)
+    name = resolve_run_name(storage, "runs", cfg.name, resume)
+    path = storage.path("runs", name)
+    check_environment(cfg)
+    runtime.connect()
+    runtime.require_shared_storage(cfg.storage)
+    console.keep_run_log(storage, path)
+    register_environment(cfg)
+    task = cfg.task
+    stop = {"training_iteration": task.max_iterations}
+    if task.max_env_steps is not None:
+        stop[ENV_STEPS] = task.max_env_steps
+    if task.target_return is not None:
+        stop[RETURN] = task.target_return
+    config = algorithm_config(cfg)
+    trainable = config.algo_class
+    if resume is not False and tune.Tuner.can_restore(storage.uri("runs", name)):
+        tuner = tune.Tuner.restore(
+            storage.uri("runs", name),
+            trainable=trainable,
+            param_space=config,
+            resume_errored=True,
+            storage_filesystem=None if storage.is_local else storage.fs,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=config,
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage.path("runs"),
+                storage_filesystem=None if storage.is_local else storage.fs,
+                stop=stop,
+                checkpoint_config=tune.CheckpointConfig(
+                    checkpoint_frequency=task.checkpoint_every,
+                    checkpoint_at_end=True,
+                    num_to_keep=cfg.train.checkpoint.keep_top_k,
+                    checkpoint_score_attribute=RETURN,
+                    checkpoint_score_order="max",
+                ),
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+                callbacks=[IterationLine(cfg)],
+                verbose=0,
+            ),
+        )
+    logger.info("training %s as run %s (%s)", cfg.name, name, storage.uri("runs", name))
+    result = tuner.fit()[0]
+    if result.error is not None:
+        raise result.error
+    history = _history(result)
+    best, best_metrics = max(scored_metrics(result), key=lambda pair: pair[1][RETURN])
+    with best.as_directory() as folder:
+        module = RLModule.from_checkpoint(f"{folder}/{MODULE_PATH}")
+    policy = Policy(cfg, module, module.observation_space, module.action_space)
+    module.eval()
+    seed = cfg.seed + EVALUATION_SEED_OFFSET
+    episodes = task.evaluation_episodes
+    evaluation = run_episodes(lambda obs: policy.act(obs)["actions"], cfg.env, episodes, seed)
+    random_scores = run_episodes(random_actor(cfg.env, seed), cfg.env, episodes, seed)
+    baseline = {
+        "model": "a random policy",
+        "test": random_scores,
+        "compared": compare(evaluation, random_scores, (("return_mean", "max"),)),
+    }
+    baseline["warning"] = warning_text(baseline)
+    status = _stop_reason(cfg, history[-1])
+    metrics = {
+        "test": evaluation,
+        "baseline": baseline,
+        "best_epoch": best_metrics["training_iteration"],
+        "selected_by": {"metric": "episode_return_mean", "mode": "max"},
+        "status": status,
+        "history": history,
+        "environment": cfg.env.name,
+        "run": {
+            "name": name,
+            "uri": storage.uri("runs", name),
+            "env_runners": cfg.scaling.num_workers,
+            "use_gpu": cfg.scaling.use_gpu,
+            "wall_s": round(time.monotonic() - started, 1),
+        },
+        "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
+    }
+    version = ModelRegistry(storage).register(cfg.name, policy_package(cfg, policy, metrics))
+    return TrainingOutcome(
+        run_name=name, status=status, epochs=len(history), version=version, metrics=metrics
+    )

@@ -1,0 +1,94 @@
+"""Reinforcement experiments without a cluster: the config's checks, a policy's package
+round trip and its actions, and how held-out episodes are scored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from forgeml.config import ConfigError, EnvConfig, config_from_dict
+from forgeml.rl.evaluate import random_actor, run_episodes
+from forgeml.rl.policy import Policy
+
+CARTPOLE = {"name": "cartpole", "env": {"id": "CartPole-v1"}, "task": {"kind": "reinforcement"}}
+
+
+def reinforcement(**sections) -> dict:
+    return {**CARTPOLE, **sections}
+
+
+def test_a_name_alone_selects_an_algorithm_and_the_policy_model_is_the_default():
+    cfg = config_from_dict(reinforcement(task={"kind": "reinforcement", "algorithm": "dqn"}))
+    assert cfg.task.algorithm.name == "dqn"
+    assert cfg.task.algorithm.double_q
+    assert cfg.model.kind == "policy_mlp"
+
+
+def test_the_resolved_config_of_a_policy_loads_again():
+    cfg = config_from_dict(reinforcement(train={"max_failures": 1}))
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (reinforcement(env={"id": "CartPole-v9"}), "did you mean CartPole-v1"),
+        (reinforcement(env={"entry_point": "no_such_module:Env"}), "cannot import"),
+        (reinforcement(env={}), "exactly one of id"),
+        ({"name": "c", "task": {"kind": "reinforcement"}}, "env: task reinforcement learns in"),
+        ({"name": "c", "env": {"id": "CartPole-v1"}}, "only task reinforcement"),
+        (reinforcement(data={"cache": False}), "data: a reinforcement task learns in its env"),
+        (reinforcement(model={"kind": "mlp"}), "needs model policy_mlp"),
+        (reinforcement(train={"batch_size": 32}), "train.batch_size: a reinforcement run"),
+        (reinforcement(scaling={"num_workers": [1, 2]}), "a fixed number of env runners"),
+        (reinforcement(scaling={"placement_strategy": "SPREAD"}), "scaling.placement_strategy"),
+        (
+            reinforcement(
+                task={"kind": "reinforcement", "algorithm": {"name": "dqn", "epsilon": [0.1, 0.5]}}
+            ),
+            "end <= start",
+        ),
+        (reinforcement(task={"kind": "reinforcement", "algorithm": "a3c"}), "'ppo', 'dqn'"),
+    ],
+)
+def test_a_wrong_reinforcement_config_names_the_field_and_the_reason(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("env", "algorithm"), [("CartPole-v1", "ppo"), ("CartPole-v1", "dqn"), ("Pendulum-v1", "ppo")]
+)
+def test_a_policy_survives_its_package_and_acts_in_its_action_space(env, algorithm):
+    cfg = config_from_dict(
+        reinforcement(env={"id": env}, task={"kind": "reinforcement", "algorithm": algorithm})
+    )
+    made = cfg.env.make()
+    policy = Policy.build(cfg, made.observation_space, made.action_space)
+    observations = np.stack([made.observation_space.sample() for _ in range(5)])
+    acted = policy.act(observations)
+    again = Policy.from_bytes(cfg, policy.to_bytes()).act(observations)
+    for name, values in acted.items():
+        np.testing.assert_allclose(values, again[name], rtol=1e-6)
+    assert all(
+        made.action_space.contains(a.astype(made.action_space.dtype)) for a in acted["actions"]
+    )
+    if algorithm == "dqn":
+        assert acted["q_values"].shape == (5, made.action_space.n)
+    elif policy.discrete:
+        np.testing.assert_allclose(acted["probabilities"].sum(axis=1), 1, rtol=1e-5)
+        assert (acted["actions"] == acted["probabilities"].argmax(axis=1)).all()
+
+
+def test_held_out_episodes_repeat_with_their_seeds_and_end_where_the_env_cuts_them():
+    env = EnvConfig(id="CartPole-v1", max_episode_steps=20)
+    first = run_episodes(random_actor(env, 7), env, episodes=40, seed=100)
+    again = run_episodes(random_actor(env, 7), env, episodes=40, seed=100)
+    assert first == again
+    assert len(first["returns"]) == 40
+    assert first["return_max"] <= 20 and first["episode_length_mean"] <= 20
+    # CartPole pays 1 per step: a constant action tips the pole within a few steps.
+    pushed = run_episodes(lambda obs: np.zeros(len(obs), dtype=np.int64), env, 5, seed=0)
+    assert pushed["return_mean"] < first["return_mean"]
+    assert "success_rate" not in first
