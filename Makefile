@@ -88,6 +88,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/unseen_data.py
 	$(BIN)/python benchmarks/multinode.py
+	$(BIN)/python benchmarks/rl_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

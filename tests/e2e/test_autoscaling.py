@@ -378,7 +378,7 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
     assert requests.post(predict, json=body, timeout=60).status_code == 401
     assert requests.post(predict, json=body, headers=headers, timeout=60).status_code == 200
 
-    stop, codes, ready_codes = threading.Event(), [], []
+    stop, codes, ready_codes, not_ready = threading.Event(), [], [], []
 
     def load():
         with requests.Session() as session:
@@ -390,15 +390,24 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
                     codes.append(type(exc).__name__)
 
     def probe_readiness():
+        """Every /readyz answer's code; for each other than 200, when (seconds into the
+        test's load) and why, for the failure message."""
+        started = time.monotonic()
         while not stop.is_set():
             try:
-                ready_codes.append(requests.get(f"{url}/readyz", timeout=30).status_code)
+                response = requests.get(f"{url}/readyz", timeout=30)
+                ready_codes.append(response.status_code)
+                reason = response.text
             except requests.RequestException as exc:
                 ready_codes.append(type(exc).__name__)
+                reason = repr(exc)
+            if ready_codes[-1] != 200:
+                not_ready.append((round(time.monotonic() - started, 1), reason[:300]))
             time.sleep(0.2)
 
     threads = [threading.Thread(target=load) for _ in range(6)]
     threads.append(threading.Thread(target=probe_readiness))
+    load_started = time.monotonic()
     for thread in threads:
         thread.start()
     try:
@@ -441,7 +450,9 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
     print(json.dumps({"requests": len(codes), "failed": failed, "recovered_s": recovered_s}))
     assert codes and failed.total() <= len(codes) / 1000, failed
     # /readyz said ready throughout, and it was: a replica answered all along.
-    assert ready_codes and set(ready_codes) == {200}, Counter(ready_codes)
+    assert ready_codes and set(ready_codes) == {200}, (
+        f"{Counter(ready_codes)}; killed at {killed - load_started:.1f} s: {not_ready}"
+    )
     deleted = requests.delete(
         f"{chart.cluster.dashboard_url}/api/serve/applications/",
         headers=chart.headers,

@@ -170,7 +170,7 @@ def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
                 ),
                 failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
                 callbacks=[IterationLine(cfg)],
-                verbose=0,
+                verbose=None if console.verbose_from_environment() else 0,
             ),
         )
     logger.info("training %s as run %s (%s)", cfg.name, name, storage.uri("runs", name))
