@@ -92,3 +92,29 @@ def test_held_out_episodes_repeat_with_their_seeds_and_end_where_the_env_cuts_th
     pushed = run_episodes(lambda obs: np.zeros(len(obs), dtype=np.int64), env, 5, seed=0)
     assert pushed["return_mean"] < first["return_mean"]
     assert "success_rate" not in first
+
+
+def test_a_resumed_run_keeps_one_record_per_iteration_the_later():
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from forgeml.rl.train import _history
+
+    # Tune's results of a run killed after iteration 3 and resumed from iteration 2.
+    frame = pd.DataFrame(
+        {
+            "training_iteration": [1, 2, 3, 3, 4],
+            "num_env_steps_sampled_lifetime": [100, 200, 300, 310, 410],
+            "env_runners/episode_return_mean": [float("nan"), 20.0, 30.0, 31.0, 40.0],
+            "env_runners/episode_len_mean": [float("nan"), 20.0, 30.0, 31.0, 40.0],
+            "time_total_s": [1.0, 2.0, 3.0, 3.1, 4.1],
+        }
+    )
+    history = _history(SimpleNamespace(metrics_dataframe=frame))
+    assert [(r["epoch"], r["env_steps"]) for r in history] == [
+        (1, 100),
+        (2, 200),
+        (3, 310),
+        (4, 410),
+    ]
+    assert history[0]["episode_return_mean"] is None  # no episode had ended: not NaN in JSON

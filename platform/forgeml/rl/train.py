@@ -78,7 +78,8 @@ def check_environment(cfg: ExperimentConfig) -> None:
 
 
 def _history(result: tune.Result) -> list[dict]:
-    """One record per iteration, as a package's history has one per epoch."""
+    """One record per iteration, as a package's history has one per epoch; of an
+    iteration done twice (before and after a resume), the later."""
     frame = result.metrics_dataframe
     columns = {
         "epoch": "training_iteration",
@@ -87,10 +88,11 @@ def _history(result: tune.Result) -> list[dict]:
         "episode_length_mean": EPISODE_LENGTH,
         "time_s": "time_total_s",
     }
-    return [
-        {name: _number(row.get(column)) for name, column in columns.items()}
-        for row in frame.to_dict("records")
-    ]
+    records = {}
+    for row in frame.to_dict("records"):  # a resumed run reports its redone iterations again
+        record = {name: _number(row.get(column)) for name, column in columns.items()}
+        records[record["epoch"]] = record
+    return [records[epoch] for epoch in sorted(records)]
 
 
 def _number(value) -> float | int | None:
