@@ -1,14 +1,21 @@
 """Reinforcement learning on the shared Ray runtime: the CartPole example, cut short,
-through the public entry point: RLlib under Tune, a complete policy package that beats
-a random policy on held-out episodes and acts once loaded; DQN trains too; an
-algorithm that cannot act in the environment is refused before anything starts."""
+through the public entry points: RLlib under Tune, a run whose driver is killed resumes
+from its checkpoint, and its complete policy package beats a random policy on held-out
+episodes and acts once loaded; DQN trains too; an algorithm that cannot act in the
+environment is refused before anything starts."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import ray
 from forgeml.cli import main
 from forgeml.config import StorageConfig
 from forgeml.rl.package import load_policy
@@ -20,19 +27,57 @@ from tests.conftest import REPO
 CONFIG = REPO / "examples" / "cartpole" / "config.yaml"
 
 
-def _train(folder, *overrides: str) -> int:
+def _train_args(folder, *overrides: str) -> list[str]:
     args = ["train", "--config", str(CONFIG), "--set", f"storage.root={folder}"]
     for override in ("task.evaluation_episodes=20", "task.target_return=null", *overrides):
         args += ["--set", override]
-    return main(args)
+    return args
 
 
-def test_a_short_ppo_run_registers_a_policy_better_than_random(ray_runtime, tmp_path, caplog):
+def _train(folder, *overrides: str) -> int:
+    return main(_train_args(folder, *overrides))
+
+
+def test_dqn_trains_and_registers_and_cannot_take_continuous_actions(ray_runtime, tmp_path, capsys):
+    dqn = ["task.algorithm={name: dqn}", "model.share_value_layers=false"]
+    assert _train(tmp_path, *dqn, "task.max_iterations=1", "task.evaluation_episodes=5") == 0
+    metrics = json.loads((tmp_path / "models/cartpole-ppo/v1/metrics.json").read_text())
+    assert len(metrics["history"]) == 1 and metrics["history"][-1]["env_steps"] > 0
+
+    assert _train(tmp_path, *dqn, "env.id=Pendulum-v1") == 2
+    assert "task.algorithm: dqn needs discrete actions" in capsys.readouterr().err
+
+
+def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_than_random(
+    ray_runtime, tmp_path, caplog
+):
+    args = _train_args(tmp_path, "task.max_iterations=6", "task.checkpoint_every=2")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *args[1:]],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    # Tune's second checkpoint is iteration 4's.
+    while (
+        not list((tmp_path / "runs").glob("*/*/checkpoint_000001"))
+        and driver.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    driver.kill()
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, "the run finished before it could be stopped"
+    assert not (tmp_path / "models").exists()
     caplog.set_level(logging.INFO, logger="forgeml.rl")
-    assert _train(tmp_path, "task.max_iterations=4", "task.checkpoint_every=2") == 0
+
+    assert main([*args, "--resume"]) == 0
 
     lines = [r.getMessage() for r in caplog.records if r.name == "forgeml.rl"]
-    assert any(line.startswith("iteration 4/4  env steps") for line in lines), lines
+    assert any(line.startswith("iteration 6/6  env steps") for line in lines), lines
+    assert len(list((tmp_path / "runs").iterdir())) == 1
     package = tmp_path / "models" / "cartpole-ppo" / "v1"
     assert {p.name for p in package.iterdir()} >= {
         "config.yaml",
@@ -41,32 +86,18 @@ def test_a_short_ppo_run_registers_a_policy_better_than_random(ray_runtime, tmp_
         "MODEL_CARD.md",
     }
     metrics = json.loads((package / "metrics.json").read_text())
-    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 7))
     assert metrics["status"] == "reached max_iterations"
     test, baseline = metrics["test"], metrics["baseline"]
     assert test["episodes"] == len(test["returns"]) == 20
-    # Four iterations of 4000 steps take CartPole's return from about 22 to over 100.
+    # Six iterations of 4000 steps take CartPole's return from about 22 to over 100.
     assert test["return_mean"] > 2 * baseline["test"]["return_mean"], (test, baseline)
     assert baseline["compared"][0]["worse"] is False and baseline["warning"] is None
     assert "`CartPole-v1`" in (package / "MODEL_CARD.md").read_text()
 
     registry = ModelRegistry(Storage(StorageConfig(root=str(tmp_path))))
     (summary,) = run_summaries(registry)
-    assert (summary["epochs"], summary["best_epoch"], summary["selected_by"]) == (
-        4,
-        4,
-        "episode_return_mean",
-    )
+    assert (summary["epochs"], summary["selected_by"]) == (6, "episode_return_mean")
     policy, _ = load_policy(registry, "cartpole-ppo")
     acted = policy.act(np.zeros((3, 4), dtype=np.float32))
     assert acted["actions"].shape == (3,) and acted["probabilities"].shape == (3, 2)
-
-
-def test_dqn_trains_and_registers_and_cannot_take_continuous_actions(ray_runtime, tmp_path, capsys):
-    dqn = ["task.algorithm={name: dqn}", "model.share_value_layers=false"]
-    assert _train(tmp_path, *dqn, "task.max_iterations=2") == 0
-    metrics = json.loads((tmp_path / "models/cartpole-ppo/v1/metrics.json").read_text())
-    assert len(metrics["history"]) == 2 and metrics["history"][-1]["env_steps"] > 0
-
-    assert _train(tmp_path, *dqn, "env.id=Pendulum-v1") == 2
-    assert "task.algorithm: dqn needs discrete actions" in capsys.readouterr().err
