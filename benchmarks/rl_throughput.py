@@ -30,7 +30,7 @@ LR, GAMMA, LAMBDA, CLIP, VF_COEFF, GRAD_CLIP = 3e-4, 0.99, 0.95, 0.2, 0.5, 0.5
 HIDDEN = [64, 64]
 
 FORGEML = """
-import json, sys, time
+import json, sys
 from forgeml.config import config_from_dict
 from forgeml.rl.train import run_reinforcement
 seed, root, iterations = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])

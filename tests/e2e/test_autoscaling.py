@@ -392,7 +392,6 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
     def probe_readiness():
         """Every /readyz answer's code; for each other than 200, when (seconds into the
         test's load) and why, for the failure message."""
-        started = time.monotonic()
         while not stop.is_set():
             try:
                 response = requests.get(f"{url}/readyz", timeout=30)
@@ -402,7 +401,7 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
                 ready_codes.append(type(exc).__name__)
                 reason = repr(exc)
             if ready_codes[-1] != 200:
-                not_ready.append((round(time.monotonic() - started, 1), reason[:300]))
+                not_ready.append((round(time.monotonic() - load_started, 1), reason[:300]))
             time.sleep(0.2)
 
     threads = [threading.Thread(target=load) for _ in range(6)]

@@ -212,9 +212,9 @@ class ExperimentConfig(Section):
         if self.model.made_for != self.task.kind:
             fitting = models_for(self.task.kind, "environment")
             raise ValueError(f"model: task {self.task.kind} needs model {' or '.join(fitting)}")
-        for name in sorted(self.train.model_fields_set - ACTING_TRAIN_FIELDS):
+        if unused := sorted(self.train.model_fields_set - ACTING_TRAIN_FIELDS):
             raise ValueError(
-                f"train.{name}: a reinforcement run takes its training settings from task "
+                f"train.{unused[0]}: a reinforcement run takes its training settings from task "
                 "(algorithm, max_iterations, target_return); only train.max_failures and "
                 "train.checkpoint apply"
             )
@@ -222,9 +222,9 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "scaling.num_workers: a reinforcement run has a fixed number of env runners"
             )
-        for name in sorted(self.scaling.model_fields_set - ACTING_SCALING_FIELDS):
+        if unused := sorted(self.scaling.model_fields_set - ACTING_SCALING_FIELDS):
             raise ValueError(
-                f"scaling.{name}: a reinforcement run sets only its env runners "
+                f"scaling.{unused[0]}: a reinforcement run sets only its env runners "
                 "(num_workers, cpus_per_worker) and the learner's use_gpu"
             )
         if self.tune is not None and self.tune.metric not in self.task.metrics:

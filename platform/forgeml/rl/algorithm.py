@@ -12,9 +12,9 @@ from ray.tune.registry import register_env
 from forgeml.config import EnvConfig, ExperimentConfig
 
 
-def register_environment(cfg: ExperimentConfig) -> str:
+def register_environment(cfg: ExperimentConfig) -> None:
     """Register the experiment's environment with Ray under its name (the cluster's
-    registry, which every env runner reads) and return that name. RLlib's EnvContext
+    registry, which every env runner reads). RLlib's EnvContext
     carries nothing forgeml's environments take: their kwargs are in ``cfg.env``."""
     settings = cfg.env.model_dump()
 
@@ -22,7 +22,6 @@ def register_environment(cfg: ExperimentConfig) -> str:
         return EnvConfig(**settings).make()
 
     register_env(environment_name(cfg), create)
-    return environment_name(cfg)
 
 
 def environment_name(cfg: ExperimentConfig) -> str:

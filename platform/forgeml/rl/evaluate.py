@@ -70,6 +70,8 @@ def run_episodes(act: Actor, env: EnvConfig, episodes: int, seed: int) -> dict:
 
 def random_actor(env: EnvConfig, seed: int) -> Actor:
     """Uniformly random actions from the environment's action space, seeded."""
-    space = env.make().action_space
+    made = env.make()
+    space = made.action_space
+    made.close()
     space.seed(seed)
     return lambda observations: np.stack([space.sample() for _ in observations])

@@ -100,4 +100,4 @@ class Policy:
         actions = dist.to_deterministic().sample().numpy()
         if self.discrete:
             return {"actions": actions, "probabilities": torch.softmax(inputs, -1).numpy()}
-        return {"actions": np.stack([unsquash_action(a, self.action_space) for a in actions])}
+        return {"actions": unsquash_action(actions, self.action_space)}
