@@ -34,10 +34,14 @@ logger = logging.getLogger(__name__)
 #: Ray Train's state tracking records every run (the dashboard's Train view reads it);
 #: through it a search withdraws the autoscaler requests its trials' runs leave behind
 #: (``forgeml.tune.search.release_autoscaler_requests``).
+#: Ray Data's Parquet reader starts 32 footer-reading actors, each a new process, for
+#: every read, however few the files; one reads 128 footers at once, and a tiny run's
+#: data preparation takes 3 s instead of 7 s (2 cores).
 RAY_ENV_DEFAULTS = {
     "RAY_DATA_CLUSTER_AUTOSCALER": "V2",
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
 }
 
 

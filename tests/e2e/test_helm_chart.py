@@ -21,6 +21,7 @@ import pytest
 import yaml
 from forgeml.config import load_config
 from forgeml.monitor.retrain import rayjob_manifests
+from forgeml.runtime import RAY_ENV_DEFAULTS
 
 from tests.conftest import REPO
 from tests.e2e.chart import CHART, helm, render
@@ -286,8 +287,9 @@ def test_every_cluster_uses_token_auth_from_the_secret(rendered):
         serve_token = env["FORGEML_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert serve_token["name"] == "forgeml-serve-token", where
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
-        assert env["RAY_DATA_CLUSTER_AUTOSCALER"]["value"] == "V2"
         assert env["RAY_max_direct_call_object_size"]["value"] == "262144"
+        for name, value in RAY_ENV_DEFAULTS.items():  # what the embedded runtime sets
+            assert env[name]["value"] == value, (where, name)
 
 
 def test_no_secret_values_and_no_exposed_dashboard_by_default():

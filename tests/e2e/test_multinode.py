@@ -307,6 +307,7 @@ def test_a_preempted_node_costs_a_few_steps_and_a_killed_one_the_epoch_in_progre
     assert failure["checkpoint"] == "epoch" and failure["step"] == 0
     redone = killed_at - failure["saved_at"]  # trained after the checkpoint, then lost
     assert 0 <= redone <= max(h["epoch_s"] for h in metrics["history"]) + 1
+    print(json.dumps(metrics["run"]["restarts"]))
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 61))
     nodes = cluster.node_ids()
     assert {r["node_id"] for r in metrics["run"]["ranks"]} == {nodes["d"], nodes["c"]}
@@ -402,6 +403,7 @@ def test_an_elastic_run_grows_onto_a_new_node_and_shrinks_when_it_goes(
     assert code == 0, output[-4000:]
     metrics = _registered_metrics(storage)
     history = metrics["history"]
+    print(json.dumps(metrics["run"]["restarts"]))
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     assert [size for size, _ in itertools.groupby(h["workers"] for h in history)] == [1, 2, 1]
     assert {h["global_batch"] for h in history} == {32}

@@ -172,7 +172,8 @@ def test_population_based_training_continues_trials_from_better_ones_on_s3(
 ):
     """In-process trials on an s3:// root: at each perturbation PBT's worse trials load a
     better trial's checkpoint (read back from S3) and go on with its learning rate scaled
-    by 0.8 or 1.2, which the trial then trains with."""
+    by 0.8 or 1.2, which the trial then trains with. Synchronous, so that every
+    perturbation compares all four trials even when they start far apart."""
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="pbt")
     raw = _raw(
         "s3://pbt/search",
@@ -186,10 +187,11 @@ def test_population_based_training_continues_trials_from_better_ones_on_s3(
             "perturbation_interval": 1,
             "quantile_fraction": 0.5,
             "resample_probability": 0,
+            "synchronous": True,
         },
     )
     raw["storage"] = {"root": "s3://pbt/search", "endpoint_url": s3_endpoint}
-    raw["train"]["max_epochs"] = 3
+    raw["train"]["max_epochs"] = 2  # one perturbation, after epoch 1
     # Four half-CPU trials at once leave Ray Data two of the runtime's four CPUs.
     raw["scaling"]["cpus_per_worker"] = 0.5
     cfg = config_from_dict(raw)

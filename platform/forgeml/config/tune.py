@@ -104,6 +104,13 @@ class SchedulerConfig(Section):
         description="pbt: chance a perturbed value is drawn afresh from its distribution "
         "instead of scaled by 0.8 or 1.2 (or shifted to a neighbouring choice).",
     )
+    synchronous: bool = Field(
+        False,
+        description="pbt: trials wait for each other at every perturbation point, so the "
+        "worst are always judged against trials of the same epoch (as in the PBT paper); "
+        "off, each trial is judged against whichever others are running then, and a trial "
+        "that runs alone is never perturbed.",
+    )
 
 
 class TuneConfig(Section):

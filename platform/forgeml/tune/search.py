@@ -144,6 +144,7 @@ def _scheduler(settings: TuneConfig, max_epochs: int):
             perturbation_interval=scheduler.perturbation_interval,
             quantile_fraction=scheduler.quantile_fraction,
             resample_probability=scheduler.resample_probability,
+            synch=scheduler.synchronous,
             # A list perturbs by moving to a neighbouring value; a domain by scaling.
             hyperparam_mutations={
                 path: param.values if isinstance(param, ChoiceParam) else _domain(param)
@@ -490,6 +491,10 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
                 scheduler=_scheduler(settings, _max_epochs(cfg)),
                 num_samples=1 if settings.search.kind == "grid" else settings.num_trials,
                 time_budget_s=settings.time_budget_s,
+                # An in-process trial's actor is kept for the next trial and for a paused
+                # trial that resumes (synchronous PBT): no new process that imports the
+                # training code each time. A Train trial's actor only starts a run.
+                reuse_actors=settings.trial_mode == "in_process",
             ),
             run_config=tune.RunConfig(
                 name=experiment,
