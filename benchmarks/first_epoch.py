@@ -62,9 +62,10 @@ loaded = load_model(ModelRegistry(Storage(StorageConfig(root=sys.argv[2]))), "ti
 model = loaded.model.train()
 torch.manual_seed(0)
 shape = loaded.preprocessor.model_inputs.shape
-inputs, target = torch.rand(32, *shape), torch.randint(0, 9, (32,))
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-loss = torch.nn.functional.cross_entropy(model(inputs), target)
+logits = model(torch.rand(32, *shape))
+target = torch.randint(0, logits.shape[1], (32,))
+loss = torch.nn.functional.cross_entropy(logits, target)
 loss.backward()
 optimizer.step()
 print(time.time() - started)
