@@ -14,6 +14,11 @@ from tests.conftest import REPO
 
 RAY = Path(sys.executable).parent / "ray"
 
+#: What Ray prints at info level during a run: Ray Data's execution plans (driver and
+#: workers) and Ray Train's report of every checkpoint. A job's console shows them only
+#: with ``--verbose``; its run log keeps them either way.
+RAY_INFO_LINES = ("Execution plan of Dataset", "Starting execution of Dataset", "TrainingReport(")
+
 
 def _command(
     cluster: LocalCluster, job: str, arguments: tuple[str, ...], env_vars: dict | None = None

@@ -28,7 +28,7 @@ from forgeml.train.trainer import run_training
 from forgeml.tune.search import RESULTS_FILE
 
 from tests.conftest import S3_ENV, environment, tiny_config, tiny_raw_config, write_config
-from tests.e2e.jobs import BackgroundJob, submit
+from tests.e2e.jobs import RAY_INFO_LINES, BackgroundJob, submit
 
 BUCKET = "multinode"
 
@@ -241,19 +241,15 @@ def test_a_label_selector_no_node_matches_is_refused(cluster, s3_endpoint, tmp_p
 # worker nodes back for the next test.
 
 
-#: Ray Train's own info lines (which source a restart is counted against) on the job's
-#: console, as --verbose shows them; forgeml keeps them off it by default.
-VERBOSE = {"FORGEML_VERBOSE": "1"}
-
-
 def _running_past_epoch_2(cluster, storage: dict, tmp_path, **train) -> BackgroundJob:
     """A submitted run of SHAPE with ``train`` settings, once its epoch 2 is checkpointed;
-    verbose, so that the job's output says how Ray Train counted a restart."""
+    with --verbose, so that the job's output has Ray's info lines, which say how Ray Train
+    counted a restart (forgeml keeps them off the console by default)."""
     raw = tiny_raw_config("unused", **SHAPE, storage=storage)
     raw["train"] |= train
     raw["scaling"]["placement_strategy"] = "STRICT_SPREAD"  # a rank on each node
     config = write_config(tmp_path / "experiment.yaml", raw)
-    job = BackgroundJob(cluster, tmp_path, "train.py", "--config", str(config), env_vars=VERBOSE)
+    job = BackgroundJob(cluster, tmp_path, "train.py", "--config", str(config), "--verbose")
     _after_epoch(storage, 2)
     return job
 
@@ -298,6 +294,8 @@ def test_a_preempted_node_costs_a_few_steps_and_a_killed_one_the_epoch_in_progre
     assert "preemption notice: checkpoint at step" in output
     assert "Source: worker group" in output  # the kill: a failure, counted against max_failures
     assert "the workers leave no CPU free on any node" in output
+    for line in RAY_INFO_LINES:  # --verbose brought Ray's info logs back, workers' too
+        assert line in output
     metrics = _registered_metrics(storage)
     preemption, failure = metrics["run"]["restarts"]
     # The run resumes from its newest checkpoint: the one written at the notice or just

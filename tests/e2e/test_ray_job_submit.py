@@ -18,6 +18,7 @@ import ray
 import requests
 import torch
 from forgeml.config import StorageConfig, TrafficConfig
+from forgeml.console import LOG_FILE
 from forgeml.local_cluster import LocalCluster, free_port
 from forgeml.model_package import load_model
 from forgeml.monitor.check import check
@@ -28,7 +29,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from tests.conftest import tiny_raw_config, write_config
 from tests.e2e.drifted import appended_maps, drifted_maps
-from tests.e2e.jobs import submit
+from tests.e2e.jobs import RAY_INFO_LINES, submit
 
 BIN = Path(sys.executable).parent
 
@@ -79,6 +80,31 @@ def test_submitted_training_job_registers_its_model(submitted_training):
     assert "registered tiny-wafer:v1" in job.stdout
     registry = ModelRegistry(Storage(StorageConfig(root=str(submitted_training.store))))
     assert registry.versions("tiny-wafer") == [1]
+
+
+def test_the_jobs_console_shows_forgeml_lines_and_keeps_rays_info_logs_in_the_run_log(
+    submitted_training,
+):
+    """What `ray job submit` prints of the run is forgeml's lines and Ray's warnings;
+    Ray's info logs go to the run's log file (tests/e2e/test_multinode.py submits a run
+    with --verbose, which brings them back)."""
+    store = submitted_training.store
+    console = submitted_training.job.stdout + submitted_training.job.stderr
+
+    assert "tiny-wafer: classification with a cnn model on wafer data" in console
+    assert "data: train " in console
+    assert "epoch 1/2  train_loss" in console and "epoch 2/2  train_loss" in console
+    assert "test: accuracy " in console
+    assert f"registered tiny-wafer:v1 at {store}/models/tiny-wafer/v1" in console
+    for line in RAY_INFO_LINES:
+        assert line not in console
+    assert "Progress bars disabled" not in console
+    (log,) = store.glob(f"runs/*/{LOG_FILE}")
+    assert f"full log: {log}" in console
+    kept = log.read_text()
+    assert "Execution plan of Dataset" in kept  # the driver's Ray info logs
+    assert "epoch 2/2  train_loss" in kept  # a line a worker sent
+    assert "registered tiny-wafer:v1" in kept
 
 
 def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster, trained_store):
