@@ -129,12 +129,18 @@ def _trial_epochs(experiment: Path) -> dict[str, int]:
 
 
 def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runtime, tmp_path):
-    """The driver is killed once the first trial has finished; --resume finishes the rest
-    without running that trial again."""
+    """The driver is killed once the first trial has finished, while the second (of many
+    more epochs) trains; --resume finishes the rest without running that trial again.
+    In-process trials: the search, not Ray Train, is what resumes here."""
     store = tmp_path / "store"
-    raw = _raw(store, max_concurrent_trials=1, scheduler={"kind": "none"})
-    raw["train"]["max_epochs"] = 2
-    raw["tune"]["space"]["train.optimizer.lr"]["values"] = [3e-2, 1e-2]
+    raw = _raw(
+        store,
+        max_concurrent_trials=1,
+        scheduler={"kind": "none"},
+        trial_mode="in_process",
+        space={"train.max_epochs": {"kind": "grid", "values": [2, 20]}},
+    )
+    raw["train"]["early_stopping"] = {"enabled": False}
     config = write_config(tmp_path / "tune.yaml", raw)
     command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--config", str(config)]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -164,7 +170,7 @@ def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runt
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials = pd.read_parquet(experiment / RESULTS_FILE)
     assert len(trials) == 2 and set(trials["state"]) == {"completed"}
-    assert _trial_epochs(experiment) == {"00000": 2, "00001": 2}
+    assert _trial_epochs(experiment) == {"00000": 2, "00001": 20}
 
 
 def test_population_based_training_continues_trials_from_better_ones_on_s3(
