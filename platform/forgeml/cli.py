@@ -495,7 +495,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     _print_config_summary(cfg)
     print(
-        f"search: {cfg.tune.num_trials} trials ({cfg.tune.search.kind}, "
+        f"search: {cfg.tune.planned_trials} trials ({cfg.tune.search.kind}, "
         f"{cfg.tune.scheduler.kind}) for the best {cfg.tune.metric}",
         flush=True,
     )

@@ -168,6 +168,7 @@ def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runt
     )
 
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "search: 2 trials (grid, none)" in resumed.stdout
     trials = pd.read_parquet(experiment / RESULTS_FILE)
     assert len(trials) == 2 and set(trials["state"]) == {"completed"}
     assert _trial_epochs(experiment) == {"00000": 2, "00001": 20}

@@ -166,3 +166,19 @@ def test_train_trials_report_epochs_to_tune_and_not_preemption_checkpoints():
         "checkpoint_path": "/runs/trial/checkpoint_1",
     }
     assert callback._training_actor_item_queue.empty()
+
+
+@pytest.mark.parametrize(
+    ("search", "planned"),
+    [("grid", 6), ("random", 5 * 6)],  # a grid runs once; a random search per sample
+)
+def test_the_planned_trials_multiply_the_grid_parameters(search, planned):
+    grid = {"kind": "grid", "values": [1e-2, 1e-3, 1e-4]}
+    tune_section = {
+        "num_trials": 5,
+        "search": {"kind": search},
+        "space": {"train.optimizer.lr": grid, "model.width": {"kind": "grid", "values": [4, 8]}},
+    }
+    cfg = config_from_dict(tiny_raw_config("unused", tune=tune_section))
+
+    assert cfg.tune.planned_trials == planned

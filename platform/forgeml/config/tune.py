@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -143,6 +144,13 @@ class TuneConfig(Section):
     scheduler: SchedulerConfig = Field(
         default_factory=SchedulerConfig, description="Early stopping of poor trials."
     )
+
+    @property
+    def planned_trials(self) -> int:
+        """Trials the search runs unless its time budget ends it: every combination of
+        the grid parameters, once for search kind grid, else once per sample."""
+        grid = math.prod(len(param.values) for param in self.space.values() if param.kind == "grid")
+        return grid if self.search.kind == "grid" else grid * self.num_trials
 
     @model_validator(mode="after")
     def _space_fits_searcher(self) -> TuneConfig:
