@@ -449,14 +449,17 @@ def _train(args: argparse.Namespace) -> int:
             + needs
         )
         return 0
-    print(
-        f"serve it: FORGEML_SERVE_TOKEN=... python jobs/serve.py --model {outcome.version.ref} "
-        f"--storage-root {root}\n"
-        f"then:     curl -H 'Authorization: Bearer ...' -H 'Content-Type: application/json' "
-        f"-d '{{\"instances\": [...]}}' "
-        f"http://127.0.0.1:8000/v1/models/{cfg.name}/predict"
-    )
+    _print_serve_hint(cfg, outcome.version.ref, "predict", '{"instances": [...]}')
     return 0
+
+
+def _print_serve_hint(cfg: ExperimentConfig, ref: str, endpoint: str, body: str) -> None:
+    print(
+        f"serve it: FORGEML_SERVE_TOKEN=... python jobs/serve.py --model {ref} "
+        f"--storage-root {cfg.storage.root}\n"
+        f"then:     curl -H 'Authorization: Bearer ...' -H 'Content-Type: application/json' "
+        f"-d '{body}' http://127.0.0.1:8000/v1/models/{cfg.name}/{endpoint}"
+    )
 
 
 def _train_policy(cfg: ExperimentConfig, resume: bool | str) -> int:
@@ -480,6 +483,7 @@ def _train_policy(cfg: ExperimentConfig, resume: bool | str) -> int:
     if metrics["baseline"]["warning"]:
         print(f"WARNING: {metrics['baseline']['warning']}")
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
+    _print_serve_hint(cfg, outcome.version.ref, "act", '{"observations": [[...]]}')
     return 0
 
 

@@ -1,7 +1,7 @@
-"""`ray start --head` with token authentication, `ray job submit` of jobs/train.py,
-`forgeml serve deploy` of the model it registered onto the same cluster, a drift alarm
-of jobs/monitor.py that submits its retraining there, and the Helm chart's RayService
-for that model."""
+"""`ray start --head` with token authentication, `ray job submit` of jobs/train.py for a
+classifier and a CartPole policy, `forgeml serve deploy` of both onto the same cluster
+(an episode driven through /act), and a drift alarm of jobs/monitor.py that submits its
+retraining there."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gymnasium
+import numpy as np
 import pytest
 import ray
 import requests
@@ -23,15 +25,18 @@ from forgeml.local_cluster import LocalCluster, free_port
 from forgeml.model_package import load_model
 from forgeml.monitor.check import check
 from forgeml.monitor.traffic import TrafficRecorder
+from forgeml.rl.package import load_policy
+from forgeml.rl.policy import Policy
 from forgeml.runtime import RAY_ENV_DEFAULTS
 from forgeml.storage import ModelRegistry, Storage
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from tests.conftest import tiny_raw_config, write_config
+from tests.conftest import REPO, tiny_raw_config, write_config
 from tests.e2e.drifted import appended_maps, drifted_maps
-from tests.e2e.jobs import RAY_INFO_LINES, submit
+from tests.e2e.jobs import RAY_INFO_LINES, BackgroundJob, submit
 
 BIN = Path(sys.executable).parent
+CARTPOLE = REPO / "examples" / "cartpole" / "config.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +52,31 @@ def token_cluster(tmp_path_factory):
 
 @dataclass(frozen=True)
 class SubmittedTraining:
-    """The module's one `ray job submit` of jobs/train.py: the finished submission and the
-    storage root it registered tiny-wafer:v1 in."""
+    """The module's two `ray job submit`s of jobs/train.py, side by side on the cluster:
+    the tiny classifier's finished submission, the exit status and output of the
+    CartPole policy's (two iterations), and the storage root both registered in."""
 
     job: subprocess.CompletedProcess
+    policy: tuple[int, str]
     store: Path
 
 
 @pytest.fixture(scope="module")
 def submitted_training(token_cluster, tmp_path_factory) -> SubmittedTraining:
-    """jobs/train.py of the tiny config, submitted once for every test of its model."""
+    """Both runs, submitted once for every test of their models."""
     store = token_cluster.folder / "store"
-    config = write_config(tmp_path_factory.mktemp("train") / "tiny.yaml", tiny_raw_config(store))
+    folder = tmp_path_factory.mktemp("train")
+    overrides = [
+        f"storage.root={store}",
+        "task.max_iterations=2",
+        "task.target_return=null",
+        "task.evaluation_episodes=10",
+    ]
+    arguments = [arg for override in overrides for arg in ("--set", override)]
+    policy = BackgroundJob(token_cluster, folder, "train.py", "--config", str(CARTPOLE), *arguments)
+    config = write_config(folder / "tiny.yaml", tiny_raw_config(store))
     job = submit(token_cluster, "train.py", "--config", str(config))
-    return SubmittedTraining(job, store)
+    return SubmittedTraining(job, policy.finish(), store)
 
 
 @pytest.fixture
@@ -99,7 +115,7 @@ def test_the_jobs_console_shows_forgeml_lines_and_keeps_rays_info_logs_in_the_ru
     for line in RAY_INFO_LINES:
         assert line not in console
     assert "Progress bars disabled" not in console
-    (log,) = store.glob(f"runs/*/{LOG_FILE}")
+    (log,) = store.glob(f"runs/tiny-wafer-*/{LOG_FILE}")  # the policy runs here too
     assert f"full log: {log}" in console
     kept = log.read_text()
     assert "Execution plan of Dataset" in kept  # the driver's Ray info logs
@@ -107,8 +123,29 @@ def test_the_jobs_console_shows_forgeml_lines_and_keeps_rays_info_logs_in_the_ru
     assert "registered tiny-wafer:v1" in kept
 
 
-def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster, trained_store):
-    """Deploy of the submitted run's model returns, and the cluster keeps serving."""
+def _episode_returns(act, seeds: range) -> list[float]:
+    """CartPole's return of an episode from each seed, acting with ``act``."""
+    env = gymnasium.make("CartPole-v1")
+    returns = []
+    for seed in seeds:
+        observation, _ = env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            observation, reward, terminated, truncated, _ = env.step(act(observation))
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def test_serve_deploy_puts_the_registered_model_and_policy_on_the_cluster(
+    token_cluster, trained_store, submitted_training
+):
+    """Deploy of the submitted runs' classifier and policy returns, and the cluster keeps
+    serving both: a prediction, and CartPole episodes driven through /act to a higher
+    return than the untrained policy reaches on the same seeds."""
+    code, output = submitted_training.policy
+    assert code == 0, output[-3000:]
+    assert "registered cartpole-ppo:v1" in output
     token, port = secrets.token_hex(16), free_port()
     env = {
         **token_cluster.env,
@@ -121,6 +158,8 @@ def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster, tr
         "deploy",
         "--model",
         "tiny-wafer",
+        "--model",
+        "cartpole-ppo",
         "--storage-root",
         str(trained_store),
         "--port",
@@ -128,16 +167,41 @@ def test_serve_deploy_puts_the_registered_model_on_the_cluster(token_cluster, tr
     ]
     deployed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-    assert "serving tiny-wafer:v1" in deployed.stdout
+    assert "serving tiny-wafer:v1, cartpole-ppo:v1 at" in deployed.stdout
+    models = f"http://127.0.0.1:{port}/v1/models"
+    headers = {"Authorization": f"Bearer {token}"}
 
-    response = requests.post(
-        f"http://127.0.0.1:{port}/v1/models/tiny-wafer/predict",
-        json={"instances": [{"image": [[1] * 16] * 16}]},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60,
-    )
+    def post(path: str, body: dict) -> requests.Response:
+        return requests.post(f"{models}/{path}", json=body, headers=headers, timeout=60)
+
+    response = post("tiny-wafer/predict", {"instances": [{"image": [[1] * 16] * 16}]})
     assert response.status_code == 200, response.text
     assert response.json()["version"] == "v1"
+
+    def act(observation) -> int:
+        response = post("cartpole-ppo/act", {"observations": [observation.tolist()]})
+        assert response.status_code == 200, response.text
+        acted = response.json()
+        assert len(acted["probabilities"][0]) == 2 and acted["q_values"] is None
+        return acted["actions"][0]
+
+    registry = ModelRegistry(Storage(StorageConfig(root=str(trained_store))))
+    trained, _ = load_policy(registry, "cartpole-ppo")
+    untrained = Policy.build(trained.cfg, trained.observation_space, trained.action_space)
+    served = _episode_returns(act, range(3))
+    print(json.dumps({"served": served}))
+    assert served == _episode_returns(lambda o: trained.act(o[None])["actions"][0], range(3))
+    assert np.mean(served) > np.mean(
+        _episode_returns(lambda o: untrained.act(o[None])["actions"][0], range(3))
+    )
+
+    wrong = post("cartpole-ppo/act", {"observations": [[0.0, 0.0, 0.0]]})
+    assert wrong.status_code == 422
+    assert "an observation of CartPole-v1 has 4 values, not 3" in wrong.json()["error"]["message"]
+    assert post("cartpole-ppo/predict", {"instances": [{"x": 1.0}]}).status_code == 404
+    refused = post("tiny-wafer/act", {"observations": [[0.0] * 4]})
+    assert refused.status_code == 404
+    assert "POST /v1/models/tiny-wafer/predict" in refused.json()["error"]["message"]
 
 
 def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(

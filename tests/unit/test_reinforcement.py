@@ -81,6 +81,39 @@ def test_a_policy_survives_its_package_and_acts_in_its_action_space(env, algorit
         assert (acted["actions"] == acted["probabilities"].argmax(axis=1)).all()
 
 
+@pytest.mark.parametrize(
+    ("observations", "reason"),
+    [
+        ([[0.0, 0.0, 0.0]], "an observation of CartPole-v1 has 4 values, not 3"),
+        ([[0.0] * 4, [0.0] * 5], "observations have different lengths"),
+        ([[0.0] * 4, [5.0, 0.0, 0.0, 0.0]], "observation 1 is outside the observation space"),
+    ],
+)
+def test_observations_the_space_does_not_hold_are_refused_with_the_reason(observations, reason):
+    cfg = config_from_dict(reinforcement())
+    made = cfg.env.make()
+    policy = Policy.build(cfg, made.observation_space, made.action_space)
+    observation, _ = made.reset(seed=0)
+
+    batch = policy.observation_batch([observation.tolist(), [0, 1, 0, -1]])
+
+    assert batch.dtype == np.float32 and batch.shape == (2, 4)
+    with pytest.raises(ValueError, match=reason):
+        policy.observation_batch(observations)
+
+
+def test_an_integer_observation_space_refuses_fractions():
+    import gymnasium
+
+    cfg = config_from_dict(reinforcement())
+    space = gymnasium.spaces.Box(0, 9, (3,), np.int64)
+    policy = Policy.build(cfg, space, gymnasium.spaces.Discrete(2))
+
+    assert policy.observation_batch([[1, 2.0, 9]]).tolist() == [[1, 2, 9]]
+    with pytest.raises(ValueError, match="observations have fractions; CartPole-v1's are integ"):
+        policy.observation_batch([[1, 2.5, 9]])
+
+
 def test_held_out_episodes_repeat_with_their_seeds_and_end_where_the_env_cuts_them():
     env = EnvConfig(id="CartPole-v1", max_episode_steps=20)
     first = run_episodes(random_actor(env, 7), env, episodes=40, seed=100)

@@ -49,8 +49,13 @@ def _capabilities(model: type[BaseModel]) -> str | None:
             f"Models: {', '.join(fits)}.",
             f"Reports: {', '.join(model.metrics if model.acts else ('val_loss', *model.metrics))}.",
         ]
-        if not model.acts:
-            said.append("Served by /predict." if model.served else "Sampled by forgeml generate.")
+        said.append(
+            "Served by /act."
+            if model.acts
+            else "Served by /predict."
+            if model.served
+            else "Sampled by forgeml generate."
+        )
     elif issubclass(model, ModelSection):
         made_for = f" Made for task {model.made_for} only." if model.made_for else ""
         said = [f"Reads: {', '.join(model.reads)}.{made_for}"]

@@ -18,7 +18,8 @@ class TaskSection(Section):
     metrics: ClassVar[tuple[str, ...]] = ()
     #: The kinds of data it learns from (``DataConfig.kind``).
     data: ClassVar[tuple[str, ...]] = ()
-    #: Whether Ray Serve's /predict answers it; the others draw samples (forgeml generate).
+    #: Whether Ray Serve's /predict answers it; a policy (``acts``) answers /act, the
+    #: others draw samples (forgeml generate).
     served: ClassVar[bool] = False
     #: Whether only the models made for it (``ModelSection.made_for``) fit it.
     own_models: ClassVar[bool] = False

@@ -87,6 +87,28 @@ class Policy:
             stored["state_dict"],
         )
 
+    def observation_batch(self, observations: list) -> np.ndarray:
+        """``observations`` (lists of numbers, as a client sends them) as the batch the
+        policy acts on; ValueError with the reason where the observation space does not
+        hold them (a wrong length, fractions for an integer space, a value out of bounds)."""
+        space = self.observation_space
+        try:
+            values = np.asarray(observations, dtype=np.float64)
+        except ValueError:
+            raise ValueError("observations have different lengths") from None
+        if values.shape[1:] != space.shape:
+            raise ValueError(
+                f"an observation of {self.cfg.env.name} has {space.shape[0]} values, "
+                f"not {values.shape[1]}"
+            )
+        if np.issubdtype(space.dtype, np.integer) and not np.all(values == np.round(values)):
+            raise ValueError(f"observations have fractions; {self.cfg.env.name}'s are integers")
+        batch = values.astype(space.dtype)
+        for i, observation in enumerate(batch):
+            if not space.contains(observation):
+                raise ValueError(f"observation {i} is outside the observation space {space}")
+        return batch
+
     @torch.no_grad()
     def act(self, observations: np.ndarray) -> dict[str, np.ndarray]:
         """Greedy actions for a batch of observations, in the environment's units, with

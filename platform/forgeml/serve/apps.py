@@ -11,7 +11,7 @@ from ray.serve import Application, Deployment
 from forgeml.config import ServeConfig, StorageConfig
 from forgeml.model_package import package_config
 from forgeml.serve.auth import read_token
-from forgeml.serve.gateway import Gateway
+from forgeml.serve.gateway import MODEL_DEPLOYMENT, Gateway
 from forgeml.serve.http import ACCESS_LOGS
 from forgeml.serve.model_server import ModelServer
 from forgeml.storage import ModelRegistry, Storage
@@ -37,11 +37,18 @@ class GatewayArgs(BaseModel):
 
 
 def model_deployment(args: ModelAppArgs) -> Deployment:
-    """``ModelServer`` with the replica, batching and autoscaling settings of the package."""
+    """``ModelServer`` (``PolicyServer`` for a policy) with the replica, batching and
+    autoscaling settings of the package, named MODEL_DEPLOYMENT either way."""
     registry = ModelRegistry(Storage(args.storage))
-    cfg = package_config(registry, registry.resolve(args.model), args.overrides).serve
-    scaling = cfg.autoscaling
-    return ModelServer.options(
+    package = package_config(registry, registry.resolve(args.model), args.overrides)
+    server = ModelServer
+    if package.task.acts:
+        from forgeml.serve.policy_server import PolicyServer  # RLlib, only where it serves
+
+        server = PolicyServer
+    cfg, scaling = package.serve, package.serve.autoscaling
+    return server.options(
+        name=MODEL_DEPLOYMENT,
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"retry_after_s": cfg.retry_after_s},
@@ -60,7 +67,7 @@ def model_deployment(args: ModelAppArgs) -> Deployment:
 
 
 def bind_model(deployment: Deployment, args: ModelAppArgs) -> Application:
-    """``deployment`` (a ``ModelServer``) bound to the model version ``args`` names."""
+    """``deployment`` (``model_deployment``'s) bound to the model version ``args`` names."""
     return deployment.bind(args.model, args.storage.model_dump(), args.overrides)
 
 

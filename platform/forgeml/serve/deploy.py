@@ -35,7 +35,7 @@ from forgeml.serve.apps import (
     model_deployment,
 )
 from forgeml.serve.auth import read_token
-from forgeml.serve.gateway import Gateway, Route, RoutingTable
+from forgeml.serve.gateway import MODEL_DEPLOYMENT, Gateway, Route, RoutingTable
 from forgeml.serve.schemas import ModelInfo
 from forgeml.storage import ModelRegistry, ModelVersion, Storage
 
@@ -70,14 +70,31 @@ def model_app_name(version: ModelVersion) -> str:
 
 def _model_info(registry: ModelRegistry, version: ModelVersion, cfg: ExperimentConfig) -> ModelInfo:
     metrics = json.loads(registry.read(version, "metrics.json"))
-    preprocessor = preprocessor_from_dict(json.loads(registry.read(version, "preprocessor.json")))
+    if cfg.task.acts:
+        from forgeml.rl.package import load_policy  # RLlib, only for a policy
+
+        policy, _ = load_policy(registry, version.ref)
+        classes, input_shape = [], list(policy.observation_space.shape)
+        inputs = {
+            "environment": cfg.env.name,
+            "observation_space": str(policy.observation_space),
+            "action_space": str(policy.action_space),
+        }
+    else:
+        stored = json.loads(registry.read(version, "preprocessor.json"))
+        preprocessor = preprocessor_from_dict(stored)
+        classes, input_shape = (
+            list(preprocessor.target.classes),
+            list(preprocessor.model_inputs.shape),
+        )
+        inputs = preprocessor.describe()
     return ModelInfo(
         name=version.name,
         version=f"v{version.version}",
         task=cfg.task.kind,
-        classes=list(preprocessor.target.classes),
-        input_shape=list(preprocessor.model_inputs.shape),
-        inputs=preprocessor.describe(),
+        classes=classes,
+        input_shape=input_shape,
+        inputs=inputs,
         test_metrics={k: v for k, v in metrics["test"].items() if isinstance(v, float)},
     )
 
@@ -89,9 +106,7 @@ def plan(args: AppArgs) -> ServingPlan:
     for requested in args.models:
         version = registry.resolve(requested)
         cfg = package_config(registry, version, args.overrides)
-        if cfg.task.acts:
-            raise ValueError(f"{version.ref}: serving a policy is not built yet")
-        if not cfg.task.served:
+        if not (cfg.task.served or cfg.task.acts):
             raise ValueError(
                 f"{version.ref}: a {cfg.task.kind} model is not served over /predict; "
                 "draw samples from it with forgeml generate"
@@ -104,6 +119,7 @@ def plan(args: AppArgs) -> ServingPlan:
                 app=model_app_name(version),
                 info=_model_info(registry, version, cfg),
                 max_instances=cfg.serve.max_instances,
+                acts=cfg.task.acts,
             )
         )
         max_body_bytes = max(max_body_bytes, cfg.serve.max_body_bytes)
@@ -172,7 +188,7 @@ def retire_unrouted_models() -> list[str]:
     unrouted = [
         app
         for app, s in applications.items()
-        if "ModelServer" in s.deployments and app not in routed
+        if MODEL_DEPLOYMENT in s.deployments and app not in routed
     ]
     for app in unrouted:
         serve.delete(app)

@@ -7,6 +7,8 @@
     POST /v1/models/{name}/versions/{version}/predict
     POST /v1/models/{name}/explain                  Grad-CAM or Integrated Gradients
     POST /v1/models/{name}/versions/{version}/explain
+    POST /v1/models/{name}/act                      a policy's actions for observations
+    POST /v1/models/{name}/versions/{version}/act
 
 The routing table is the deployment's ``user_config``, so a new version is switched in
 place (``forgeml.serve.deploy``). Each replica builds its HTTP app from its own settings
@@ -34,6 +36,8 @@ from forgeml.serve.auth import bearer_credentials, check_bearer_token
 from forgeml.serve.http import ACCESS_LOGS, RequestAccounting, add_error_handlers
 from forgeml.serve.metrics import RequestMetrics
 from forgeml.serve.schemas import (
+    ActRequest,
+    ActResponse,
     ErrorResponse,
     ExplainRequest,
     ExplainResponse,
@@ -50,6 +54,9 @@ SWITCH_TIMEOUT_S = 300.0
 MAX_EXPLAIN_INSTANCES = 16
 #: Longest wait of /readyz for each model version.
 READY_TIMEOUT_S = 10.0
+#: The deployment of every model version's application (a ModelServer, or a PolicyServer
+#: for a policy): the gateway reaches each version through it.
+MODEL_DEPLOYMENT = "ModelServer"
 #: Tries of one model call. A replica lost with its node fails the calls it holds
 #: (ActorDiedError, or ActorUnavailableError until its death is known); Serve's router
 #: stops picking a dead replica and probes an unavailable one before picking it again, so
@@ -64,6 +71,7 @@ class Route(BaseModel):
     app: str
     info: ModelInfo
     max_instances: int = Field(ge=1)
+    acts: bool = Field(False, description="A policy: /act, not /predict or /explain.")
 
     @property
     def ref(self) -> str:
@@ -118,7 +126,7 @@ class Gateway:
             # No existence check: it blocks this event loop, and in a Serve config file
             # the model's application may still be starting; ready() waits for it.
             ref: self.handles.get(ref)
-            or serve.get_deployment_handle("ModelServer", route.app, _check_exists=False)
+            or serve.get_deployment_handle(MODEL_DEPLOYMENT, route.app, _check_exists=False)
             for ref, route in routes.items()
         }
         new = routes.keys() - self.routes.keys()
@@ -179,9 +187,7 @@ class Gateway:
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
     ) -> PredictResponse:
         check_bearer_token(self.token, credentials)
-        if name not in self.latest:
-            raise HTTPException(404, f"no served model named {name!r}; see /v1/models")
-        return await self._predict(self.latest[name], body, request)
+        return await self._predict(self._latest(name), body, request)
 
     async def predict_version(
         self,
@@ -202,9 +208,7 @@ class Gateway:
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
     ) -> ExplainResponse:
         check_bearer_token(self.token, credentials)
-        if name not in self.latest:
-            raise HTTPException(404, f"no served model named {name!r}; see /v1/models")
-        return await self._explain(self.latest[name], body, request)
+        return await self._explain(self._latest(name), body, request)
 
     async def explain_version(
         self,
@@ -216,6 +220,32 @@ class Gateway:
     ) -> ExplainResponse:
         check_bearer_token(self.token, credentials)
         return await self._explain(self._served(name, version), body, request)
+
+    async def act_latest(
+        self,
+        name: str,
+        body: ActRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
+    ) -> ActResponse:
+        check_bearer_token(self.token, credentials)
+        return await self._act(self._latest(name), body, request)
+
+    async def act_version(
+        self,
+        name: str,
+        version: str,
+        body: ActRequest,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
+    ) -> ActResponse:
+        check_bearer_token(self.token, credentials)
+        return await self._act(self._served(name, version), body, request)
+
+    def _latest(self, name: str) -> str:
+        if name not in self.latest:
+            raise HTTPException(404, f"no served model named {name!r}; see /v1/models")
+        return self.latest[name]
 
     def _served(self, name: str, version: str) -> str:
         ref = f"{name}:{version}"
@@ -245,9 +275,20 @@ class Gateway:
             raise HTTPException(422, result["error"])
         return result
 
+    def _route(self, ref: str, acting: bool) -> Route:
+        """``ref``'s route, or a 404 where the endpoint is not this model's: a policy
+        answers /act only, every other model /predict and /explain."""
+        route = self.routes[ref]
+        if route.acts != acting:
+            name = route.info.name
+            kind = "a policy" if route.acts else f"a {route.info.task} model"
+            answers = "act" if route.acts else "predict"
+            raise HTTPException(404, f"{ref} is {kind}: POST /v1/models/{name}/{answers}")
+        return route
+
     async def _predict(self, ref: str, body: PredictRequest, request: Request) -> PredictResponse:
         # Read before awaiting: a routing switch may drop ``ref`` while the call runs.
-        route = self.routes[ref]
+        route = self._route(ref, acting=False)
         result = await self._call(ref, request, route.max_instances, "infer", body.instances)
         info = route.info
         return PredictResponse(
@@ -255,13 +296,18 @@ class Gateway:
         )
 
     async def _explain(self, ref: str, body: ExplainRequest, request: Request) -> ExplainResponse:
-        route = self.routes[ref]  # before awaiting, as in _predict
+        route = self._route(ref, acting=False)  # before awaiting, as in _predict
         limit = min(route.max_instances, MAX_EXPLAIN_INSTANCES)
         result = await self._call(ref, request, limit, "explain", body.instances, body.target)
         info = route.info
         return ExplainResponse(
             model=info.name, version=info.version, explanations=result["explanations"]
         )
+
+    async def _act(self, ref: str, body: ActRequest, request: Request) -> ActResponse:
+        route = self._route(ref, acting=True)  # before awaiting, as in _predict
+        result = await self._call(ref, request, route.max_instances, "act", body.observations)
+        return ActResponse(model=route.info.name, version=route.info.version, **result)
 
 
 async def _call_replica(handle: DeploymentHandle, method: str, *args):
@@ -309,4 +355,7 @@ def gateway_api(gateway: "Gateway", max_body_bytes: int) -> FastAPI:
     api.add_api_route(
         "/v1/models/{name}/versions/{version}/explain", gateway.explain_version, **explain
     )
+    act = {"methods": ["POST"], "response_model": ActResponse}
+    api.add_api_route("/v1/models/{name}/act", gateway.act_latest, **act)
+    api.add_api_route("/v1/models/{name}/versions/{version}/act", gateway.act_version, **act)
     return api

@@ -141,13 +141,41 @@ class ExplainResponse(BaseModel):
     explanations: list[Explanation]
 
 
+class ActRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    observations: list[list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(
+        min_length=1,
+        description="A batch of observations, each a flat list of numbers exactly as the "
+        "environment returns it.",
+    )
+
+
+class ActResponse(BaseModel):
+    model: str
+    version: str
+    actions: list[int] | list[list[float]] = Field(
+        description="The policy's greedy action for each observation: an index for discrete "
+        "actions, else a vector in the environment's units."
+    )
+    probabilities: list[list[float]] | None = Field(
+        None, description="PPO with discrete actions: each action's probability."
+    )
+    q_values: list[list[float]] | None = Field(None, description="DQN: each action's Q-value.")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
     task: str
-    classes: list[str] = Field(description="Classes, in output order; empty for regression.")
+    classes: list[str] = Field(
+        description="Classes, in output order; empty for regression and policies."
+    )
     input_shape: list[int]
-    inputs: dict = Field(description="What an instance holds: an image's size, or features.")
+    inputs: dict = Field(
+        description="What an instance holds: an image's size, or features; for a policy, "
+        "its observation and action spaces."
+    )
     test_metrics: dict[str, float]
 
 
