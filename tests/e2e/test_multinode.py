@@ -200,41 +200,68 @@ def test_ddp_ranks_on_two_nodes_learn_what_one_node_learns(two_node_run, single_
     assert single > 0.35 and abs(multi - single) <= 0.1
 
 
-def test_a_local_storage_root_is_refused_on_several_nodes(cluster, tmp_path):
-    raw = tiny_raw_config(tmp_path / "store")
+@dataclass(frozen=True)
+class Refusal:
+    """A submission refused before launch: its exit status, output and seconds."""
 
-    job, output, seconds = _train(cluster, tmp_path, raw)
-
-    assert job.returncode != 0
-    assert "exit code 2" in output
-    assert "storage.root" in output and "s3://" in output and "storage.shared" in output
-    assert not (tmp_path / "store" / "runs").exists()
-    assert seconds < 120
+    code: int
+    output: str
+    seconds: float
 
 
-def test_streaming_splits_need_a_cpu_beside_the_workers_and_say_so(cluster, s3_endpoint, tmp_path):
+@pytest.fixture(scope="module")
+def refusals(started_cluster, s3_endpoint, tmp_path_factory) -> dict[str, Refusal]:
+    """Three experiments the cluster cannot run, submitted side by side: they end before
+    anything launches, so none waits for another's resources."""
+    cluster = _with_the_original_worker_nodes(started_cluster)
+    folder = tmp_path_factory.mktemp("refused")
+    local = tiny_raw_config(folder / "store")
+    streaming = tiny_raw_config("unused", **SHAPE, storage=_s3_storage(s3_endpoint, "streaming"))
+    streaming["data"]["cache"] = False
+    unmatched = tiny_raw_config("unused", **SHAPE, storage=_s3_storage(s3_endpoint, "refused"))
+    unmatched["scaling"]["label_selector"] = {"zone": "c"}
+    started = time.monotonic()
+    jobs = {}
+    for name, raw in (("local", local), ("streaming", streaming), ("unmatched", unmatched)):
+        (folder / name).mkdir()
+        config = write_config(folder / name / "experiment.yaml", raw)
+        jobs[name] = BackgroundJob(cluster, folder / name, "train.py", "--config", str(config))
+    finished = {name: job.finish() for name, job in jobs.items()}
+    seconds = time.monotonic() - started
+    refused = {name: Refusal(code, output, seconds) for name, (code, output) in finished.items()}
+    assert not (folder / "store" / "runs").exists()  # the local root: nothing written
+    return refused
+
+
+def test_a_local_storage_root_is_refused_on_several_nodes(refusals):
+    refused = refusals["local"]
+
+    assert refused.code != 0
+    assert "exit code 2" in refused.output
+    assert "storage.root" in refused.output and "s3://" in refused.output
+    assert "storage.shared" in refused.output
+    assert refused.seconds < 120
+
+
+def test_streaming_splits_need_a_cpu_beside_the_workers_and_say_so(refusals):
     """Two 1-CPU workers fill the cluster; uncached splits stream through Ray Data tasks
     every epoch, which would then wait forever. Refused before launch, with the numbers."""
-    raw = tiny_raw_config("unused", **SHAPE, storage=_s3_storage(s3_endpoint, "streaming"))
-    raw["data"]["cache"] = False
+    refused = refusals["streaming"]
 
-    job, output, seconds = _train(cluster, tmp_path, raw)
-
-    assert job.returncode != 0 and "exit code 2" in output
-    assert "3 CPUs are needed, 2 there" in output and "data.cache: true" in output
-    assert seconds < 120
+    assert refused.code != 0 and "exit code 2" in refused.output
+    assert "3 CPUs are needed, 2 there" in refused.output
+    assert "data.cache: true" in refused.output
+    assert refused.seconds < 120
 
 
-def test_a_label_selector_no_node_matches_is_refused(cluster, s3_endpoint, tmp_path):
+def test_a_label_selector_no_node_matches_is_refused(refusals):
     """Ray would queue the workers forever; forgeml reads the nodes' labels first."""
-    raw = tiny_raw_config("unused", **SHAPE, storage=_s3_storage(s3_endpoint, "refused"))
-    raw["scaling"]["label_selector"] = {"zone": "c"}
+    refused = refusals["unmatched"]
 
-    job, output, seconds = _train(cluster, tmp_path, raw)
-
-    assert job.returncode != 0 and "exit code 2" in output
-    assert "no node of this cluster has those labels" in output and "'zone': 'a'" in output
-    assert seconds < 120
+    assert refused.code != 0 and "exit code 2" in refused.output
+    assert "no node of this cluster has those labels" in refused.output
+    assert "'zone': 'a'" in refused.output
+    assert refused.seconds < 120
 
 
 # The tests below take nodes away or add some; the `cluster` fixture puts the original
