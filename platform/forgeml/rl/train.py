@@ -42,6 +42,11 @@ class IterationLine(tune.Callback):
         self.task = cfg.task
         self.started = time.monotonic()
 
+    def setup(self, **info) -> None:
+        """Elapsed counts from this driver's start: a resumed run's callback is the one
+        pickled with the experiment, whose clock may be another machine's."""
+        self.started = time.monotonic()
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         result = flatten_dict(result, delimiter="/")
         done, steps = result["training_iteration"], result.get(ENV_STEPS, 0)
