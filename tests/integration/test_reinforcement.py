@@ -1,8 +1,8 @@
 """Reinforcement learning on the shared Ray runtime: the CartPole example, cut short,
 through the public entry points: RLlib under Tune, a run whose driver is killed resumes
-from its checkpoint, and its complete policy package beats a random policy on held-out
-episodes and acts once loaded; DQN trains too; an algorithm that cannot act in the
-environment is refused before anything starts."""
+from its checkpoint and outlives losing an env runner, and its complete policy package
+beats a random policy on held-out episodes and acts once loaded; DQN trains too; an
+algorithm that cannot act in the environment is refused before anything starts."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
+import psutil
 import ray
 from forgeml.cli import main
 from forgeml.config import StorageConfig
@@ -48,6 +51,34 @@ def test_dqn_trains_and_registers_and_cannot_take_continuous_actions(ray_runtime
     assert "task.algorithm: dqn needs discrete actions" in capsys.readouterr().err
 
 
+def _env_runners() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [""])[0].startswith("ray::SingleAgentEnvRunner")
+    }
+
+
+def _kill_a_new_env_runner_once(iterated: Callable[[], bool]) -> list[int]:
+    """SIGKILLs the env runner that starts from now on, as when its node is lost, once
+    ``iterated()`` says the run has trained an iteration; returns the pids killed."""
+    before = _env_runners()
+    killed: list[int] = []
+
+    def kill():
+        deadline = time.monotonic() + 240
+        while not killed and time.monotonic() < deadline:
+            runners = _env_runners() - before
+            if runners and iterated():
+                for pid in runners:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.1)
+
+    threading.Thread(target=kill, daemon=True).start()
+    return killed
+
+
 def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_than_random(
     ray_runtime, tmp_path, caplog
 ):
@@ -72,11 +103,19 @@ def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_
     assert driver.returncode == -signal.SIGKILL, "the run finished before it could be stopped"
     assert not (tmp_path / "models").exists()
     caplog.set_level(logging.INFO, logger="forgeml.rl")
+    killed = _kill_a_new_env_runner_once(
+        lambda: any(r.getMessage().startswith("iteration ") for r in caplog.records)
+    )
 
     assert main([*args, "--resume"]) == 0
 
+    assert killed, "no env runner of the resumed run was found to kill"
     lines = [r.getMessage() for r in caplog.records if r.name == "forgeml.rl"]
     assert any(line.startswith("iteration 4/4  env steps") for line in lines), lines
+    # The lost env runner failed the run, which Tune restored from its latest checkpoint
+    # or its start (iterations after it are reported again, and kept once in the history).
+    done = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("iteration ")]
+    assert done != sorted(set(done)) and done[-1] == 4, lines
     assert len(list((tmp_path / "runs").iterdir())) == 1
     package = tmp_path / "models" / "cartpole-ppo" / "v1"
     assert {p.name for p in package.iterdir()} >= {

@@ -31,7 +31,12 @@ def environment_name(cfg: ExperimentConfig) -> str:
 def algorithm_config(cfg: ExperimentConfig) -> AlgorithmConfig:
     """RLlib's config of the experiment's algorithm, env runners and networks. Policies
     act in [-1, 1] on continuous actions, which RLlib scales to the action space's
-    bounds (``normalize_actions``); ``forgeml.rl.policy`` does the same when serving."""
+    bounds (``normalize_actions``); ``forgeml.rl.policy`` does the same when serving.
+
+    A lost env runner fails the iteration, and Tune restores the run from its latest
+    checkpoint (``train.max_failures``), as for a lost Ray Train worker: with RLlib's own
+    restart, the only runner was taken out of service and the run trained on no samples
+    until it ended (tests/integration/test_reinforcement.py)."""
     task, model, scaling = cfg.task, cfg.model, cfg.scaling
     algorithm = task.algorithm
     common = dict(lr=algorithm.lr, gamma=algorithm.gamma, grad_clip=algorithm.grad_clip)
@@ -69,6 +74,7 @@ def algorithm_config(cfg: ExperimentConfig) -> AlgorithmConfig:
             num_envs_per_env_runner=task.envs_per_runner,
             num_cpus_per_env_runner=scaling.cpus_per_worker,
         )
+        .fault_tolerance(restart_failed_env_runners=False)
         .learners(num_gpus_per_learner=1 if scaling.use_gpu else 0)
         .rl_module(
             model_config=DefaultModelConfig(
