@@ -104,9 +104,10 @@ class Policy:
         if np.issubdtype(space.dtype, np.integer) and not np.all(values == np.round(values)):
             raise ValueError(f"observations have fractions; {self.cfg.env.name}'s are integers")
         batch = values.astype(space.dtype)
-        for i, observation in enumerate(batch):
-            if not space.contains(observation):
-                raise ValueError(f"observation {i} is outside the observation space {space}")
+        outside = ~np.all((batch >= space.low) & (batch <= space.high), axis=1)
+        if outside.any():
+            first = int(np.argmax(outside))
+            raise ValueError(f"observation {first} is outside the observation space {space}")
         return batch
 
     @torch.no_grad()
