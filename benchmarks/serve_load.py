@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from forgeml.runtime import free_port
 
 # Module level on purpose: FastAPI resolves the handler's (string) annotations here.
 from forgeml.serve.schemas import PredictRequest, PredictResponse
@@ -140,14 +141,6 @@ def _wait_for(url: str, seconds: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -211,7 +204,7 @@ def main() -> None:
         ref = run_training(cfg).version.ref
         ray.shutdown()
 
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen(
             [sys.executable, str(HERE), "--plain-server", root, ref, str(port)],
             stdout=subprocess.DEVNULL,
@@ -234,7 +227,7 @@ def main() -> None:
 
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if args.proxy == "haproxy" else "0"
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(AppArgs(models=[ref], storage=cfg.storage, auth=False, overrides=args.overrides))
         url = f"http://127.0.0.1:{port}/v1/models/bench-wafer/predict"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from forgeml.config import ExperimentConfig, config_from_dict
-from forgeml.local_cluster import free_port
+from forgeml.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import psutil
 import requests
+
+from forgeml.runtime import free_port
 
 #: The label that names each node this module starts, for finding it in Ray's node table.
 NODE_LABEL = "forgeml-local-node"
@@ -61,13 +62,6 @@ _WITH_DEFAULT_SIGINT = [
 LOCAL_NODE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 LOCAL_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 LOCAL_HEAD_NODE_TYPE = "ray.head.default"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

@@ -70,10 +70,41 @@ def forget_stale_cluster() -> bool:
 
 
 def _address() -> str | None:
-    """None to let Ray join RAY_ADDRESS or the local cluster, "local" to start embedded."""
+    """None to let Ray join RAY_ADDRESS or the live local cluster, "local" to start
+    embedded."""
     if os.environ.get("RAY_ADDRESS"):
         return None
-    return "local" if forget_stale_cluster() else None
+    return "local" if forget_stale_cluster() or not read_ray_address() else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def embedded_runtime_options(runtime_env: dict | None = None) -> dict:
+    """``ray.init`` options of an embedded runtime: its dashboard on a port of its own,
+    named to its workers as their State API server.
+
+    Ray's clients inside a job look for their cluster in RAY_ADDRESS, then in the
+    address file ``ray start`` writes, then among the GCS processes running on the
+    machine, and fail when they find several: a second embedded run, or a cluster
+    started with a temp dir of its own. Ray Train's placement-group cleaner is one such
+    client, and without it a trial that Tune stops keeps its workers' CPUs.
+    """
+    port = free_port()
+    runtime_env = runtime_env or {}
+    env_vars = {
+        **(runtime_env.get("env_vars") or {}),
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+    }
+    return {
+        "include_dashboard": True,
+        "dashboard_port": port,
+        "runtime_env": {**runtime_env, "env_vars": env_vars},
+    }
 
 
 def connect(require_cluster: bool = False) -> None:
@@ -87,18 +118,21 @@ def connect(require_cluster: bool = False) -> None:
     if ray.is_initialized():
         return
     address = _address()
-    if require_cluster and (
-        address == "local" or not (os.environ.get("RAY_ADDRESS") or read_ray_address())
-    ):
+    if require_cluster and address == "local":
         raise ValueError("no running Ray cluster: start one (ray start --head) or set RAY_ADDRESS")
     for name, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     routed = console.route_ray_logs()
+    runtime_env = console.worker_runtime_env()
     ray.init(
         address=address,
         configure_logging=not routed,
         logging_level=logging.WARNING,
-        runtime_env=console.worker_runtime_env(),
+        **(
+            embedded_runtime_options(runtime_env)
+            if address == "local"
+            else {"runtime_env": runtime_env}
+        ),
     )
     if routed:
         console.route_ray_logs()

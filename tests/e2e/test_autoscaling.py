@@ -30,7 +30,8 @@ import ray
 import requests
 import yaml
 from forgeml.config import StorageConfig
-from forgeml.local_cluster import LocalCluster, free_port
+from forgeml.local_cluster import LocalCluster
+from forgeml.runtime import free_port
 from forgeml.storage import ModelRegistry, Storage
 from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -21,13 +21,13 @@ import requests
 import torch
 from forgeml.config import StorageConfig, TrafficConfig
 from forgeml.console import LOG_FILE
-from forgeml.local_cluster import LocalCluster, free_port
+from forgeml.local_cluster import LocalCluster
 from forgeml.model_package import load_model
 from forgeml.monitor.check import check
 from forgeml.monitor.traffic import TrafficRecorder
 from forgeml.rl.package import load_policy
 from forgeml.rl.policy import Policy
-from forgeml.runtime import RAY_ENV_DEFAULTS
+from forgeml.runtime import RAY_ENV_DEFAULTS, free_port
 from forgeml.storage import ModelRegistry, Storage
 from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -22,11 +22,10 @@ from forgeml.cli import main
 from forgeml.config import config_from_dict
 from forgeml.data.wafer import CLASS_NAMES, generate_map
 from forgeml.evaluate import evaluate
-from forgeml.local_cluster import free_port
 from forgeml.model_package import load_model
 from forgeml.monitor.check import DriftGauges, check
 from forgeml.monitor.traffic import read_traffic
-from forgeml.runtime import RAY_ENV_DEFAULTS
+from forgeml.runtime import RAY_ENV_DEFAULTS, free_port
 from forgeml.serve.apps import build_gateway, build_model_app
 from forgeml.serve.deploy import AppArgs, deploy
 from forgeml.storage import ModelRegistry, Storage

@@ -54,10 +54,13 @@ def _last_registered_epoch(store: Path) -> int:
     return 0
 
 
-def _train_worker_pids() -> list[int]:
-    """The processes of this session's runtime that run Ray Train workers, from Ray's own
-    actor table: nothing another Ray on the machine started."""
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+def _train_worker_pids(runtime) -> list[int]:
+    """The processes of ``runtime`` (the shared runtime's context) that run Ray Train
+    workers, from its own actor table: nothing another Ray on the machine started."""
+    actors = list_actors(
+        address=f"http://{runtime.dashboard_url}",
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     return [actor.pid for actor in actors]
 
 
@@ -285,7 +288,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
             if _last_registered_epoch(store) >= 1:
-                for pid in _train_worker_pids():
+                for pid in _train_worker_pids(ray_runtime):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.05)

@@ -5,16 +5,16 @@ import ray
 from forgeml import runtime
 
 
-def test_stale_local_cluster_address_starts_an_embedded_runtime(tmp_path, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+def test_no_cluster_or_a_stale_address_starts_an_embedded_runtime(monkeypatch):
+    dead = f"127.0.0.1:{runtime.free_port()}"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(runtime, "read_ray_address", lambda: dead)
     forgotten = []
     monkeypatch.setattr(runtime, "reset_ray_address", lambda: forgotten.append(dead))
     assert runtime._address() == "local"
     assert forgotten == [dead]  # the address file goes, as after `ray stop`
+    monkeypatch.setattr(runtime, "read_ray_address", lambda: None)
+    assert runtime._address() == "local"
 
 
 def test_live_or_configured_clusters_are_joined(monkeypatch):
@@ -26,9 +26,6 @@ def test_live_or_configured_clusters_are_joined(monkeypatch):
         monkeypatch.setattr(runtime, "read_ray_address", lambda: live)
         assert runtime._address() is None
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    assert runtime._address() is None
-    monkeypatch.delenv("RAY_ADDRESS")
-    monkeypatch.setattr(runtime, "read_ray_address", lambda: None)
     assert runtime._address() is None
 
 
