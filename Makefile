@@ -74,7 +74,7 @@ examples: setup
 	$(BIN)/python jobs/train.py --config examples/wafer_generative/dcgan.yaml
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --numprocesses=2 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
