@@ -469,11 +469,17 @@ def _train_policy(cfg: ExperimentConfig, resume: bool | str) -> int:
 
     outcome = run_reinforcement(cfg, resume=resume)
     metrics = outcome.metrics
-    test, baseline = metrics["test"], metrics["baseline"]["test"]
     print(
         f"\n{cfg.name}: {outcome.status} after {outcome.epochs} iterations "
         f"(registered iteration {metrics['best_epoch']}, run {outcome.run_name})"
     )
+    _print_policy_results(cfg, metrics, outcome.version)
+    return 0
+
+
+def _print_policy_results(cfg: ExperimentConfig, metrics: dict, version) -> None:
+    """A registered policy's evaluation beside the random policy's, and how to serve it."""
+    test, baseline = metrics["test"], metrics["baseline"]["test"]
     success = f"  success rate {test['success_rate']:.3f}" if "success_rate" in test else ""
     print(
         f"evaluation ({test['episodes']} episodes): return {test['return_mean']:.2f} ± "
@@ -482,19 +488,14 @@ def _train_policy(cfg: ExperimentConfig, resume: bool | str) -> int:
     print(f"random policy: return {baseline['return_mean']:.2f} ± {baseline['return_std']:.2f}")
     if metrics["baseline"]["warning"]:
         print(f"WARNING: {metrics['baseline']['warning']}")
-    print(f"registered {outcome.version.ref} at {outcome.version.uri}")
-    _print_serve_hint(cfg, outcome.version.ref, "act", '{"observations": [[...]]}')
-    return 0
+    print(f"registered {version.ref} at {version.uri}")
+    _print_serve_hint(cfg, version.ref, "act", '{"observations": [[...]]}')
 
 
 def _tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.tune is None:
         raise ConfigError(f"{args.config} has no tune section (see docs/configuration.md)")
-    if cfg.task.acts:
-        raise ConfigError(
-            f"{args.config}: searching a reinforcement task's hyperparameters is not built yet"
-        )
     from forgeml.tune.search import BEST_CONFIG_FILE, RESULTS_FILE, run_tuning
 
     _print_config_summary(cfg)
@@ -503,15 +504,22 @@ def _tune(args: argparse.Namespace) -> int:
         f"{cfg.tune.scheduler.kind}) for the best {cfg.tune.metric}",
         flush=True,
     )
+    if cfg.task.acts:
+        from forgeml.rl.search import run_reinforcement_search
 
-    outcome = run_tuning(cfg, resume=args.resume)
+        outcome, counted = run_reinforcement_search(cfg, resume=args.resume), "iterations"
+    else:
+        outcome, counted = run_tuning(cfg, resume=args.resume), "epochs"
     columns = ["trial_id", *[c for c in outcome.trials if c.startswith("param.")]]
-    columns += [cfg.tune.metric, "epochs", "seconds", "state"]
+    columns += [cfg.tune.metric, counted, "seconds", "state"]
     print()
     print(outcome.trials[columns].to_string(index=False))
     print(f"\nsummary: {json.dumps(outcome.summary)}")
     print(f"results:     {outcome.uri}/{RESULTS_FILE}")
     print(f"best config: {outcome.uri}/{BEST_CONFIG_FILE}")
+    if cfg.task.acts:
+        _print_policy_results(cfg, outcome.metrics, outcome.version)
+        return 0
     _print_test_results(outcome.metrics)
     print(f"registered {outcome.version.ref} at {outcome.version.uri}")
     return 0

@@ -2,7 +2,8 @@
 through the public entry points: RLlib under Tune, a run whose driver is killed resumes
 from its checkpoint and outlives losing an env runner, and its complete policy package
 beats a random policy on held-out episodes and acts once loaded; DQN trains too; an
-algorithm that cannot act in the environment is refused before anything starts."""
+algorithm that cannot act in the environment is refused before anything starts; a
+search over the learning rate prunes the rate that learns nothing."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import psutil
 import ray
+import yaml
 from forgeml.cli import main
 from forgeml.config import StorageConfig
 from forgeml.rl.package import load_policy
@@ -140,3 +143,38 @@ def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_
     policy, _ = load_policy(registry, "cartpole-ppo")
     acted = policy.act(np.zeros((3, 4), dtype=np.float32))
     assert acted["actions"].shape == (3,) and acted["probabilities"].shape == (3, 2)
+
+
+def test_a_search_prunes_a_learning_rate_that_learns_nothing_and_registers_the_best_policy(
+    ray_runtime, tmp_path, capsys
+):
+    """Two trials one after the other, so that ASHA's rung at iteration 2 compares the
+    second with the first: with the same seed their first iterations sample the same
+    episodes, and only the rate that learns makes the second iteration's longer."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["tune"] = {
+        "search": {"kind": "grid"},
+        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        "max_concurrent_trials": 1,
+        "space": {"task.algorithm.lr": {"kind": "grid", "values": [3e-4, 1e-7]}},
+    }
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    overrides = ["task.max_iterations=3", "task.evaluation_episodes=10", "task.target_return=null"]
+    args = ["tune", "--config", str(config), "--set", f"storage.root={tmp_path}"]
+    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
+
+    out = capsys.readouterr().out
+    assert "search: 2 trials (grid, asha) for the best episode_return_mean" in out
+    (search,) = (tmp_path / "tune").iterdir()
+    trials = pd.read_parquet(search / "tune_results.parquet").set_index("param.task.algorithm.lr")
+    assert trials.loc[3e-4, ["iterations", "state"]].tolist() == [3, "completed"]
+    assert trials.loc[1e-7, "state"] == "pruned" and trials.loc[1e-7, "iterations"] < 3
+    assert trials.loc[3e-4, "episode_return_mean"] > trials.loc[1e-7, "episode_return_mean"]
+    best = yaml.safe_load((search / "best_config.yaml").read_text())
+    assert best["task"]["algorithm"]["lr"] == 3e-4 and best["tune"] is None
+    metrics = json.loads((tmp_path / "models/cartpole-ppo/v1/metrics.json").read_text())
+    assert metrics["run"]["name"] == search.name and len(metrics["history"]) == 3
+    assert metrics["test"]["episodes"] == 10
+    assert metrics["test"]["return_mean"] > metrics["baseline"]["test"]["return_mean"]
+    assert "registered cartpole-ppo:v1" in out and "/v1/models/cartpole-ppo/act" in out

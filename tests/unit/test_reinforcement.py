@@ -151,3 +151,42 @@ def test_a_resumed_run_keeps_one_record_per_iteration_the_later():
         (4, 410),
     ]
     assert history[0]["episode_return_mean"] is None  # no episode had ended: not NaN in JSON
+
+
+SEARCH = {"space": {"task.algorithm.lr": {"kind": "loguniform", "low": 1e-5, "high": 1e-2}}}
+
+
+def test_a_policy_search_maximises_the_return_unless_told_otherwise():
+    cfg = config_from_dict(reinforcement(tune=SEARCH))
+    assert (cfg.tune.metric, cfg.tune.mode) == ("episode_return_mean", "max")
+    told = config_from_dict(reinforcement(tune={**SEARCH, "mode": "min"}))
+    assert told.tune.mode == "min"
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"space": {"env.id": {"kind": "choice", "values": ["Acrobot-v1"]}}}, "tune.space.env.id"),
+        ({"space": {"task.max_iterations": {"kind": "int", "low": 2, "high": 9}}}, "share env"),
+        ({"space": {"task.algorithm.name": {"kind": "choice", "values": ["dqn"]}}}, "share env"),
+        ({"space": {"task.algorithm.lr": {"kind": "uniform", "low": -1, "high": 1}}}, "than 0"),
+        ({**SEARCH, "trial_mode": "train"}, "tune.trial_mode: a reinforcement search"),
+        ({**SEARCH, "metric": "val_loss"}, "reinforcement reports episode_return_mean"),
+    ],
+)
+def test_a_policy_search_refuses_what_its_trials_cannot_vary(tune, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(reinforcement(tune=tune))
+
+
+def test_each_trial_is_rllibs_algorithm_built_from_the_trials_values():
+    from forgeml.rl.search import searched_algorithm
+    from ray.rllib.algorithms.ppo import PPO
+
+    cfg = config_from_dict(reinforcement(tune=SEARCH))
+    trial = searched_algorithm(cfg.resolved())
+    assert issubclass(trial, PPO) and trial.__name__ == "PPO"
+    # One bundle for the learner's process, one per env runner.
+    request = trial.default_resource_request({"scaling.num_workers": 3, "task.algorithm.lr": 0.01})
+    assert len(request.bundles) == 4
+    assert len(trial.default_resource_request({}).bundles) == 1 + cfg.scaling.num_workers

@@ -227,12 +227,28 @@ class ExperimentConfig(Section):
                 f"scaling.{unused[0]}: a reinforcement run sets only its env runners "
                 "(num_workers, cpus_per_worker) and the learner's use_gpu"
             )
-        if self.tune is not None and self.tune.metric not in self.task.metrics:
+        if self.tune is not None:
+            self._check_reinforcement_search()
+        return self
+
+    def _check_reinforcement_search(self) -> None:
+        """A search of a policy maximises its return unless told otherwise; its trials
+        are RLlib algorithms, not Ray Train runs or in-process trials."""
+        tune = self.tune
+        if "metric" not in tune.model_fields_set:
+            tune.metric = self.task.metrics[0]
+            if "mode" not in tune.model_fields_set:
+                tune.mode = "max"
+        if tune.metric not in self.task.metrics:
             raise ValueError(
                 f"tune.metric: {self.task.kind} reports {', '.join(self.task.metrics)} "
-                f"(got {self.tune.metric})"
+                f"(got {tune.metric})"
             )
-        return self
+        if "trial_mode" in tune.model_fields_set:
+            raise ValueError(
+                "tune.trial_mode: a reinforcement search runs every trial as an RLlib "
+                "algorithm with its own env runners (scheduler asha or none); remove it"
+            )
 
     def _check_image_generation(self) -> None:
         """The image side a model's levels halve; a GAN's training defaults."""
@@ -257,11 +273,15 @@ class ExperimentConfig(Section):
                 "gradients together ties one player's step to the other's; set it to null"
             )
 
-    def to_yaml(self) -> str:
-        """The resolved config; for a task that acts, without the settings it refuses."""
+    def resolved(self) -> dict:
+        """The resolved config as plain data, which validates back to this config: for a
+        task that acts, without the settings it refuses."""
         dumped = self.model_dump(mode="json")
         if self.task.acts:
             del dumped["data"]
             dumped["train"] = {k: dumped["train"][k] for k in sorted(ACTING_TRAIN_FIELDS)}
             dumped["scaling"] = {k: dumped["scaling"][k] for k in sorted(ACTING_SCALING_FIELDS)}
-        return yaml.safe_dump(dumped, sort_keys=False)
+        return dumped
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), sort_keys=False)

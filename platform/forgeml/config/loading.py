@@ -104,6 +104,18 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentC
 #: Paths a trial cannot change: every trial shares the data prepared once for the search
 #: (its source, split, preprocessing and seed), the storage and the registered name.
 FIXED_FOR_TUNING = ("name", "seed", "storage", "data", "tune")
+#: And what the trials of a reinforcement search share: the environment (registered
+#: once), the algorithm (the class Tune runs), the limits (Tune's stop criteria, one set
+#: for the search) and how the winner is checkpointed and scored.
+FIXED_FOR_REINFORCEMENT_SEARCH = (
+    "env",
+    "task.algorithm.name",
+    "task.max_iterations",
+    "task.max_env_steps",
+    "task.target_return",
+    "task.checkpoint_every",
+    "task.evaluation_episodes",
+)
 
 
 def _candidates(param: SearchParam) -> list[Any]:
@@ -119,7 +131,7 @@ def _candidates(param: SearchParam) -> list[Any]:
 def _check_search_space(cfg: ExperimentConfig, source: str) -> None:
     """Every value a trial could get must make a valid config: unknown paths, wrong
     types and out-of-range bounds fail here, before any trial starts."""
-    base = cfg.model_dump(mode="json", exclude={"tune"})
+    base = {section: value for section, value in cfg.resolved().items() if section != "tune"}
     problems = []
     in_process = cfg.tune.trial_mode == "in_process"
     if in_process and cfg.scaling.max_workers > 1:
@@ -139,6 +151,13 @@ def _check_search_space(cfg: ExperimentConfig, source: str) -> None:
             problems.append(
                 f"  tune.space.{path}: cannot be searched; trials share "
                 f"{', '.join(FIXED_FOR_TUNING)} (prepared once for the whole search)"
+            )
+            continue
+        shared = FIXED_FOR_REINFORCEMENT_SEARCH
+        if cfg.task.acts and any(path == f or path.startswith(f"{f}.") for f in shared):
+            problems.append(
+                f"  tune.space.{path}: cannot be searched; a reinforcement search's trials "
+                f"share {', '.join(shared)}"
             )
             continue
         for value in _candidates(param):

@@ -115,9 +115,14 @@ class SchedulerConfig(Section):
 
 
 class TuneConfig(Section):
-    """Hyperparameter search over any config field; each trial is one Ray Train run."""
+    """Hyperparameter search over any config field; each trial is one Ray Train run (an
+    RLlib algorithm for task reinforcement)."""
 
-    metric: ReportedMetric = Field("val_loss", description="Per-epoch metric the search optimises.")
+    metric: ReportedMetric = Field(
+        "val_loss",
+        description="Per-epoch metric the search optimises; a reinforcement search's is "
+        "episode_return_mean (mode max unless set).",
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
     space: dict[str, SearchParam] = Field(
         min_length=1,

@@ -22,7 +22,7 @@ from forgeml.rl.algorithm import algorithm_config, register_environment
 from forgeml.rl.evaluate import EVALUATION_SEED_OFFSET, random_actor, run_episodes
 from forgeml.rl.package import policy_package
 from forgeml.rl.policy import Policy, supported_spaces
-from forgeml.storage import ModelRegistry, Storage
+from forgeml.storage import ModelRegistry, ModelVersion, Storage
 
 logger = logging.getLogger("forgeml.rl")
 
@@ -119,7 +119,8 @@ def scored_metrics(result: tune.Result) -> list[tuple]:
     return scored
 
 
-def _stop_reason(cfg: ExperimentConfig, last: dict) -> str:
+def stop_reason(cfg: ExperimentConfig, last: dict) -> str:
+    """Which limit ended a run whose last iteration is ``last`` (a history record)."""
     task = cfg.task
     target = task.target_return
     if target is not None and (last["episode_return_mean"] or -math.inf) >= target:
@@ -127,6 +128,77 @@ def _stop_reason(cfg: ExperimentConfig, last: dict) -> str:
     if task.max_env_steps is not None and last["env_steps"] >= task.max_env_steps:
         return "reached max_env_steps"
     return "reached max_iterations"
+
+
+def start_run(cfg: ExperimentConfig, storage: Storage, path: str) -> None:
+    """Before a run or search at ``path``: the environment checked, Ray joined or
+    started, the run's log kept there, and the environment registered with Ray."""
+    check_environment(cfg)
+    runtime.connect()
+    runtime.require_shared_storage(cfg.storage)
+    console.keep_run_log(storage, path)
+    register_environment(cfg)
+
+
+def stop_conditions(cfg: ExperimentConfig) -> dict:
+    """Tune's stop criteria of a run: max_iterations, and max_env_steps and target_return
+    where set."""
+    task = cfg.task
+    stop = {"training_iteration": task.max_iterations}
+    if task.max_env_steps is not None:
+        stop[ENV_STEPS] = task.max_env_steps
+    if task.target_return is not None:
+        stop[RETURN] = task.target_return
+    return stop
+
+
+def checkpointing(cfg: ExperimentConfig) -> tune.CheckpointConfig:
+    """Every ``task.checkpoint_every`` iterations and at the end; the ``keep_top_k`` with
+    the best mean return are kept."""
+    return tune.CheckpointConfig(
+        checkpoint_frequency=cfg.task.checkpoint_every,
+        checkpoint_at_end=True,
+        num_to_keep=cfg.train.checkpoint.keep_top_k,
+        checkpoint_score_attribute=RETURN,
+        checkpoint_score_order="max",
+    )
+
+
+def register_policy(
+    cfg: ExperimentConfig, storage: Storage, result: tune.Result, run: dict, started: float
+) -> tuple[ModelVersion, dict]:
+    """Score the best kept checkpoint's policy of ``result`` (a trial of ``cfg``) on
+    held-out episodes beside a random policy, and register it; ``run`` says where it was
+    trained. Returns the version and its metrics."""
+    history = _history(result)
+    best, best_metrics = max(scored_metrics(result), key=lambda pair: pair[1][RETURN])
+    with best.as_directory() as folder:
+        module = RLModule.from_checkpoint(f"{folder}/{MODULE_PATH}")
+    policy = Policy(cfg, module, module.observation_space, module.action_space)
+    module.eval()
+    seed = cfg.seed + EVALUATION_SEED_OFFSET
+    episodes = cfg.task.evaluation_episodes
+    evaluation = run_episodes(lambda obs: policy.act(obs)["actions"], cfg.env, episodes, seed)
+    random_scores = run_episodes(random_actor(cfg.env, seed), cfg.env, episodes, seed)
+    baseline = {
+        "model": "a random policy",
+        "test": random_scores,
+        "compared": compare(evaluation, random_scores, (("return_mean", "max"),)),
+    }
+    baseline["warning"] = warning_text(baseline)
+    metrics = {
+        "test": evaluation,
+        "baseline": baseline,
+        "best_epoch": best_metrics["training_iteration"],
+        "selected_by": {"metric": "episode_return_mean", "mode": "max"},
+        "status": stop_reason(cfg, history[-1]),
+        "history": history,
+        "environment": cfg.env.name,
+        "run": {**run, "wall_s": round(time.monotonic() - started, 1)},
+        "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
+    }
+    version = ModelRegistry(storage).register(cfg.name, policy_package(cfg, policy, metrics))
+    return version, metrics
 
 
 def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
@@ -138,17 +210,7 @@ def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
     storage = Storage(cfg.storage)
     name = resolve_run_name(storage, "runs", cfg.name, resume)
     path = storage.path("runs", name)
-    check_environment(cfg)
-    runtime.connect()
-    runtime.require_shared_storage(cfg.storage)
-    console.keep_run_log(storage, path)
-    register_environment(cfg)
-    task = cfg.task
-    stop = {"training_iteration": task.max_iterations}
-    if task.max_env_steps is not None:
-        stop[ENV_STEPS] = task.max_env_steps
-    if task.target_return is not None:
-        stop[RETURN] = task.target_return
+    start_run(cfg, storage, path)
     config = algorithm_config(cfg)
     trainable = config.algo_class
     if resume is not False and tune.Tuner.can_restore(storage.uri("runs", name)):
@@ -167,14 +229,8 @@ def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
                 name=name,
                 storage_path=storage.path("runs"),
                 storage_filesystem=None if storage.is_local else storage.fs,
-                stop=stop,
-                checkpoint_config=tune.CheckpointConfig(
-                    checkpoint_frequency=task.checkpoint_every,
-                    checkpoint_at_end=True,
-                    num_to_keep=cfg.train.checkpoint.keep_top_k,
-                    checkpoint_score_attribute=RETURN,
-                    checkpoint_score_order="max",
-                ),
+                stop=stop_conditions(cfg),
+                checkpoint_config=checkpointing(cfg),
                 failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
                 callbacks=[IterationLine(cfg)],
                 verbose=None if console.verbose_from_environment() else 0,
@@ -184,41 +240,17 @@ def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
     result = tuner.fit()[0]
     if result.error is not None:
         raise result.error
-    history = _history(result)
-    best, best_metrics = max(scored_metrics(result), key=lambda pair: pair[1][RETURN])
-    with best.as_directory() as folder:
-        module = RLModule.from_checkpoint(f"{folder}/{MODULE_PATH}")
-    policy = Policy(cfg, module, module.observation_space, module.action_space)
-    module.eval()
-    seed = cfg.seed + EVALUATION_SEED_OFFSET
-    episodes = task.evaluation_episodes
-    evaluation = run_episodes(lambda obs: policy.act(obs)["actions"], cfg.env, episodes, seed)
-    random_scores = run_episodes(random_actor(cfg.env, seed), cfg.env, episodes, seed)
-    baseline = {
-        "model": "a random policy",
-        "test": random_scores,
-        "compared": compare(evaluation, random_scores, (("return_mean", "max"),)),
+    run = {
+        "name": name,
+        "uri": storage.uri("runs", name),
+        "env_runners": cfg.scaling.num_workers,
+        "use_gpu": cfg.scaling.use_gpu,
     }
-    baseline["warning"] = warning_text(baseline)
-    status = _stop_reason(cfg, history[-1])
-    metrics = {
-        "test": evaluation,
-        "baseline": baseline,
-        "best_epoch": best_metrics["training_iteration"],
-        "selected_by": {"metric": "episode_return_mean", "mode": "max"},
-        "status": status,
-        "history": history,
-        "environment": cfg.env.name,
-        "run": {
-            "name": name,
-            "uri": storage.uri("runs", name),
-            "env_runners": cfg.scaling.num_workers,
-            "use_gpu": cfg.scaling.use_gpu,
-            "wall_s": round(time.monotonic() - started, 1),
-        },
-        "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
-    }
-    version = ModelRegistry(storage).register(cfg.name, policy_package(cfg, policy, metrics))
+    version, metrics = register_policy(cfg, storage, result, run, started)
     return TrainingOutcome(
-        run_name=name, status=status, epochs=len(history), version=version, metrics=metrics
+        run_name=name,
+        status=metrics["status"],
+        epochs=len(metrics["history"]),
+        version=version,
+        metrics=metrics,
     )

@@ -39,6 +39,7 @@ from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator impor
 )
 from ray.train.v2._internal.state.state_actor import get_state_actor
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.utils import flatten_dict
 
 from forgeml import console
 from forgeml.config import (
@@ -82,6 +83,44 @@ class TuningOutcome:
     version: ModelVersion
     summary: dict
     metrics: dict  # the registered version's metrics.json
+
+    @classmethod
+    def of(
+        cls,
+        experiment: str,
+        uri: str,
+        trials: pd.DataFrame,
+        settings: TuneConfig,
+        best: tuple[dict[str, Any], ExperimentConfig],
+        version: ModelVersion,
+        metrics: dict,
+        started: float,
+    ) -> TuningOutcome:
+        """A finished search whose best trial (its values and config) is registered as
+        ``version``, with the summary its console line prints."""
+        best_params, best_config = best
+        values = trials[settings.metric]
+        best_metric = float(values.min() if settings.mode == "min" else values.max())
+        summary = {
+            "trials": len(trials),
+            "states": trials["state"].value_counts().to_dict(),
+            "best_metric": {settings.metric: best_metric},
+            "best_params": best_params,
+            "cpu_seconds": round(float(trials["cpu_seconds"].sum()), 1),
+            "wall_s": round(time.monotonic() - started, 1),
+            "registered": version.ref,
+        }
+        return cls(
+            experiment=experiment,
+            uri=uri,
+            trials=trials,
+            best_params=best_params,
+            best_metric=best_metric,
+            best_config=best_config,
+            version=version,
+            summary=summary,
+            metrics=metrics,
+        )
 
 
 def _domain(param: SearchParam):
@@ -133,8 +172,9 @@ def _within_bounds(space: dict[str, SearchParam], config: dict) -> dict:
     return config
 
 
-def _scheduler(settings: TuneConfig, max_epochs: int):
-    # time_attr is the trials' own epoch: Tune's iteration count restarts on resume.
+def scheduler(settings: TuneConfig, max_t: int, time_attr: str = "epoch"):
+    """The trial scheduler. ``time_attr`` counts a trial's progress: a supervised trial's
+    own epoch (Tune's iteration count restarts on resume), an RL trial's iteration."""
     scheduler = settings.scheduler
     if scheduler.kind == "none":
         return None
@@ -154,9 +194,9 @@ def _scheduler(settings: TuneConfig, max_epochs: int):
             custom_explore_fn=partial(_within_bounds, settings.space),
         )
     return tune.schedulers.ASHAScheduler(
-        time_attr="epoch",
-        max_t=max_epochs,
-        grace_period=min(scheduler.grace_period, max_epochs),
+        time_attr=time_attr,
+        max_t=max_t,
+        grace_period=min(scheduler.grace_period, max_t),
         reduction_factor=scheduler.reduction_factor,
     )
 
@@ -173,13 +213,16 @@ class EpochReportCallback(TuneReportCallback):
 
 
 class TrialProgress(tune.Callback):
-    """The search as forgeml reports it: a line per finished trial (its metric and epochs)
-    and, on a terminal, a bar over the trials; Tune's own status tables are off unless
-    verbose. The bar is made when the search starts, so the callback pickles with the
-    search's state."""
+    """The search as forgeml reports it: a line per finished trial (its metric and epochs,
+    or iterations) and, on a terminal, a bar over the trials; Tune's own status tables are
+    off unless verbose. The bar is made when the search starts, so the callback pickles
+    with the search's state. ``key``: where the metric is in a trial's (flattened) result
+    when not under its own name; ``counted``: what a trial counts its progress in."""
 
-    def __init__(self, metric: str):
+    def __init__(self, metric: str, key: str | None = None, counted: str = "epoch"):
         self.metric = metric
+        self.key = key or metric
+        self.counted = counted
         self.bar = None
         self.finished = 0
 
@@ -189,16 +232,17 @@ class TrialProgress(tune.Callback):
 
     def _finished(self, trial, how: str) -> None:
         self.finished += 1
-        result = trial.last_result or {}
-        value = result.get(self.metric)
+        result = flatten_dict(trial.last_result or {}, delimiter="/")
+        value = result.get(self.key)
         scored = f"{self.metric} {value:.4g}" if isinstance(value, float) else "no result"
         logger.info(
-            "trial %d/%s %s: %s after %s epochs (%s)",
+            "trial %d/%s %s: %s after %s %ss (%s)",
             self.finished,
             self.total or "?",
             trial.trial_id,
             scored,
-            result.get("epoch", 0),
+            result.get(self.counted, 0),
+            self.counted.replace("training_", ""),
             how,
         )
         if self.bar is not None:
@@ -333,6 +377,25 @@ def release_autoscaler_requests(run_name: str | None = None) -> None:
         logger.warning("could not withdraw the autoscaler requests of %s", run_name or job)
 
 
+def search_name(storage: Storage, cfg: ExperimentConfig, resume: bool | str) -> str:
+    """The search's experiment name (``--resume``: the one resumed, which must not have
+    finished)."""
+    name = resolve_run_name(storage, "tune", f"{cfg.name}-tune", resume)
+    if resume is not False and storage.exists(storage.path("tune", name, RESULTS_FILE)):
+        raise ValueError(
+            f"--resume: search {name} has finished; its results are in "
+            f"{storage.uri('tune', name, RESULTS_FILE)}"
+        )
+    return name
+
+
+def write_results(storage: Storage, experiment_path: str, trials: pd.DataFrame) -> None:
+    """One row per trial, as ``tune_results.parquet`` in the search's folder."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), buffer)
+    storage.write_bytes(f"{experiment_path}/{RESULTS_FILE}", buffer.getvalue().to_pybytes())
+
+
 def _trial_resources(cfg: ExperimentConfig) -> dict:
     """A Train trial only drives a TorchTrainer, whose workers reserve the CPUs and GPUs:
     it holds memory but no CPU, and max_concurrent_trials bounds how many run. An
@@ -371,7 +434,17 @@ def _trial_state(result, history: pd.DataFrame, trial: ExperimentConfig, schedul
     return "pruned" if scheduled else "stopped"
 
 
-def _trial_rows(results, settings: TuneConfig, base: dict) -> pd.DataFrame:
+def searched_trials(results: tune.ResultGrid, storage: Storage) -> dict[str, tuple[str, dict]]:
+    """Each trial's id and sampled values, by its folder, from Tune's saved state: a
+    searcher's trial ids have their own form (the folder name cannot be split into one),
+    and a class trainable's results carry its own config, not the sampled values."""
+    analysis = tune.ExperimentAnalysis(
+        results.experiment_path, storage_filesystem=None if storage.is_local else storage.fs
+    )
+    return {Path(trial.path).name: (trial.trial_id, trial.config) for trial in analysis.trials}
+
+
+def _trial_rows(results, settings: TuneConfig, base: dict, trials: dict) -> pd.DataFrame:
     """One row per trial: its values, best metric, epochs, seconds, CPU-seconds and state.
 
     Epochs come from the trials' own ``epoch`` reports: after ``--resume`` Tune counts
@@ -385,7 +458,8 @@ def _trial_rows(results, settings: TuneConfig, base: dict) -> pd.DataFrame:
         last = result.metrics or {}
         if "epoch" in last and ("epoch" not in history or last["epoch"] > history["epoch"].max()):
             history = pd.concat([history, pd.DataFrame([last])], ignore_index=True)
-        params = {path: (result.config or {}).get(path) for path in settings.space}
+        trial_id, values = trials[Path(result.path).name]
+        params = {path: values.get(path) for path in settings.space}
         trial = trial_config(base, params)
         seconds = float(history["time_total_s"].max()) if "time_total_s" in history else 0.0
         values = history[settings.metric] if settings.metric in history else pd.Series([])
@@ -393,7 +467,7 @@ def _trial_rows(results, settings: TuneConfig, base: dict) -> pd.DataFrame:
         cpus = trial.scaling.max_workers * trial.scaling.cpus_per_worker
         rows.append(
             {
-                "trial_id": "_".join(Path(result.path).name.split("_")[2:4]),
+                "trial_id": trial_id,
                 **{f"param.{path}": value for path, value in params.items()},
                 settings.metric: float(best) if len(values) else math.nan,
                 "epochs": int(history["epoch"].max()) if "epoch" in history else 0,
@@ -436,6 +510,56 @@ def _best_state(result, cfg: ExperimentConfig, storage: Storage) -> dict:
     raise FileNotFoundError(f"no checkpoint of the best trial survives under {result.path}")
 
 
+def search_tuner(
+    cfg: ExperimentConfig,
+    trainable,
+    storage: Storage,
+    experiment: str,
+    resume: bool | str,
+    *,
+    metric: str,
+    max_t: int,
+    reuse_actors: bool,
+    progress: TrialProgress,
+    time_attr: str = "epoch",
+    **run_options,
+) -> tune.Tuner:
+    """The search's Tuner: its saved state restored for ``--resume``, else a new search of
+    ``cfg.tune.space`` scored by ``metric`` (its key in a trial's results). A trial whose
+    own process is lost (its node went) runs again, from its latest checkpoint.
+    ``run_options``: the rest of Tune's RunConfig (checkpointing, stop criteria)."""
+    settings = cfg.tune
+    path = storage.path("tune", experiment)
+    filesystem = None if storage.is_local else storage.fs
+    if resume is not False and tune.Tuner.can_restore(path, filesystem):
+        logger.info("resuming search %s", experiment)
+        return tune.Tuner.restore(
+            path, trainable, resume_errored=True, storage_filesystem=filesystem
+        )
+    return tune.Tuner(
+        trainable,
+        param_space={key: _domain(param) for key, param in settings.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=settings.mode,
+            search_alg=_searcher(settings, cfg.seed),
+            scheduler=scheduler(settings, max_t, time_attr),
+            num_samples=1 if settings.search.kind == "grid" else settings.num_trials,
+            time_budget_s=settings.time_budget_s,
+            reuse_actors=reuse_actors,
+        ),
+        run_config=tune.RunConfig(
+            name=experiment,
+            callbacks=[progress],
+            verbose=None if console.verbose_from_environment() else 0,
+            storage_path=storage.path("tune"),
+            storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+            **run_options,
+        ),
+    )
+
+
 def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutcome:
     """Search ``cfg.tune.space``, write the results, and register the best trial's model."""
     if cfg.tune is None:
@@ -443,13 +567,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     started = time.monotonic()
     settings = cfg.tune
     storage = Storage(cfg.storage)
-    if resume is not False:
-        finished = resolve_run_name(storage, "tune", f"{cfg.name}-tune", resume)
-        if storage.exists(storage.path("tune", finished, RESULTS_FILE)):
-            raise ValueError(
-                f"--resume: search {finished} has finished; its results are in "
-                f"{storage.uri('tune', finished, RESULTS_FILE)}"
-            )
+    search_name(storage, cfg, resume)
     # Trials share the cluster as the search schedules them; each trial's worker group
     # must fit it, which is checked up front unless the search varies the scaling.
     sized_by_trial = any(key.startswith("scaling.") for key in settings.space)
@@ -462,7 +580,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         check_placement=not sized_by_trial,
     )
     experiment, experiment_path, data = launch.name, launch.path, launch.data
-    base = cfg.model_dump(mode="json")
+    base = cfg.resolved()
     tracking = launch.tracking
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -474,59 +592,37 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         ),
         _trial_resources(cfg),
     )
-    filesystem = None if storage.is_local else storage.fs
-    if resume is not False and tune.Tuner.can_restore(experiment_path, filesystem):
-        logger.info("resuming search %s", experiment)
-        tuner = tune.Tuner.restore(
-            experiment_path, trainable, resume_errored=True, storage_filesystem=filesystem
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={path: _domain(param) for path, param in settings.space.items()},
-            tune_config=tune.TuneConfig(
-                metric=settings.metric,
-                mode=settings.mode,
-                search_alg=_searcher(settings, cfg.seed),
-                scheduler=_scheduler(settings, _max_epochs(cfg)),
-                num_samples=1 if settings.search.kind == "grid" else settings.num_trials,
-                time_budget_s=settings.time_budget_s,
-                # An in-process trial's actor is kept for the next trial and for a paused
-                # trial that resumes (synchronous PBT): no new process that imports the
-                # training code each time. A Train trial's actor only starts a run.
-                reuse_actors=settings.trial_mode == "in_process",
-            ),
-            run_config=tune.RunConfig(
-                name=experiment,
-                callbacks=[TrialProgress(settings.metric)],
-                verbose=None if console.verbose_from_environment() else 0,
-                storage_path=storage.path("tune"),
-                storage_filesystem=filesystem,
-                # A trial whose own process is lost (its node went) runs again: a Train
-                # trial's run then goes on from its latest checkpoint, as does an
-                # in-process trial from Tune's.
-                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
-                # In-process trials checkpoint through Tune; Train trials through Train.
-                # PBT keeps them all: a trial may restore from another's checkpoint at any
-                # time, and one deleted in between fails that restore.
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=None
-                    if settings.scheduler.kind == "pbt"
-                    else cfg.train.checkpoint.keep_top_k,
-                    checkpoint_score_attribute=cfg.train.early_stopping.metric,
-                    checkpoint_score_order=cfg.train.early_stopping.mode,
-                ),
-            ),
-        )
+    tuner = search_tuner(
+        cfg,
+        trainable,
+        storage,
+        experiment,
+        resume,
+        metric=settings.metric,
+        max_t=_max_epochs(cfg),
+        # An in-process trial's actor is kept for the next trial and for a paused trial
+        # that resumes (synchronous PBT): no new process that imports the training code
+        # each time. A Train trial's actor only starts a run.
+        reuse_actors=settings.trial_mode == "in_process",
+        progress=TrialProgress(settings.metric),
+        # In-process trials checkpoint through Tune; Train trials through Train. PBT
+        # keeps them all: a trial may restore from another's checkpoint at any time, and
+        # one deleted in between fails that restore.
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=None
+            if settings.scheduler.kind == "pbt"
+            else cfg.train.checkpoint.keep_top_k,
+            checkpoint_score_attribute=cfg.train.early_stopping.metric,
+            checkpoint_score_order=cfg.train.early_stopping.mode,
+        ),
+    )
     try:
         results = tuner.fit()
     finally:  # a trial lost for good with its node left its run's request too
         release_autoscaler_requests()
     close_stopped_trials(tracking, experiment)
-    trials = _trial_rows(results, settings, base)
-    buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), buffer)
-    storage.write_bytes(f"{experiment_path}/{RESULTS_FILE}", buffer.getvalue().to_pybytes())
+    trials = _trial_rows(results, settings, base, searched_trials(results, storage))
+    write_results(storage, experiment_path, trials)
     best = results.get_best_result(settings.metric, settings.mode, scope="all")
     best_params = {path: best.config[path] for path in settings.space}
     best_config = trial_config(base, best_params)
@@ -543,26 +639,13 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
     version, metrics = register_checkpoint(
         best_config, storage, data, state, "tuned", state["history"], run
     )
-    best_metric = float(
-        trials[settings.metric].min() if settings.mode == "min" else trials[settings.metric].max()
-    )
-    summary = {
-        "trials": len(trials),
-        "states": trials["state"].value_counts().to_dict(),
-        "best_metric": {settings.metric: best_metric},
-        "best_params": best_params,
-        "cpu_seconds": round(float(trials["cpu_seconds"].sum()), 1),
-        "wall_s": round(time.monotonic() - started, 1),
-        "registered": version.ref,
-    }
-    return TuningOutcome(
-        experiment=experiment,
-        uri=storage.uri("tune", experiment),
-        trials=trials,
-        best_params=best_params,
-        best_metric=best_metric,
-        best_config=best_config,
-        version=version,
-        summary=summary,
-        metrics=metrics,
+    return TuningOutcome.of(
+        experiment,
+        storage.uri("tune", experiment),
+        trials,
+        settings,
+        (best_params, best_config),
+        version,
+        metrics,
+        started,
     )
