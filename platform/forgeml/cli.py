@@ -672,23 +672,34 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from forgeml.model_package import load_model
-    from forgeml.report import EVALUATION_FILE, REPORT_FILE, read_arrays, run_report
+    from forgeml.model_package import load_model, package_config
+    from forgeml.report import (
+        EVALUATION_FILE,
+        REPORT_FILE,
+        policy_report,
+        read_arrays,
+        run_report,
+    )
     from forgeml.storage import ModelRegistry, Storage
 
     registry = ModelRegistry(Storage(_storage_config(args)))
-    loaded = load_model(registry, args.model)
-    version = loaded.version
-    files = {
-        name: registry.read(version, name)
-        for name in ("MODEL_CARD.md", EVALUATION_FILE, "samples.png")
-        if registry.storage.exists(f"{version.path}/{name}")
-    }
-    if EVALUATION_FILE not in files:
-        raise ValueError(f"{version.ref} has no {EVALUATION_FILE}: it predates run reports")
-    page = run_report(
-        version.ref, loaded, loaded.metrics, read_arrays(files[EVALUATION_FILE]), files
-    )
+    version = registry.resolve(args.model)
+    cfg = package_config(registry, version)
+    if cfg.task.acts:
+        metrics = json.loads(registry.read(version, "metrics.json"))
+        card = registry.read(version, "MODEL_CARD.md").decode()
+        page = policy_report(version.ref, cfg, metrics, card)
+    else:
+        loaded = load_model(registry, version.ref)
+        files = {
+            name: registry.read(version, name)
+            for name in ("MODEL_CARD.md", EVALUATION_FILE, "samples.png")
+            if registry.storage.exists(f"{version.path}/{name}")
+        }
+        if EVALUATION_FILE not in files:
+            raise ValueError(f"{version.ref} has no {EVALUATION_FILE}: it predates run reports")
+        arrays = read_arrays(files[EVALUATION_FILE])
+        page = run_report(version.ref, loaded, loaded.metrics, arrays, files)
     registry.storage.write_text(f"{version.path}/{REPORT_FILE}", page)
     print(f"wrote {version.uri}/{REPORT_FILE}")
     if args.output:

@@ -249,8 +249,8 @@ def load_model(registry: ModelRegistry, ref: str) -> LoadedModel:
     config = package_config(registry, version)
     if config.task.acts:
         raise ValueError(
-            f"{version.ref} is a policy (task {config.task.kind}): reports, explanations and "
-            "drift monitoring of policies are not built yet"
+            f"{version.ref} is a policy (task {config.task.kind}): explanations and drift "
+            "monitoring of policies are not built yet"
         )
     preprocessor = preprocessor_from_dict(json.loads(registry.read(version, "preprocessor.json")))
     saved = torch.load(io.BytesIO(registry.read(version, "model.pt")), map_location="cpu")

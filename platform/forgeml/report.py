@@ -258,13 +258,14 @@ def baseline_section(baseline: dict) -> str:
         ]
         for row in baseline["compared"]
     ]
+    about = (
+        f"{baseline['model']}, fitted on {baseline['train_rows']} training rows in "
+        f"{baseline['fit_s']} s and scored on the same test rows as the model."
+        if "train_rows" in baseline
+        else f"{baseline['model']}, scored on the same held-out episodes as the policy."
+    )
     parts = [
-        "<p>"
-        + html.escape(
-            f"{baseline['model']}, fitted on {baseline['train_rows']} training rows in "
-            f"{baseline['fit_s']} s and scored on the same test rows as the model."
-        )
-        + "</p>",
+        f"<p>{html.escape(about)}</p>",
         _table(["test metric", "model", "baseline", "model is worse"], rows),
     ]
     if baseline["warning"]:
@@ -324,10 +325,70 @@ def run_report(ref: str, loaded, metrics: dict, arrays: dict, files: dict[str, b
     examples = _examples_section(loaded, arrays)
     if examples:
         sections += ["<h2>Sample predictions and explanations</h2>", examples]
-    card = files["MODEL_CARD.md"].decode()
-    sections += ["<h2>Model card</h2>", markdown.markdown(card, extensions=["tables"])]
+    return _page(ref, sections, files["MODEL_CARD.md"].decode())
+
+
+def _page(ref: str, sections: list[str], card: str) -> str:
+    """The report's page: its sections, then the model card."""
+    sections = [*sections, "<h2>Model card</h2>", markdown.markdown(card, extensions=["tables"])]
     title = html.escape(f"forgeml run report: {ref}")
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
         f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
     )
+
+
+def policy_curves(history: list[dict], best_iteration: int) -> str:
+    """The mean return and length of the training episodes over environment steps, the
+    registered iteration marked; iterations in which no episode ended are left out."""
+    scored = [r for r in history if r["episode_return_mean"] is not None]
+    steps = [r["env_steps"] for r in scored]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    axes[0].plot(steps, [r["episode_return_mean"] for r in scored], marker=".")
+    axes[1].plot(steps, [r["episode_length_mean"] for r in scored], marker=".", color="grey")
+    kept = next(r["env_steps"] for r in history if r["epoch"] == best_iteration)
+    for ax, title in zip(axes, ("mean return", "mean episode length"), strict=True):
+        ax.axvline(kept, color="green", linestyle=":", linewidth=1)
+        ax.set_title(f"{title} of training episodes", fontsize=9)
+        ax.set_xlabel("environment steps", fontsize=8)
+    return _img(figure, "training curves")
+
+
+def evaluation_returns(test: dict, random_policy: dict) -> str:
+    """The returns of the held-out episodes: the policy's beside a random policy's."""
+    figure, ax = plt.subplots(figsize=(6, 3.2))
+    bins = np.histogram_bin_edges([*test["returns"], *random_policy["returns"]], bins=30)
+    ax.hist(random_policy["returns"], bins=bins, alpha=0.6, color="grey", label="random policy")
+    ax.hist(test["returns"], bins=bins, alpha=0.7, color="#4c72b0", label="policy")
+    ax.set(xlabel="episode return", ylabel="episodes", title="held-out episodes")
+    ax.legend(fontsize=7)
+    return _img(figure, "evaluation returns")
+
+
+def policy_report(ref: str, cfg, metrics: dict, card: str) -> str:
+    """The report page of a policy's package: its evaluation beside a random policy's,
+    the training curves and the distribution of held-out returns."""
+    run, test = metrics["run"], metrics["test"]
+    sections = [
+        f"<h1>{html.escape(ref)}</h1>",
+        "<p>"
+        + html.escape(
+            f"{cfg.task.algorithm.name} policy for {cfg.env.name}; run {run['name']}, "
+            f"{metrics['status']} after {len(metrics['history'])} iterations, registered "
+            f"iteration {metrics['best_epoch']} (mean training return, max); "
+            f"{run.get('wall_s', '?')} s; registered {metrics.get('registered_at', '?')}"
+        )
+        + "</p>",
+        "<h2>Evaluation</h2>",
+        _table(
+            ["metric", "value"],
+            [[name, f"{value:.5g}"] for name, value in scalar_metrics(test).items()],
+        ),
+        "<h2>Baseline</h2>",
+        baseline_section(metrics["baseline"]),
+        "<h2>Training curves</h2>",
+        policy_curves(metrics["history"], metrics["best_epoch"]),
+        "<h2>Evaluation returns</h2>",
+        evaluation_returns(test, metrics["baseline"]["test"]),
+    ]
+    return _page(ref, sections, card)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from forgeml.storage import ModelRegistry, Storage
 from forgeml.tracking import run_summaries
 
 from tests.conftest import REPO
+from tests.integration.tracked import mlflow_client, mlflow_runs, tensorboard_scalars
+from tests.report_check import check_report
 
 CONFIG = REPO / "examples" / "cartpole" / "config.yaml"
 
@@ -85,7 +88,9 @@ def _kill_a_new_env_runner_once(iterated: Callable[[], bool]) -> list[int]:
 def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_than_random(
     ray_runtime, tmp_path, caplog
 ):
-    args = _train_args(tmp_path, "task.max_iterations=4", "task.checkpoint_every=2")
+    args = _train_args(
+        tmp_path, "task.max_iterations=4", "task.checkpoint_every=2", "tracking.mlflow={}"
+    )
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "train.py"), *args[1:]],
@@ -119,14 +124,31 @@ def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_
     # or its start (iterations after it are reported again, and kept once in the history).
     done = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("iteration ")]
     assert done != sorted(set(done)) and done[-1] == 4, lines
-    assert len(list((tmp_path / "runs").iterdir())) == 1
+    (run,) = (tmp_path / "runs").iterdir()
     package = tmp_path / "models" / "cartpole-ppo" / "v1"
     assert {p.name for p in package.iterdir()} >= {
         "config.yaml",
         "model.pt",
         "metrics.json",
         "MODEL_CARD.md",
+        "report.html",
     }
+    # Every iteration logged once in TensorBoard (what the lost attempts logged past the
+    # iteration they went on from is dropped), and into one MLflow run across restores.
+    scalars = tensorboard_scalars(run / "tensorboard")
+    assert [step for step, _ in scalars["episode_return_mean"]] == [1, 2, 3, 4]
+    (tracked,) = mlflow_runs(tmp_path, "cartpole-ppo")
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.tags["forgeml.model_version"] == "cartpole-ppo:v1"
+    client = mlflow_client(tmp_path)
+    steps = {m.step for m in client.get_metric_history(tracked.info.run_id, "env_steps")}
+    assert steps == {1, 2, 3, 4} and "test/return_mean" in tracked.data.metrics
+    headings = check_report(package / "report.html", tmp_path, min_images=2)
+    assert headings[:4] == ["Evaluation", "Baseline", "Training curves", "Evaluation returns"]
+    again = tmp_path / "again.html"
+    root = ["--storage-root", str(tmp_path)]
+    assert main(["report", "--model", "cartpole-ppo", *root, "--output", str(again)]) == 0
+    assert re.findall(r"<h2>(.*?)</h2>", again.read_text()) == headings
     metrics = json.loads((package / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 5))
     assert metrics["status"] == "reached max_iterations"

@@ -183,10 +183,50 @@ def test_each_trial_is_rllibs_algorithm_built_from_the_trials_values():
     from forgeml.rl.search import searched_algorithm
     from ray.rllib.algorithms.ppo import PPO
 
-    cfg = config_from_dict(reinforcement(tune=SEARCH))
+    runners = {"scaling.num_workers": {"kind": "int", "low": 1, "high": 4}}
+    cfg = config_from_dict(reinforcement(tune={"space": {**SEARCH["space"], **runners}}))
     trial = searched_algorithm(cfg.resolved())
     assert issubclass(trial, PPO) and trial.__name__ == "PPO"
-    # One bundle for the learner's process, one per env runner.
-    request = trial.default_resource_request({"scaling.num_workers": 3, "task.algorithm.lr": 0.01})
-    assert len(request.bundles) == 4
+    # One bundle for the learner's process, one per env runner; Tune's own entries in a
+    # trial's config are not values of the experiment's.
+    values = {"scaling.num_workers": 3, "task.algorithm.lr": 0.01, "__trial_info__": None}
+    assert len(trial.default_resource_request(values).bundles) == 4
     assert len(trial.default_resource_request({}).bundles) == 1 + cfg.scaling.num_workers
+
+
+def test_a_policy_report_leaves_out_iterations_in_which_no_episode_ended():
+    import re
+
+    from forgeml.report import policy_report
+
+    cfg = config_from_dict(reinforcement())
+    record = {"epoch": 1, "env_steps": 100, "episode_return_mean": None, "time_s": 1.0}
+    history = [
+        {**record, "episode_length_mean": None},
+        {**record, "epoch": 2, "env_steps": 200, "episode_return_mean": 30.0},
+    ]
+    history[1]["episode_length_mean"] = 30.0
+    scores = {"returns": [10.0, 30.0], "return_mean": 20.0, "episodes": 2}
+    metrics = {
+        "run": {"name": "cartpole-1"},
+        "status": "reached max_iterations",
+        "history": history,
+        "best_epoch": 2,
+        "test": scores,
+        "baseline": {
+            "model": "a random policy",
+            "test": {**scores, "returns": [9.0, 11.0], "return_mean": 10.0},
+            "compared": [{"metric": "return_mean", "model": 20, "baseline": 10, "worse": False}],
+            "warning": None,
+        },
+    }
+    page = policy_report("cartpole:v1", cfg, metrics, "# card")
+    assert re.findall(r"<h2>(.*?)</h2>", page) == [
+        "Evaluation",
+        "Baseline",
+        "Training curves",
+        "Evaluation returns",
+        "Model card",
+    ]
+    assert page.count("data:image/png;base64,") == 2
+    assert "scored on the same held-out episodes as the policy" in page

@@ -1,5 +1,6 @@
 """A policy's model package: config.yaml, model.pt (the RLModule's weights and its
-environment's spaces, no pickled code), metrics.json and MODEL_CARD.md. There is no
+environment's spaces, no pickled code), metrics.json, MODEL_CARD.md and report.html
+(``forgeml.report.policy_report``). There is no
 preprocessor.json: RLlib's default networks read the observations as they are.
 metrics.json has the keys of every package's; an epoch is a training iteration."""
 
@@ -11,17 +12,22 @@ from datetime import datetime, timezone
 import forgeml
 from forgeml.config import ExperimentConfig
 from forgeml.model_package import package_config
+from forgeml.report import REPORT_FILE, policy_report
 from forgeml.rl.policy import Policy
 from forgeml.storage import ModelRegistry
 
 
 def policy_package(cfg: ExperimentConfig, policy: Policy, metrics: dict) -> dict[str, bytes]:
     """Serialise a policy; ``ModelRegistry.register`` writes the result atomically."""
+    card = model_card(cfg, policy, metrics)
     return {
         "config.yaml": cfg.to_yaml().encode(),
         "model.pt": policy.to_bytes(),
         "metrics.json": json.dumps(metrics, indent=2).encode(),
-        "MODEL_CARD.md": model_card(cfg, policy, metrics).encode(),
+        "MODEL_CARD.md": card.encode(),
+        REPORT_FILE: policy_report(
+            f"{cfg.name} ({metrics['run']['name']})", cfg, metrics, card
+        ).encode(),
     }
 
 

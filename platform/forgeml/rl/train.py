@@ -5,6 +5,7 @@ episodes beside a random policy and registered."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from forgeml.rl.evaluate import EVALUATION_SEED_OFFSET, random_actor, run_episod
 from forgeml.rl.package import policy_package
 from forgeml.rl.policy import Policy, supported_spaces
 from forgeml.storage import ModelRegistry, ModelVersion, Storage
+from forgeml.tracking import EpochLogger, log_registration, open_tracking, run_tracking
 
 logger = logging.getLogger("forgeml.rl")
 
@@ -82,22 +84,76 @@ def check_environment(cfg: ExperimentConfig) -> None:
         )
 
 
+#: An iteration's record (a package's history has one per iteration, as one per epoch
+#: for other tasks) from Tune's flattened result: its names to Tune's keys.
+ITERATION_RECORD = {
+    "epoch": "training_iteration",
+    "env_steps": ENV_STEPS,
+    "episode_return_mean": RETURN,
+    "episode_length_mean": EPISODE_LENGTH,
+    "time_s": "time_total_s",
+}
+
+
+def iteration_record(result: dict) -> dict:
+    """The record of one iteration's flattened result; None where RLlib had no value."""
+    return {name: _number(result.get(key)) for name, key in ITERATION_RECORD.items()}
+
+
 def _history(result: tune.Result) -> list[dict]:
-    """One record per iteration, as a package's history has one per epoch; of an
-    iteration done twice (before and after a resume), the later."""
-    frame = result.metrics_dataframe
-    columns = {
-        "epoch": "training_iteration",
-        "env_steps": ENV_STEPS,
-        "episode_return_mean": RETURN,
-        "episode_length_mean": EPISODE_LENGTH,
-        "time_s": "time_total_s",
-    }
+    """One record per iteration; of an iteration done twice (before and after a resume),
+    the later."""
     records = {}
-    for row in frame.to_dict("records"):  # a resumed run reports its redone iterations again
-        record = {name: _number(row.get(column)) for name, column in columns.items()}
+    for row in result.metrics_dataframe.to_dict("records"):  # redone iterations come again
+        record = iteration_record(row)
         records[record["epoch"]] = record
     return [records[epoch] for epoch in sorted(records)]
+
+
+#: In a reinforcement run's folder: where it logs (its MLflow run's id), so that the run
+#: restored after a failure or by ``--resume`` logs on into the same MLflow run.
+TRACKING_FILE = "tracking.json"
+
+
+class IterationTracking(tune.Callback):
+    """A run's iterations as TensorBoard scalars in ``<run>/tensorboard`` and, with
+    ``tracking.mlflow``, MLflow metrics (step = iteration), as a training run's epochs,
+    logged from the driver. After a restore TensorBoard drops what was logged past the
+    iteration the run goes on from."""
+
+    def __init__(self, cfg: ExperimentConfig, storage: Storage, folder: str, name: str):
+        self.cfg, self.folder = cfg, folder
+        self.settings = run_tracking(open_tracking(cfg, storage), cfg, storage, folder, name)
+        self.logger: EpochLogger | None = None
+        self.logged = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        record = iteration_record(flatten_dict(result, delimiter="/"))
+        if self.logger is not None and record["epoch"] <= self.logged:  # restored
+            if self.logger.tensorboard is not None:
+                self.logger.tensorboard.close()
+            self.logger = None
+        if self.logger is None:
+            storage = Storage(self.cfg.storage)
+            resumed = tracked_run(storage, self.folder)
+            self.logger = EpochLogger(self.settings, self.cfg, resumed, record["epoch"])
+            storage.write_text(f"{self.folder}/{TRACKING_FILE}", json.dumps(self.logger.state))
+        self.logger.log_epoch(record)
+        self.logged = record["epoch"]
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.logger is not None:
+            self.logger.close("completed")
+            self.logger = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "logger": None}
+
+
+def tracked_run(storage: Storage, folder: str) -> dict | None:
+    """Where the run in ``folder`` logs, once it has logged an iteration."""
+    path = f"{folder}/{TRACKING_FILE}"
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
 def _number(value) -> float | int | None:
@@ -165,11 +221,17 @@ def checkpointing(cfg: ExperimentConfig) -> tune.CheckpointConfig:
 
 
 def register_policy(
-    cfg: ExperimentConfig, storage: Storage, result: tune.Result, run: dict, started: float
+    cfg: ExperimentConfig,
+    storage: Storage,
+    result: tune.Result,
+    run: dict,
+    started: float,
+    tracked: dict | None = None,
 ) -> tuple[ModelVersion, dict]:
     """Score the best kept checkpoint's policy of ``result`` (a trial of ``cfg``) on
     held-out episodes beside a random policy, and register it; ``run`` says where it was
-    trained. Returns the version and its metrics."""
+    trained, ``tracked`` where it logged (the package is added there). Returns the
+    version and its metrics."""
     history = _history(result)
     best, best_metrics = max(scored_metrics(result), key=lambda pair: pair[1][RETURN])
     with best.as_directory() as folder:
@@ -197,7 +259,9 @@ def register_policy(
         "run": {**run, "wall_s": round(time.monotonic() - started, 1)},
         "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
     }
-    version = ModelRegistry(storage).register(cfg.name, policy_package(cfg, policy, metrics))
+    package = policy_package(cfg, policy, metrics)
+    version = ModelRegistry(storage).register(cfg.name, package)
+    log_registration(cfg, tracked, version.ref, metrics, package)
     return version, metrics
 
 
@@ -232,7 +296,7 @@ def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
                 stop=stop_conditions(cfg),
                 checkpoint_config=checkpointing(cfg),
                 failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
-                callbacks=[IterationLine(cfg)],
+                callbacks=[IterationLine(cfg), IterationTracking(cfg, storage, path, name)],
                 verbose=None if console.verbose_from_environment() else 0,
             ),
         )
@@ -246,7 +310,8 @@ def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
         "env_runners": cfg.scaling.num_workers,
         "use_gpu": cfg.scaling.use_gpu,
     }
-    version, metrics = register_policy(cfg, storage, result, run, started)
+    tracked = tracked_run(storage, path)
+    version, metrics = register_policy(cfg, storage, result, run, started, tracked)
     return TrainingOutcome(
         run_name=name,
         status=metrics["status"],
