@@ -250,7 +250,7 @@ class EpochLogger:
             self.tensorboard.close()
         if self.client:
             self.client.set_terminated(
-                self.run_id, status="FAILED" if status == "diverged" else "FINISHED"
+                self.run_id, status="FAILED" if status in ("diverged", "failed") else "FINISHED"
             )
 
 

@@ -156,11 +156,20 @@ def test_a_resumed_run_keeps_one_record_per_iteration_the_later():
 SEARCH = {"space": {"task.algorithm.lr": {"kind": "loguniform", "low": 1e-5, "high": 1e-2}}}
 
 
-def test_a_policy_search_maximises_the_return_unless_told_otherwise():
+def test_a_policy_search_maximises_the_return():
     cfg = config_from_dict(reinforcement(tune=SEARCH))
     assert (cfg.tune.metric, cfg.tune.mode) == ("episode_return_mean", "max")
-    told = config_from_dict(reinforcement(tune={**SEARCH, "mode": "min"}))
-    assert told.tune.mode == "min"
+    named = config_from_dict(reinforcement(tune={**SEARCH, "metric": "episode_return_mean"}))
+    assert named.tune.mode == "max"
+
+
+def test_an_iteration_in_which_no_episode_ended_scores_nan_for_the_search():
+    from forgeml.rl.search import with_return
+
+    scored = {"env_runners": {"episode_return_mean": 20.0}, "training_iteration": 2}
+    assert with_return({**scored})["env_runners"]["episode_return_mean"] == 20.0
+    unscored = with_return({"env_runners": {}, "training_iteration": 1})
+    assert np.isnan(unscored["env_runners"]["episode_return_mean"])
 
 
 @pytest.mark.parametrize(
@@ -172,6 +181,13 @@ def test_a_policy_search_maximises_the_return_unless_told_otherwise():
         ({"space": {"task.algorithm.lr": {"kind": "uniform", "low": -1, "high": 1}}}, "than 0"),
         ({**SEARCH, "trial_mode": "train"}, "tune.trial_mode: a reinforcement search"),
         ({**SEARCH, "metric": "val_loss"}, "reinforcement reports episode_return_mean"),
+        ({**SEARCH, "mode": "min"}, "tune.mode: a reinforcement search maximises"),
+        (
+            {**SEARCH, "search": {"kind": "random"}, "scheduler": {"kind": "pbt"}},
+            "pbt is for the in_process trials of other tasks",
+        ),
+        ({"space": {"task.algorithm": {"kind": "choice", "values": ["dqn"]}}}, "share env"),
+        ({"space": {"train.max_failures": {"kind": "int", "low": 0, "high": 3}}}, "share env"),
     ],
 )
 def test_a_policy_search_refuses_what_its_trials_cannot_vary(tune, message):

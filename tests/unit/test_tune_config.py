@@ -64,7 +64,7 @@ def _tune(tmp_path, capsys, tune_section):
         ),
         (
             {"space": {"train.optimizer.lr": LR}, "scheduler": {"kind": "pbt"}},
-            "tune: Value error, scheduler pbt needs trial_mode in_process",
+            "tune.scheduler: pbt needs trial_mode in_process",
         ),
         (
             {
@@ -81,7 +81,7 @@ def _tune(tmp_path, capsys, tune_section):
                 "search": {"kind": "random"},
                 "scheduler": {"kind": "pbt"},
             },
-            "scheduler pbt needs at least one of train.optimizer.lr",
+            "tune.scheduler: pbt needs at least one of train.optimizer.lr",
         ),
         (
             {

@@ -185,6 +185,8 @@ class ExperimentConfig(Section):
                 "train.schedule: plateau lowers the rate when the watched metric stalls, and "
                 "early_stopping.metric epoch never stalls; choose another schedule"
             )
+        if self.tune is not None and self.tune.scheduler.kind == "pbt":
+            self.tune.check_pbt()
         allowed = ("val_loss", "train_loss", *task.metrics)
         watched = [("train.early_stopping.metric", self.train.early_stopping.metric, "epoch")]
         if self.tune is not None:
@@ -232,17 +234,26 @@ class ExperimentConfig(Section):
         return self
 
     def _check_reinforcement_search(self) -> None:
-        """A search of a policy maximises its return unless told otherwise; its trials
-        are RLlib algorithms, not Ray Train runs or in-process trials."""
+        """A search of a policy maximises its return; its trials are RLlib algorithms,
+        not Ray Train runs or in-process trials, and PBT is not for them."""
         tune = self.tune
         if "metric" not in tune.model_fields_set:
             tune.metric = self.task.metrics[0]
-            if "mode" not in tune.model_fields_set:
-                tune.mode = "max"
         if tune.metric not in self.task.metrics:
             raise ValueError(
                 f"tune.metric: {self.task.kind} reports {', '.join(self.task.metrics)} "
                 f"(got {tune.metric})"
+            )
+        if "mode" not in tune.model_fields_set:
+            tune.mode = "max"
+        elif tune.mode != "max":
+            raise ValueError(
+                f"tune.mode: a reinforcement search maximises the return (got {tune.mode})"
+            )
+        if tune.scheduler.kind == "pbt":
+            raise ValueError(
+                "tune.scheduler.kind: pbt is for the in_process trials of other tasks; a "
+                "reinforcement search uses asha or none"
             )
         if "trial_mode" in tune.model_fields_set:
             raise ValueError(

@@ -106,9 +106,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentC
 FIXED_FOR_TUNING = ("name", "seed", "storage", "data", "tune")
 #: And what the trials of a reinforcement search share: the environment (registered
 #: once), the algorithm (the class Tune runs), the limits (Tune's stop criteria, one set
-#: for the search) and how the winner is checkpointed and scored.
+#: for the search), and how runs are retried and checkpointed and the winner scored.
 FIXED_FOR_REINFORCEMENT_SEARCH = (
     "env",
+    "train",
     "task.algorithm.name",
     "task.max_iterations",
     "task.max_env_steps",
@@ -154,7 +155,9 @@ def _check_search_space(cfg: ExperimentConfig, source: str) -> None:
             )
             continue
         shared = FIXED_FOR_REINFORCEMENT_SEARCH
-        if cfg.task.acts and any(path == f or path.startswith(f"{f}.") for f in shared):
+        if cfg.task.acts and any(
+            path == f or path.startswith(f"{f}.") or f.startswith(f"{path}.") for f in shared
+        ):
             problems.append(
                 f"  tune.space.{path}: cannot be searched; a reinforcement search's trials "
                 f"share {', '.join(shared)}"

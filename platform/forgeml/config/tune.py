@@ -121,7 +121,7 @@ class TuneConfig(Section):
     metric: ReportedMetric = Field(
         "val_loss",
         description="Per-epoch metric the search optimises; a reinforcement search's is "
-        "episode_return_mean (mode max unless set).",
+        "episode_return_mean, maximised.",
     )
     mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
     space: dict[str, SearchParam] = Field(
@@ -165,25 +165,24 @@ class TuneConfig(Section):
             raise ValueError(f"search kind grid needs grid parameters only; not grid: {others}")
         if grid and self.search.kind.startswith("optuna"):
             raise ValueError(f"{self.search.kind} cannot search grid parameters {grid}")
-        if self.scheduler.kind == "pbt":
-            self._check_pbt()
         return self
 
-    def _check_pbt(self) -> None:
+    def check_pbt(self) -> None:
         """PBT copies checkpoints between trials, which only Tune-reported checkpoints
-        allow: Ray Train V2's TuneReportCallback passes Tune metrics but no checkpoint."""
+        allow: Ray Train V2's TuneReportCallback passes Tune metrics but no checkpoint.
+        Checked by the experiment, which knows whether its trials can be PBT's."""
         if self.trial_mode != "in_process":
             raise ValueError(
-                "scheduler pbt needs trial_mode in_process: a Ray Train trial hands Tune "
+                "tune.scheduler: pbt needs trial_mode in_process: a Ray Train trial hands Tune "
                 "no checkpoint that another trial could continue from"
             )
         if self.search.kind not in ("random", "grid"):
             raise ValueError(
-                f"scheduler pbt draws its own population; set search.kind to random or grid "
+                f"tune.scheduler: pbt draws its own population; set search.kind to random or grid "
                 f"(got {self.search.kind})"
             )
         if not set(self.space) & set(PBT_MUTABLE):
             raise ValueError(
-                f"scheduler pbt needs at least one of {', '.join(PBT_MUTABLE)} in the space "
+                f"tune.scheduler: pbt needs at least one of {', '.join(PBT_MUTABLE)} in the space "
                 "to perturb"
             )

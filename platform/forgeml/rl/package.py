@@ -12,13 +12,14 @@ from datetime import datetime, timezone
 import forgeml
 from forgeml.config import ExperimentConfig
 from forgeml.model_package import package_config
-from forgeml.report import REPORT_FILE, policy_report
 from forgeml.rl.policy import Policy
 from forgeml.storage import ModelRegistry
 
 
 def policy_package(cfg: ExperimentConfig, policy: Policy, metrics: dict) -> dict[str, bytes]:
     """Serialise a policy; ``ModelRegistry.register`` writes the result atomically."""
+    from forgeml.report import REPORT_FILE, policy_report  # plotting: not in serving replicas
+
     card = model_card(cfg, policy, metrics)
     return {
         "config.yaml": cfg.to_yaml().encode(),

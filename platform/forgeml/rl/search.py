@@ -64,8 +64,20 @@ def searched_algorithm(base: dict) -> type:
         def __init__(self, config=None, **kwargs):
             super().__init__(config=built(config or {}), **kwargs)
 
+        def step(self) -> dict:
+            return with_return(super().step())
+
     SearchedAlgorithm.__name__ = algo_class.__name__  # trials are named after it
     return SearchedAlgorithm
+
+
+def with_return(result: dict) -> dict:
+    """``result`` with a mean return, NaN if no episode ended in the iteration (RLlib then
+    reports none): a search's scheduler and searcher read it from every result, and Tune
+    fails a trial whose result lacks it."""
+    group, name = RETURN.split("/")
+    result.setdefault(group, {}).setdefault(name, math.nan)
+    return result
 
 
 def _trial_state(
@@ -166,7 +178,10 @@ def run_reinforcement_search(cfg: ExperimentConfig, resume: bool | str = False) 
         "env_runners": best_config.scaling.num_workers,
         "use_gpu": best_config.scaling.use_gpu,
     }
-    version, metrics = register_policy(best_config, storage, best, run, started)
+    ended = {"pruned": "pruned by asha", "stopped": "stopped by tune.time_budget_s"}
+    version, metrics = register_policy(
+        best_config, storage, best, run, started, status=ended.get(best_row["state"])
+    )
     return TuningOutcome.of(
         name,
         storage.uri("tune", name),

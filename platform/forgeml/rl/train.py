@@ -143,7 +143,8 @@ class IterationTracking(tune.Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         if self.logger is not None:
-            self.logger.close("completed")
+            failed = any(trial.status == trial.ERROR for trial in trials)
+            self.logger.close("failed" if failed else "completed")
             self.logger = None
 
     def __getstate__(self):
@@ -227,10 +228,12 @@ def register_policy(
     run: dict,
     started: float,
     tracked: dict | None = None,
+    status: str | None = None,
 ) -> tuple[ModelVersion, dict]:
     """Score the best kept checkpoint's policy of ``result`` (a trial of ``cfg``) on
     held-out episodes beside a random policy, and register it; ``run`` says where it was
-    trained, ``tracked`` where it logged (the package is added there). Returns the
+    trained, ``tracked`` where it logged (the package is added there), ``status`` how it
+    ended if not by one of its limits (a search's trial pruned or stopped). Returns the
     version and its metrics."""
     history = _history(result)
     best, best_metrics = max(scored_metrics(result), key=lambda pair: pair[1][RETURN])
@@ -253,7 +256,7 @@ def register_policy(
         "baseline": baseline,
         "best_epoch": best_metrics["training_iteration"],
         "selected_by": {"metric": "episode_return_mean", "mode": "max"},
-        "status": stop_reason(cfg, history[-1]),
+        "status": status or stop_reason(cfg, history[-1]),
         "history": history,
         "environment": cfg.env.name,
         "run": {**run, "wall_s": round(time.monotonic() - started, 1)},
