@@ -107,19 +107,18 @@ def _trial_rows(results, settings: TuneConfig, base: dict, trials: dict) -> pd.D
     rows = []
     for result in results:
         history = _history(result) if result.metrics_dataframe is not None else []
-        trial_id, values = trials[Path(result.path).name]
-        params = {path: values[path] for path in settings.space}
+        trial_id, sampled = trials[Path(result.path).name]
+        params = {path: sampled[path] for path in settings.space}
         trial = trial_config(base, params)
         returns = [r["episode_return_mean"] for r in history]
         returns = [value for value in returns if value is not None]
-        pick = min if settings.mode == "min" else max
         seconds = history[-1]["time_s"] if history else 0.0
         cpus = trial.scaling.num_workers * trial.scaling.cpus_per_worker + 1
         rows.append(
             {
                 "trial_id": trial_id,
                 **{f"param.{path}": value for path, value in params.items()},
-                settings.metric: float(pick(returns)) if returns else math.nan,
+                settings.metric: float(max(returns)) if returns else math.nan,
                 "iterations": history[-1]["epoch"] if history else 0,
                 "seconds": round(seconds, 2),
                 "cpu_seconds": round(seconds * cpus, 2),
@@ -165,8 +164,7 @@ def run_reinforcement_search(cfg: ExperimentConfig, resume: bool | str = False) 
         raise RuntimeError(
             f"no trial of search {name} ended a training episode; see {storage.uri('tune', name)}"
         )
-    values = scored[settings.metric]
-    best_row = scored.loc[values.idxmax() if settings.mode == "max" else values.idxmin()]
+    best_row = scored.loc[scored[settings.metric].idxmax()]  # a policy search maximises
     best = next(result for result in results if result.path == best_row["path"])
     best_params = {key: searched[Path(best.path).name][1][key] for key in settings.space}
     best_config = trial_config(base, best_params)

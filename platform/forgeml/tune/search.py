@@ -458,8 +458,8 @@ def _trial_rows(results, settings: TuneConfig, base: dict, trials: dict) -> pd.D
         last = result.metrics or {}
         if "epoch" in last and ("epoch" not in history or last["epoch"] > history["epoch"].max()):
             history = pd.concat([history, pd.DataFrame([last])], ignore_index=True)
-        trial_id, values = trials[Path(result.path).name]
-        params = {path: values.get(path) for path in settings.space}
+        trial_id, sampled = trials[Path(result.path).name]
+        params = {path: sampled.get(path) for path in settings.space}
         trial = trial_config(base, params)
         seconds = float(history["time_total_s"].max()) if "time_total_s" in history else 0.0
         values = history[settings.metric] if settings.metric in history else pd.Series([])
