@@ -245,13 +245,17 @@ class EpochLogger:
             metrics = [Metric(name, value, now, epoch) for name, value in values.items()]
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self, status: str) -> None:
+    def close_tensorboard(self) -> None:
         if self.tensorboard:
             self.tensorboard.close()
+
+    def close(self, status: str) -> None:
+        """End the run: ``status`` diverged or failed ends it FAILED in MLflow, killed
+        (stopped before its limits) KILLED, any other FINISHED."""
+        self.close_tensorboard()
         if self.client:
-            self.client.set_terminated(
-                self.run_id, status="FAILED" if status in ("diverged", "failed") else "FINISHED"
-            )
+            ended = {"diverged": "FAILED", "failed": "FAILED", "killed": "KILLED"}
+            self.client.set_terminated(self.run_id, status=ended.get(status, "FINISHED"))
 
 
 def close_stopped_trials(store: dict, tune_experiment: str) -> None:

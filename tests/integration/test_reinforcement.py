@@ -182,7 +182,12 @@ def test_a_search_prunes_a_learning_rate_that_learns_nothing_and_registers_the_b
     }
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
-    overrides = ["task.max_iterations=3", "task.evaluation_episodes=10", "task.target_return=null"]
+    overrides = [
+        "task.max_iterations=3",
+        "task.evaluation_episodes=10",
+        "task.target_return=null",
+        "tracking.mlflow={}",
+    ]
     args = ["tune", "--config", str(config), "--set", f"storage.root={tmp_path}"]
     assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
 
@@ -200,3 +205,19 @@ def test_a_search_prunes_a_learning_rate_that_learns_nothing_and_registers_the_b
     assert metrics["test"]["episodes"] == 10
     assert metrics["test"]["return_mean"] > metrics["baseline"]["test"]["return_mean"]
     assert "registered cartpole-ppo:v1" in out and "/v1/models/cartpole-ppo/act" in out
+    # Each trial logs its iterations into an MLflow run of its own, tagged with the search;
+    # the pruned one ends KILLED, and the registered policy is added to the best one's.
+    tracked = {
+        float(run.data.params["task.algorithm.lr"]): run
+        for run in mlflow_runs(tmp_path, "cartpole-ppo")
+    }
+    assert set(tracked) == {3e-4, 1e-7}
+    for lr, run in tracked.items():
+        assert run.data.tags["forgeml.tune_experiment"] == search.name
+        assert run.info.run_name == trials.loc[lr, "trial_id"]
+        steps = mlflow_client(tmp_path).get_metric_history(run.info.run_id, "episode_return_mean")
+        assert [m.step for m in steps] == list(range(1, trials.loc[lr, "iterations"] + 1))
+    assert tracked[1e-7].info.status == "KILLED"
+    assert tracked[3e-4].info.status == "FINISHED"
+    assert tracked[3e-4].data.tags["forgeml.model_version"] == "cartpole-ppo:v1"
+    assert "test/return_mean" in tracked[3e-4].data.metrics

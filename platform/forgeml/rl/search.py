@@ -25,13 +25,16 @@ from forgeml.config import ExperimentConfig, TuneConfig
 from forgeml.rl.algorithm import algorithm_config
 from forgeml.rl.train import (
     RETURN,
+    IterationTracking,
     _history,
     checkpointing,
     register_policy,
     start_run,
     stop_conditions,
+    tracked_run,
 )
 from forgeml.storage import Storage
+from forgeml.tracking import run_tracking
 from forgeml.tune.search import (
     BEST_CONFIG_FILE,
     TrialProgress,
@@ -78,6 +81,30 @@ def with_return(result: dict) -> dict:
     group, name = RETURN.split("/")
     result.setdefault(group, {}).setdefault(name, math.nan)
     return result
+
+
+class TrialTracking(IterationTracking):
+    """A search's trials, each logged from its own folder into an MLflow run named after
+    it and tagged with the search, as a supervised search's trials (MLflow only: Tune's
+    own logger already writes TensorBoard files in every trial's folder)."""
+
+    def __init__(self, cfg: ExperimentConfig, storage: Storage, base: dict, search: str):
+        super().__init__(cfg, storage, storage.path("tune", search), search)
+        self.base = base
+
+    def logged_as(self, trial) -> tuple[ExperimentConfig, str, dict]:
+        space = self.base["tune"]["space"]
+        cfg = trial_config(self.base, {key: trial.config[key] for key in space})
+        storage = Storage(cfg.storage)
+        settings = run_tracking(
+            self.store | {"tensorboard": False},
+            cfg,
+            storage,
+            trial.path,
+            trial.trial_id,
+            **{"forgeml.tune_experiment": self.name},
+        )
+        return cfg, trial.path, settings
 
 
 def _trial_state(
@@ -151,6 +178,7 @@ def run_reinforcement_search(cfg: ExperimentConfig, resume: bool | str = False) 
         time_attr="training_iteration",
         reuse_actors=False,
         progress=TrialProgress(settings.metric, RETURN, "training_iteration"),
+        callbacks=[TrialTracking(cfg, storage, base, name)],
         stop=stop_conditions(cfg),
         checkpoint_config=checkpointing(cfg),
     )
@@ -178,7 +206,13 @@ def run_reinforcement_search(cfg: ExperimentConfig, resume: bool | str = False) 
     }
     ended = {"pruned": "pruned by asha", "stopped": "stopped by tune.time_budget_s"}
     version, metrics = register_policy(
-        best_config, storage, best, run, started, status=ended.get(best_row["state"])
+        best_config,
+        storage,
+        best,
+        run,
+        started,
+        tracked=tracked_run(storage, best.path),
+        status=ended.get(best_row["state"]),
     )
     return TuningOutcome.of(
         name,

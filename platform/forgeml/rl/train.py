@@ -116,39 +116,66 @@ TRACKING_FILE = "tracking.json"
 
 
 class IterationTracking(tune.Callback):
-    """A run's iterations as TensorBoard scalars in ``<run>/tensorboard`` and, with
+    """Each trial's iterations as TensorBoard scalars in ``<folder>/tensorboard`` and, with
     ``tracking.mlflow``, MLflow metrics (step = iteration), as a training run's epochs,
-    logged from the driver. After a restore TensorBoard drops what was logged past the
-    iteration the run goes on from."""
+    logged from the driver. A training run has one trial, logged in the run's folder.
+    After a restore TensorBoard drops what was logged past the iteration the trial goes
+    on from; a trial stopped before its limits (by a search's scheduler) ends KILLED in
+    MLflow, as a supervised search's."""
 
     def __init__(self, cfg: ExperimentConfig, storage: Storage, folder: str, name: str):
-        self.cfg, self.folder = cfg, folder
-        self.settings = run_tracking(open_tracking(cfg, storage), cfg, storage, folder, name)
-        self.logger: EpochLogger | None = None
-        self.logged = 0
+        self.cfg, self.folder, self.name = cfg, folder, name
+        self.store = open_tracking(cfg, storage)
+        self.loggers: dict[str, EpochLogger] = {}
+        self.logged: dict[str, int] = {}
+
+    def logged_as(self, trial) -> tuple[ExperimentConfig, str, dict]:
+        """The config, folder and tracking settings of ``trial``'s log."""
+        storage = Storage(self.cfg.storage)
+        return (
+            self.cfg,
+            self.folder,
+            run_tracking(self.store, self.cfg, storage, self.folder, self.name),
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         record = iteration_record(flatten_dict(result, delimiter="/"))
-        if self.logger is not None and record["epoch"] <= self.logged:  # restored
-            if self.logger.tensorboard is not None:
-                self.logger.tensorboard.close()
-            self.logger = None
-        if self.logger is None:
-            storage = Storage(self.cfg.storage)
-            resumed = tracked_run(storage, self.folder)
-            self.logger = EpochLogger(self.settings, self.cfg, resumed, record["epoch"])
-            storage.write_text(f"{self.folder}/{TRACKING_FILE}", json.dumps(self.logger.state))
-        self.logger.log_epoch(record)
-        self.logged = record["epoch"]
+        restored = record["epoch"] <= self.logged.get(trial.trial_id, 0)
+        if restored and trial.trial_id in self.loggers:
+            self.loggers.pop(trial.trial_id).close_tensorboard()
+        if trial.trial_id not in self.loggers:
+            cfg, folder, settings = self.logged_as(trial)
+            storage = Storage(cfg.storage)
+            resumed = tracked_run(storage, folder)
+            epoch_logger = EpochLogger(settings, cfg, resumed, record["epoch"])
+            storage.write_text(f"{folder}/{TRACKING_FILE}", json.dumps(epoch_logger.state))
+            self.loggers[trial.trial_id] = epoch_logger
+        self.loggers[trial.trial_id].log_epoch(record)
+        self.logged[trial.trial_id] = record["epoch"]
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        """A trial stopped by its limits (Tune's stop criteria) completed; one that a
+        scheduler stopped, killed (Tune marks both results done)."""
+        last = flatten_dict(trial.last_result or {}, delimiter="/")
+        limits = trial.stopping_criterion.items()
+        reached = any(key in last and last[key] >= limit for key, limit in limits)
+        self._close(trial, "completed" if reached else "killed")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._close(trial, "failed")
 
     def on_experiment_end(self, trials, **info) -> None:
-        if self.logger is not None:
-            failed = any(trial.status == trial.ERROR for trial in trials)
-            self.logger.close("failed" if failed else "completed")
-            self.logger = None
+        """Trials still open when the experiment ends (stopped by its time budget)."""
+        for trial in trials:
+            self._close(trial, "killed")
+
+    def _close(self, trial, status: str) -> None:
+        epoch_logger = self.loggers.pop(trial.trial_id, None)
+        if epoch_logger is not None:
+            epoch_logger.close(status)
 
     def __getstate__(self):
-        return {**self.__dict__, "logger": None}
+        return {**self.__dict__, "loggers": {}}
 
 
 def tracked_run(storage: Storage, folder: str) -> dict | None:

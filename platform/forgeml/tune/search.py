@@ -522,12 +522,14 @@ def search_tuner(
     reuse_actors: bool,
     progress: TrialProgress,
     time_attr: str = "epoch",
+    callbacks: tuple = (),
     **run_options,
 ) -> tune.Tuner:
     """The search's Tuner: its saved state restored for ``--resume``, else a new search of
     ``cfg.tune.space`` scored by ``metric`` (its key in a trial's results). A trial whose
     own process is lost (its node went) runs again, from its latest checkpoint.
-    ``run_options``: the rest of Tune's RunConfig (checkpointing, stop criteria)."""
+    ``callbacks``: Tune callbacks besides the progress line; ``run_options``: the rest of
+    Tune's RunConfig (checkpointing, stop criteria)."""
     settings = cfg.tune
     path = storage.path("tune", experiment)
     filesystem = None if storage.is_local else storage.fs
@@ -550,7 +552,7 @@ def search_tuner(
         ),
         run_config=tune.RunConfig(
             name=experiment,
-            callbacks=[progress],
+            callbacks=[progress, *callbacks],
             verbose=None if console.verbose_from_environment() else 0,
             storage_path=storage.path("tune"),
             storage_filesystem=filesystem,
