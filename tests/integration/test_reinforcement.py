@@ -2,8 +2,9 @@
 through the public entry points: RLlib under Tune, a run whose driver is killed resumes
 from its checkpoint and outlives losing an env runner, and its complete policy package
 beats a random policy on held-out episodes and acts once loaded; DQN trains too; an
-algorithm that cannot act in the environment is refused before anything starts; a
-search over the learning rate prunes the rate that learns nothing."""
+algorithm that cannot act in the environment is refused before anything starts; PPO
+learns Pendulum's continuous actions; a search over the learning rate, whose driver is
+killed and resumed, prunes the rate that learns nothing and tracks every trial."""
 
 from __future__ import annotations
 
@@ -45,6 +46,25 @@ def _train_args(folder, *overrides: str) -> list[str]:
 
 def _train(folder, *overrides: str) -> int:
     return main(_train_args(folder, *overrides))
+
+
+def _kill_driver_once(args: list[str], folder, pattern: str) -> None:
+    """Run the CLI command ``args`` as its job script (``jobs/train.py`` for ``train``)
+    in a driver of its own on the shared runtime, and SIGKILL it as soon as a path in
+    ``folder`` matches ``pattern``."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / f"{args[0]}.py"), *args[1:]],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not list(folder.glob(pattern)) and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    driver.kill()
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, "the driver ended before it could be killed"
 
 
 def test_dqn_trains_and_registers_and_cannot_take_continuous_actions(ray_runtime, tmp_path, capsys):
@@ -91,24 +111,8 @@ def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_
     args = _train_args(
         tmp_path, "task.max_iterations=4", "task.checkpoint_every=2", "tracking.mlflow={}"
     )
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "train.py"), *args[1:]],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
     # Tune's first checkpoint is iteration 2's.
-    while (
-        not list((tmp_path / "runs").glob("*/*/checkpoint_000000"))
-        and driver.poll() is None
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.1)
-    driver.kill()
-    driver.wait()
-    assert driver.returncode == -signal.SIGKILL, "the run finished before it could be stopped"
+    _kill_driver_once(args, tmp_path / "runs", "*/*/checkpoint_000000")
     assert not (tmp_path / "models").exists()
     caplog.set_level(logging.INFO, logger="forgeml.rl")
     killed = _kill_a_new_env_runner_once(
@@ -167,12 +171,36 @@ def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_
     assert acted["actions"].shape == (3,) and acted["probabilities"].shape == (3, 2)
 
 
+def test_ppo_learns_continuous_actions_from_the_pendulum_example(ray_runtime, tmp_path):
+    """The second example, cut short: one continuous action, scaled by RLlib in training
+    and by the policy when it acts."""
+    config = REPO / "examples" / "pendulum" / "config.yaml"
+    overrides = ["task.max_iterations=8", "task.evaluation_episodes=20", f"storage.root={tmp_path}"]
+    assert (
+        main(["train", "--config", str(config), *(a for o in overrides for a in ("--set", o))]) == 0
+    )
+
+    metrics = json.loads((tmp_path / "models/pendulum-ppo/v1/metrics.json").read_text())
+    test, random = metrics["test"], metrics["baseline"]["test"]
+    # A random policy's return is about -1,200; eight iterations of 4,000 steps take the
+    # greedy policy's to about -500 (seed 0).
+    assert test["return_mean"] > random["return_mean"] + 300, (test, random)
+    registry = ModelRegistry(Storage(StorageConfig(root=str(tmp_path))))
+    policy, _ = load_policy(registry, "pendulum-ppo")
+    angles = np.linspace(-np.pi, np.pi, 16)
+    observations = np.stack([np.cos(angles), np.sin(angles), np.full(16, 8.0)], axis=1)
+    actions = policy.act(observations.astype(np.float32))["actions"]
+    assert actions.shape == (16, 1) and np.all(np.abs(actions) <= 2.0)
+
+
 def test_a_search_prunes_a_learning_rate_that_learns_nothing_and_registers_the_best_policy(
     ray_runtime, tmp_path, capsys
 ):
     """Two trials one after the other, so that ASHA's rung at iteration 2 compares the
     second with the first: with the same seed their first iterations sample the same
-    episodes, and only the rate that learns makes the second iteration's longer."""
+    episodes, and only the rate that learns makes the second iteration's longer. The
+    search's driver is killed at the first trial's first checkpoint and ``--resume``
+    goes on with it."""
     raw = yaml.safe_load(CONFIG.read_text())
     raw["tune"] = {
         "search": {"kind": "grid"},
@@ -189,7 +217,9 @@ def test_a_search_prunes_a_learning_rate_that_learns_nothing_and_registers_the_b
         "tracking.mlflow={}",
     ]
     args = ["tune", "--config", str(config), "--set", f"storage.root={tmp_path}"]
-    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
+    args += [a for o in overrides for a in ("--set", o)]
+    _kill_driver_once(args, tmp_path / "tune", "*/*/checkpoint_000000")
+    assert main([*args, "--resume"]) == 0
 
     out = capsys.readouterr().out
     assert "search: 2 trials (grid, asha) for the best episode_return_mean" in out
@@ -215,8 +245,9 @@ def test_a_search_prunes_a_learning_rate_that_learns_nothing_and_registers_the_b
     for lr, run in tracked.items():
         assert run.data.tags["forgeml.tune_experiment"] == search.name
         assert run.info.run_name == trials.loc[lr, "trial_id"]
+        # (the first trial's iterations after its checkpoint are logged twice)
         steps = mlflow_client(tmp_path).get_metric_history(run.info.run_id, "episode_return_mean")
-        assert [m.step for m in steps] == list(range(1, trials.loc[lr, "iterations"] + 1))
+        assert {m.step for m in steps} == set(range(1, trials.loc[lr, "iterations"] + 1))
     assert tracked[1e-7].info.status == "KILLED"
     assert tracked[3e-4].info.status == "FINISHED"
     assert tracked[3e-4].data.tags["forgeml.model_version"] == "cartpole-ppo:v1"
