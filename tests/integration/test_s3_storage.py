@@ -1,15 +1,21 @@
-"""An s3:// storage root against moto's S3 server: data, checkpoints and the model package."""
+"""An s3:// storage root against moto's S3 server: data, checkpoints and the model
+package of a training run, and a policy search's state, trials and policy."""
 
 from __future__ import annotations
 
 import json
 
 import boto3
+import numpy as np
+import yaml
+from forgeml.config import config_from_dict
 from forgeml.model_package import load_model
+from forgeml.rl.package import load_policy
+from forgeml.rl.search import run_reinforcement_search
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 
 def test_s3_storage_root_writes_and_reads_back_a_model_package(ray_runtime, s3_endpoint):
@@ -37,3 +43,34 @@ def test_s3_storage_root_writes_and_reads_back_a_model_package(ray_runtime, s3_e
     stored = json.loads(registry.read(loaded.version, "metrics.json"))
     assert stored["test"] == outcome.metrics["test"]
     assert loaded.config == cfg
+
+
+def test_s3_storage_root_holds_a_policy_search_its_trials_and_the_policy(
+    ray_runtime, s3_endpoint, capsys
+):
+    """A reinforcement search on S3: Tune's state and checkpoints, each trial's tracking
+    record, the results, and the registered policy, read back from S3 to act."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="policies")
+    raw = yaml.safe_load((REPO / "examples" / "cartpole" / "config.yaml").read_text())
+    raw["storage"] = {"root": "s3://policies/team-b", "endpoint_url": s3_endpoint}
+    raw["task"] |= {"max_iterations": 2, "evaluation_episodes": 5, "target_return": None}
+    raw["tune"] = {
+        "search": {"kind": "grid"},
+        "max_concurrent_trials": 1,
+        "space": {"task.algorithm.lr": {"kind": "grid", "values": [3e-4, 1e-3]}},
+    }
+    cfg = config_from_dict(raw)
+
+    outcome = run_reinforcement_search(cfg)
+
+    assert outcome.version.uri == "s3://policies/team-b/models/cartpole-ppo/v1"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="policies")["Contents"]}
+    search = f"team-b/tune/{outcome.experiment}/"
+    assert f"{search}tune_results.parquet" in keys and f"{search}best_config.yaml" in keys
+    tracking = [k for k in keys if k.startswith(search) and k.endswith("/tracking.json")]
+    checkpoints = {k.split("/checkpoint_")[0] for k in keys if "/checkpoint_" in k}
+    assert len(tracking) == len(checkpoints) == 2, sorted(keys)
+    registry = ModelRegistry(Storage(cfg.storage))
+    policy, _ = load_policy(registry, "cartpole-ppo:v1")
+    assert policy.act(np.zeros((2, 4), dtype=np.float32))["actions"].shape == (2,)
