@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -813,7 +814,18 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _importable_working_directory() -> None:
+    """Modules in the directory forgeml runs from import as with ``python -m`` (a user's
+    ``env.entry_point``): the console script's own folder comes first on its path
+    instead. Ray adds the driver's directory to its workers' paths; on another node
+    the modules must be there too, installed, or in the job's working_dir."""
+    folder = os.getcwd()
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _importable_working_directory()
     args = build_parser().parse_args(argv)
     console.configure(verbose=args.verbose or console.verbose_from_environment())
     try:

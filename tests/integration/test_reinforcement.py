@@ -18,10 +18,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import psutil
+import pytest
 import ray
 import yaml
 from forgeml.cli import main
@@ -169,6 +171,65 @@ def test_a_ppo_run_whose_driver_is_killed_resumes_and_registers_a_policy_better_
     policy, _ = load_policy(registry, "cartpole-ppo")
     acted = policy.act(np.zeros((3, 4), dtype=np.float32))
     assert acted["actions"].shape == (3,) and acted["probabilities"].shape == (3, 2)
+
+
+CORRIDOR = """
+import gymnasium as gym
+import numpy as np
+
+
+class Corridor(gym.Env):
+    \"\"\"Walk to the right end of ``length`` cells: -0.1 a step, 1 at the end.\"\"\"
+
+    def __init__(self, length):
+        self.length = length
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.position = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.position = max(0, self.position + (1 if action == 1 else -1))
+        end = self.position == self.length
+        observation = np.array([self.position / self.length], np.float32)
+        return observation, 1.0 if end else -0.1, end, False, {}
+"""
+
+
+def test_a_users_own_environment_in_the_working_directory_trains(ray_runtime, tmp_path):
+    """``forgeml train`` run where the user's environment module is: the driver imports
+    it from the working directory, and Ray's env runners from the driver's directory."""
+    (tmp_path / "myenvs.py").write_text(CORRIDOR)
+    config = {
+        "name": "corridor",
+        "env": {"entry_point": "myenvs:Corridor", "kwargs": {"length": 5}, "max_episode_steps": 50},
+        "task": {
+            "kind": "reinforcement",
+            "algorithm": {"name": "ppo", "train_batch_size": 1000},
+            "max_iterations": 2,
+            "evaluation_episodes": 5,
+        },
+    }
+    (tmp_path / "corridor.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    forgeml = Path(sys.executable).parent / "forgeml"
+    done = subprocess.run(
+        [str(forgeml), "train", "--config", "corridor.yaml", "--set", "storage.root=store"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "store/models/corridor/v1/metrics.json").read_text())
+    # Five steps right is the best: 1 - 4 x 0.1.
+    assert metrics["test"]["return_mean"] == pytest.approx(0.6)
+    assert metrics["baseline"]["test"]["return_mean"] < 0
 
 
 def test_ppo_learns_continuous_actions_from_the_pendulum_example(ray_runtime, tmp_path):

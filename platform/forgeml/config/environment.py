@@ -41,7 +41,8 @@ class EnvConfig(Section):
         None,
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
         description="module:attribute of an Env class or a function returning an Env; its "
-        "module must be importable on every node (installed, or in the job's working_dir).",
+        "module must be importable on every node: installed, in the folder forgeml runs "
+        "from (that folder on every node), or in the job's working_dir.",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of the environment's constructor."
