@@ -2,9 +2,12 @@
 
 - Images (CNN): Grad-CAM (``LayerGradCam``) on the last convolutional block, upsampled
   to the image: where in the map the evidence for the explained class lies.
-- Tables (MLP): Integrated Gradients from the all-zeros input, which after the fitted
-  scaling is the training mean of every numeric feature; one-hot blocks and missing
-  indicators are summed into their feature: how much each feature moved the output.
+- Tables (MLP): SHAP values, each feature's Shapley value against the reference input
+  (all zeros: after the fitted scaling every numeric feature at its training mean, no
+  category), a one-hot block and a missing indicator moving with their feature;
+  estimated by captum's ``ShapleyValueSampling`` over random feature orders. In every
+  order the features' values add up to the output minus the reference's output, so the
+  estimate does too: how much each feature moved the output from the average row's.
 - Text (Transformer or RNN classifier): Integrated Gradients through the token
   embedding (``LayerIntegratedGradients``) from the padding embedding; each token's
   share is the sum over its embedding.
@@ -20,6 +23,8 @@ import torch
 
 #: Interpolation steps of Integrated Gradients (captum's default is 50).
 IG_STEPS = 64
+#: Random feature orders a table's SHAP values average over (captum's default is 25).
+SHAP_ORDERS = 32
 #: Features or tokens reported per row, by absolute attribution.
 TOP_K = 8
 
@@ -54,11 +59,13 @@ def _targets(loaded, outputs: torch.Tensor, target: str | None) -> torch.Tensor 
     return torch.full((len(outputs),), names.index(target), dtype=torch.long)
 
 
-def _forward(model: torch.nn.Module, regression: bool):
-    """The model as captum calls it: one output per row for a regressor."""
-    if not regression:
+def _forward(loaded):
+    """The model as captum calls it: a classifier's class scores (logits), a regressor's
+    predicted value in the target's units, so that its attributions are in them too."""
+    model = loaded.model
+    if loaded.config.task.kind != "regression":
         return model
-    return lambda x: model(x).reshape(len(x), -1)[:, 0]
+    return lambda x: loaded.task.predict(model(x))
 
 
 def gradcam(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
@@ -74,6 +81,40 @@ def gradcam(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
     return np.divide(maps, totals, out=np.zeros_like(maps), where=totals > 0)
 
 
+def shap_values(forward, inputs: torch.Tensor, targets, groups: np.ndarray) -> np.ndarray:
+    """(N, F) SHAP values of the F features that ``groups`` (a feature index per input
+    column) makes of the columns, against the all-zeros reference input. The orders are
+    drawn from a fixed seed, so a row gets the same values every time it is explained."""
+    from captum.attr import ShapleyValueSampling
+
+    features = int(groups.max()) + 1
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        values = ShapleyValueSampling(forward).attribute(
+            inputs,
+            target=targets,
+            feature_mask=torch.from_numpy(groups)[None, :],
+            n_samples=SHAP_ORDERS,
+            perturbations_per_eval=features,
+        )
+    # Every column of a feature carries the feature's value.
+    first_columns = [int(np.flatnonzero(groups == feature)[0]) for feature in range(features)]
+    return values[:, first_columns].detach().numpy()
+
+
+def shap_importance(loaded, inputs: np.ndarray) -> list[tuple[str, float]]:
+    """Each feature of a table model with its mean absolute SHAP value over the rows of
+    model ``inputs``, each row explained for its own prediction; largest first."""
+    model = loaded.model.eval()
+    rows = torch.from_numpy(inputs)
+    with torch.no_grad():
+        outputs = model(rows)
+    features, groups = loaded.preprocessor.feature_groups()
+    values = shap_values(_forward(loaded), rows, _targets(loaded, outputs, None), groups)
+    ranked = zip(features, np.abs(values).mean(0).tolist(), strict=True)
+    return sorted(ranked, key=lambda pair: -pair[1])
+
+
 def explain(loaded, columns: dict[str, np.ndarray], target: str | None = None) -> list[dict]:
     """Per row of raw ``columns`` (what ``request_columns`` gives): the prediction, what
     it is explained for, and the attributions (a heat-map, or top features or tokens)."""
@@ -84,11 +125,10 @@ def explain(loaded, columns: dict[str, np.ndarray], target: str | None = None) -
 def explain_inputs(loaded, inputs: np.ndarray, target: str | None = None) -> list[dict]:
     """``explain`` of rows already turned into model inputs (a test split's)."""
     # captum takes 1.5 s to import: only where an explanation is asked for.
-    from captum.attr import IntegratedGradients, LayerIntegratedGradients
+    from captum.attr import LayerIntegratedGradients
 
     method = explainable(loaded)
     model = loaded.model.eval()
-    regression = loaded.config.task.kind == "regression"
     inputs = torch.from_numpy(inputs)
     with torch.no_grad():
         outputs = model(inputs)
@@ -102,16 +142,20 @@ def explain_inputs(loaded, inputs: np.ndarray, target: str | None = None) -> lis
     if method == "gradcam":
         maps = gradcam(model, inputs, targets)
         return [
-            {"prediction": record, "explained": name, "heatmap": heatmap.round(5).tolist()}
+            {
+                "prediction": record,
+                "explained": name,
+                "method": "gradcam",
+                "heatmap": heatmap.round(5).tolist(),
+            }
             for record, name, heatmap in zip(records, explained_for, maps, strict=True)
         ]
     if method == "table":
-        attributions = IntegratedGradients(_forward(model, regression)).attribute(
-            inputs, baselines=torch.zeros_like(inputs), target=targets, n_steps=IG_STEPS
-        )
-        per_feature = loaded.preprocessor.feature_attributions(attributions.detach().numpy())
+        features, groups = loaded.preprocessor.feature_groups()
+        values = shap_values(_forward(loaded), inputs, targets, groups)
+        per_feature = [list(zip(features, row.tolist(), strict=True)) for row in values]
     else:
-        embeddings = LayerIntegratedGradients(_forward(model, regression), model.tokens)
+        embeddings = LayerIntegratedGradients(_forward(loaded), model.tokens)
         attributions = embeddings.attribute(
             inputs, baselines=torch.zeros_like(inputs), target=targets, n_steps=IG_STEPS
         )
@@ -122,6 +166,7 @@ def explain_inputs(loaded, inputs: np.ndarray, target: str | None = None) -> lis
         {
             "prediction": record,
             "explained": name,
+            "method": "shap" if method == "table" else "integrated_gradients",
             "attributions": [
                 {"feature": feature, "attribution": round(float(value), 6)}
                 for feature, value in sorted(row, key=lambda item: -abs(item[1]))[:TOP_K]

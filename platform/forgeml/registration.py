@@ -18,6 +18,7 @@ from forgeml.report import (
     EVALUATION_FILE,
     EXAMPLES,
     REPORT_FILE,
+    SHAP_SUMMARY_ROWS,
     evaluation_arrays,
     read_arrays,
     run_report,
@@ -103,8 +104,11 @@ def register_checkpoint(
         "run": run,
         "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
     }
-    examples = data.test.take_batch(EXAMPLES, batch_format="numpy")
-    files[EVALUATION_FILE] = evaluation_arrays(evaluation.predictions, evaluation.targets, examples)
+    table = data.preprocessor.kind == "tabular"
+    examples = data.test.take_batch(SHAP_SUMMARY_ROWS if table else EXAMPLES, batch_format="numpy")
+    files[EVALUATION_FILE] = evaluation_arrays(
+        evaluation.predictions, evaluation.targets, examples, table
+    )
     package = package_files(
         PackageContents(
             config=cfg,

@@ -2,7 +2,8 @@
 
 Written at registration and again by ``forgeml report``, from the package alone:
 ``metrics.json`` (history, test metrics, confusion matrix), ``evaluation.npz`` (the test
-split's per-row outputs and targets, and the first rows' model inputs as examples),
+split's per-row outputs and targets, the first rows' model inputs as examples, and for a
+table more of its rows for the SHAP summary),
 ``MODEL_CARD.md`` and the model itself for explanations. Plots are matplotlib PNGs
 embedded as data URIs; the page fetches nothing.
 """
@@ -19,7 +20,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_precision_recall_curve, multiclass_roc
 
 from forgeml.data.images import WAFER_MAX
-from forgeml.explain import explain_inputs, explainable
+from forgeml.explain import explain_inputs, explainable, shap_importance
 from forgeml.monitor.report import STYLE, data_uri, plt, png_bytes, png_data_uri
 from forgeml.tasks.generative import WAFER_COLOURS
 from forgeml.tracking import scalar_metrics
@@ -28,20 +29,27 @@ EVALUATION_FILE = "evaluation.npz"
 REPORT_FILE = "report.html"
 #: Test rows kept as examples (shown with their predictions and explanations).
 EXAMPLES = 8
+#: Test rows of a table that the report's SHAP summary averages over.
+SHAP_SUMMARY_ROWS = 200
 #: ROC and precision-recall curves drawn at most (the most frequent classes).
 MAX_CURVES = 10
 
 
-def evaluation_arrays(outputs: np.ndarray, targets: np.ndarray, examples: dict) -> bytes:
-    """``evaluation.npz``: per test row the task's outputs and targets, and the model
-    inputs and targets of ``EXAMPLES`` rows (a batch of the test split)."""
+def evaluation_arrays(
+    outputs: np.ndarray, targets: np.ndarray, examples: dict, table: bool
+) -> bytes:
+    """``evaluation.npz``: per test row the task's outputs and targets, the model inputs
+    and targets of ``EXAMPLES`` rows of ``examples`` (a batch of the test split), and of a
+    ``table`` up to ``SHAP_SUMMARY_ROWS`` rows' inputs for the SHAP summary."""
     buffer = io.BytesIO()
+    summary = {"summary_inputs": examples["inputs"][:SHAP_SUMMARY_ROWS]} if table else {}
     np.savez_compressed(
         buffer,
         outputs=outputs,
         targets=targets,
         examples=examples["inputs"][:EXAMPLES],
         example_targets=examples["target"][:EXAMPLES],
+        **summary,
     )
     return buffer.getvalue()
 
@@ -204,9 +212,26 @@ def _label_titles(loaded, outputs: np.ndarray, targets: np.ndarray) -> list[str]
     ]
 
 
+def shap_summary(loaded, inputs: np.ndarray) -> str:
+    """A table model's features by mean absolute SHAP value over test rows."""
+    ranked = shap_importance(loaded, inputs)[::-1]
+    figure, ax = plt.subplots(figsize=(6, 0.3 * len(ranked) + 1.2))
+    ax.barh([name for name, _ in ranked], [value for _, value in ranked], color="#4c72b0")
+    ax.tick_params(labelsize=7)
+    output = "value" if loaded.config.task.kind == "regression" else "predicted class's logit"
+    ax.set_xlabel(f"mean |SHAP value| ({output})", fontsize=8)
+    caption = (
+        f"Mean absolute SHAP value of each feature over {len(inputs)} test rows, each row "
+        f"explained for its {output}: how far a feature moves it, on average, from the "
+        "reference row's (every numeric feature at its training mean, no category)."
+    )
+    return f"<p>{html.escape(caption)}</p>" + _img(figure, "SHAP summary")
+
+
 def _examples_section(loaded, arrays: dict) -> str:
     """Sample predictions on example test rows, with their explanations: images with
-    Grad-CAM, or the largest Integrated Gradients attributions of table and text rows."""
+    Grad-CAM, the largest SHAP values of table rows, the largest Integrated Gradients
+    attributions of text rows."""
     task = loaded.config.task.kind
     try:
         method = explainable(loaded)
@@ -230,9 +255,8 @@ def _examples_section(loaded, arrays: dict) -> str:
                 f"{a['feature']} {a['attribution']:+.3g}" for a in row["attributions"][:5]
             )
             rows.append([i, actual, predicted, top])
-        return _table(
-            ["row", "actual", "predicted", "largest attributions (Integrated Gradients)"], rows
-        )
+        name = "SHAP values" if method == "table" else "attributions (Integrated Gradients)"
+        return _table(["row", "actual", "predicted", f"largest {name}"], rows)
     with torch.no_grad():
         outputs = loaded.task.predict(loaded.model(torch.from_numpy(examples))).numpy()
     heatmaps, caption = None, "Test images with their true and predicted classes."
@@ -322,6 +346,8 @@ def run_report(ref: str, loaded, metrics: dict, arrays: dict, files: dict[str, b
             "<h2>Samples</h2>",
             f"<img alt='samples' src='{data_uri(files['samples.png'])}'>",
         ]
+    if "summary_inputs" in arrays and explainable(loaded) == "table":
+        sections += ["<h2>SHAP summary</h2>", shap_summary(loaded, arrays["summary_inputs"])]
     examples = _examples_section(loaded, arrays)
     if examples:
         sections += ["<h2>Sample predictions and explanations</h2>", examples]

@@ -22,6 +22,7 @@ from forgeml.cli import main
 from forgeml.config import config_from_dict
 from forgeml.data.wafer import CLASS_NAMES, generate_map
 from forgeml.evaluate import evaluate
+from forgeml.explain import explain
 from forgeml.model_package import load_model
 from forgeml.monitor.check import DriftGauges, check
 from forgeml.monitor.traffic import read_traffic
@@ -285,6 +286,15 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
     with torch.no_grad():
         offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
     np.testing.assert_allclose(served_values, offline, rtol=1e-5)
+    # /explain answers each record's SHAP values, the same as explaining it offline.
+    explained = _post(served, url.replace("/predict", "/explain"), {"instances": records}, None)
+    assert explained.status_code == 200, explained.text
+    offline_explained = explain(loaded, loaded.preprocessor.request_columns(records))
+    for row, offline_row in zip(explained.json()["explanations"], offline_explained, strict=True):
+        assert row["method"] == "shap" and row["explained"] == "value"
+        values = {a["feature"]: a["attribution"] for a in row["attributions"]}
+        expected = {a["feature"]: a["attribution"] for a in offline_row["attributions"]}
+        assert values == pytest.approx(expected, rel=1e-4, abs=1e-3)
     info = requests.get(served["url"] + "/tables/v1/models", timeout=30).json()[0]
     assert info["task"] == "regression" and info["classes"] == []
     assert info["inputs"]["categorical"]["species"] == ["Adelie", "Chinstrap", "Gentoo"]

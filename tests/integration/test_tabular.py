@@ -21,6 +21,7 @@ from forgeml.cli import main
 from forgeml.config import StorageConfig, config_from_dict
 from forgeml.data.pipeline import TooManyRejects, prepare_data, usable_rows
 from forgeml.data.sources import open_source
+from forgeml.explain import explain, shap_importance
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 
@@ -258,9 +259,10 @@ def test_penguins_reference_holds_the_inputs_in_their_own_units_and_the_predicti
         assert reference["prediction"]["value"]["kind"] == "numeric"
 
 
-def test_penguins_explain_ranks_integrated_gradients_per_feature(penguins, tmp_path, capsys):
-    """A one-hot block and a missing indicator are summed into their feature's
-    attribution; the largest comes first."""
+def test_penguins_explain_gives_each_feature_its_shap_value(penguins, tmp_path, capsys):
+    """A one-hot block and a missing indicator move with their feature; the largest comes
+    first, and the values add up to the explained output (a class's logit, or the value)
+    minus the reference row's."""
     request = tmp_path / "request.json"
     request.write_text(json.dumps([penguins.record]))
     args = ["explain", "--model", penguins.name, "--input", str(request)]
@@ -269,10 +271,84 @@ def test_penguins_explain_ranks_integrated_gradients_per_feature(penguins, tmp_p
     assert main([*args, "--storage-root", str(penguins.root)]) == 0
 
     (explained,) = json.loads(capsys.readouterr().out)["explanations"]
+    assert explained["method"] == "shap"
     features = [a["feature"] for a in explained["attributions"]]
-    assert set(features) <= set(penguins.record) and len(features) == len(set(features))
+    assert set(features) == set(penguins.record) and len(features) == len(set(features))
     sizes = [abs(a["attribution"]) for a in explained["attributions"]]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
+    loaded = load_model(
+        ModelRegistry(Storage(StorageConfig(root=str(penguins.root)))), penguins.name
+    )
+    inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns([penguins.record]))
+    row = torch.from_numpy(inputs["inputs"])
+    rows = torch.cat([row, torch.zeros_like(row)])  # the row, and the reference row
+    with torch.no_grad():
+        outputs = loaded.model(rows)
+    if penguins.example == "species":
+        explained_class = loaded.task.class_names.index(explained["explained"])
+        moved = outputs[0, explained_class] - outputs[1, explained_class]
+    else:
+        values = loaded.task.predict(outputs)
+        moved = values[0] - values[1]
+    total = sum(a["attribution"] for a in explained["attributions"])
+    assert total == pytest.approx(float(moved), rel=1e-4, abs=1e-3)
+
+
+def test_shap_ranks_first_the_two_columns_the_target_is_built_from(ray_runtime, tmp_path):
+    """A value built from x1 and x2 only, beside two noise columns and a noise category:
+    those two lead the report's SHAP summary, and a row's SHAP values add up to its
+    prediction minus the reference row's (every numeric feature at its training mean)."""
+    rng = np.random.default_rng(0)
+    rows = 800
+    frame = pd.DataFrame(
+        {
+            "noise1": rng.normal(0, 1, rows),
+            "x1": rng.normal(0, 1, rows),
+            "noise2": rng.uniform(-3, 3, rows),
+            "x2": rng.normal(5, 2, rows),
+            "shade": rng.choice(["a", "b", "c"], rows),
+        }
+    )
+    frame["y"] = 3 * frame["x1"] - 2 * (frame["x2"] - 5) + rng.normal(0, 0.1, rows)
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    raw = {
+        "name": "built-from-two",
+        "seed": 0,
+        "storage": {"root": str(tmp_path)},
+        "data": {
+            "source": {"kind": "table", "path": str(tmp_path / "rows.csv")},
+            "features": {
+                "kind": "tabular",
+                "target": "y",
+                "numeric": ["noise1", "x1", "noise2", "x2"],
+                "categorical": ["shade"],
+            },
+        },
+        "task": {"kind": "regression"},
+        "model": {"kind": "mlp", "hidden": [32]},
+        "train": {"max_epochs": 30, "optimizer": {"lr": 0.01}},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    assert main(["train", "--config", str(config)]) == 0
+
+    package = tmp_path / "models" / "built-from-two" / "v1"
+    loaded = load_model(ModelRegistry(Storage(StorageConfig(root=str(tmp_path)))), "built-from-two")
+    with np.load(package / "evaluation.npz") as arrays:
+        rows_explained = arrays["summary_inputs"]
+    ranked = [feature for feature, _ in shap_importance(loaded, rows_explained)]
+    assert set(ranked[:2]) == {"x1", "x2"}, ranked
+    (explained,) = explain(loaded, loaded.preprocessor.request_columns([{"x1": 1.0, "x2": 3.0}]))
+    reference = torch.zeros(1, *loaded.preprocessor.model_inputs.shape)
+    with torch.no_grad():
+        start = loaded.task.predict(loaded.model(reference))
+    total = sum(a["attribution"] for a in explained["attributions"])
+    assert explained["method"] == "shap"
+    moved = explained["prediction"]["value"] - float(start[0])
+    assert total == pytest.approx(moved, rel=1e-4, abs=1e-3)
+    headings = check_report(package / "report.html", tmp_path, min_images=3)
+    assert "SHAP summary" in headings
 
 
 def test_penguins_run_report_renders_in_a_browser(penguins, tmp_path):

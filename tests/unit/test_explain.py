@@ -1,5 +1,6 @@
-"""Explanations without Ray: Grad-CAM finds a defect whose place is known; Integrated
-Gradients' attributions add up to the output's change and are summed per feature."""
+"""Explanations without Ray: Grad-CAM finds a defect whose place is known; a table's SHAP
+values are exact for a linear model, add up to the output's change, move a feature's
+columns together, and do not change between calls."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from forgeml.config import CNNConfig
 from forgeml.data.base import ModelInputs
-from forgeml.explain import gradcam
+from forgeml.explain import gradcam, shap_values
 from forgeml.models import build_model
 from scipy.ndimage import binary_dilation
 
@@ -69,3 +70,35 @@ def test_gradcam_puts_most_of_its_mass_on_the_defect(trained_cnn):
     assert inside.mean() > 0.5
     assert inside.mean() > 2.5 * area.mean()
     assert (inside > area).all()  # on every map, more than an even spread would put there
+
+
+#: Four input columns making three features: the middle two are one feature (a one-hot
+#: block, say).
+GROUPS = np.array([0, 1, 1, 2])
+
+
+def test_shap_values_of_a_linear_model_are_each_features_weighted_value():
+    linear = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        linear.weight[:] = torch.tensor([[3.0, 1.0, -1.0, 2.0]])
+        linear.bias[:] = 0.5
+    rows = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+
+    values = shap_values(lambda x: linear(x)[:, 0], rows, None, GROUPS)
+
+    expected = torch.stack([3 * rows[:, 0], rows[:, 1] - rows[:, 2], 2 * rows[:, 3]], 1)
+    np.testing.assert_allclose(values, expected.numpy(), atol=1e-5)
+
+
+def test_shap_values_add_up_to_the_explained_outputs_change_and_repeat_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    rows = torch.randn(5, 4)
+    classes = torch.tensor([0, 1, 2, 0, 1])
+
+    values = shap_values(model, rows, classes, GROUPS)
+
+    with torch.no_grad():
+        moved = model(rows)[range(5), classes] - model(torch.zeros(1, 4))[0, classes]
+    np.testing.assert_allclose(values.sum(1), moved.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(values, shap_values(model, rows, classes, GROUPS))

@@ -304,9 +304,10 @@ class TabularPreprocessor:
             position = self._indicator(summary, col, inputs, position)
         return summary
 
-    def feature_attributions(self, attributions: np.ndarray) -> list[list]:
-        """Per row of (N, D) attributions over the model's inputs, each feature's total:
-        its scaled value or one-hot block, plus its missing indicator."""
+    def feature_groups(self) -> tuple[list[str], np.ndarray]:
+        """The features, and for each column of ``inputs`` the index of its feature: a
+        numeric feature's scaled value or a categorical one's one-hot block, with its
+        missing indicator."""
         names = []
         for col in self.numeric:
             names += [col["name"]] * (1 + int(col["indicator"]))
@@ -314,10 +315,7 @@ class TabularPreprocessor:
             width = len(col["categories"]) if self.encode == "onehot" else 1
             names += [col["name"]] * (width + int(col["indicator"]))
         features = list(dict.fromkeys(names))
-        columns = np.array([features.index(name) for name in names])
-        totals = np.zeros((len(attributions), len(features)))
-        np.add.at(totals, (slice(None), columns), attributions)
-        return [list(zip(features, row.tolist(), strict=True)) for row in totals]
+        return features, np.array([features.index(name) for name in names])
 
     @staticmethod
     def _indicator(summary: dict, col: dict, inputs: np.ndarray, position: int) -> int:

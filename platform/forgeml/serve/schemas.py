@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -127,11 +127,18 @@ class Attribution(BaseModel):
 class Explanation(BaseModel):
     prediction: ClassPrediction | ValuePrediction
     explained: str = Field(description="The class explained, or value for a regressor.")
+    method: Literal["gradcam", "shap", "integrated_gradients"] = Field(
+        description="Grad-CAM (images), SHAP values (tables) or Integrated Gradients (text)."
+    )
     heatmap: list[list[float]] | None = Field(
         None, description="Images: Grad-CAM over the map, summing to 1."
     )
     attributions: list[Attribution] | None = Field(
-        None, description="Tables and text: the largest Integrated Gradients attributions."
+        None,
+        description="Tables and text: the largest attributions, in the explained output's "
+        "units (a class's logit, a regressor's value); a table's SHAP values add up to the "
+        "output minus that of the reference row (every numeric feature at its training "
+        "mean, no category).",
     )
 
 
