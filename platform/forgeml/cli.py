@@ -197,7 +197,7 @@ def _add_explain_command(commands) -> None:
     explain = _command(
         commands,
         "explain",
-        help="explain predictions: Grad-CAM (images), SHAP (tables), Integrated Gradients (text)",
+        help="explain predictions: Grad-CAM for images, SHAP values for tables and text",
     )
     explain.add_argument("--model", required=True, metavar="NAME[:vN]", help="registered version")
     explain.add_argument(

@@ -2,15 +2,14 @@
 
 - Images (CNN): Grad-CAM (``LayerGradCam``) on the last convolutional block, upsampled
   to the image: where in the map the evidence for the explained class lies.
-- Tables (MLP): SHAP values, each feature's Shapley value against the reference input
-  (all zeros: after the fitted scaling every numeric feature at its training mean, no
-  category), a one-hot block and a missing indicator moving with their feature;
-  estimated by captum's ``ShapleyValueSampling`` over random feature orders. In every
-  order the features' values add up to the output minus the reference's output, so the
-  estimate does too: how much each feature moved the output from the average row's.
-- Text (Transformer or RNN classifier): Integrated Gradients through the token
-  embedding (``LayerIntegratedGradients``) from the padding embedding; each token's
-  share is the sum over its embedding.
+- Tables (MLP) and text (classifiers and regressors of token ids): SHAP values, each
+  feature's Shapley value against the all-zeros reference input, estimated by captum's
+  ``ShapleyValueSampling`` over random feature orders. A table's features are its
+  columns (a one-hot block and a missing indicator move with their feature) and its
+  reference row has every numeric feature at its training mean and no category; a
+  text's features are its tokens and its reference is the empty text (all padding).
+  In every order the features' values add up to the output minus the reference's, so
+  the estimate does too: how much each feature or token moved the output.
 
 Classifiers are explained for a class (the predicted one unless asked), regressors for
 their value. Forecasters, language models and generative models are refused by name.
@@ -21,9 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: Interpolation steps of Integrated Gradients (captum's default is 50).
-IG_STEPS = 64
-#: Random feature orders a table's SHAP values average over (captum's default is 25).
+#: Random feature orders SHAP values average over (captum's default is 25).
 SHAP_ORDERS = 32
 #: Features or tokens reported per row, by absolute attribution.
 TOP_K = 8
@@ -81,25 +78,54 @@ def gradcam(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
     return np.divide(maps, totals, out=np.zeros_like(maps), where=totals > 0)
 
 
-def shap_values(forward, inputs: torch.Tensor, targets, groups: np.ndarray) -> np.ndarray:
-    """(N, F) SHAP values of the F features that ``groups`` (a feature index per input
-    column) makes of the columns, against the all-zeros reference input. The orders are
-    drawn from a fixed seed, so a row gets the same values every time it is explained."""
+def shapley_sampling(forward, inputs: torch.Tensor, targets, features: torch.Tensor):
+    """(N, D) SHAP values over the model's inputs, against the all-zeros input: each
+    column's entry in ``features`` ((1, D) or (N, D)) names its feature, and every column
+    of a feature carries the feature's value. The orders are drawn from a fixed seed, so
+    a row gets the same values every time it is explained."""
     from captum.attr import ShapleyValueSampling
 
-    features = int(groups.max()) + 1
     with torch.random.fork_rng():
         torch.manual_seed(0)
         values = ShapleyValueSampling(forward).attribute(
             inputs,
+            baselines=0,
             target=targets,
-            feature_mask=torch.from_numpy(groups)[None, :],
+            feature_mask=features,
             n_samples=SHAP_ORDERS,
-            perturbations_per_eval=features,
+            perturbations_per_eval=int(features.max()) + 1,
         )
-    # Every column of a feature carries the feature's value.
-    first_columns = [int(np.flatnonzero(groups == feature)[0]) for feature in range(features)]
-    return values[:, first_columns].detach().numpy()
+    return values.detach()
+
+
+def shap_values(forward, inputs: torch.Tensor, targets, groups: np.ndarray) -> np.ndarray:
+    """(N, F) SHAP values of the F features that ``groups`` (a feature index per input
+    column) makes of a table's columns."""
+    values = shapley_sampling(forward, inputs, targets, torch.from_numpy(groups)[None, :])
+    first_columns = [int(np.flatnonzero(groups == f)[0]) for f in range(int(groups.max()) + 1)]
+    return values[:, first_columns].numpy()
+
+
+def token_shap_values(forward, ids: torch.Tensor, targets) -> torch.Tensor:
+    """(N, L) SHAP values of each text's tokens, a text at a time: its features, and so
+    the orders sampled, are its own, not those of the texts explained beside it."""
+    rows = []
+    for i in range(len(ids)):
+        text = ids[i : i + 1]
+        target = None if targets is None else targets[i : i + 1]
+        rows.append(shapley_sampling(forward, text, target, token_features(text)))
+    return torch.cat(rows)
+
+
+def token_features(ids: torch.Tensor) -> torch.Tensor:
+    """Each real token of (N, L) ids a feature of its own, named by its position; all
+    padding one more feature, which moves nothing (padding never changes a prediction).
+    Sampling then costs as many evaluations per order as the text has tokens, not its
+    padded length."""
+    real = ids != 0
+    used = int(torch.nonzero(real.any(0)).max()) + 1 if real.any() else 0
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return torch.where(real, positions, torch.full_like(ids, used))
 
 
 def shap_importance(loaded, inputs: np.ndarray) -> list[tuple[str, float]]:
@@ -124,9 +150,6 @@ def explain(loaded, columns: dict[str, np.ndarray], target: str | None = None) -
 
 def explain_inputs(loaded, inputs: np.ndarray, target: str | None = None) -> list[dict]:
     """``explain`` of rows already turned into model inputs (a test split's)."""
-    # captum takes 1.5 s to import: only where an explanation is asked for.
-    from captum.attr import LayerIntegratedGradients
-
     method = explainable(loaded)
     model = loaded.model.eval()
     inputs = torch.from_numpy(inputs)
@@ -155,18 +178,13 @@ def explain_inputs(loaded, inputs: np.ndarray, target: str | None = None) -> lis
         values = shap_values(_forward(loaded), inputs, targets, groups)
         per_feature = [list(zip(features, row.tolist(), strict=True)) for row in values]
     else:
-        embeddings = LayerIntegratedGradients(_forward(loaded), model.tokens)
-        attributions = embeddings.attribute(
-            inputs, baselines=torch.zeros_like(inputs), target=targets, n_steps=IG_STEPS
-        )
-        per_feature = loaded.preprocessor.token_attributions(
-            inputs.numpy(), attributions.sum(-1).detach().numpy()
-        )
+        values = token_shap_values(_forward(loaded), inputs, targets)
+        per_feature = loaded.preprocessor.token_attributions(inputs.numpy(), values.numpy())
     return [
         {
             "prediction": record,
             "explained": name,
-            "method": "shap" if method == "table" else "integrated_gradients",
+            "method": "shap",
             "attributions": [
                 {"feature": feature, "attribution": round(float(value), 6)}
                 for feature, value in sorted(row, key=lambda item: -abs(item[1]))[:TOP_K]

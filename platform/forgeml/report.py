@@ -230,8 +230,7 @@ def shap_summary(loaded, inputs: np.ndarray) -> str:
 
 def _examples_section(loaded, arrays: dict) -> str:
     """Sample predictions on example test rows, with their explanations: images with
-    Grad-CAM, the largest SHAP values of table rows, the largest Integrated Gradients
-    attributions of text rows."""
+    Grad-CAM, or the largest SHAP values of table and text rows."""
     task = loaded.config.task.kind
     try:
         method = explainable(loaded)
@@ -255,8 +254,7 @@ def _examples_section(loaded, arrays: dict) -> str:
                 f"{a['feature']} {a['attribution']:+.3g}" for a in row["attributions"][:5]
             )
             rows.append([i, actual, predicted, top])
-        name = "SHAP values" if method == "table" else "attributions (Integrated Gradients)"
-        return _table(["row", "actual", "predicted", f"largest {name}"], rows)
+        return _table(["row", "actual", "predicted", "largest SHAP values"], rows)
     with torch.no_grad():
         outputs = loaded.task.predict(loaded.model(torch.from_numpy(examples))).numpy()
     heatmaps, caption = None, "Test images with their true and predicted classes."

@@ -16,6 +16,7 @@ import torch
 import yaml
 from forgeml.cli import main
 from forgeml.config import StorageConfig
+from forgeml.explain import token_shap_values
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
 
@@ -74,7 +75,8 @@ def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
     assert set(reference["input"]) == {"tokens", "unknown_share"}
     assert main(["generate", "--model", name, "--storage-root", str(tmp_path)]) == 2
 
-    # Integrated Gradients through the embedding: the tokens of the text, by position
+    # SHAP values of the text's tokens, by position, adding up to the explained class's
+    # logit minus the empty text's (the CLI shows the largest eight).
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"instances": records}))
     capsys.readouterr()
@@ -83,6 +85,16 @@ def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
     first = json.loads(capsys.readouterr().out)["explanations"][0]
     tokens = [a["feature"].split(":", 1)[1] for a in first["attributions"]]
     assert tokens and all(token.strip("#") in records[0]["text"].lower() for token in tokens)
+    assert first["method"] == "shap"
+    ids = torch.from_numpy(inputs[:1])
+    explained = torch.tensor([loaded.task.class_names.index(first["explained"])])
+    values = token_shap_values(loaded.model, ids, explained)
+    with torch.no_grad():
+        logits = loaded.model(torch.cat([ids, torch.zeros_like(ids)]))[:, explained[0]]
+    assert float(values.sum()) == pytest.approx(float(logits[0] - logits[1]), abs=1e-4)
+    largest = max(first["attributions"], key=lambda a: abs(a["attribution"]))
+    position = int(largest["feature"].split(":", 1)[0])
+    assert float(values[0, position]) == pytest.approx(largest["attribution"], abs=1e-5)
     check_report(package / "report.html", tmp_path, min_images=1)
 
 

@@ -1,6 +1,7 @@
 """Explanations without Ray: Grad-CAM finds a defect whose place is known; a table's SHAP
 values are exact for a linear model, add up to the output's change, move a feature's
-columns together, and do not change between calls."""
+columns together, and do not change between calls; a text's tokens are its features,
+padding moves nothing, and a Transformer gives the empty text a finite output."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from forgeml.config import CNNConfig
 from forgeml.data.base import ModelInputs
-from forgeml.explain import gradcam, shap_values
+from forgeml.explain import gradcam, shap_values, token_features, token_shap_values
 from forgeml.models import build_model
 from scipy.ndimage import binary_dilation
 
@@ -102,3 +103,37 @@ def test_shap_values_add_up_to_the_explained_outputs_change_and_repeat_exactly()
         moved = model(rows)[range(5), classes] - model(torch.zeros(1, 4))[0, classes]
     np.testing.assert_allclose(values.sum(1), moved.numpy(), atol=1e-5)
     np.testing.assert_array_equal(values, shap_values(model, rows, classes, GROUPS))
+
+
+def test_a_texts_tokens_are_its_features_and_padding_one_more():
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 0, 0, 0, 0, 0]])
+
+    assert token_features(ids).tolist() == [[0, 1, 2, 3, 3, 3], [0, 3, 3, 3, 3, 3]]
+
+
+@pytest.mark.parametrize("kind", ["transformer", "rnn", "bag_of_ngrams"])
+def test_token_shap_values_add_up_to_the_change_from_the_empty_text(kind):
+    from forgeml.config.models import BagOfNgramsConfig, RNNConfig, TransformerConfig
+
+    sections = {
+        "transformer": TransformerConfig,
+        "rnn": RNNConfig,
+        "bag_of_ngrams": BagOfNgramsConfig,
+    }
+    torch.manual_seed(0)
+    inputs = ModelInputs(shape=(12,), data="text", dtype="int64", vocab_size=40)
+    model = build_model(sections[kind](kind=kind), inputs, 3).eval()
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    ids[0, :5] = torch.tensor([4, 9, 13, 21, 30])
+    ids[1, :3] = torch.tensor([7, 7, 2])
+    classes = torch.tensor([2, 0])
+
+    values = token_shap_values(model, ids, classes)
+
+    with torch.no_grad():
+        moved = model(ids)[range(2), classes] - model(torch.zeros_like(ids))[range(2), classes]
+    assert torch.isfinite(moved).all()
+    np.testing.assert_allclose(values.sum(1).numpy(), moved.numpy(), atol=1e-5)
+    np.testing.assert_allclose(values[ids == 0].numpy(), 0, atol=1e-6)  # padding moves nothing
+    alone = token_shap_values(model, ids[1:], classes[1:])
+    np.testing.assert_array_equal(values[1:], alone)  # the same beside another text or alone

@@ -89,10 +89,16 @@ class TransformerClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, num_outputs))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """A text without tokens (all padding) gets the head's bias, not NaN: it attends
+        to its first position only so that its attention has something to weigh, and
+        the mean over its tokens is zero. Explaining a text takes tokens away, down to
+        none."""
         mask = ids != 0
+        attended = mask.clone()
+        attended[:, 0] |= ~mask.any(1)
         positions = torch.arange(ids.shape[1], device=ids.device)
         hidden = self.tokens(ids) + self.positions(positions)
-        hidden = self.encoder(hidden, src_key_padding_mask=~mask)
+        hidden = self.encoder(hidden, src_key_padding_mask=~attended)
         return self.head(masked_mean(self.norm(hidden), mask))
 
 

@@ -5,7 +5,7 @@
     GET  /v1/models                                 served models and versions
     POST /v1/models/{name}/predict                  newest served version of a model
     POST /v1/models/{name}/versions/{version}/predict
-    POST /v1/models/{name}/explain                  Grad-CAM, SHAP or Integrated Gradients
+    POST /v1/models/{name}/explain                  Grad-CAM or SHAP values
     POST /v1/models/{name}/versions/{version}/explain
     POST /v1/models/{name}/act                      a policy's actions for observations
     POST /v1/models/{name}/versions/{version}/act

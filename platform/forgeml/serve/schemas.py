@@ -127,18 +127,18 @@ class Attribution(BaseModel):
 class Explanation(BaseModel):
     prediction: ClassPrediction | ValuePrediction
     explained: str = Field(description="The class explained, or value for a regressor.")
-    method: Literal["gradcam", "shap", "integrated_gradients"] = Field(
-        description="Grad-CAM (images), SHAP values (tables) or Integrated Gradients (text)."
+    method: Literal["gradcam", "shap"] = Field(
+        description="Grad-CAM (images) or SHAP values (tables and text)."
     )
     heatmap: list[list[float]] | None = Field(
         None, description="Images: Grad-CAM over the map, summing to 1."
     )
     attributions: list[Attribution] | None = Field(
         None,
-        description="Tables and text: the largest attributions, in the explained output's "
-        "units (a class's logit, a regressor's value); a table's SHAP values add up to the "
-        "output minus that of the reference row (every numeric feature at its training "
-        "mean, no category).",
+        description="Tables and text: the largest SHAP values, in the explained output's "
+        "units (a class's logit, a regressor's value). All of a row's add up to its output "
+        "minus the reference's: a table row with every numeric feature at its training "
+        "mean and no category, or the empty text.",
     )
 
 
