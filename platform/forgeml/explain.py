@@ -2,12 +2,14 @@
 
 - Images (CNN): Grad-CAM (``LayerGradCam``) on the last convolutional block, upsampled
   to the image: where in the map the evidence for the explained class lies.
-- Tables (MLP) and text (classifiers and regressors of token ids): SHAP values, each
-  feature's Shapley value against the all-zeros reference input, estimated by captum's
-  ``ShapleyValueSampling`` over random feature orders. A table's features are its
-  columns (a one-hot block and a missing indicator move with their feature) and its
-  reference row has every numeric feature at its training mean and no category; a
-  text's features are its tokens and its reference is the empty text (all padding).
+- Tables (MLP) and text classifiers: SHAP values, each feature's Shapley value against
+  the all-zeros model input, estimated by captum's ``ShapleyValueSampling`` over random
+  feature orders. A table's features are its columns (a one-hot block and a missing
+  indicator move with their feature) and its reference row, with the default standard
+  scaling and one-hot encoding, has every numeric feature at its training mean and no
+  category (with minmax scaling at its training minimum, with ordinal encoding the
+  first category); a text's features are its tokens and its reference is the empty
+  text (all padding).
   In every order the features' values add up to the output minus the reference's, so
   the estimate does too: how much each feature or token moved the output.
 
@@ -85,8 +87,8 @@ def shapley_sampling(forward, inputs: torch.Tensor, targets, features: torch.Ten
     a row gets the same values every time it is explained."""
     from captum.attr import ShapleyValueSampling
 
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the CPU's generator only: no CUDA set-up
+        torch.default_generator.manual_seed(0)
         values = ShapleyValueSampling(forward).attribute(
             inputs,
             baselines=0,
@@ -120,8 +122,8 @@ def token_shap_values(forward, ids: torch.Tensor, targets) -> torch.Tensor:
 def token_features(ids: torch.Tensor) -> torch.Tensor:
     """Each real token of (N, L) ids a feature of its own, named by its position; all
     padding one more feature, which moves nothing (padding never changes a prediction).
-    Sampling then costs as many evaluations per order as the text has tokens, not its
-    padded length."""
+    Sampling then costs as many evaluations per order as the text has tokens (one more
+    with padding), not its padded length."""
     real = ids != 0
     used = int(torch.nonzero(real.any(0)).max()) + 1 if real.any() else 0
     positions = torch.arange(ids.shape[1]).expand_as(ids)

@@ -223,7 +223,8 @@ def shap_summary(loaded, inputs: np.ndarray) -> str:
     caption = (
         f"Mean absolute SHAP value of each feature over {len(inputs)} test rows, each row "
         f"explained for its {output}: how far a feature moves it, on average, from the "
-        "reference row's (every numeric feature at its training mean, no category)."
+        "reference row's (the all-zeros model input: by default every numeric feature at "
+        "its training mean and no category)."
     )
     return f"<p>{html.escape(caption)}</p>" + _img(figure, "SHAP summary")
 

@@ -105,6 +105,19 @@ def test_shap_values_add_up_to_the_explained_outputs_change_and_repeat_exactly()
     np.testing.assert_array_equal(values, shap_values(model, rows, classes, GROUPS))
 
 
+def test_the_bilstm_skips_padding_between_tokens_as_after_them():
+    """What a text's SHAP values take away becomes padding in the middle of the text."""
+    from forgeml.config.models import RNNConfig
+
+    torch.manual_seed(0)
+    inputs = ModelInputs(shape=(6,), data="text", dtype="int64", vocab_size=20)
+    model = build_model(RNNConfig(kind="rnn"), inputs, 2).eval()
+    with torch.no_grad():
+        holed = model(torch.tensor([[3, 0, 5, 0, 9, 0]]))
+        packed = model(torch.tensor([[3, 5, 9, 0, 0, 0]]))
+    torch.testing.assert_close(holed, packed)
+
+
 def test_a_texts_tokens_are_its_features_and_padding_one_more():
     ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 0, 0, 0, 0, 0]])
 

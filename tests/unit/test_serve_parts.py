@@ -1,3 +1,4 @@
+import asyncio
 import base64
 import io
 
@@ -5,6 +6,7 @@ import numpy as np
 import pytest
 from forgeml.config import AutoscalingConfig
 from forgeml.data.images import ImagePreprocessor
+from forgeml.serve import gateway
 from forgeml.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 from forgeml.serve.schemas import ImageInstance
 from PIL import Image
@@ -54,3 +56,50 @@ def test_token_from_environment_or_file(monkeypatch, tmp_path):
 def test_autoscaling_bounds_are_checked():
     with pytest.raises(ValueError, match="min_replicas \\(3\\) must be <= max_replicas \\(2\\)"):
         AutoscalingConfig(min_replicas=3, max_replicas=2)
+
+
+class ReadinessCalls:
+    """A deployment handle's ``ready`` calls, each answering as ``answers`` says in turn:
+    "hang" (a replica whose node is gone, not yet known to be), "ok" or "fail"."""
+
+    def __init__(self, *answers: str):
+        self.answers, self.started, self.cancelled = list(answers), 0, 0
+
+    @property
+    def ready(self):
+        return self
+
+    def remote(self):
+        answer = self.answers[min(self.started, len(self.answers) - 1)]
+        self.started += 1
+        return self._answer(answer)
+
+    async def _answer(self, answer: str) -> str:
+        if answer == "fail":
+            raise RuntimeError("the replica failed")
+        if answer == "hang":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return "model:v1"
+
+
+def test_readiness_is_asked_again_beside_a_call_stuck_on_a_lost_replica(monkeypatch):
+    monkeypatch.setattr(gateway, "READY_HEDGE_S", 0.05)
+    handle = ReadinessCalls("hang", "hang", "ok")
+
+    asyncio.run(asyncio.wait_for(gateway._a_replica_answers(handle), 5))
+
+    assert handle.started == 3 and handle.cancelled == 2  # the stuck calls are withdrawn
+
+
+def test_readiness_fails_when_a_replica_fails_and_times_out_when_all_hang(monkeypatch):
+    monkeypatch.setattr(gateway, "READY_HEDGE_S", 0.05)
+    with pytest.raises(RuntimeError, match="the replica failed"):
+        asyncio.run(gateway._a_replica_answers(ReadinessCalls("hang", "fail")))
+    hanging = ReadinessCalls("hang")
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(gateway._a_replica_answers(hanging), 0.3))
+    assert hanging.cancelled == hanging.started > 1

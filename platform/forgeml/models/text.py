@@ -48,7 +48,7 @@ class BagOfNgrams(nn.Module):
     to ``ngrams`` neighbouring tokens (each hashed into one of ``buckets`` embeddings of
     their own), then a linear layer. Runs that reach into padding are padding too, so a
     text's prediction does not depend on its padding; tokens keep an embedding layer of
-    their own (``tokens``), which explanations attribute to."""
+    their own (``tokens``)."""
 
     def __init__(self, cfg: BagOfNgramsConfig, inputs: ModelInputs, num_outputs: int):
         super().__init__()
@@ -113,6 +113,9 @@ class RNNClassifier(nn.Module):
         self.pool = masked_max if cfg.pooling == "max" else masked_mean
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reads each text's tokens in order, padding left out wherever it is: a token
+        an explanation takes away leaves padding between two real ones."""
+        ids = ids.gather(1, torch.sort((ids == 0).to(torch.uint8), dim=1, stable=True).indices)
         mask = ids != 0
         lengths = mask.sum(1).clamp(min=1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(

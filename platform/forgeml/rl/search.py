@@ -178,7 +178,10 @@ def run_reinforcement_search(cfg: ExperimentConfig, resume: bool | str = False) 
         time_attr="training_iteration",
         reuse_actors=False,
         progress=TrialProgress(settings.metric, RETURN, "training_iteration"),
-        callbacks=[TrialTracking(cfg, storage, base, name)],
+        # A trial has nothing of forgeml's to log without MLflow.
+        callbacks=[TrialTracking(cfg, storage, base, name)]
+        if cfg.tracking.mlflow is not None
+        else [],
         stop=stop_conditions(cfg),
         checkpoint_config=checkpointing(cfg),
     )

@@ -50,10 +50,15 @@ logger = logging.getLogger(__name__)
 
 #: Longest wait, when the routing changes, for new versions to answer and old calls to end.
 SWITCH_TIMEOUT_S = 300.0
-#: Instances one /explain request may hold: each costs tens of forward and backward passes.
+#: Instances one /explain request may hold: a table row or text costs 32 forward passes
+#: of a batch as wide as its features, a map's Grad-CAM a forward and backward pass.
 MAX_EXPLAIN_INSTANCES = 16
 #: Longest wait of /readyz for each model version.
 READY_TIMEOUT_S = 10.0
+#: A /readyz probe not answered after this long is sent again beside the first: one
+#: that reached a replica whose node was just lost waits until Ray knows (about 15 s),
+#: while Serve's router sends the new one to a replica with a shorter queue.
+READY_HEDGE_S = 2.0
 #: The deployment of every model version's application (a ModelServer, or a PolicyServer
 #: for a policy): the gateway reaches each version through it.
 MODEL_DEPLOYMENT = "ModelServer"
@@ -166,7 +171,7 @@ class Gateway:
             for ref, handle in list(self.handles.items()):
                 self.in_flight[ref] += 1  # a routing switch waits for this call too
                 try:
-                    await asyncio.wait_for(_call_replica(handle, "ready"), READY_TIMEOUT_S)
+                    await asyncio.wait_for(_a_replica_answers(handle), READY_TIMEOUT_S)
                 finally:
                     self.in_flight[ref] -= 1
         except Exception as exc:  # any replica failure or a timeout means not ready
@@ -322,6 +327,24 @@ async def _call_replica(handle: DeploymentHandle, method: str, *args):
             logger.warning(
                 "%s during %s: sending it to another replica", type(lost).__name__, method
             )
+
+
+async def _a_replica_answers(handle: DeploymentHandle) -> None:
+    """Return once a replica of ``handle``'s deployment answers the readiness call, sent
+    again beside the unanswered ones every ``READY_HEDGE_S``; a failed call raises."""
+    probes: set[asyncio.Future] = set()
+    try:
+        while True:
+            probes.add(asyncio.ensure_future(_call_replica(handle, "ready")))
+            done, probes = await asyncio.wait(
+                probes, timeout=READY_HEDGE_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                done.pop().result()
+                return
+    finally:
+        for probe in probes:
+            probe.cancel()
 
 
 def gateway_api(gateway: "Gateway", max_body_bytes: int) -> FastAPI:

@@ -135,10 +135,11 @@ class Explanation(BaseModel):
     )
     attributions: list[Attribution] | None = Field(
         None,
-        description="Tables and text: the largest SHAP values, in the explained output's "
-        "units (a class's logit, a regressor's value). All of a row's add up to its output "
-        "minus the reference's: a table row with every numeric feature at its training "
-        "mean and no category, or the empty text.",
+        description="Tables and text: the largest eight SHAP values, in the explained "
+        "output's units (a class's logit, a regressor's value). All of a row's features' "
+        "values, listed or not, add up to its output minus the reference's: the all-zeros "
+        "model input (by default every numeric feature at its training mean and no "
+        "category), or the empty text.",
     )
 
 
