@@ -180,10 +180,11 @@ def test_population_based_training_continues_trials_from_better_ones_on_s3(
     """In-process trials on an s3:// root: at each perturbation PBT's worse trials load a
     better trial's checkpoint (read back from S3) and go on with its learning rate scaled
     by 0.8 or 1.2, which the trial then trains with. Synchronous, so that every
-    perturbation compares all four trials even when they start far apart. Three epochs:
-    a trial may finish another epoch before its pause takes effect, so a clone's
-    checkpoint at the first perturbation can be of epoch 2, and the third is what the
-    perturbed trial trains."""
+    perturbation compares all four trials even when they start far apart. Five epochs:
+    a trial may finish more epochs before its pause takes effect (with three, a full
+    suite once saw every continued trial already at its last epoch), so a clone's
+    checkpoint at the first perturbation can be of a later epoch, and what is left is
+    what the perturbed trial trains."""
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="pbt")
     raw = _raw(
         "s3://pbt/search",
@@ -201,7 +202,7 @@ def test_population_based_training_continues_trials_from_better_ones_on_s3(
         },
     )
     raw["storage"] = {"root": "s3://pbt/search", "endpoint_url": s3_endpoint}
-    raw["train"]["max_epochs"] = 3
+    raw["train"]["max_epochs"] = 5
     # Four half-CPU trials at once leave Ray Data two of the runtime's four CPUs.
     raw["scaling"]["cpus_per_worker"] = 0.5
     cfg = config_from_dict(raw)
