@@ -108,7 +108,7 @@ def shap_values(forward, inputs: torch.Tensor, targets, groups: np.ndarray) -> n
     return values[:, first_columns].numpy()
 
 
-def token_shap_values(forward, ids: torch.Tensor, targets) -> torch.Tensor:
+def token_shap_values(forward, ids: torch.Tensor, targets) -> np.ndarray:
     """(N, L) SHAP values of each text's tokens, a text at a time: its features, and so
     the orders sampled, are its own, not those of the texts explained beside it."""
     rows = []
@@ -116,7 +116,7 @@ def token_shap_values(forward, ids: torch.Tensor, targets) -> torch.Tensor:
         text = ids[i : i + 1]
         target = None if targets is None else targets[i : i + 1]
         rows.append(shapley_sampling(forward, text, target, token_features(text)))
-    return torch.cat(rows)
+    return torch.cat(rows).numpy()
 
 
 def token_features(ids: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ def explain_inputs(loaded, inputs: np.ndarray, target: str | None = None) -> lis
         per_feature = [list(zip(features, row.tolist(), strict=True)) for row in values]
     else:
         values = token_shap_values(_forward(loaded), inputs, targets)
-        per_feature = loaded.preprocessor.token_attributions(inputs.numpy(), values.numpy())
+        per_feature = loaded.preprocessor.token_attributions(inputs.numpy(), values)
     return [
         {
             "prediction": record,
