@@ -72,6 +72,7 @@ examples: setup
 	$(BIN)/python examples/forecasting/compare.py
 	$(BIN)/python jobs/train.py --config examples/wafer_generative/vae.yaml
 	$(BIN)/python jobs/train.py --config examples/wafer_generative/dcgan.yaml
+	$(BIN)/python examples/transfer/compare.py
 	for seed in 0 1 2; do $(BIN)/python jobs/train.py --config examples/cartpole/config.yaml --set seed=$$seed || exit 1; done
 	for seed in 0 1 2; do $(BIN)/python jobs/train.py --config examples/pendulum/config.yaml --set seed=$$seed || exit 1; done
 

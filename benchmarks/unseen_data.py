@@ -294,7 +294,8 @@ def _series_reference(cfg, series: pd.DataFrame, test: pd.DataFrame) -> dict:
 
 def reference(cfg, folder: Path) -> dict:
     source = open_source(cfg, Storage(cfg.storage))
-    train, test = (usable_rows(cfg, source, split) for split in ("train", "test"))
+    splits = usable_rows(cfg, source)
+    train, test = splits["train"], splits["test"]
     features = cfg.data.features
     if features is None:
         return _image_reference(cfg, train, test)

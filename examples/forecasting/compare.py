@@ -45,7 +45,7 @@ def baselines(cfg) -> dict:
     """The seasonal-naive forecast repeats the last season of the window (each step's
     value one season before); the naive forecast repeats the window's last value."""
     features = cfg.data.features
-    test = usable_rows(cfg, open_source(cfg, Storage(cfg.storage)), "test")
+    test = usable_rows(cfg, open_source(cfg, Storage(cfg.storage)))["test"]
     history = carry_forward(np.stack(test[HISTORY]).astype(np.float64), np.nan)
     truth = np.stack(test[FUTURE]).astype(np.float64)
     window, horizon, period = features.window, features.horizon, features.seasonal_period

@@ -112,7 +112,8 @@ def main() -> None:
             "per_class_recall": {k: round(v, 4) for k, v in test["per_class_recall"].items()},
         }
     source = open_source(cfg, Storage(cfg.storage))
-    train, test = (usable_rows(cfg, source, split) for split in ("train", "test"))
+    splits = usable_rows(cfg, source)
+    train, test = splits["train"], splits["test"]
     truth = test[cfg.data.features.target].to_numpy()
     reference = baseline(cfg, train, test)
     results["tfidf_logistic_regression"] = scores(truth, reference, sorted(set(truth)))

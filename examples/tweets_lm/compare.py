@@ -35,9 +35,10 @@ HERE = Path(__file__).parent
 def unigram_perplexity(cfg, preprocessor) -> dict:
     """Perplexity on the test tokens of token frequencies counted on the training split."""
     source = open_source(cfg, Storage(cfg.storage))
+    splits = usable_rows(cfg, source)
     train, test = (
-        preprocessor.transform(usable_rows(cfg, source, split).to_dict("series"))["target"]
-        for split in ("train", "test")
+        preprocessor.transform(splits[name].to_dict("series"))["target"]
+        for name in ("train", "test")
     )
     # Every token but [PAD] and [BOS] can be a target: those are the outcomes smoothed over.
     outcomes = preprocessor.vocab_size - 2

@@ -181,7 +181,15 @@ def model_card(contents: PackageContents) -> str:
     cfg, metrics = contents.config, contents.metrics
     test, target = metrics["test"], contents.preprocessor.target
     described = contents.preprocessor.describe()
+    reads = ""
     if described["kind"] == "tabular":
+        columns = "the encoded columns" + (
+            f" {', '.join(described['selected'])}" if "selected" in described else ""
+        )
+        if "components" in described:
+            columns = f"the first {described['components']} principal components of {columns}"
+        if "selected" in described or "components" in described:
+            reads = f" The model reads {columns}."
         described = {
             **described,
             "numeric": ", ".join(described["numeric"]) or "none",
@@ -211,7 +219,7 @@ Trained by forgeml {forgeml.__version__} on {datetime.now(timezone.utc):%Y-%m-%d
 
 ## What it is
 A `{cfg.model.kind}` model for `{cfg.task.kind}` of {what}.
-Input: {INPUT_DESCRIPTIONS[described["kind"]].format(**described)}.
+Input: {INPUT_DESCRIPTIONS[described["kind"]].format(**described)}.{reads}
 
 ## Data
 Source `{cfg.data.source.kind}`, split {metrics["data"]["split"]}:

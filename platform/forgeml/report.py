@@ -229,6 +229,52 @@ def shap_summary(loaded, inputs: np.ndarray) -> str:
     return f"<p>{html.escape(caption)}</p>" + _img(figure, "SHAP summary")
 
 
+def selection_section(selection: dict) -> str:
+    """The encoded columns a table's model reads, with their variance and score, and
+    how many were left out."""
+    kept = [column for column in selection["columns"] if column["kept"]]
+    if selection["score"]:
+        kept.sort(key=lambda column: -column["score"])
+    score = {"f_test": "F statistic", "mutual_info": "mutual information (nats)"}.get(
+        selection["score"]
+    )
+    rows = [
+        [
+            column["name"],
+            f"{column['variance']:.4g}",
+            *([f"{column['score']:.4g}"] if score else []),
+        ]
+        for column in kept
+    ]
+    left_out = [column["name"] for column in selection["columns"] if not column["kept"]]
+    caption = (
+        f"The model reads {len(kept)} of {len(selection['columns'])} encoded columns, chosen "
+        "on the training split"
+        + (f" by {score} with the target" if score else " by their variance")
+        + f". Left out: {', '.join(left_out) or 'none'}."
+    )
+    header = ["column", "training variance", *([score] if score else [])]
+    return f"<p>{html.escape(caption)}</p>" + _table(header, rows)
+
+
+def pca_section(pca: dict) -> str:
+    """Each principal component's share of the variance, cumulated, with the number kept."""
+    ratio = np.asarray(pca["explained_variance_ratio"])
+    kept = len(pca["components"])
+    figure, ax = plt.subplots(figsize=(6, 3.2))
+    positions = np.arange(1, len(ratio) + 1)
+    ax.bar(positions, ratio, color="#4c72b0", label="component")
+    ax.plot(positions, np.cumsum(ratio), color="#dd8452", marker=".", label="cumulative")
+    ax.axvline(kept + 0.5, color="grey", linestyle="--", label=f"{kept} kept")
+    ax.set(xlabel="principal component", ylabel="share of the variance", ylim=(0, 1.05))
+    ax.legend(fontsize=8)
+    caption = (
+        f"PCA fitted on the training split: the model reads {kept} components, which explain "
+        f"{ratio[:kept].sum():.1%} of the variance of the {len(ratio)} columns they are made of."
+    )
+    return f"<p>{html.escape(caption)}</p>" + _img(figure, "PCA explained variance")
+
+
 def _examples_section(loaded, arrays: dict) -> str:
     """Sample predictions on example test rows, with their explanations: images with
     Grad-CAM, or the largest SHAP values of table and text rows."""
@@ -340,6 +386,10 @@ def run_report(ref: str, loaded, metrics: dict, arrays: dict, files: dict[str, b
             predicted_vs_actual(outputs.ravel(), targets.ravel(), ""),
             example_forecasts(loaded, arrays["examples"], arrays["example_targets"]),
         ]
+    if loaded.preprocessor.kind == "tabular" and loaded.preprocessor.selection:
+        sections += ["<h2>Selected features</h2>", selection_section(loaded.preprocessor.selection)]
+    if loaded.preprocessor.kind == "tabular" and loaded.preprocessor.pca:
+        sections += ["<h2>Principal components</h2>", pca_section(loaded.preprocessor.pca)]
     if "samples.png" in files:
         sections += [
             "<h2>Samples</h2>",

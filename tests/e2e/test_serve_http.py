@@ -257,10 +257,17 @@ def test_served_traffic_is_checked_for_drift_and_an_alarm_is_exported(served, tm
 
 def test_a_table_model_serves_records_and_names_bad_fields(served):
     """Penguins body mass (regression) next to the wafer model: the same gateway and
-    batching, typed records in, values out, bad fields named with a 422."""
+    batching, typed records in, values out, bad fields named with a 422. Its model reads
+    the principal components of the 8 best encoded columns, so serving applies the
+    fitted selection and PCA as training did."""
     storage = served["cfg"].storage
     args = ["train", "--config", str(REPO / "examples" / "penguins" / "body_mass.yaml")]
-    for override in (f"storage.root={storage.root}", "train.max_epochs=1"):
+    for override in (
+        f"storage.root={storage.root}",
+        "train.max_epochs=1",
+        "data.features.select.top_k=8",
+        "data.features.pca.components=0.95",
+    ):
         args += ["--set", override]
     assert main(args) == 0
     deploy(AppArgs(models=["penguins-body-mass"], storage=storage, auth=False), "tables", "/tables")
@@ -286,6 +293,7 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
     with torch.no_grad():
         offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
     np.testing.assert_allclose(served_values, offline, rtol=1e-5)
+    assert loaded.preprocessor.pca and len(loaded.preprocessor.describe()["selected"]) == 8
     # /explain answers each record's SHAP values, the same as explaining it offline.
     explained = _post(served, url.replace("/predict", "/explain"), {"instances": records}, None)
     assert explained.status_code == 200, explained.text

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from forgeml.cli import EXIT_DIVERGED, main
 from forgeml.config import ExperimentConfig, StorageConfig, WaferSource, config_from_dict
 from forgeml.data.builtin import write_wafer_dataset
@@ -278,6 +279,51 @@ def test_forgeml_explain_refuses_a_class_the_model_does_not_have(ddp_run, tmp_pa
     assert main([*args, "--target", "no-such-class"]) == 2
 
     assert "not a class of tiny-wafer" in capsys.readouterr().err
+
+
+def test_a_run_starts_from_the_registered_model_with_its_first_block_frozen_for_an_epoch(
+    ddp_run, tmp_path
+):
+    """model.init_from the module's package: every tensor loads (same shapes), the first
+    conv block stays as loaded through epoch 1 and trains in epoch 2, the run starts
+    where the package ended (its first epoch's validation loss is below the package's
+    own first epoch's), and the run record lists what was loaded."""
+    raw = ddp_run.cfg.model_dump(mode="json")
+    raw["name"] = "tiny-wafer-tuned"
+    raw["data"].pop("append")
+    raw["model"]["init_from"] = "tiny-wafer:v1"
+    raw["train"] |= {
+        "max_epochs": 2,
+        "freeze": {"params": ["features.0.*"], "epochs": 1},
+        "optimizer": raw["train"]["optimizer"] | {"pretrained_lr_scale": 0.5},
+        "checkpoint": {"keep_top_k": 2},
+    }
+    raw["scaling"]["num_workers"] = 1
+    raw["tracking"] = {}
+    cfg = config_from_dict(raw)
+
+    outcome = run_training(cfg)
+
+    start = load_model(ModelRegistry(Storage(cfg.storage)), "tiny-wafer:v1").model.state_dict()
+    record = outcome.metrics["run"]["init_from"]
+    assert record["source"] == "tiny-wafer:v1" and record["loaded"] == sorted(start)
+    assert record["skipped"] == {} and record["missing"] == [] == record["unused"]
+    states = {}
+    for state_file in (ddp_run.store / "runs" / outcome.run_name).glob("checkpoint_*/state.pt"):
+        state = torch.load(state_file, map_location="cpu")
+        states[state["epoch"]] = state["model"]
+    first_block = [
+        name for name in start if name.startswith("features.0.") and "running" not in name
+    ]
+    assert first_block and sorted(states) == [1, 2]
+    for name in first_block:
+        if name.endswith("num_batches_tracked"):
+            continue
+        torch.testing.assert_close(states[1][name], start[name], rtol=0, atol=0)
+    assert any(not torch.equal(states[2][n], start[n]) for n in first_block if "weight" in n)
+    assert not torch.equal(states[1]["features.1.0.weight"], start["features.1.0.weight"])
+    tuned, first = outcome.metrics["history"][0], ddp_run.metrics["history"][0]
+    assert tuned["val_loss"] < first["val_loss"], (tuned["val_loss"], first["val_loss"])
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_runtime, store):

@@ -69,7 +69,7 @@ def test_repeated_rows_with_opposite_labels_spread_over_every_split(ray_runtime,
     }
     cfg = config_from_dict(_config(tmp_path, "titanic", data, "classification"))
     source = open_source(cfg, Storage(cfg.storage))
-    splits = {name: usable_rows(cfg, source, name) for name in ("train", "val", "test")}
+    splits = usable_rows(cfg, source)
     rows = pd.concat([frame.assign(split=name) for name, frame in splits.items()])
     assert len(rows) == 1309
     # every class holds its shares of each split to within one row
@@ -168,7 +168,7 @@ def test_the_split_is_the_same_from_one_file_or_many_and_groups_stay_whole(
         data = {"source": {"kind": "table", "path": str(tmp_path / folder)}, "features": features}
         cfg = config_from_dict(_config(tmp_path, "t", {**data, "split": split}, "classification"))
         source = open_source(cfg, Storage(cfg.storage))
-        return {name: usable_rows(cfg, source, name) for name in ("train", "val", "test")}
+        return usable_rows(cfg, source)
 
     one, many = splits("one"), splits("many")
     for name in one:

@@ -158,6 +158,46 @@ class ImputeConfig(Section):
     )
 
 
+class FeatureSelection(Section):
+    """Which encoded columns (a numeric feature's scaled value, a one-hot column, a missing
+    indicator) the model reads; fitted on the training split. The others stay in the
+    data, so explanations and drift still name every feature."""
+
+    min_variance: float | None = Field(
+        None,
+        ge=0,
+        description="Drop columns whose variance over the training split is at most this "
+        "(as encoded: with standard scaling a numeric column's is 1, a one-hot column's "
+        "p(1-p)); 0 drops constant columns. null: no variance threshold.",
+    )
+    top_k: int | None = Field(
+        None, ge=1, description="Keep the k columns that score highest; null: keep all."
+    )
+    score: Literal["f_test", "mutual_info"] = Field(
+        "f_test",
+        description="top_k's score of a column against the target: f_test (ANOVA F for "
+        "classes, the F of the correlation for numbers; exact, from sums over every row) "
+        "or mutual_info (scikit-learn's nearest-neighbour estimate, also for nonlinear "
+        "relations, over a random sample of at most 20,000 training rows).",
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> FeatureSelection:
+        if self.min_variance is None and self.top_k is None:
+            raise ValueError("set min_variance, top_k or both (or leave select out)")
+        return self
+
+
+class PrincipalComponents(Section):
+    """PCA of the selected columns, fitted on the training split from sums and
+    cross-products over its blocks (never the whole split in one process)."""
+
+    components: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, lt=1)] = Field(
+        description="A whole number: that many components; a fraction between 0 and 1: the "
+        "fewest components whose explained variance reaches it (scikit-learn's rule)."
+    )
+
+
 class TabularFeatures(FeaturesSection):
     """Named numeric and categorical columns and one target column of a table."""
 
@@ -186,6 +226,12 @@ class TabularFeatures(FeaturesSection):
     )
     max_categories: int = Field(
         64, ge=1, description="Most frequent categories kept per column; rarer ones are unseen."
+    )
+    select: FeatureSelection | None = Field(
+        None, description="Feature selection; null: the model reads every encoded column."
+    )
+    pca: PrincipalComponents | None = Field(
+        None, description="Dimensionality reduction after selection; null: none."
     )
 
     @model_validator(mode="after")

@@ -175,6 +175,16 @@ class ExperimentConfig(Section):
             )
         if getattr(model, "autoregressive", False) is None:
             model.autoregressive = data.kind == "series"
+        pretrained = self.train.freeze is not None and self.train.freeze.params == "pretrained"
+        for path, needs in (
+            ("train.freeze.params", pretrained),
+            ("train.optimizer.pretrained_lr_scale", self.train.optimizer.pretrained_lr_scale < 1),
+        ):
+            if needs and model.init_from is None:
+                raise ValueError(
+                    f"{path}: the pretrained parameters are those model.init_from loads; "
+                    "set model.init_from, or name parameters by pattern"
+                )
         if data.split.stratify and not task.has_classes:
             raise ValueError(
                 f"data.split.stratify: stratifying balances classes, and task "
@@ -211,6 +221,8 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "data: a reinforcement task learns in its env, not from a dataset; remove data"
             )
+        if self.model.init_from is not None:
+            raise ValueError("model.init_from: a policy starts from random weights")
         if self.model.made_for != self.task.kind:
             fitting = models_for(self.task.kind, "environment")
             raise ValueError(f"model: task {self.task.kind} needs model {' or '.join(fitting)}")

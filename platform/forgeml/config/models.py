@@ -19,6 +19,16 @@ class ModelSection(Section):
     #: The one task it is made for; None: any task whose data it reads.
     made_for: ClassVar[str | None] = None
 
+    init_from: str | None = Field(
+        None,
+        description="Weights the model starts from (transfer learning): a model registered "
+        "in this storage ('name' or 'name:vN'), or a weights file, a path or an s3:// URI: "
+        "'.pt' (a state dict, or a forgeml model.pt) or '.safetensors'. Tensors whose name "
+        "and shape match are loaded (the pretrained parameters); the run record lists them, "
+        "those skipped for their shape (a new head) and the model's parameters the weights "
+        "lack. A resumed run starts from its checkpoint instead.",
+    )
+
 
 class CNNConfig(ModelSection):
     """A stack of conv blocks (conv-BN-ReLU, pooling) and a linear classifier."""

@@ -27,6 +27,14 @@ class OptimizerConfig(Section):
         description="AdamW's decay rates of its gradient averages (ignored by SGD); GANs "
         "train with (0.5, 0.999).",
     )
+    pretrained_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Learning rate of the parameters model.init_from loaded, as a fraction "
+        "of lr (discriminative learning rates): e.g. 0.1 moves a pretrained backbone a tenth "
+        "as fast as a new head. The schedule scales both alike.",
+    )
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimizerConfig:
@@ -127,6 +135,29 @@ class PreemptionConfig(Section):
     )
 
 
+class FreezeConfig(Section):
+    """Parameters that do not train, for the whole run or its first epochs."""
+
+    params: Literal["pretrained"] | list[str] = Field(
+        "pretrained",
+        description="pretrained: those model.init_from loaded (all but a new head); or "
+        "shell-style patterns of parameter names as the model's state dict names them, "
+        "e.g. ['features.*'].",
+    )
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Frozen for the first N epochs, then trained; null: the whole run.",
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _some(cls, params):
+        if params == []:
+            raise ValueError("name at least one pattern, or pretrained")
+        return params
+
+
 class TrainConfig(Section):
     max_epochs: int = Field(
         12,
@@ -143,6 +174,9 @@ class TrainConfig(Section):
     )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoint retention."
+    )
+    freeze: FreezeConfig | None = Field(
+        None, description="Parameters kept as they start (fine-tuning); null: all train."
     )
     grad_clip_norm: float | None = Field(1.0, gt=0, description="Clip gradients; null disables.")
     precision: Literal["auto", "fp32", "bf16"] = Field(

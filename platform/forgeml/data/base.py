@@ -76,23 +76,48 @@ class TargetSpec:
 
 
 @dataclass(frozen=True)
+class InputReduction:
+    """A fixed affine map the model applies to its inputs first: ``(x - offset) @ matrix``
+    takes a table's D encoded columns to the K its network reads (selected columns, or
+    their principal components). Derived from the fitted preprocessor (``preprocessor.json``
+    states the selection and the PCA); the rows themselves keep every column."""
+
+    offset: list[float]
+    matrix: list[list[float]]
+
+    @property
+    def width(self) -> int:
+        """K, the number of inputs the network reads."""
+        return len(self.matrix[0])
+
+
+@dataclass(frozen=True)
 class ModelInputs:
     """What the model receives per row: the kind of data it comes from (``DataConfig.kind``,
     what a model states it reads), its shape (no batch dimension), its dtype, for token
-    ids the vocabulary size, and for series windows the steps per season."""
+    ids the vocabulary size, for series windows the steps per season, and for tables with
+    selection or PCA the reduction the model applies first."""
 
     shape: tuple[int, ...]
     data: str
     dtype: str = "float32"
     vocab_size: int = 0
     season: int = 0
+    reduction: InputReduction | None = None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "shape": list(self.shape)}
 
     @classmethod
     def from_dict(cls, state: dict) -> ModelInputs:
-        return cls(**{**state, "shape": tuple(state["shape"])})
+        reduction = state.get("reduction")
+        return cls(
+            **{
+                **state,
+                "shape": tuple(state["shape"]),
+                "reduction": InputReduction(**reduction) if reduction else None,
+            }
+        )
 
 
 class Preprocessor(Protocol):

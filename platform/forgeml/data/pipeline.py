@@ -306,13 +306,20 @@ def tag_rows(cfg: ExperimentConfig, source: DataSource) -> tuple[ray.data.Datase
     return rows, f"{how}, seed {cfg.seed}"
 
 
-def usable_rows(cfg: ExperimentConfig, source: DataSource, split: str) -> pd.DataFrame:
-    """The raw rows of one split that the features accept, collected to this process: for
-    baselines that must see exactly the rows a model trains or is tested on (small data)."""
+def usable_rows(cfg: ExperimentConfig, source: DataSource) -> dict[str, pd.DataFrame]:
+    """The raw rows of each split that the features accept, collected to this process in
+    one pass: for baselines that must see exactly the rows a model trains or is tested
+    on (small data)."""
     rows = tag_rows(cfg, source)[0].map_batches(
-        _rows, fn_kwargs={"split": split}, batch_format="numpy"
+        _rows, fn_kwargs={"split": None}, batch_format="numpy"
     )
-    return rows.to_pandas().drop(columns=[SPLIT_COLUMN, REJECT_COLUMN])
+    frame = rows.to_pandas()
+    return {
+        split: frame[frame[SPLIT_COLUMN] == split]
+        .drop(columns=[SPLIT_COLUMN, REJECT_COLUMN])
+        .reset_index(drop=True)
+        for split in SPLITS
+    }
 
 
 #: What ``prepare_data`` shows on its progress bar, in order.

@@ -10,7 +10,7 @@ preprocessors have no median imputation and no missing-value indicators.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +18,13 @@ from ray.data.aggregate import ApproximateQuantile, Count, Max, Mean, Min, Std, 
 
 from forgeml.config import ExperimentConfig
 from forgeml.config import TabularFeatures as TabularConfig
-from forgeml.data.base import ModelInputs, TargetSpec, register_features, register_preprocessor
+from forgeml.data.base import (
+    InputReduction,
+    ModelInputs,
+    TargetSpec,
+    register_features,
+    register_preprocessor,
+)
 from forgeml.data.columns import (
     mark_class_rejects,
     no_rejects,
@@ -26,6 +32,7 @@ from forgeml.data.columns import (
     parse_numbers,
     unseen_class_reasons,
 )
+from forgeml.data.reduction import fit_reduction
 
 #: The category drift summaries give a value that training never saw.
 UNSEEN_CATEGORY = "(unseen)"
@@ -38,6 +45,7 @@ class TableFeatures:
     cfg: TabularConfig
     task: str
     id_column: str | None
+    seed: int = 0
     columns: list[str] = field(init=False)
     augmentable = False
 
@@ -111,7 +119,19 @@ class TableFeatures:
         stats = typed.aggregate(*aggregations)
         if not stats or not stats["rows"]:
             raise ValueError("the training split is empty: add data or lower the split fractions")
-        return TabularPreprocessor.fit(self, stats)
+        encoding = TabularPreprocessor.fit(self, stats)
+        if cfg.select is None and cfg.pca is None:
+            return encoding
+        selection, pca = fit_reduction(
+            cfg.select,
+            cfg.pca,
+            train.map_batches(encoding.transform, batch_format="numpy"),
+            encoding.feature_names,
+            ~encoding.continuous_columns,
+            len(encoding.target_spec.classes),
+            self.seed,
+        )
+        return replace(encoding, selection=selection, pca=pca)
 
 
 def _counts(stats: dict, key: str) -> dict[str, int]:
@@ -122,11 +142,13 @@ def _counts(stats: dict, key: str) -> dict[str, int]:
 @register_preprocessor
 @dataclass(frozen=True)
 class TabularPreprocessor:
-    """Imputation (with missing indicators), scaling and encoding fitted on the training split.
+    """Imputation (with missing indicators), scaling and encoding fitted on the training
+    split, and the selection and PCA of the encoded columns the model applies first.
 
     ``numeric`` and ``categorical`` hold one dict per column: its fill value, its
     centre and scale (numeric) or its categories (categorical), and whether it gets a
-    missing-value indicator.
+    missing-value indicator. ``selection`` holds each encoded column's variance, score
+    and whether it is kept; ``pca`` the mean and components (``reduction.py``).
     """
 
     numeric: list[dict]
@@ -134,6 +156,8 @@ class TabularPreprocessor:
     encode: str
     target_column: str
     target_spec: TargetSpec
+    selection: dict | None = None
+    pca: dict | None = None
 
     kind = "tabular"
 
@@ -199,23 +223,54 @@ class TabularPreprocessor:
             target = TargetSpec(classes=tuple(classes), name=cfg.target)
         return cls(numeric, categorical, cfg.encode, cfg.target, target)
 
+    def _encoded_columns(self) -> list[tuple[str, bool]]:
+        """Each column of ``inputs`` in order: its name, and whether it holds a number
+        (a numeric feature's scaled value) rather than a category or a 0/1 indicator."""
+        columns = []
+        for col in self.numeric:
+            columns.append((col["name"], True))
+            columns += [(f"{col['name']}_missing", False)] if col["indicator"] else []
+        for col in self.categorical:
+            if self.encode == "onehot":
+                columns += [(f"{col['name']}={value}", False) for value in col["categories"]]
+            else:
+                columns.append((col["name"], False))
+            columns += [(f"{col['name']}_missing", False)] if col["indicator"] else []
+        return columns
+
     @property
     def feature_names(self) -> list[str]:
         """Names of the columns of ``inputs``, in order."""
-        names = []
-        for col in self.numeric:
-            names += [col["name"]] + ([f"{col['name']}_missing"] if col["indicator"] else [])
-        for col in self.categorical:
-            if self.encode == "onehot":
-                names += [f"{col['name']}={value}" for value in col["categories"]]
-            else:
-                names.append(col["name"])
-            names += [f"{col['name']}_missing"] if col["indicator"] else []
-        return names
+        return [name for name, _ in self._encoded_columns()]
+
+    @property
+    def continuous_columns(self) -> np.ndarray:
+        """Which columns of ``inputs`` hold numbers (the others categories or indicators)."""
+        return np.array([continuous for _, continuous in self._encoded_columns()])
 
     @property
     def model_inputs(self) -> ModelInputs:
-        return ModelInputs(shape=(len(self.feature_names),), data="tabular")
+        width = len(self.feature_names)
+        return ModelInputs(shape=(width,), data="tabular", reduction=self._reduction(width))
+
+    def _reduction(self, width: int) -> InputReduction | None:
+        """The affine map from the encoded columns to the kept ones or their principal
+        components; None without selection or PCA."""
+        if self.selection is None and self.pca is None:
+            return None
+        kept = (
+            [i for i, column in enumerate(self.selection["columns"]) if column["kept"]]
+            if self.selection
+            else list(range(width))
+        )
+        offset = np.zeros(width)
+        if self.pca is None:
+            matrix = np.eye(width)[:, kept]
+        else:
+            offset[kept] = self.pca["mean"]
+            matrix = np.zeros((width, len(self.pca["components"])))
+            matrix[kept] = np.asarray(self.pca["components"]).T
+        return InputReduction(offset=offset.tolist(), matrix=matrix.tolist())
 
     @property
     def target(self) -> TargetSpec:
@@ -327,11 +382,17 @@ class TabularPreprocessor:
         return position + 1
 
     def describe(self) -> dict:
-        return {
+        described = {
             "kind": "tabular",
             "numeric": [col["name"] for col in self.numeric],
             "categorical": {col["name"]: col["categories"] for col in self.categorical},
         }
+        if self.selection:
+            kept = [column["name"] for column in self.selection["columns"] if column["kept"]]
+            described["selected"] = kept
+        if self.pca:
+            described["components"] = len(self.pca["components"])
+        return described
 
     def to_dict(self) -> dict:
         state = asdict(self)
@@ -345,4 +406,4 @@ class TabularPreprocessor:
 
 @register_features("tabular")
 def tabular_features(cfg: ExperimentConfig) -> TableFeatures:
-    return TableFeatures(cfg.data.features, cfg.task.kind, cfg.data.source.id_column)
+    return TableFeatures(cfg.data.features, cfg.task.kind, cfg.data.source.id_column, cfg.seed)

@@ -42,6 +42,7 @@ from forgeml.train.augment import augment_batch
 from forgeml.train.early_stopping import EarlyStopping
 from forgeml.train.optim import BatchPlan, LRSchedule, apply_hyperparameters, build_optimizer
 from forgeml.train.preemption import PreemptionWatch
+from forgeml.train.pretrained import frozen_names
 
 logger = logging.getLogger("forgeml.train")
 
@@ -240,7 +241,17 @@ class WorkerRecipe:
         self.model = session.prepare_model(model)
         self.ranks = _ranks(self.rank, self.world_size)
         torch.manual_seed(cfg.seed * 1000 + self.rank)
-        self.optimizer = build_optimizer(cfg.train.optimizer, self.model.parameters())
+        named = dict(_unwrap(self.model).named_parameters())
+        pretrained = [p for name, p in named.items() if name in config["pretrained"]]
+        others = [p for name, p in named.items() if name not in config["pretrained"]]
+        groups = [{"params": others}]
+        if pretrained and cfg.train.optimizer.pretrained_lr_scale < 1:
+            lr = cfg.train.optimizer.lr * cfg.train.optimizer.pretrained_lr_scale
+            groups.append({"params": pretrained, "lr": lr})
+        else:
+            groups[0]["params"] += pretrained
+        self.optimizer = build_optimizer(cfg.train.optimizer, groups)
+        self.frozen = [named[name] for name in frozen_names(cfg, named, config["pretrained"])]
         self.plan = BatchPlan.for_world(
             cfg.train.batch_size, cfg.scaling.max_workers, self.world_size, config["train_rows"]
         )
@@ -401,6 +412,10 @@ class WorkerRecipe:
                 (loss * share).backward()
             progress.loss_sum += loss.detach().double() * len(part_targets)
         progress.rows += len(targets)
+        freeze = self.cfg.train.freeze
+        if freeze and (freeze.epochs is None or progress.epoch <= freeze.epochs):
+            for parameter in self.frozen:  # no gradient: the optimizer leaves it alone
+                parameter.grad = None
         if self.cfg.train.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
         self.optimizer.step()

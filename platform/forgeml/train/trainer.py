@@ -24,6 +24,7 @@ from forgeml.registration import register_checkpoint
 from forgeml.storage import ModelVersion, Storage
 from forgeml.tracking import run_tracking
 from forgeml.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+from forgeml.train.pretrained import Pretrained, load_pretrained
 from forgeml.train.warm_start import initial_weights
 
 logger = logging.getLogger(__name__)
@@ -42,16 +43,23 @@ class TrainingOutcome:
     metrics: dict
 
 
-def loop_config(cfg: ExperimentConfig, data: PreparedData, tracking: dict) -> dict:
+def loop_config(
+    cfg: ExperimentConfig, data: PreparedData, tracking: dict, pretrained: Pretrained | None
+) -> dict:
     """What every rank's training loop is given besides its datasets; ``tracking`` is
-    where rank 0 logs the run (``tracking.run_tracking``)."""
+    where rank 0 logs the run (``tracking.run_tracking``), ``pretrained`` what
+    ``model.init_from`` gives the model."""
+    weights = initial_weights(cfg, data)
+    if pretrained is not None:
+        weights |= {name: value.tolist() for name, value in pretrained.weights.items()}
     return {
         "experiment": cfg.model_dump(mode="json"),
         "target": data.training_target(cfg.task).to_dict(),
         "inputs": data.preprocessor.model_inputs.to_dict(),
         "train_rows": data.sizes["train"],
         "tracking": tracking,
-        "initial_weights": initial_weights(cfg, data),
+        "initial_weights": weights,
+        "pretrained": sorted(pretrained.weights) if pretrained else [],
         "augment": data.augment.model_dump() if data.augmenting else None,
     }
 
@@ -64,10 +72,11 @@ def build_trainer(
     tracking: dict,
     runs_path: str | None = None,
     callbacks: list | None = None,
+    pretrained: Pretrained | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of one run, checkpointing to ``runs_path/run_name`` (default
-    ``<storage>/runs``) and logging as ``tracking`` says; ``callbacks`` are Ray Train
-    callbacks (Tune's report callback)."""
+    ``<storage>/runs``) and logging as ``tracking`` says, its model starting from
+    ``pretrained``; ``callbacks`` are Ray Train callbacks (Tune's report callback)."""
     early = cfg.train.early_stopping
     run_config = ray.train.RunConfig(
         name=run_name,
@@ -87,7 +96,7 @@ def build_trainer(
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, data, tracking),
+        train_loop_config=loop_config(cfg, data, tracking, pretrained),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
@@ -124,7 +133,8 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     launch = prepare_launch(cfg, "runs", cfg.name, resume)
     storage, run_name, data = launch.storage, launch.name, launch.data
     tracking = run_tracking(launch.tracking, cfg, storage, launch.path, run_name)
-    trainer = build_trainer(cfg, storage, data, run_name, tracking)
+    pretrained = load_pretrained(cfg, storage, data)
+    trainer = build_trainer(cfg, storage, data, run_name, tracking, pretrained=pretrained)
     logger.info("training %s as run %s (%s)", cfg.name, run_name, storage.uri("runs", run_name))
     result = trainer.fit()
     outcome = result.return_value
@@ -150,6 +160,7 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
         "restarts": outcome["restarts"],
         "use_gpu": cfg.scaling.use_gpu,
         "wall_s": round(time.monotonic() - started, 1),
+        **({"init_from": pretrained.record()} if pretrained else {}),
     }
     version, metrics = register_checkpoint(
         cfg, storage, data, state, outcome["status"], history, run

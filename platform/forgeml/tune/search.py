@@ -63,6 +63,7 @@ from forgeml.registration import register_checkpoint
 from forgeml.storage import ModelVersion, Storage
 from forgeml.tracking import close_stopped_trials, run_tracking
 from forgeml.train.loop import CHECKPOINT_FILE, train_worker
+from forgeml.train.pretrained import load_pretrained
 from forgeml.train.trainer import build_trainer, loop_config
 
 logger = logging.getLogger(__name__)
@@ -329,9 +330,10 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, trac
         trial_id,
         **{"forgeml.tune_experiment": context.get_experiment_name()},
     )
+    pretrained = load_pretrained(cfg, storage, data)
     if base["tune"]["trial_mode"] == "in_process":
         session = TuneTrialSession(data.one_worker_iterators(), cfg.scaling.use_gpu)
-        train_worker(loop_config(cfg, data, tracking), session)
+        train_worker(loop_config(cfg, data, tracking, pretrained), session)
         return
     trainer = build_trainer(
         cfg,
@@ -341,6 +343,7 @@ def run_trial(params: dict, base: dict, data: PreparedData, runs_path: str, trac
         tracking=tracking,
         runs_path=runs_path,
         callbacks=[EpochReportCallback()],
+        pretrained=pretrained,
     )
     try:
         trainer.fit()
@@ -582,6 +585,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         check_placement=not sized_by_trial,
     )
     experiment, experiment_path, data = launch.name, launch.path, launch.data
+    load_pretrained(cfg, storage, data)  # a bad init_from or freeze fails here, not per trial
     base = cfg.resolved()
     tracking = launch.tracking
     trainable = tune.with_resources(
@@ -638,6 +642,8 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         "use_gpu": best_config.scaling.use_gpu,
         "wall_s": round(time.monotonic() - started, 1),
     }
+    if pretrained := load_pretrained(best_config, storage, data):
+        run["init_from"] = pretrained.record()
     version, metrics = register_checkpoint(
         best_config, storage, data, state, "tuned", state["history"], run
     )
