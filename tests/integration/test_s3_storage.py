@@ -48,8 +48,9 @@ def test_s3_storage_root_writes_and_reads_back_a_model_package(ray_runtime, s3_e
 def test_s3_storage_root_holds_a_policy_search_its_trials_and_the_policy(
     ray_runtime, s3_endpoint, capsys
 ):
-    """A reinforcement search on S3: Tune's state and each trial's checkpoints, the
-    results, and the registered policy, read back from S3 to act."""
+    """A reinforcement search on S3 (one trial: searching itself is tested locally):
+    Tune's state and the trial's checkpoints, the results, and the registered policy,
+    read back from S3 to act."""
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="policies")
     raw = yaml.safe_load((REPO / "examples" / "cartpole" / "config.yaml").read_text())
@@ -58,7 +59,7 @@ def test_s3_storage_root_holds_a_policy_search_its_trials_and_the_policy(
     raw["tune"] = {
         "search": {"kind": "grid"},
         "max_concurrent_trials": 1,
-        "space": {"task.algorithm.lr": {"kind": "grid", "values": [3e-4, 1e-3]}},
+        "space": {"task.algorithm.lr": {"kind": "grid", "values": [1e-3]}},
     }
     cfg = config_from_dict(raw)
 
@@ -69,7 +70,7 @@ def test_s3_storage_root_holds_a_policy_search_its_trials_and_the_policy(
     search = f"team-b/tune/{outcome.experiment}/"
     assert f"{search}tune_results.parquet" in keys and f"{search}best_config.yaml" in keys
     checkpoints = {k.split("/checkpoint_")[0] for k in keys if "/checkpoint_" in k}
-    assert len(checkpoints) == 2 and all(c.startswith(search) for c in checkpoints), sorted(keys)
+    assert len(checkpoints) == 1 and all(c.startswith(search) for c in checkpoints), sorted(keys)
     registry = ModelRegistry(Storage(cfg.storage))
     policy, _ = load_policy(registry, "cartpole-ppo:v1")
     assert policy.act(np.zeros((2, 4), dtype=np.float32))["actions"].shape == (2,)
