@@ -182,7 +182,7 @@ class FeatureSelection(Section):
     )
 
     @model_validator(mode="after")
-    def _something(self) -> FeatureSelection:
+    def _selects_something(self) -> FeatureSelection:
         if self.min_variance is None and self.top_k is None:
             raise ValueError("set min_variance, top_k or both (or leave select out)")
         return self

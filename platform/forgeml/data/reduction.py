@@ -165,18 +165,24 @@ def select_columns(
         ranked = np.argsort(-_finite(scores[candidates]), kind="stable")
         candidates = np.sort(candidates[ranked[: cfg.top_k]])
     kept = set(candidates.tolist())
+    finite = None if scores is None else _finite(scores)
     return {
         "score": cfg.score if cfg.top_k is not None else None,
         "columns": [
             {
                 "name": name,
                 "variance": float(variance[i]),
-                "score": None if scores is None else float(_finite(scores[i : i + 1])[0]),
+                "score": None if finite is None else float(finite[i]),
                 "kept": i in kept,
             }
             for i, name in enumerate(names)
         ],
     }
+
+
+def kept_columns(selection: dict) -> list[int]:
+    """The positions, among the encoded columns, of those a ``select_columns`` result keeps."""
+    return [i for i, column in enumerate(selection["columns"]) if column["kept"]]
 
 
 def _finite(scores: np.ndarray) -> np.ndarray:
@@ -238,5 +244,5 @@ def fit_reduction(
         elif select.top_k is not None:
             scores = mutual_information(encoded, every.rows, discrete, classes, seed)
         selection = select_columns(select, names, every.variance[:width], scores)
-        kept = [i for i, column in enumerate(selection["columns"]) if column["kept"]]
+        kept = kept_columns(selection)
     return selection, (principal_components(pca, every, kept) if pca is not None else None)

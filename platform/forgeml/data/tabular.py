@@ -32,7 +32,7 @@ from forgeml.data.columns import (
     parse_numbers,
     unseen_class_reasons,
 )
-from forgeml.data.reduction import fit_reduction
+from forgeml.data.reduction import fit_reduction, kept_columns
 
 #: The category drift summaries give a value that training never saw.
 UNSEEN_CATEGORY = "(unseen)"
@@ -258,11 +258,7 @@ class TabularPreprocessor:
         components; None without selection or PCA."""
         if self.selection is None and self.pca is None:
             return None
-        kept = (
-            [i for i, column in enumerate(self.selection["columns"]) if column["kept"]]
-            if self.selection
-            else list(range(width))
-        )
+        kept = kept_columns(self.selection) if self.selection else list(range(width))
         offset = np.zeros(width)
         if self.pca is None:
             matrix = np.eye(width)[:, kept]
@@ -388,8 +384,8 @@ class TabularPreprocessor:
             "categorical": {col["name"]: col["categories"] for col in self.categorical},
         }
         if self.selection:
-            kept = [column["name"] for column in self.selection["columns"] if column["kept"]]
-            described["selected"] = kept
+            names = self.feature_names
+            described["selected"] = [names[i] for i in kept_columns(self.selection)]
         if self.pca:
             described["components"] = len(self.pca["components"])
         return described

@@ -242,8 +242,9 @@ class WorkerRecipe:
         self.ranks = _ranks(self.rank, self.world_size)
         torch.manual_seed(cfg.seed * 1000 + self.rank)
         named = dict(_unwrap(self.model).named_parameters())
-        pretrained = [p for name, p in named.items() if name in config["pretrained"]]
-        others = [p for name, p in named.items() if name not in config["pretrained"]]
+        loaded = set(config["pretrained"])
+        pretrained = [p for name, p in named.items() if name in loaded]
+        others = [p for name, p in named.items() if name not in loaded]
         groups = [{"params": others}]
         if pretrained and cfg.train.optimizer.pretrained_lr_scale < 1:
             lr = cfg.train.optimizer.lr * cfg.train.optimizer.pretrained_lr_scale
@@ -251,7 +252,7 @@ class WorkerRecipe:
         else:
             groups[0]["params"] += pretrained
         self.optimizer = build_optimizer(cfg.train.optimizer, groups)
-        self.frozen = [named[name] for name in frozen_names(cfg, named, config["pretrained"])]
+        self.frozen = [named[name] for name in frozen_names(cfg, named, loaded)]
         self.plan = BatchPlan.for_world(
             cfg.train.batch_size, cfg.scaling.max_workers, self.world_size, config["train_rows"]
         )
