@@ -14,6 +14,7 @@ from pathlib import Path
 import boto3
 import pandas as pd
 import pytest
+import ray
 from forgeml.config import config_from_dict, load_config
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
@@ -131,7 +132,9 @@ def _trial_epochs(experiment: Path) -> dict[str, int]:
 def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runtime, tmp_path):
     """The driver is killed once the first trial has finished, while the second (of many
     more epochs) trains; --resume finishes the rest without running that trial again.
-    In-process trials: the search, not Ray Train, is what resumes here."""
+    In-process trials: the search, not Ray Train, is what resumes here. Both drivers
+    join the shared runtime, as `ray job submit` drivers join a cluster: the killed
+    one's trials end with its job."""
     store = tmp_path / "store"
     raw = _raw(
         store,
@@ -143,7 +146,11 @@ def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runt
     raw["train"]["early_stopping"] = {"enabled": False}
     config = write_config(tmp_path / "tune.yaml", raw)
     command = [sys.executable, str(REPO / "jobs" / "tune.py"), "--config", str(config)]
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env = {
+        **os.environ,
+        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    }
     first = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 300

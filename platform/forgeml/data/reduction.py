@@ -17,7 +17,6 @@ import numpy as np
 import ray.data
 from ray.data.aggregate import AggregateFnV2
 from ray.data.block import BlockAccessor
-from sklearn.feature_selection import mutual_info_classif, mutual_info_regression
 
 from forgeml.config import FeatureSelection, PrincipalComponents
 
@@ -136,6 +135,10 @@ def mutual_information(
     batches = list(encoded.iter_batches(batch_size=4096, batch_format="numpy"))
     inputs = np.concatenate([batch["inputs"] for batch in batches]).astype(np.float64)
     target = np.concatenate([batch["target"] for batch in batches])
+    # Imported here: scikit-learn takes a second to import, and every Ray Data and
+    # training worker imports this module, while only a mutual-information fit needs it.
+    from sklearn.feature_selection import mutual_info_classif, mutual_info_regression
+
     estimate = mutual_info_classif if classes else mutual_info_regression
     return estimate(inputs, target, discrete_features=discrete, random_state=seed)
 
