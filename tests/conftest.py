@@ -93,19 +93,23 @@ def write_config(path: Path, raw: dict) -> Path:
 def pytest_xdist_make_scheduler(config, log):
     """How ``make test``'s pytest-xdist workers share the suite (pytest-xdist only).
 
-    The unit and integration tests are one unit of work: they share one embedded Ray
-    runtime, which a second worker would start again. Each e2e module is a unit of its
-    own: it starts its own ``ray start`` clusters, with their own temporary folders and
-    ports, so it can run beside the shared runtime, and its module-scoped cluster stays
-    on one worker. Units go out in collection order: the shared runtime's to one worker,
-    the e2e modules to the other, and to the first once it is done.
+    The integration tests are one unit of work: they share one embedded Ray runtime,
+    which a second worker would start again. Each e2e module is a unit of its own: it
+    starts its own ``ray start`` clusters, with their own temporary folders and ports, so
+    it can run beside the shared runtime, and its module-scoped cluster stays on one
+    worker. The unit tests need no runtime and are a unit too. Units go out in collection
+    order, two to each worker first: the unit tests and the first e2e module to one, the
+    shared runtime's (the longest) and the next e2e module to the other; the other e2e
+    modules then go to whichever is free, so both workers end at about the same time.
     """
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedRuntimeAndClusterModules(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return module if module.startswith("tests/e2e/") else "shared-runtime"
+            if module.startswith("tests/e2e/"):
+                return module
+            return "unit" if module.startswith("tests/unit/") else "shared-runtime"
 
     config.option.loadscopereorder = False
     return SharedRuntimeAndClusterModules(config, log)

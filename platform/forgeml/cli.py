@@ -11,7 +11,7 @@ forgeml models list [--config FILE | --storage-root ROOT]
 forgeml runs list [--model NAME] [--json]
 forgeml runs compare NAME:vN NAME:vM ... [--all] [--json]
 forgeml report --model NAME[:vN] [--output report.html]
-forgeml explain --model NAME[:vN] --input request.json [--target CLASS] [--output heatmaps.png]
+forgeml explain --model NAME[:vN] --input request.json [--target CLASS] [--output explained.png]
 forgeml monitor --model NAME[:vN] [--storage-root ROOT] [--set monitor.PATH=VALUE] [--interval S]
 """
 
@@ -208,7 +208,9 @@ def _add_explain_command(commands) -> None:
     )
     explain.add_argument("--target", help="explain this class for every instance")
     explain.add_argument(
-        "--output", type=Path, help="images: write the heat-maps over the inputs as this PNG"
+        "--output",
+        type=Path,
+        help="also draw them as this PNG: heat-maps over images, SHAP values as bars",
     )
     _add_storage_arguments(explain)
 
@@ -741,15 +743,17 @@ def _explain(args: argparse.Namespace) -> int:
     columns = loaded.preprocessor.request_columns(_read_instances(args.input))
     explained = explain(loaded, columns, args.target)
     if args.output:
-        from forgeml.report import explanation_png
+        from forgeml.report import attributions_png, explanation_png
 
         heatmaps = [row.pop("heatmap", None) for row in explained]
         if heatmaps[0] is None:
-            raise ValueError("--output: heat-maps are drawn for image models only")
-        inputs = loaded.preprocessor.transform(columns)["inputs"]
-        titles = [f"{row['explained']}" for row in explained]
+            png = attributions_png(explained)
+        else:
+            inputs = loaded.preprocessor.transform(columns)["inputs"]
+            titles = [f"{row['explained']}" for row in explained]
+            png = explanation_png(loaded, inputs, titles, np.array(heatmaps))
         try:
-            args.output.write_bytes(explanation_png(loaded, inputs, titles, np.array(heatmaps)))
+            args.output.write_bytes(png)
         except OSError as exc:
             raise ValueError(f"--output: cannot write {args.output}: {exc.strerror}") from None
     print(json.dumps({"model": loaded.version.ref, "explanations": explained}, indent=2))

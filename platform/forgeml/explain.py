@@ -30,19 +30,25 @@ TOP_K = 8
 
 def explainable(loaded) -> str:
     """How a loaded model is explained ("gradcam", "table", "text"), or ValueError."""
-    task, kind = loaded.config.task.kind, loaded.preprocessor.describe()["kind"]
+    return explanation_method(loaded.config, loaded.preprocessor.describe()["kind"])
+
+
+def explanation_method(cfg, inputs: str) -> str:
+    """How the model of experiment ``cfg`` that reads ``inputs`` (a preprocessor's kind)
+    is explained, or ValueError saying why it is not."""
+    task = cfg.task.kind
     if task not in ("classification", "regression"):
         raise ValueError(
-            f"{loaded.config.name} is a {task} model; explanations cover classifiers and "
+            f"{cfg.name} is a {task} model; explanations cover classifiers and "
             "regressors of images, tables and text"
         )
-    if kind == "image" and loaded.config.model.kind == "cnn":
+    if inputs == "image" and cfg.model.kind == "cnn":
         return "gradcam"
-    if kind == "tabular":
+    if inputs == "tabular":
         return "table"
-    if kind == "text":
+    if inputs == "text":
         return "text"
-    raise ValueError(f"{loaded.config.name}: no explanation method for {kind} inputs")
+    raise ValueError(f"{cfg.name}: no explanation method for {inputs} inputs")
 
 
 def _targets(loaded, outputs: torch.Tensor, target: str | None) -> torch.Tensor | None:
@@ -140,6 +146,24 @@ def shap_importance(loaded, inputs: np.ndarray) -> list[tuple[str, float]]:
     features, groups = loaded.preprocessor.feature_groups()
     values = shap_values(_forward(loaded), rows, _targets(loaded, outputs, None), groups)
     ranked = zip(features, np.abs(values).mean(0).tolist(), strict=True)
+    return sorted(ranked, key=lambda pair: -pair[1])
+
+
+def token_importance(loaded, ids: np.ndarray) -> list[tuple[str, float]]:
+    """Each token (as the vocabulary spells it) of a text model's (N, L) token ``ids``
+    with its SHAP values' absolute sum over every place it occurs, per text: how far it
+    moves a text's explained output on average; largest first."""
+    model = loaded.model.eval()
+    rows = torch.from_numpy(ids)
+    with torch.no_grad():
+        outputs = model(rows)
+    values = token_shap_values(_forward(loaded), rows, _targets(loaded, outputs, None))
+    totals: dict[str, float] = {}
+    for row in loaded.preprocessor.token_attributions(ids, values):
+        for place, value in row:
+            token = place.partition(":")[2]
+            totals[token] = totals.get(token, 0.0) + abs(value)
+    ranked = [(token, total / len(ids)) for token, total in totals.items()]
     return sorted(ranked, key=lambda pair: -pair[1])
 
 

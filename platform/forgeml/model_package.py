@@ -75,9 +75,9 @@ def package_files(contents: PackageContents) -> dict[str, bytes]:
 
 #: What each kind of input is, for the model card.
 INPUT_DESCRIPTIONS = {
-    "image": "a {height}x{width} single-channel image of values 0 to {max_value} (for "
-    "wafer maps: 0 outside the wafer, 1 good die, 2 defective die), standardised with the "
-    "statistics in `preprocessor.json`",
+    "image": "a {height}x{width} image of {channels} channel(s) (1: grey, 3: RGB), values "
+    "0 to {max_value} (for wafer maps: 0 outside the wafer, 1 good die, 2 defective die), "
+    "each channel standardised with the statistics in `preprocessor.json`",
     "image-codes": "a {height}x{width} single-channel image whose values 0 to {max_value} "
     "are categories (for wafer maps: 0 outside the wafer, 1 good die, 2 defective die), "
     "read one-hot",

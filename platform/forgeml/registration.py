@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 from forgeml.baselines import fit_baseline
 from forgeml.config import ExperimentConfig
+from forgeml.data.images import shape_text
 from forgeml.data.pipeline import PreparedData
 from forgeml.evaluate import evaluate
 from forgeml.model_package import LoadedModel, PackageContents, load_model, package_files
@@ -18,10 +19,10 @@ from forgeml.report import (
     EVALUATION_FILE,
     EXAMPLES,
     REPORT_FILE,
-    SHAP_SUMMARY_ROWS,
     evaluation_arrays,
     read_arrays,
     run_report,
+    shap_summary_rows,
 )
 from forgeml.storage import ModelRegistry, ModelVersion, Storage
 from forgeml.tasks import build_task
@@ -52,12 +53,12 @@ def load_judge(cfg: ExperimentConfig, storage: Storage, images) -> Judge | None:
             f"task.judge.no_defect_class: {judge_cfg.no_defect_class!r} is not a class of "
             f"{loaded.version.ref} ({', '.join(loaded.task.class_names)})"
         )
-    if (reads.image_size, reads.max_value) != (images.image_size, images.max_value):
+    shape, drawn = ((p.image_size, p.channels, p.max_value) for p in (reads, images))
+    if shape != drawn:
         raise ValueError(
-            f"task.judge.model: {loaded.version.ref} reads {reads.image_size}x"
-            f"{reads.image_size} images of values 0-{reads.max_value}; this experiment "
-            f"draws {images.image_size}x{images.image_size} images of values "
-            f"0-{images.max_value}"
+            f"task.judge.model: {loaded.version.ref} reads {shape_text(*shape[:2])} images "
+            f"of values 0-{reads.max_value}; this experiment draws {shape_text(*drawn[:2])} "
+            f"images of values 0-{images.max_value}"
         )
     return Judge(loaded.version.ref, judge_cfg, loaded.model, loaded.preprocessor, loaded.task)
 
@@ -104,10 +105,10 @@ def register_checkpoint(
         "run": run,
         "registered_at": f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
     }
-    table = data.preprocessor.kind == "tabular"
-    examples = data.test.take_batch(SHAP_SUMMARY_ROWS if table else EXAMPLES, batch_format="numpy")
+    summary_rows = shap_summary_rows(cfg, data)
+    examples = data.test.take_batch(max(summary_rows, EXAMPLES), batch_format="numpy")
     files[EVALUATION_FILE] = evaluation_arrays(
-        evaluation.predictions, evaluation.targets, examples, table
+        evaluation.predictions, evaluation.targets, examples, summary_rows
     )
     package = package_files(
         PackageContents(

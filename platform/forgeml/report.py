@@ -20,7 +20,13 @@ import torch
 from torchmetrics.functional.classification import multiclass_precision_recall_curve, multiclass_roc
 
 from forgeml.data.images import WAFER_MAX
-from forgeml.explain import explain_inputs, explainable, shap_importance
+from forgeml.explain import (
+    explain_inputs,
+    explainable,
+    explanation_method,
+    shap_importance,
+    token_importance,
+)
 from forgeml.monitor.report import STYLE, data_uri, plt, png_bytes, png_data_uri
 from forgeml.tasks.generative import WAFER_COLOURS
 from forgeml.tracking import scalar_metrics
@@ -29,20 +35,33 @@ EVALUATION_FILE = "evaluation.npz"
 REPORT_FILE = "report.html"
 #: Test rows kept as examples (shown with their predictions and explanations).
 EXAMPLES = 8
-#: Test rows of a table that the report's SHAP summary averages over.
-SHAP_SUMMARY_ROWS = 200
+#: Test rows of a table, and texts, that the report's SHAP summary averages over (a
+#: text costs a sampling run of its own).
+SHAP_SUMMARY_ROWS = {"table": 200, "text": 50}
+#: Tokens the text SHAP summary shows.
+SUMMARY_TOKENS = 20
 #: ROC and precision-recall curves drawn at most (the most frequent classes).
 MAX_CURVES = 10
 
 
+def shap_summary_rows(cfg, data) -> int:
+    """Test rows the SHAP summary of experiment ``cfg``'s model averages over: none
+    unless SHAP values explain it (tables and text)."""
+    try:
+        method = explanation_method(cfg, data.preprocessor.describe()["kind"])
+    except ValueError:
+        return 0
+    return SHAP_SUMMARY_ROWS.get(method, 0)
+
+
 def evaluation_arrays(
-    outputs: np.ndarray, targets: np.ndarray, examples: dict, table: bool
+    outputs: np.ndarray, targets: np.ndarray, examples: dict, summary_rows: int
 ) -> bytes:
     """``evaluation.npz``: per test row the task's outputs and targets, the model inputs
-    and targets of ``EXAMPLES`` rows of ``examples`` (a batch of the test split), and of a
-    ``table`` up to ``SHAP_SUMMARY_ROWS`` rows' inputs for the SHAP summary."""
+    and targets of ``EXAMPLES`` rows of ``examples`` (a batch of the test split), and the
+    inputs of up to ``summary_rows`` of them for the SHAP summary."""
     buffer = io.BytesIO()
-    summary = {"summary_inputs": examples["inputs"][:SHAP_SUMMARY_ROWS]} if table else {}
+    summary = {"summary_inputs": examples["inputs"][:summary_rows]} if summary_rows else {}
     np.savez_compressed(
         buffer,
         outputs=outputs,
@@ -151,16 +170,14 @@ def example_forecasts(loaded, examples: np.ndarray, truth: np.ndarray) -> str:
 
 
 def _display(loaded, inputs: np.ndarray) -> np.ndarray:
-    """(N, H, W) RGB images of model inputs: wafer maps in die colours, else grey."""
+    """(N, H, W, 3) RGB images of model inputs: wafer maps in die colours, grey images
+    as grey, colour ones as they are."""
     preprocessor = loaded.preprocessor
-    levels = (
-        inputs[:, 0] if preprocessor.codes else inputs[:, 0] * preprocessor.std + preprocessor.mean
-    )
-    levels = np.clip(np.round(levels), 0, preprocessor.max_value).astype(np.int64)
+    levels = preprocessor.raw_levels(inputs if inputs.ndim == 4 else inputs[:, None])
     if preprocessor.max_value == WAFER_MAX:
-        return WAFER_COLOURS[levels]
-    grey = (levels * 255 // preprocessor.max_value).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, -1)
+        return WAFER_COLOURS[levels[..., 0]]
+    shown = (levels * 255 // preprocessor.max_value).astype(np.uint8)
+    return shown if shown.shape[-1] == 3 else np.repeat(shown, 3, -1)
 
 
 def _image_grid(loaded, inputs: np.ndarray, titles: list[str], heatmaps=None):
@@ -212,14 +229,35 @@ def _label_titles(loaded, outputs: np.ndarray, targets: np.ndarray) -> list[str]
     ]
 
 
-def shap_summary(loaded, inputs: np.ndarray) -> str:
-    """A table model's features by mean absolute SHAP value over test rows."""
-    ranked = shap_importance(loaded, inputs)[::-1]
+def _ranked_bars(ranked: list[tuple[str, float]], label: str):
+    """A horizontal bar chart of named values, the first on top."""
+    ranked = ranked[::-1]
     figure, ax = plt.subplots(figsize=(6, 0.3 * len(ranked) + 1.2))
     ax.barh([name for name, _ in ranked], [value for _, value in ranked], color="#4c72b0")
     ax.tick_params(labelsize=7)
-    output = "value" if loaded.config.task.kind == "regression" else "predicted class's logit"
-    ax.set_xlabel(f"mean |SHAP value| ({output})", fontsize=8)
+    ax.set_xlabel(label, fontsize=8)
+    return figure
+
+
+def _explained_output(loaded) -> str:
+    return "value" if loaded.config.task.kind == "regression" else "predicted class's logit"
+
+
+def shap_summary(loaded, inputs: np.ndarray) -> str:
+    """A table model's features by mean absolute SHAP value over test rows; a text
+    model's most telling tokens by their absolute SHAP values per text."""
+    output = _explained_output(loaded)
+    if explainable(loaded) == "text":
+        ranked = token_importance(loaded, inputs)[:SUMMARY_TOKENS]
+        figure = _ranked_bars(ranked, f"|SHAP value| per text ({output})")
+        caption = (
+            f"The {len(ranked)} tokens that move the explained output most over "
+            f"{len(inputs)} test texts, each explained for its {output}: a token's "
+            "absolute SHAP values summed over every place it occurs, divided by the "
+            "number of texts (the reference is the empty text)."
+        )
+        return f"<p>{html.escape(caption)}</p>" + _img(figure, "SHAP summary")
+    figure = _ranked_bars(shap_importance(loaded, inputs), f"mean |SHAP value| ({output})")
     caption = (
         f"Mean absolute SHAP value of each feature over {len(inputs)} test rows, each row "
         f"explained for its {output}: how far a feature moves it, on average, from the "
@@ -227,6 +265,21 @@ def shap_summary(loaded, inputs: np.ndarray) -> str:
         "its training mean and no category)."
     )
     return f"<p>{html.escape(caption)}</p>" + _img(figure, "SHAP summary")
+
+
+def attributions_png(explained: list[dict]) -> bytes:
+    """``forgeml explain --output`` for tables and text: per explained row, its largest
+    SHAP values as bars (red raise the explained output, blue lower it)."""
+    figure, axes = plt.subplots(len(explained), 1, figsize=(6, 2.4 * len(explained)), squeeze=False)
+    for i, (ax, row) in enumerate(zip(axes[:, 0], explained, strict=True)):
+        ranked = [(a["feature"], a["attribution"]) for a in row["attributions"]][::-1]
+        colours = ["#c44e52" if value > 0 else "#4c72b0" for _, value in ranked]
+        ax.barh([name for name, _ in ranked], [value for _, value in ranked], color=colours)
+        ax.axvline(0, color="black", linewidth=0.5)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"instance {i}: SHAP values for {row['explained']}", fontsize=8)
+    figure.tight_layout()
+    return png_bytes(figure)
 
 
 def selection_section(selection: dict) -> str:
@@ -395,7 +448,7 @@ def run_report(ref: str, loaded, metrics: dict, arrays: dict, files: dict[str, b
             "<h2>Samples</h2>",
             f"<img alt='samples' src='{data_uri(files['samples.png'])}'>",
         ]
-    if "summary_inputs" in arrays and explainable(loaded) == "table":
+    if "summary_inputs" in arrays:
         sections += ["<h2>SHAP summary</h2>", shap_summary(loaded, arrays["summary_inputs"])]
     examples = _examples_section(loaded, arrays)
     if examples:

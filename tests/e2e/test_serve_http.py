@@ -29,14 +29,16 @@ from forgeml.monitor.traffic import read_traffic
 from forgeml.runtime import RAY_ENV_DEFAULTS, free_port
 from forgeml.serve.apps import build_gateway, build_model_app
 from forgeml.serve.deploy import AppArgs, deploy
+from forgeml.serve.schemas import PredictRequest
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 from PIL import Image
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, tiny_config, tiny_raw_config
 from tests.e2e.drifted import drifted_maps
+from tests.photos import coloured_shapes, photo_folder
 
 TOKEN = "serve-test-token"
 PREDICT = "/v1/models/tiny-wafer/predict"
@@ -97,7 +99,7 @@ def _png(array: np.ndarray) -> str:
 def test_served_predictions_equal_offline_evaluation(served):
     maps = _maps(18)
     instances = [{"image": m.tolist()} for m in maps[:9]]
-    instances += [{"image_png_base64": _png(m)} for m in maps[9:]]
+    instances += [{"image_base64": _png(m)} for m in maps[9:]]
 
     response = _post(served, PREDICT, {"instances": instances})
 
@@ -315,6 +317,64 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
         assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
+def _encoded(image: np.ndarray, fmt: str) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, quality=95)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_colour_model_serves_rgb_arrays_png_and_jpeg_and_names_the_shape(served, tmp_path):
+    """An RGB model next to the wafer model: rows of [R, G, B], PNG, RGBA PNG and JPEG
+    files in, the offline predictions out; Grad-CAM over the picture; a picture of the
+    wrong size refused with a 422 that names the shape it takes."""
+    storage = served["cfg"].storage
+    raw = tiny_raw_config(storage.root, name="photos")
+    raw["data"] = {
+        "source": photo_folder(tmp_path / "photos", per_class=20),
+        "max_reject_fraction": 0.05,  # the folder's file that is not an image
+    }
+    raw["data"]["source"]["image_size"] = 24
+    raw["train"]["max_epochs"] = 1
+    run_training(config_from_dict(raw))
+    deploy(AppArgs(models=["photos"], storage=storage, auth=False), "photos", "/photos")
+    url = "/photos/v1/models/photos/predict"
+    pictures, _ = coloured_shapes(2, seed=5)
+    instances = [
+        {"image": pictures[0].tolist()},
+        {"image_base64": _encoded(pictures[1], "PNG")},
+        {"image_base64": _encoded(np.dstack([pictures[2], np.full((24, 24), 7, np.uint8)]), "PNG")},
+        {"image_base64": _encoded(pictures[3], "JPEG")},
+        {"image": pictures[4, ..., 0].tolist()},  # grey: repeated into R, G and B
+    ]
+
+    response = _post(served, url, {"instances": instances}, token=None)
+
+    assert response.status_code == 200, response.text
+    served_probabilities = [p["probabilities"] for p in response.json()["predictions"]]
+    loaded = load_model(ModelRegistry(Storage(storage)), "photos")
+    parsed = PredictRequest(instances=instances).instances
+    inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns(parsed))["inputs"]
+    with torch.no_grad():
+        offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
+    assert inputs.shape == (5, 3, 24, 24)
+    for served_row, offline_row in zip(served_probabilities, offline, strict=True):
+        assert list(served_row.values()) == pytest.approx(offline_row.tolist(), rel=1e-4)
+    explained = _post(
+        served, url.replace("/predict", "/explain"), {"instances": instances[:1]}, None
+    )
+    assert explained.status_code == 200, explained.text
+    (row,) = explained.json()["explanations"]
+    assert row["method"] == "gradcam" and np.asarray(row["heatmap"]).shape == (24, 24)
+    info = requests.get(served["url"] + "/photos/v1/models", timeout=30).json()[0]
+    assert info["inputs"]["channels"] == 3 and info["inputs"]["height"] == 24
+    small = {"image": pictures[5, :16, :16].tolist()}
+    refused = _post(served, url, {"instances": [instances[0], small]}, token=None)
+    assert refused.status_code == 422
+    assert (
+        "instances.1: expected a 24x24x3 image, got 16x16x3" in refused.json()["error"]["message"]
+    )
+
+
 def test_a_forecaster_serves_histories_and_names_bad_ones(served):
     """AirPassengers (a forecast of 12 months from 24) next to the wafer model: histories
     with gaps in, one value per horizon step out, a wrong length refused with a 422."""
@@ -358,7 +418,7 @@ def test_a_forecaster_serves_histories_and_names_bad_ones(served):
             {"instances": [{"image": [[1] * 8] * 8}]},
             None,
             422,
-            "expected a 16x16 map, got 8x8",
+            "expected a 16x16 image, got 8x8",
         ),
         (
             PREDICT,
@@ -378,9 +438,9 @@ def test_a_forecaster_serves_histories_and_names_bad_ones(served):
         (PREDICT, None, '{"instances": [{"image": [[NaN]]}]}', 422, "finite number"),
         (PREDICT, None, '{"instances": [{"image": [[Infinity]]}]}', 422, "finite number"),
         (PREDICT, {"instances": []}, None, 422, "at least 1 item"),
-        (PREDICT, {"instances": [{}]}, None, 422, "exactly one of 'image' or 'image_png_base64'"),
-        (PREDICT, {"instances": [{"image_png_base64": "%%%"}]}, None, 422, "not valid base64"),
-        (PREDICT, {"instances": [{"image_png_base64": "aGVsbG8="}]}, None, 422, "readable PNG"),
+        (PREDICT, {"instances": [{}]}, None, 422, "exactly one of 'image' or 'image_base64'"),
+        (PREDICT, {"instances": [{"image_base64": "%%%"}]}, None, 422, "not valid base64"),
+        (PREDICT, {"instances": [{"image_base64": "aGVsbG8="}]}, None, 422, "readable PNG or JPEG"),
         (PREDICT, {"rows": []}, None, 422, "Extra inputs are not permitted"),
         (PREDICT, None, "{not json", 422, "not valid JSON"),
         (PREDICT, {"instances": [GOOD] * 300}, None, 413, "exceed the limit of 256"),

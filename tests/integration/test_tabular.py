@@ -25,6 +25,7 @@ from forgeml.data.sources import open_source
 from forgeml.explain import explain, shap_importance
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
+from PIL import Image
 from pyarrow.fs import LocalFileSystem
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
@@ -270,11 +271,13 @@ def test_penguins_explain_gives_each_feature_its_shap_value(penguins, tmp_path, 
     minus the reference row's."""
     request = tmp_path / "request.json"
     request.write_text(json.dumps([penguins.record]))
-    args = ["explain", "--model", penguins.name, "--input", str(request)]
+    drawn = tmp_path / "explained.png"
+    args = ["explain", "--model", penguins.name, "--input", str(request), "--output", str(drawn)]
     capsys.readouterr()
 
     assert main([*args, "--storage-root", str(penguins.root)]) == 0
 
+    assert Image.open(drawn).format == "PNG"
     (explained,) = json.loads(capsys.readouterr().out)["explanations"]
     assert explained["method"] == "shap"
     features = [a["feature"] for a in explained["attributions"]]

@@ -19,6 +19,7 @@ from forgeml.config import StorageConfig
 from forgeml.explain import token_shap_values
 from forgeml.model_package import load_model
 from forgeml.storage import ModelRegistry, Storage
+from PIL import Image
 
 from tests.conftest import PACKAGE_FILES, REPO
 from tests.report_check import check_report
@@ -81,8 +82,11 @@ def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
     request.write_text(json.dumps({"instances": records}))
     capsys.readouterr()
     root = ["--storage-root", str(tmp_path)]
-    assert main(["explain", "--model", name, "--input", str(request), *root]) == 0
+    drawn = tmp_path / "explained.png"
+    explain = ["explain", "--model", name, "--input", str(request), "--output", str(drawn)]
+    assert main([*explain, *root]) == 0
     first = json.loads(capsys.readouterr().out)["explanations"][0]
+    assert Image.open(drawn).size[1] > Image.open(drawn).size[0]  # a bar chart per text
     tokens = [a["feature"].split(":", 1)[1] for a in first["attributions"]]
     assert tokens and all(token.strip("#") in records[0]["text"].lower() for token in tokens)
     assert first["method"] == "shap"
@@ -95,7 +99,8 @@ def test_tweets_example_trains_on_a_subset_and_its_package_classifies_text(
     largest = max(first["attributions"], key=lambda a: abs(a["attribution"]))
     position = int(largest["feature"].split(":", 1)[0])
     assert float(values[0, position]) == pytest.approx(largest["attribution"], abs=1e-5)
-    check_report(package / "report.html", tmp_path, min_images=1)
+    headings = check_report(package / "report.html", tmp_path, min_images=2)
+    assert "SHAP summary" in headings
 
 
 def test_tweets_language_model_trains_on_a_subset_and_generates(ray_runtime, tmp_path, capsys):

@@ -48,7 +48,7 @@ def test_an_image_baseline_reads_the_pixels():
     x = rng.normal(size=(200, 1, 6, 6)).astype(np.float32)
     x[y == 1, 0, 0, :] += 3  # class 1 has a bright top row
     target = TargetSpec(classes=("dark", "bright"), name="label")
-    images = ImagePreprocessor(6, 0.0, 1.0, ("dark", "bright"), max_value=255)
+    images = ImagePreprocessor(6, (0.0,), (1.0,), ("dark", "bright"), max_value=255)
     baseline = make_baseline(images, build_task(ClassificationTask(), target), x, y)
     assert (baseline.predict(x).argmax(1) == y).mean() > 0.95
 

@@ -146,7 +146,7 @@ def test_judge_counts_confident_defects_and_class_shares():
     task = build_task(
         config_from_dict(tiny_raw_config("/tmp")).task, TargetSpec(classes=("none", "a", "b"))
     )
-    preprocessor = ImagePreprocessor(4, 1.0, 1.0, ("none", "a", "b"))
+    preprocessor = ImagePreprocessor(4, (1.0,), (1.0,), ("none", "a", "b"))
     logits = [[0.0, 9.0, 0.0], [9.0, 0.0, 0.0], [0.0, 1.0, 0.5], [0.0, 0.0, 9.0]]
     judge = Judge("j:v1", JudgeConfig(model="j"), FixedLogits(logits), preprocessor, task)
     rated = judge.rate(np.zeros((4, 4, 4), np.uint8))
@@ -170,7 +170,7 @@ def test_sample_grid_shows_every_map_in_die_colours():
 
 def test_code_preprocessor_keeps_values_and_targets_the_image():
     features = ImageFeatures("sample_id", "image", "label", 16, CLASS_NAMES, codes=True)
-    preprocessor = ImagePreprocessor.from_moments(features, 10, 10.0, 14.0)
+    preprocessor = ImagePreprocessor.from_moments(features, 10, np.array([10.0]), np.array([14.0]))
     rows = generate(1, 16, seed=0)
     out = preprocessor.transform({"image": rows["image"], "label": rows["label"]})
     codes = rows["image"].reshape(-1, 16, 16)
@@ -178,7 +178,10 @@ def test_code_preprocessor_keeps_values_and_targets_the_image():
     np.testing.assert_array_equal(out["target"], codes)
     assert preprocessor.model_inputs == CODES and preprocessor.target.vocab_size == 3
     standardised = ImagePreprocessor.from_moments(
-        ImageFeatures("sample_id", "image", "label", 16, CLASS_NAMES), 10, 10.0, 14.0
+        ImageFeatures("sample_id", "image", "label", 16, CLASS_NAMES),
+        10,
+        np.array([10.0]),
+        np.array([14.0]),
     )
     np.testing.assert_allclose(
         preprocessor.input_summary(out["inputs"])["defect_fraction"],
@@ -229,6 +232,24 @@ def test_code_preprocessor_keeps_values_and_targets_the_image():
         (
             {"task": {"kind": "gan"}, "model": {"kind": "dcgan"}, "train": {"grad_clip_norm": 1}},
             "clipping the generator's and the discriminator's gradients together",
+        ),
+        (
+            {
+                "task": {"kind": "vae"},
+                "model": {"kind": "conv_vae"},
+                "data": {
+                    "source": {"kind": "image_folder", "path": "photos", "channels": 3},
+                },
+            },
+            "data.source.channels: task vae draws single-channel images",
+        ),
+        (
+            {
+                "task": {"kind": "vae"},
+                "model": {"kind": "conv_vae"},
+                "data": {"augment": {"crop_scale": 0.5}},
+            },
+            "data.augment.crop_scale: task vae reads image values as categories",
         ),
     ],
 )

@@ -1,6 +1,6 @@
 """The image-folder and NumPy readers without Ray: a row per image with its class from
-the folder or the label array, grey levels resized, and files that cannot be used as
-rejected rows with their reason."""
+the folder or the label array, grey levels or RGB values resized, and files that cannot
+be used as rejected rows with their reason."""
 
 import io
 
@@ -75,4 +75,50 @@ def test_npz_arrays_must_be_square_images(tmp_path, shape):
     _npz(tmp_path / "a.npz", np.zeros(shape, np.uint8), np.zeros(3, np.int64))
     kwargs = {"root": str(tmp_path), "images_key": "images", "labels_key": "labels", "size": 4}
     (rejected,) = _rows(npz_rows, tmp_path / "a.npz", **kwargs)
-    assert "expected square images (N, H, H) and N labels" in rejected[REJECT_COLUMN][0]
+    assert (
+        "expected square images (N, H, H) or (N, H, H, C) and N labels"
+        in (rejected[REJECT_COLUMN][0])
+    )
+
+
+def _values(batch, channels: int) -> np.ndarray:
+    return np.frombuffer(batch["image"][0], np.uint8).reshape(8, 8, channels)
+
+
+def test_colour_files_are_read_as_rgb_whatever_their_mode(tmp_path):
+    """RGBA loses its alpha, grey is repeated into R, G and B, JPEG is decoded."""
+    (tmp_path / "cat").mkdir()
+    orange = (230, 120, 20)
+    Image.new("RGBA", (8, 8), (*orange, 40)).save(tmp_path / "cat" / "alpha.png")
+    Image.new("L", (8, 8), 90).save(tmp_path / "cat" / "grey.png")
+    Image.new("RGB", (16, 16), orange).save(tmp_path / "cat" / "photo.jpg", quality=95)
+    kwargs = {"root": str(tmp_path), "size": 8, "classes": ("cat", "dog"), "channels": 3}
+    (alpha,) = _rows(image_file_rows, tmp_path / "cat" / "alpha.png", **kwargs)
+    (grey,) = _rows(image_file_rows, tmp_path / "cat" / "grey.png", **kwargs)
+    (jpeg,) = _rows(image_file_rows, tmp_path / "cat" / "photo.jpg", **kwargs)
+    assert (_values(alpha, 3) == orange).all()
+    assert (_values(grey, 3) == 90).all()
+    assert np.abs(_values(jpeg, 3).astype(int) - orange).max() <= 3
+
+
+def test_npz_images_with_channels_are_converted_to_the_channels_asked_for(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2, 4, 4, 3))
+    rgba = np.concatenate([rgb, np.full((2, 4, 4, 1), 255)], -1)
+    _npz(tmp_path / "rgba.npz", rgba, np.array([0, 1]))
+    _npz(tmp_path / "grey.npz", rgb[..., 0], np.array([0, 1]))
+    kwargs = {"root": str(tmp_path), "images_key": "images", "labels_key": "labels", "size": 4}
+
+    def image(path, channels):
+        (batch,) = _rows(npz_rows, path, channels=channels, **kwargs)
+        return np.frombuffer(batch["image"][0], np.uint8).reshape(4, 4, channels)
+
+    np.testing.assert_array_equal(image(tmp_path / "rgba.npz", 3), rgb[0])
+    np.testing.assert_array_equal(
+        image(tmp_path / "grey.npz", 3), np.repeat(rgb[0, ..., :1], 3, -1)
+    )
+    pil_grey = np.asarray(Image.fromarray(rgb[0].astype(np.uint8)).convert("L"))
+    np.testing.assert_array_equal(image(tmp_path / "rgba.npz", 1)[..., 0], pil_grey)
+    _npz(tmp_path / "two.npz", rgb[..., :2], np.array([0, 1]))
+    (rejected,) = _rows(npz_rows, tmp_path / "two.npz", channels=3, **kwargs)
+    assert "expected images (N, H, W) or (N, H, W, 1|3|4)" in rejected[REJECT_COLUMN][0]

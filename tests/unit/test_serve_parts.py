@@ -1,6 +1,7 @@
 import asyncio
 import base64
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,29 +13,80 @@ from forgeml.serve.schemas import ImageInstance
 from PIL import Image
 
 
-def _png(array: np.ndarray, mode: str = "L") -> str:
+def _encoded(array: np.ndarray, mode: str = "L", fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
-    Image.fromarray(array).convert(mode).save(buffer, format="PNG")
+    Image.fromarray(array).convert(mode).save(buffer, format=fmt)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_array_and_png_instances_decode_to_the_same_map():
     wafer = np.random.default_rng(0).integers(0, 3, (8, 8)).astype(np.uint8)
-    from_array = ImageInstance(image=wafer.tolist()).to_array()
-    from_png = ImageInstance(image_png_base64=_png(wafer)).to_array()
-    from_rgb_png = ImageInstance(image_png_base64=_png(wafer, "RGB")).to_array()
-    np.testing.assert_array_equal(from_array, wafer)
-    np.testing.assert_array_equal(from_png, wafer)
-    np.testing.assert_array_equal(from_rgb_png, wafer)
+    from_array = ImageInstance(image=wafer.tolist()).to_array(1)
+    from_png = ImageInstance(image_base64=_encoded(wafer)).to_array(1)
+    from_rgb_png = ImageInstance(image_base64=_encoded(wafer, "RGB")).to_array(1)
+    for decoded in (from_array, from_png, from_rgb_png):
+        np.testing.assert_array_equal(decoded, wafer[..., None])
+
+
+def test_colour_instances_decode_as_rgb_and_grey_as_pil_converts_them():
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(ImageInstance(image=photo.tolist()).to_array(3), photo)
+    np.testing.assert_array_equal(
+        ImageInstance(image_base64=_encoded(photo, "RGB")).to_array(3), photo
+    )
+    with_alpha = np.concatenate([photo, np.full((8, 8, 1), 9, np.uint8)], -1)
+    np.testing.assert_array_equal(
+        ImageInstance(image_base64=_encoded(with_alpha, "RGBA")).to_array(3), photo
+    )
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    np.testing.assert_array_equal(ImageInstance(image=photo.tolist()).to_array(1)[..., 0], grey)
+    np.testing.assert_array_equal(
+        ImageInstance(image=grey.tolist()).to_array(3), np.repeat(grey[..., None], 3, -1)
+    )
+    jpeg = ImageInstance(image_base64=_encoded(photo, "RGB", "JPEG")).to_array(3)
+    assert jpeg.shape == (8, 8, 3) and jpeg.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("instance", "message"),
+    [
+        ({"image": [[[1, 2]] * 4] * 4}, "'image' pixels hold 2 values, not 1 or 3"),
+        ({"image": [[1, 2], [3]]}, "'image' rows have different lengths"),
+        ({"image_base64": "not base64!"}, "'image_base64' is not valid base64"),
+        ({"image_base64": base64.b64encode(b"GIF89a").decode()}, "readable PNG or JPEG"),
+    ],
+)
+def test_unusable_image_instances_say_why(instance, message):
+    with pytest.raises(ValueError, match=message):
+        ImageInstance(**instance).to_array(3)
+
+
+def test_a_bmp_file_is_refused_by_format():
+    bmp = _encoded(np.zeros((4, 4), np.uint8), fmt="BMP")
+    with pytest.raises(ValueError, match="'image_base64' holds BMP, not PNG or JPEG"):
+        ImageInstance(image_base64=bmp).to_array(1)
+
+
+def test_a_colour_model_names_the_shape_it_takes():
+    photo = ImagePreprocessor(
+        image_size=4, mean=(1.0,) * 3, std=(1.0,) * 3, class_names=("a", "b"), max_value=255
+    )
+    photo = replace(photo, channels=3)
+    small = ImageInstance(image=np.zeros((2, 2, 3), np.uint8).tolist())
+    with pytest.raises(ValueError, match="instances.0: expected a 4x4x3 image, got 2x2x3"):
+        photo.request_columns([small])
+    grey = ImageInstance(image=np.full((4, 4), 7, np.uint8).tolist())
+    assert photo.request_columns([grey])["image"].shape == (1, 4, 4, 3)
 
 
 def test_a_wafer_model_refuses_values_above_its_die_codes_and_a_picture_model_takes_them():
-    bright = ImageInstance(image_png_base64=_png(np.full((4, 4), 200, np.uint8)))
-    wafer = ImagePreprocessor(image_size=4, mean=1.0, std=0.5, class_names=("a", "b"))
+    bright = ImageInstance(image_base64=_encoded(np.full((4, 4), 200, np.uint8)))
+    wafer = ImagePreprocessor(image_size=4, mean=(1.0,), std=(0.5,), class_names=("a", "b"))
     with pytest.raises(ValueError, match="instances.0: values must be 0 to 2"):
         wafer.request_columns([bright])
     picture = ImagePreprocessor(
-        image_size=4, mean=100.0, std=50.0, class_names=("a", "b"), max_value=255
+        image_size=4, mean=(100.0,), std=(50.0,), class_names=("a", "b"), max_value=255
     )
     assert picture.request_columns([bright])["image"].max() == 200
 

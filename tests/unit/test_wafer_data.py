@@ -64,8 +64,10 @@ def _features(size: int = 2) -> ImageFeatures:
 def test_preprocessor_standardises_with_fitted_moments_and_round_trips():
     images = np.array([[[0, 1], [2, 1]]], dtype=np.uint8)
     x = images.astype(np.float64)
-    pre = ImagePreprocessor.from_moments(_features(), x.size, x.sum(), (x**2).sum())
-    assert pre.mean == 1.0 and np.isclose(pre.std, np.sqrt(0.5))
+    pre = ImagePreprocessor.from_moments(
+        _features(), x.size, np.array([x.sum()]), np.array([(x**2).sum()])
+    )
+    assert pre.mean == (1.0,) and np.isclose(pre.std, np.sqrt(0.5)).all()
     out = pre.transform({"image": images, "label": np.array([2])})
     assert out["inputs"].shape == (1, 1, 2, 2) and out["inputs"].dtype == np.float32
     assert np.isclose(out["inputs"].mean(), 0) and np.isclose(out["inputs"].std(), 1)
@@ -74,11 +76,11 @@ def test_preprocessor_standardises_with_fitted_moments_and_round_trips():
 
 
 def test_preprocessor_refuses_wrong_shapes():
-    pre = ImagePreprocessor(image_size=4, mean=1, std=1, class_names=("a", "b"))
+    pre = ImagePreprocessor(image_size=4, mean=(1.0,), std=(1.0,), class_names=("a", "b"))
     try:
         pre.standardize(np.zeros((2, 3, 3), np.uint8))
     except ValueError as exc:
-        assert "(N, 4, 4)" in str(exc)
+        assert "(N, 4, 4, 1)" in str(exc)
     else:
         raise AssertionError("a 3x3 map passed a 4x4 preprocessor")
 
@@ -102,10 +104,11 @@ def test_decode_accepts_flat_and_object_columns():
     flat = np.arange(2 * 9, dtype=np.uint8).reshape(2, 9)
     objects = np.empty(2, dtype=object)
     objects[:] = [flat[0], flat[1]]
-    np.testing.assert_array_equal(decode_images(objects, 3), flat.reshape(2, 3, 3))
-    np.testing.assert_array_equal(decode_images(flat, 3), flat.reshape(2, 3, 3))
+    np.testing.assert_array_equal(decode_images(objects, 3), flat.reshape(2, 3, 3, 1))
+    np.testing.assert_array_equal(decode_images(flat, 3), flat.reshape(2, 3, 3, 1))
     raw = np.array([row.tobytes() for row in flat], dtype=object)
-    np.testing.assert_array_equal(decode_images(raw, 3), flat.reshape(2, 3, 3))
+    np.testing.assert_array_equal(decode_images(raw, 3), flat.reshape(2, 3, 3, 1))
+    np.testing.assert_array_equal(decode_images(flat, 1, channels=9), flat.reshape(2, 1, 1, 9))
     short = np.array([flat[0].tobytes(), flat[1].tobytes()[:5]], dtype=object)
     reasons = ImageFeatures(
         "sample_id", "image", "label", 3, ("a", "b"), max_value=255

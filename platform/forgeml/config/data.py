@@ -11,6 +11,19 @@ from pydantic import Field, field_validator, model_validator
 from forgeml.config.base import Section, variants
 
 
+def channels_field() -> int:
+    """``channels`` of the image sources that read files."""
+    return Field(
+        1,
+        description="1: grey levels (colour images made grey by luma, as PIL's L mode); "
+        "3: RGB (grey images repeated into R, G and B, an alpha channel dropped).",
+    )
+
+
+#: What an image source's ``channels`` may be.
+Channels = Literal[1, 3]
+
+
 class SourceSection(Section):
     """What every source states about itself besides its fields."""
 
@@ -41,8 +54,8 @@ class WaferSource(SourceSection):
 
 
 class ParquetSource(SourceSection):
-    """Parquet files with an image column (raw bytes, one die code a byte; or flattened or
-    nested arrays) and an integer label."""
+    """Parquet files with an image column (raw bytes, one value a byte, channels last; or
+    flattened or nested arrays) and an integer label."""
 
     has_columns = True
 
@@ -54,19 +67,23 @@ class ParquetSource(SourceSection):
     image_column: str = Field("image", description="Column holding the wafer map.")
     label_column: str = Field("label", description="Column holding the integer class index.")
     image_size: int = Field(ge=1, description="Side of the square map stored in image_column.")
+    channels: Channels = Field(
+        1, description="Values per pixel in image_column: 1 (grey, die codes) or 3 (RGB)."
+    )
     class_names: list[str] = Field(min_length=2, description="Class names, by label index.")
 
 
 class ImageFolderSource(SourceSection):
-    """Image files in one sub-folder per class (PNG, JPEG, BMP, GIF, TIFF), local or on
-    S3, read as single-channel (grey) images and resized to a square. A file that cannot
-    be read is rejected with its reason and path."""
+    """Image files in one sub-folder per class (PNG, JPEG, BMP, GIF, TIFF, WebP), local or
+    on S3, read as grey or RGB images and resized to a square. A file that cannot be read
+    is rejected with its reason and path."""
 
     kind: Literal["image_folder"] = Field("image_folder", description="Selects this variant.")
     path: str = Field(description="Local path or s3:// URI of the folder of class folders.")
     image_size: int = Field(
         32, ge=8, le=512, description="Side of the square images are resized to."
     )
+    channels: Channels = channels_field()
     class_names: list[str] | None = Field(
         None,
         min_length=2,
@@ -76,13 +93,14 @@ class ImageFolderSource(SourceSection):
 
 class NumpySource(SourceSection):
     """NumPy ``.npz`` files (a file or a folder of them), local or on S3: an integer array
-    of square single-channel images (N, H, W), values 0 to 255, and an integer array of
-    class indices (N,)."""
+    of square images, grey (N, H, W) or with channels last (N, H, W, 1|3|4), values 0 to
+    255, and an integer array of class indices (N,)."""
 
     kind: Literal["numpy"] = Field("numpy", description="Selects this variant.")
     path: str = Field(description="Local path or s3:// URI of a .npz file or a folder of them.")
     images_key: str = Field("images", description="Array of images in each file.")
     labels_key: str = Field("labels", description="Array of class indices in each file.")
+    channels: Channels = channels_field()
     class_names: list[str] = Field(min_length=2, description="Class names, by label index.")
 
 
@@ -386,7 +404,9 @@ class SplitConfig(Section):
 class AugmentConfig(Section):
     """Train-only augmentation, drawn afresh every epoch by each worker on its batches.
     Off unless asked for: a turned or mirrored digit, letter, face or document is another
-    picture, so only images with no orientation (wafer maps, micrographs) want it."""
+    picture, so only images with no orientation (wafer maps, micrographs) want turns and
+    vertical flips; photos of things usually take a crop, a horizontal flip and a little
+    colour jitter."""
 
     rotate90: bool = Field(
         False, description="Random multiples of 90 degree rotation (images with no up)."
@@ -394,6 +414,33 @@ class AugmentConfig(Section):
     flip: bool = Field(
         False, description="Random horizontal and vertical flips (images with no handedness)."
     )
+    horizontal_flip: bool = Field(
+        False, description="Random left-right flips only (photos: the world has an up)."
+    )
+    crop_scale: float | None = Field(
+        None,
+        ge=0.08,
+        lt=1,
+        description="Random resized crop: a square of this share of the image's area or "
+        "more, at a random place, resized back to the full image; null: none.",
+    )
+    color_jitter: float = Field(
+        0,
+        ge=0,
+        le=0.5,
+        description="Random brightness, contrast and (RGB) saturation factors within 1 +- "
+        "this, per image; 0: none.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(
+            self.rotate90
+            or self.flip
+            or self.horizontal_flip
+            or self.crop_scale is not None
+            or self.color_jitter
+        )
 
 
 class DataConfig(Section):

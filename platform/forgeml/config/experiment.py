@@ -274,7 +274,23 @@ class ExperimentConfig(Section):
             )
 
     def _check_image_generation(self) -> None:
-        """The image side a model's levels halve; a GAN's training defaults."""
+        """Single-channel codes, augmented only by turns and flips; the image side a
+        model's levels halve; a GAN's training defaults."""
+        if getattr(self.data.source, "channels", 1) != 1:
+            raise ValueError(
+                f"data.source.channels: task {self.task.kind} draws single-channel images, "
+                "each value a category; set channels: 1"
+            )
+        augment = self.data.augment
+        for name, value in (
+            ("crop_scale", augment.crop_scale),
+            ("color_jitter", augment.color_jitter),
+        ):
+            if value:
+                raise ValueError(
+                    f"data.augment.{name}: task {self.task.kind} reads image values as "
+                    "categories, which resizing and jitter would blend; use rotate90 or flip"
+                )
         side = getattr(self.data.source, "image_size", None)
         if side is not None and side % 2**self.model.depth:
             raise ValueError(

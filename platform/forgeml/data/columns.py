@@ -14,11 +14,14 @@ def no_rejects(n: int) -> np.ndarray:
 
 
 def first_reason(*reasons: np.ndarray) -> np.ndarray:
-    """Per row, the first non-empty reason of several reason arrays."""
+    """Per row, the first non-empty reason of several reason arrays. A missing reason
+    (None) is no reason: a block that holds a reader's rejected rows beside rows read
+    well has None for those."""
     out = no_rejects(len(reasons[0]))
     for reason in reasons:
-        empty = out == ""
-        out[empty] = reason[empty]
+        reason = np.asarray(reason, dtype=object)
+        given = (out == "") & pd.notna(reason) & (reason != "")
+        out[given] = reason[given]
     return out
 
 

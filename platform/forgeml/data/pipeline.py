@@ -119,7 +119,23 @@ class PreparedData:
 
     @property
     def augmenting(self) -> bool:
-        return bool(self.augment and (self.augment.rotate90 or self.augment.flip))
+        return bool(self.augment and self.augment.enabled)
+
+    def augment_settings(self) -> dict | None:
+        """``augment_batch``'s keyword arguments (train/augment.py), or None: the
+        configured augmentations and, for colour jitter, the images' per-channel
+        standardisation and largest value."""
+        if not self.augmenting:
+            return None
+        settings = self.augment.model_dump()
+        if self.augment.color_jitter:
+            image = self.preprocessor
+            settings["levels"] = {
+                "mean": image.mean,
+                "std": image.std,
+                "max_value": image.max_value,
+            }
+        return settings
 
 
 def _tag(batch, features: Features, group_by: list[str], stratify: bool):
@@ -180,11 +196,14 @@ def _transform(batch, preprocessor: Preprocessor):
 
 
 def write_rejects(rows: ray.data.Dataset, folder: str, filesystem: pafs.FileSystem) -> None:
-    """Rejected rows as Parquet, each with its ``_reject`` reason (and ``_raw`` line)."""
+    """Rejected rows as Parquet, each with its ``_reject`` reason (and ``_raw`` line), in
+    one file: rejects from different blocks can differ in a column's type (a label read
+    as a number, or missing where the whole file was unreadable), which one file's
+    schema unifies and a folder of files would not."""
     rejected = rows.map_batches(
         _rows, fn_kwargs={"split": None, "rejected": True}, batch_format="numpy"
     )
-    rejected.write_parquet(folder, filesystem=filesystem, mode=SaveMode.OVERWRITE)
+    rejected.repartition(1).write_parquet(folder, filesystem=filesystem, mode=SaveMode.OVERWRITE)
 
 
 @dataclass

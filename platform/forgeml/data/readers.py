@@ -20,6 +20,7 @@ import ray.data
 from PIL import Image
 
 from forgeml.data.base import FILE_COLUMN, RAW_COLUMN, REJECT_COLUMN, ROW_COLUMN, Features
+from forgeml.data.images import to_channels
 from forgeml.storage import Storage
 
 FORMATS = {
@@ -49,6 +50,10 @@ class DataSource:
     split_columns: tuple[str, ...] = ()
     #: Whether the rows come with their split (series split by time).
     assigns_splits = False
+    #: Files one reading task reads: one for tables and arrays, which can be large; many
+    #: for image files, so that small files do not make a block (and a task in every
+    #: later pass) each.
+    files_per_task: int = 1
 
     def read(self, shuffle_files: bool = False) -> ray.data.Dataset:
         """The raw rows, with only the columns the features and the split read;
@@ -80,7 +85,7 @@ class DataSource:
             files = files.random_shuffle()
         return files.map_batches(
             _read_files,
-            batch_size=1,
+            batch_size=self.files_per_task,
             fn_kwargs={"reader": self.reader, "fs": self.filesystem, "columns": columns},
             batch_format="numpy",
         )
@@ -102,9 +107,13 @@ def _rejected_file(path: str, reason: str) -> dict:
     }
 
 
-def image_file_rows(fs, path, columns, root: str, size: int, classes: tuple[str, ...]):
-    """One image file as a row: grey levels resized to size x size (raw bytes), the class
-    of its folder, an id from its path under ``root``; or a rejected row with the reason."""
+def image_file_rows(
+    fs, path, columns, root: str, size: int, classes: tuple[str, ...], channels: int = 1
+):
+    """One image file as a row: its grey levels (``channels`` 1) or R, G, B values (3),
+    resized to size x size (raw bytes, channels last), the class of its folder, an id from
+    its path under ``root``; or a rejected row with the reason. PIL converts: colour to
+    grey by luma, grey repeated into RGB, alpha dropped."""
     relative = path[len(root) :].lstrip("/")
     folder, _, name = relative.partition("/")
     if not name or folder not in classes:
@@ -114,8 +123,9 @@ def image_file_rows(fs, path, columns, root: str, size: int, classes: tuple[str,
         return
     try:
         with fs.open_input_file(path) as stream, Image.open(io.BytesIO(stream.read())) as image:
-            grey = image.convert("L").resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(grey, dtype=np.uint8).tobytes()
+            converted = image.convert("RGB" if channels == 3 else "L")
+            resized = converted.resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(resized, dtype=np.uint8).tobytes()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         yield _rejected_file(path, f"image: not a readable image ({type(exc).__name__})")
         return
@@ -127,8 +137,8 @@ def image_file_rows(fs, path, columns, root: str, size: int, classes: tuple[str,
 
 
 def npz_arrays(fs, path: str, images_key: str, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """The images and labels of one .npz file; ValueError saying why they are unusable
-    (without the path, which the caller knows)."""
+    """The images (N, H, H) or (N, H, H, C) and labels of one .npz file; ValueError
+    saying why they are unusable (without the path, which the caller knows)."""
     try:
         with fs.open_input_file(path) as stream:
             arrays = np.load(io.BytesIO(stream.read()), allow_pickle=False)
@@ -137,31 +147,37 @@ def npz_arrays(fs, path: str, images_key: str, labels_key: str) -> tuple[np.ndar
         raise ValueError(
             f"not a .npz file with arrays {images_key!r} and {labels_key!r} ({type(exc).__name__})"
         ) from None
-    if images.ndim != 3 or images.shape[1] != images.shape[2] or labels.shape != images.shape[:1]:
+    square = images.ndim in (3, 4) and images.shape[1] == images.shape[2]
+    if not square or labels.shape != images.shape[:1]:
         raise ValueError(
-            f"expected square images (N, H, H) and N labels, got {images.shape} and {labels.shape}"
+            "expected square images (N, H, H) or (N, H, H, C) and N labels, "
+            f"got {images.shape} and {labels.shape}"
         )
     return images, labels
 
 
-def npz_rows(fs, path, columns, root: str, images_key: str, labels_key: str, size: int):
-    """The rows of one .npz file (images as raw bytes); the file as one rejected row if
-    its arrays are unusable, an image as one if its values are not 0 to 255."""
+def npz_rows(
+    fs, path, columns, root: str, images_key: str, labels_key: str, size: int, channels: int = 1
+):
+    """The rows of one .npz file (images as raw bytes, ``channels`` last, converted as
+    ``to_channels`` does); the file as one rejected row if its arrays are unusable, an
+    image as one if its values are not 0 to 255."""
     try:
         images, labels = npz_arrays(fs, path, images_key, labels_key)
         if images.shape[1] != size:
             raise ValueError(f"images of {images.shape[1]}x{images.shape[2]}, not {size}x{size}")
+        flat = images.reshape(len(images), -1)
+        bad = ((flat < 0) | (flat > 255)).any(1) if flat.size else np.zeros(0, bool)
+        images = to_channels(np.clip(images, 0, 255).astype(np.uint8), channels)
     except ValueError as exc:
         yield _rejected_file(path, f"images: {exc}")
         return
     relative = path[len(root) :].lstrip("/")
     ids = np.array([_stable_id(f"{relative}:{i}") for i in range(len(images))], dtype=np.uint64)
-    flat = images.reshape(len(images), -1)
-    bad = ((flat < 0) | (flat > 255)).any(1) if flat.size else np.zeros(0, bool)
     if (~bad).any():
         yield {
             "id": ids[~bad],
-            "image": np.array([row.tobytes() for row in flat[~bad].astype(np.uint8)], dtype=object),
+            "image": np.array([image.tobytes() for image in images[~bad]], dtype=object),
             "label": labels[~bad],
         }
     for i in np.flatnonzero(bad):

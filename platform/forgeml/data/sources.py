@@ -138,10 +138,14 @@ def wafer_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
     )
 
 
+#: Image files one reading task decodes (a few MB of pixels for photos resized to 224).
+IMAGE_FILES_PER_TASK = 32
+
+
 @register_source("image_folder")
 def image_folder_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
-    """Image files, one sub-folder per class, read as grey levels by a reader of our own
-    (a file that cannot be decoded becomes a rejected row, not a failed job)."""
+    """Image files, one sub-folder per class, read as grey levels or RGB by a reader of
+    our own (a file that cannot be decoded becomes a rejected row, not a failed job)."""
     source: ImageFolderSource = cfg.data.source
     paths, fs, root = listed_files(source.path, storage, IMAGE_EXTENSIONS)
     folders = sorted(
@@ -161,8 +165,17 @@ def image_folder_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
         paths=paths,
         filesystem=fs,
         format="image",
-        features=ImageFeatures("id", "image", "label", source.image_size, classes, max_value=255),
-        reader=partial(image_file_rows, root=root, size=source.image_size, classes=classes),
+        features=ImageFeatures(
+            "id", "image", "label", source.image_size, classes, 255, channels=source.channels
+        ),
+        reader=partial(
+            image_file_rows,
+            root=root,
+            size=source.image_size,
+            classes=classes,
+            channels=source.channels,
+        ),
+        files_per_task=IMAGE_FILES_PER_TASK,
     )
 
 
@@ -181,7 +194,7 @@ def numpy_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
         filesystem=fs,
         format="npz",
         features=ImageFeatures(
-            "id", "image", "label", size, tuple(source.class_names), max_value=255
+            "id", "image", "label", size, tuple(source.class_names), 255, channels=source.channels
         ),
         reader=partial(
             npz_rows,
@@ -189,6 +202,7 @@ def numpy_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
             images_key=source.images_key,
             labels_key=source.labels_key,
             size=size,
+            channels=source.channels,
         ),
     )
 
@@ -208,6 +222,7 @@ def parquet_source(cfg: ExperimentConfig, storage: Storage) -> DataSource:
             label_column=source.label_column,
             image_size=source.image_size,
             class_names=tuple(source.class_names),
+            channels=source.channels,
         ),
     )
 

@@ -11,44 +11,65 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-#: One value of a single-channel image; each model checks its own range (wafer maps 0-2).
+from forgeml.data.images import to_channels
+
+#: One value of an image channel; each model checks its own range (wafer maps 0-2).
 Pixel = Annotated[int, Field(ge=0, le=255)]
+
+#: The image files a request may hold, by the format PIL names.
+IMAGE_FILE_FORMATS = ("PNG", "JPEG")
 
 
 class ImageInstance(BaseModel):
-    """One square single-channel image: an array of values (wafer maps: die codes, 0
-    outside, 1 good, 2 defect), or the same values as the grey levels of a base64-encoded
-    8-bit PNG. Exactly one of the two."""
+    """One square image: an array of values, rows of values (grey, wafer maps: die
+    codes, 0 outside, 1 good, 2 defect) or rows of [R, G, B]; or a base64-encoded PNG or
+    JPEG file (lossless PNG where values are codes). Exactly one of the two. A grey image
+    given to a colour model is repeated into R, G and B; a colour one given to a grey
+    model is made grey as PIL does (alpha dropped)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: list[list[Pixel]] | None = Field(None, description="Rows of values.")
-    image_png_base64: str | None = Field(None, description="Base64 PNG of the values.")
+    image: list[list[Pixel]] | list[list[list[Pixel]]] | None = Field(
+        None, description="Rows of values, or rows of [R, G, B]."
+    )
+    image_base64: str | None = Field(None, description="Base64 of a PNG or JPEG file.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageInstance:
-        if (self.image is None) == (self.image_png_base64 is None):
-            raise ValueError("give exactly one of 'image' or 'image_png_base64'")
+        if (self.image is None) == (self.image_base64 is None):
+            raise ValueError("give exactly one of 'image' or 'image_base64'")
         return self
 
-    def to_array(self) -> np.ndarray:
-        """The map as a (H, W) uint8 array; ValueError with a reason if it is not one."""
+    def to_array(self, channels: int) -> np.ndarray:
+        """The image as a (H, W, ``channels``) uint8 array; ValueError with a reason if it
+        is not one."""
         if self.image is not None:
-            widths = {len(row) for row in self.image}
-            if len(widths) != 1:
-                raise ValueError("'image' rows have different lengths")
-            return np.asarray(self.image, dtype=np.uint8)
-        try:
-            raw = base64.b64decode(self.image_png_base64, validate=True)
-            with Image.open(io.BytesIO(raw)) as png:
-                if png.format != "PNG":
-                    raise ValueError(f"'image_png_base64' holds {png.format}, not PNG")
-                array = np.asarray(png.convert("L") if png.mode != "L" else png)
-        except binascii.Error:
-            raise ValueError("'image_png_base64' is not valid base64") from None
-        except (UnidentifiedImageError, OSError):
-            raise ValueError("'image_png_base64' does not hold a readable PNG image") from None
-        return array.astype(np.uint8)
+            try:
+                array = np.asarray(self.image, dtype=np.uint8)
+            except ValueError:
+                raise ValueError("'image' rows have different lengths") from None
+            if array.ndim not in (2, 3):
+                raise ValueError("'image' must be rows of values or rows of [R, G, B]")
+            if array.ndim == 3 and array.shape[-1] not in (1, 3):
+                raise ValueError(f"'image' pixels hold {array.shape[-1]} values, not 1 or 3")
+        else:
+            array = _decoded_file(self.image_base64, channels)
+        return to_channels(array[None], channels)[0]
+
+
+def _decoded_file(encoded: str, channels: int) -> np.ndarray:
+    """The values of a base64 PNG or JPEG file, grey or RGB as ``channels`` asks."""
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+        with Image.open(io.BytesIO(raw)) as file:
+            if file.format not in IMAGE_FILE_FORMATS:
+                raise ValueError(f"'image_base64' holds {file.format}, not PNG or JPEG")
+            mode = "RGB" if channels == 3 else "L"
+            return np.asarray(file if file.mode == mode else file.convert(mode), np.uint8)
+    except binascii.Error:
+        raise ValueError("'image_base64' is not valid base64") from None
+    except (UnidentifiedImageError, OSError):
+        raise ValueError("'image_base64' does not hold a readable PNG or JPEG file") from None
 
 
 #: One row of a table: feature name to value; an absent or null feature is missing.
@@ -67,7 +88,7 @@ class SeriesInstance(BaseModel):
 
 def _instance_kind(value) -> str:
     if isinstance(value, ImageInstance) or (
-        isinstance(value, dict) and {"image", "image_png_base64"} & value.keys()
+        isinstance(value, dict) and {"image", "image_base64"} & value.keys()
     ):
         return "image"
     if isinstance(value, SeriesInstance) or (isinstance(value, dict) and set(value) == {"history"}):
@@ -88,7 +109,7 @@ class PredictRequest(BaseModel):
 
     instances: list[Instance] = Field(
         min_length=1,
-        description="Wafer maps (image models), feature records (tabular and text "
+        description="Images (image models), feature records (tabular and text "
         "models) or series histories (forecasters).",
     )
 

@@ -263,6 +263,7 @@ class WorkerRecipe:
         self.augment = config["augment"]  # augment_batch's settings, or nothing
         self.tracking = config["tracking"]
         self.tracker: EpochLogger | None = None  # rank 0's, while training
+        self.first_step_at: float | None = None  # wall clock of this attempt's first step
 
         # Where training starts, unless ``restore`` finds a checkpoint.
         self.history: list[dict] = []
@@ -317,7 +318,8 @@ class WorkerRecipe:
 
     def train(self) -> dict:
         """Train up to ``max_epochs``, or until early stopping or a non-finite loss.
-        Returns the run's status, history, restarts, world size and where the ranks ran."""
+        Returns the run's status, history, restarts, world size, where the ranks ran and
+        when this attempt took its first step."""
         cfg = self.cfg
         if self.rank == 0:
             self.tracker = EpochLogger(self.tracking, cfg, self.resumed_tracking, self.start_epoch)
@@ -358,6 +360,7 @@ class WorkerRecipe:
             "restarts": self.restarts,
             "world_size": self.world_size,
             "ranks": self.ranks,
+            "first_step_at": self.first_step_at,
         }
 
     def train_epoch(self, epoch: int, shard: ray.data.DataIterator) -> EpochTraining:
@@ -399,6 +402,8 @@ class WorkerRecipe:
         self, batch: dict, generator: torch.Generator | None, progress: EpochProgress
     ) -> None:
         """One optimizer step on a batch, accumulated over micro-batches that fit."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
         inputs, targets = batch["inputs"], batch["target"]
         if self.augment:
             inputs, targets = augment_batch(inputs, targets, **self.augment, generator=generator)

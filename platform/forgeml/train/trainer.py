@@ -60,7 +60,7 @@ def loop_config(
         "tracking": tracking,
         "initial_weights": weights,
         "pretrained": sorted(pretrained.weights) if pretrained else [],
-        "augment": data.augment.model_dump() if data.augmenting else None,
+        "augment": data.augment_settings(),
     }
 
 
@@ -123,19 +123,34 @@ def best_checkpoint(result: ray.train.Result, metric: str, mode: str) -> ray.tra
     return pick(scored, key=lambda pair: pair[1])[0]
 
 
+def startup_seconds(
+    started: float, prepared: float, launched: float, first_step_at: float | None
+) -> dict:
+    """Where a run's time went before its first training step (wall-clock times): the
+    data (read, split, preprocessing fitted) and the workers' start (Ray Train's
+    controller and worker group, datasets dealt out, the model built), to the first step
+    of the attempt that finished."""
+    return {
+        "data": round(prepared - started, 2),
+        "workers": round(first_step_at - launched, 2) if first_step_at else None,
+    }
+
+
 def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingOutcome:
     """Train, evaluate on the test split and register a model package.
 
     Raises TrainingDiverged when the loss is not finite (nothing registered) and lets
     Ray Train's TrainingFailedError through when workers fail beyond ``max_failures``.
     """
-    started = time.monotonic()
+    started = time.time()
     launch = prepare_launch(cfg, "runs", cfg.name, resume)
+    prepared = time.time()
     storage, run_name, data = launch.storage, launch.name, launch.data
     tracking = run_tracking(launch.tracking, cfg, storage, launch.path, run_name)
     pretrained = load_pretrained(cfg, storage, data)
     trainer = build_trainer(cfg, storage, data, run_name, tracking, pretrained=pretrained)
     logger.info("training %s as run %s (%s)", cfg.name, run_name, storage.uri("runs", run_name))
+    launched = time.time()
     result = trainer.fit()
     outcome = result.return_value
     history = outcome["history"]
@@ -159,7 +174,8 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
         "ranks": outcome["ranks"],
         "restarts": outcome["restarts"],
         "use_gpu": cfg.scaling.use_gpu,
-        "wall_s": round(time.monotonic() - started, 1),
+        "wall_s": round(time.time() - started, 1),
+        "startup_s": startup_seconds(started, prepared, launched, outcome["first_step_at"]),
         **({"init_from": pretrained.record()} if pretrained else {}),
     }
     version, metrics = register_checkpoint(
