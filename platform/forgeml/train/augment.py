@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: The weights of R, G and B in a grey level (ITU-R 601-2 luma), as PIL's L mode uses.
-LUMA = (0.299, 0.587, 0.114)
+from forgeml.data.images import LUMA_FIXED
+
+#: The weights of R, G and B in a grey level: the readers' (PIL's L mode), as fractions.
+LUMA = tuple(float(weight) / 2**16 for weight in LUMA_FIXED)
 
 
 def augment(
