@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hypothesis
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import requests
@@ -315,6 +316,94 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
     ]:
         refused = _post(served, url, {"instances": [bad]}, token=None)
         assert refused.status_code == 422 and message in refused.json()["error"]["message"]
+
+
+#: Short reviews whose class is carried by one word among words of neither class.
+PRAISE, BLAME = ["superb", "wonderful", "delightful"], ["dreadful", "tedious", "awful"]
+NEUTRAL = [
+    "the",
+    "film",
+    "plot",
+    "music",
+    "cast",
+    "was",
+    "and",
+    "its",
+    "with",
+    "story",
+    "scenes",
+    "ending",
+    "actors",
+]
+
+
+def _reviews(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        words = list(rng.choice(NEUTRAL, 6))
+        words.insert(int(rng.integers(0, 7)), str(rng.choice(PRAISE if i % 2 else BLAME)))
+        rows.append({"text": " ".join(words), "opinion": "praise" if i % 2 else "blame"})
+    return rows
+
+
+def test_a_text_model_serves_texts_and_explains_them_by_their_tokens(served, tmp_path, monkeypatch):
+    """A text classifier next to the wafer model, behind a token: texts in, the offline
+    probabilities out; /explain answers each text's token SHAP values as explaining it
+    offline does, led by the word that carries its class; the same auth and instance
+    limit as the other routes."""
+    storage = served["cfg"].storage
+    pd.DataFrame(_reviews(240)).to_csv(tmp_path / "reviews.csv", index=False)
+    raw = tiny_raw_config(storage.root, name="reviews")
+    raw["model"] = {"kind": "bag_of_ngrams"}
+    raw["data"] = {
+        "source": {"kind": "table", "path": str(tmp_path / "reviews.csv")},
+        "features": {"kind": "text", "text": "text", "target": "opinion", "min_frequency": 1},
+    }
+    raw["train"]["max_epochs"] = 4
+    run_training(config_from_dict(raw))
+    monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
+    deploy(AppArgs(models=["reviews"], storage=storage), "texts", "/texts")
+    try:
+        _check_the_served_texts(served, storage)
+    finally:  # its replicas' CPUs go back to the module's later tests
+        serve.delete("texts")
+        serve.delete("reviews-v1")
+
+
+def _check_the_served_texts(served, storage) -> None:
+    url = "/texts/v1/models/reviews/predict"
+    records = [{"text": r["text"]} for r in _reviews(4, seed=9)]
+
+    response = _post(served, url, {"instances": records})
+
+    assert response.status_code == 200, response.text
+    loaded = load_model(ModelRegistry(Storage(storage)), "reviews")
+    columns = loaded.preprocessor.request_columns(records)
+    inputs = loaded.preprocessor.transform(columns)["inputs"]
+    with torch.no_grad():
+        offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
+    for prediction, offline_row in zip(response.json()["predictions"], offline, strict=True):
+        assert list(prediction["probabilities"].values()) == pytest.approx(offline_row, rel=1e-4)
+    explain_url = url.replace("/predict", "/explain")
+    explained = _post(served, explain_url, {"instances": records})
+    assert explained.status_code == 200, explained.text
+    rows = explained.json()["explanations"]
+    for row, offline_row, record in zip(rows, explain(loaded, columns), records, strict=True):
+        assert row["method"] == "shap" and row["explained"] == row["prediction"]["label"]
+        values = {a["feature"]: a["attribution"] for a in row["attributions"]}
+        expected = {a["feature"]: a["attribution"] for a in offline_row["attributions"]}
+        assert values == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        leading = max(row["attributions"], key=lambda a: abs(a["attribution"]))
+        assert leading["feature"].split(":", 1)[1] in set(PRAISE + BLAME) & set(
+            record["text"].split()
+        )
+    assert _post(served, explain_url, {"instances": records}, token=None).status_code == 401
+    many = _post(served, explain_url, {"instances": records * 5})
+    assert many.status_code == 413 and "limit of 16" in many.json()["error"]["message"]
+    refused = _post(served, url, {"instances": [{"text": 7}]})
+    assert refused.status_code == 422, refused.text
+    assert "instances.0.text" in refused.json()["error"]["message"]
 
 
 def _encoded(image: np.ndarray, fmt: str) -> str:
