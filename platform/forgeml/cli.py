@@ -8,6 +8,7 @@ forgeml generate --model NAME[:vN] --output samples.png|samples.npz [--samples 6
 forgeml config schema
 forgeml config validate --config FILE [--set ...]
 forgeml models list [--config FILE | --storage-root ROOT]
+forgeml models verify [NAME[:vN] ...] [--config FILE | --storage-root ROOT]
 forgeml runs list [--model NAME] [--json]
 forgeml runs compare NAME:vN NAME:vM ... [--all] [--json]
 forgeml report --model NAME[:vN] [--output report.html]
@@ -43,6 +44,8 @@ EXIT_BAD_INPUT = 2
 #: Images a PNG grid of ``forgeml generate`` holds at most (128 rows of 8).
 MAX_GRID_IMAGES = 1024
 EXIT_DIVERGED = 3
+#: ``forgeml models verify`` found a package that differs from its manifest.
+EXIT_DAMAGED = 4
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +166,18 @@ def _add_models_command(commands) -> None:
     models = _command(commands, "models", help="the model registry")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     _add_storage_arguments(_command(models_commands, "list", help="registered models"))
+    verify = _command(
+        models_commands,
+        "verify",
+        help="check packages against their manifests (sizes and sha256 of every file)",
+    )
+    verify.add_argument(
+        "refs",
+        nargs="*",
+        metavar="NAME[:vN]",
+        help="a version, or every version of a name; none: the whole registry",
+    )
+    _add_storage_arguments(verify)
 
 
 def _add_runs_command(commands) -> None:
@@ -600,15 +615,35 @@ def _draw_images(args: argparse.Namespace, loaded) -> int:
     return 0
 
 
-def _models_list(args: argparse.Namespace) -> int:
+def _models(args: argparse.Namespace) -> int:
     from forgeml.storage import ModelRegistry, Storage
 
     registry = ModelRegistry(Storage(_storage_config(args)))
+    if args.models_command == "verify":
+        return _verify_models(registry, args.refs)
     for name in registry.models():
         latest = registry.resolve(name)
         versions = ", ".join(f"v{v}" for v in registry.versions(name))
         print(f"{name}  latest {latest.ref}  versions {versions}  {latest.uri}")
     return 0
+
+
+def _verify_models(registry, refs: list[str]) -> int:
+    """Each chosen version against its manifest: ``ok`` or what differs; 1 if any does."""
+    versions = []
+    for ref in refs or registry.models():
+        numbers = [] if ":" in ref else registry.versions(ref)
+        chosen = [f"{ref}:v{n}" for n in numbers] or [ref]  # resolve() names a bad ref
+        versions += [registry.resolve(each) for each in chosen]
+    damaged = 0
+    for version in versions:
+        problems = registry.verify(version)
+        damaged += bool(problems)
+        print(f"{version.ref}  {'ok' if not problems else 'DAMAGED'}  {version.uri}")
+        for problem in problems:
+            print(f"  {problem}")
+    print(f"{len(versions)} versions checked, {damaged} damaged")
+    return EXIT_DAMAGED if damaged else 0
 
 
 def _cell(value) -> str:
@@ -697,13 +732,13 @@ def _report(args: argparse.Namespace) -> int:
         files = {
             name: registry.read(version, name)
             for name in ("MODEL_CARD.md", EVALUATION_FILE, "samples.png")
-            if registry.storage.exists(f"{version.path}/{name}")
+            if registry.has_file(version, name)
         }
         if EVALUATION_FILE not in files:
             raise ValueError(f"{version.ref} has no {EVALUATION_FILE}: it predates run reports")
         arrays = read_arrays(files[EVALUATION_FILE])
         page = run_report(version.ref, loaded, loaded.metrics, arrays, files)
-    registry.storage.write_text(f"{version.path}/{REPORT_FILE}", page)
+    registry.replace_file(version, REPORT_FILE, page.encode())
     print(f"wrote {version.uri}/{REPORT_FILE}")
     if args.output:
         args.output.write_text(page)
@@ -809,7 +844,7 @@ COMMANDS: dict[str, Command] = {
     "tune": Command(_add_tune_command, _tune),
     "generate": Command(_add_generate_command, _generate),
     "config": Command(_add_config_command, _config),
-    "models": Command(_add_models_command, _models_list),
+    "models": Command(_add_models_command, _models),
     "runs": Command(_add_runs_command, _runs),
     "report": Command(_add_report_command, _report),
     "explain": Command(_add_explain_command, _explain),

@@ -8,12 +8,16 @@ Layout under the storage root::
     models/<model>/latest                          text file naming the newest version
 
 A version directory becomes visible to readers only when its ``_COMPLETE`` marker is
-written, after every file of the package; ``latest`` moves after that. A crash
-mid-write therefore leaves an invisible, incomplete directory, never a broken model.
+written, after every file of the package and its ``MANIFEST.json`` (each file's size and
+sha256); ``latest`` moves after that. A crash mid-write therefore leaves an invisible,
+incomplete directory, never a broken model, and every read of a package file checks it
+against the manifest, so a file truncated or altered since is refused by name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -30,6 +34,7 @@ from forgeml.config import StorageConfig
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
+MANIFEST_FILE = "MANIFEST.json"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -126,6 +131,19 @@ def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+class PackageIntegrityError(ValueError):
+    """A package file that is missing, or truncated or altered since registration."""
+
+
+def file_digest(data: bytes) -> dict:
+    """What a manifest states about one file."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def package_manifest(files: dict[str, bytes]) -> dict[str, dict]:
+    return {name: file_digest(data) for name, data in sorted(files.items())}
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
@@ -143,6 +161,7 @@ class ModelRegistry:
 
     def __init__(self, storage: Storage):
         self.storage = storage
+        self._manifests: dict[str, dict[str, dict]] = {}
 
     def _model_dir(self, name: str) -> str:
         return self.storage.path("models", name)
@@ -193,12 +212,15 @@ class ModelRegistry:
         return self._version(name, int(match.group(1)))
 
     def register(self, name: str, files: dict[str, bytes]) -> ModelVersion:
-        """Write a new version holding ``files`` and point ``latest`` at it.
+        """Write a new version holding ``files`` and its manifest, and point ``latest`` at it.
 
         The version number is one past every existing directory, complete or not, so a
         crashed write is never reused. Two registrations of the same name racing on S3
         (no exclusive create there) could pick one number; serialise them upstream.
         """
+        reserved = {MANIFEST_FILE, COMPLETE_MARKER} & set(files)
+        if reserved:
+            raise ValueError(f"a package cannot hold a file named {sorted(reserved)[0]}")
         existing = self._version_numbers(name, complete_only=False)
         number = (existing[-1] if existing else 0) + 1
         version = self._version(name, number)
@@ -208,6 +230,7 @@ class ModelRegistry:
         try:
             for filename, data in files.items():
                 self.storage.write_bytes(f"{version.path}/{filename}", data)
+            self._write_manifest(version, package_manifest(files))
             self.storage.write_text(f"{version.path}/{COMPLETE_MARKER}", uuid.uuid4().hex)
         except BaseException:
             self.storage.delete_dir(version.path)
@@ -216,5 +239,76 @@ class ModelRegistry:
         logger.info("registered %s at %s", version.ref, version.uri)
         return version
 
+    def _write_manifest(self, version: ModelVersion, manifest: dict[str, dict]) -> None:
+        text = json.dumps({"files": manifest}, indent=2, sort_keys=True)
+        self.storage.write_text(f"{version.path}/{MANIFEST_FILE}", text)
+        self._manifests[version.path] = manifest
+
+    def manifest(self, version: ModelVersion) -> dict[str, dict]:
+        """Each package file's size and sha256, as registered."""
+        if version.path not in self._manifests:
+            path = f"{version.path}/{MANIFEST_FILE}"
+            if not self.storage.exists(path):
+                raise PackageIntegrityError(
+                    f"{version.uri} has no {MANIFEST_FILE}: it was damaged, or registered "
+                    "by a forgeml without package manifests; register it again"
+                )
+            try:
+                self._manifests[version.path] = json.loads(self.storage.read_text(path))["files"]
+            except (ValueError, KeyError, TypeError):
+                message = f"{version.uri}/{MANIFEST_FILE} is not a manifest"
+                raise PackageIntegrityError(message) from None
+        return self._manifests[version.path]
+
     def read(self, version: ModelVersion, filename: str) -> bytes:
-        return self.storage.read_bytes(f"{version.path}/{filename}")
+        """A package file, refused unless its size and sha256 are those registered."""
+        expected = self.manifest(version).get(filename)
+        if expected is None:
+            raise PackageIntegrityError(f"{version.uri}/{filename} is not in the package")
+        path = f"{version.path}/{filename}"
+        if not self.storage.exists(path):
+            raise PackageIntegrityError(f"{version.uri}/{filename} is missing")
+        data = self.storage.read_bytes(path)
+        problem = _mismatch(file_digest(data), expected)
+        if problem:
+            raise PackageIntegrityError(f"{version.uri}/{filename} {problem}")
+        return data
+
+    def has_file(self, version: ModelVersion, filename: str) -> bool:
+        return filename in self.manifest(version)
+
+    def replace_file(self, version: ModelVersion, filename: str, data: bytes) -> None:
+        """Rewrite one file of a registered package (a regenerated report) and its
+        manifest entry. A crash between the two leaves the file refused until it is
+        written again."""
+        manifest = {**self.manifest(version), filename: file_digest(data)}
+        self.storage.write_bytes(f"{version.path}/{filename}", data)
+        self._write_manifest(version, manifest)
+
+    def verify(self, version: ModelVersion) -> list[str]:
+        """Every way the package differs from its manifest (empty: intact)."""
+        try:
+            manifest = self.manifest(version)
+        except PackageIntegrityError as exc:
+            return [str(exc)]
+        problems = []
+        for filename in manifest:
+            try:
+                self.read(version, filename)
+            except PackageIntegrityError as exc:
+                problems.append(str(exc))
+        listed = {*manifest, MANIFEST_FILE, COMPLETE_MARKER}
+        for path in self.storage.list_files(version.path):
+            filename = path.rsplit("/", 1)[1]
+            if filename not in listed:
+                problems.append(f"{version.uri}/{filename} is not in the manifest")
+        return problems
+
+
+def _mismatch(actual: dict, expected: dict) -> str | None:
+    if actual["bytes"] != expected["bytes"]:
+        registered = expected["bytes"]
+        return f"has {actual['bytes']} bytes, registered with {registered} (truncated or altered)"
+    if actual["sha256"] != expected["sha256"]:
+        return "does not match its registered sha256 (altered)"
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,12 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from forgeml.cli import EXIT_DIVERGED, main
+from forgeml.cli import EXIT_BAD_INPUT, EXIT_DAMAGED, EXIT_DIVERGED, main
 from forgeml.config import ExperimentConfig, StorageConfig, WaferSource, config_from_dict
 from forgeml.data.builtin import write_wafer_dataset
 from forgeml.data.wafer import CLASS_NAMES, generate, generate_map
 from forgeml.model_package import load_model
-from forgeml.storage import ModelRegistry, Storage
+from forgeml.serve.deploy import AppArgs, plan
+from forgeml.storage import ModelRegistry, PackageIntegrityError, Storage
 from forgeml.train.trainer import TrainingOutcome, run_training
 from mlflow import MlflowClient
 from PIL import Image
@@ -230,6 +232,7 @@ def test_forgeml_report_writes_the_run_report_again_from_the_package_alone(ddp_r
 
     headings = re.findall(r"<h2>(.*?)</h2>", (ddp_run.package / "report.html").read_text())
     assert re.findall(r"<h2>(.*?)</h2>", again.read_text()) == headings
+    assert main(["models", "verify", "tiny-wafer:v1", *root]) == 0  # the manifest follows
 
 
 def _explain_args(ddp_run, tmp_path: Path) -> list[str]:
@@ -257,6 +260,26 @@ def test_forgeml_explain_answers_a_grad_cam_heatmap_of_each_predicted_class(
     for row in explained:
         heatmap = np.array(row["heatmap"])
         assert heatmap.shape == (16, 16) and heatmap.sum() == pytest.approx(1, abs=1e-3)
+
+
+def test_a_damaged_package_is_refused_by_name_wherever_it_is_loaded(ddp_run, tmp_path, capsys):
+    """A copy of the run's registry with model.pt cut short: explaining and serving it
+    are refused with the file named, and models verify reports it."""
+    damaged = tmp_path / "store"
+    shutil.copytree(ddp_run.store / "models", damaged / "models")
+    model_file = damaged / "models" / "tiny-wafer" / "v1" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:-100])
+    args = _explain_args(ddp_run, tmp_path)
+    args[args.index("--storage-root") + 1] = str(damaged)
+    capsys.readouterr()
+
+    assert main(args) == EXIT_BAD_INPUT
+
+    assert f"{model_file} has" in capsys.readouterr().err
+    with pytest.raises(PackageIntegrityError, match="tiny-wafer:v1 is damaged: .*model.pt has"):
+        plan(AppArgs(models=["tiny-wafer"], storage=StorageConfig(root=str(damaged))))
+    assert main(["models", "verify", "--storage-root", str(damaged)]) == EXIT_DAMAGED
+    assert "tiny-wafer:v1  DAMAGED" in capsys.readouterr().out
 
 
 def test_forgeml_explain_draws_the_heatmaps_of_a_chosen_class(ddp_run, tmp_path, capsys):

@@ -37,7 +37,7 @@ from forgeml.serve.apps import (
 from forgeml.serve.auth import read_token
 from forgeml.serve.gateway import MODEL_DEPLOYMENT, Gateway, Route, RoutingTable
 from forgeml.serve.schemas import ModelInfo
-from forgeml.storage import ModelRegistry, ModelVersion, Storage
+from forgeml.storage import ModelRegistry, ModelVersion, PackageIntegrityError, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ def plan(args: AppArgs) -> ServingPlan:
     models, routes, max_body_bytes = [], [], 0
     for requested in args.models:
         version = registry.resolve(requested)
+        problems = registry.verify(version)
+        if problems:
+            raise PackageIntegrityError(f"{version.ref} is damaged: " + "; ".join(problems))
         cfg = package_config(registry, version, args.overrides)
         if not (cfg.task.served or cfg.task.acts):
             raise ValueError(
