@@ -72,7 +72,8 @@ examples: setup
 	$(BIN)/python examples/forecasting/compare.py
 	$(BIN)/python jobs/train.py --config examples/wafer_generative/vae.yaml
 	$(BIN)/python jobs/train.py --config examples/wafer_generative/dcgan.yaml
-	$(BIN)/python examples/transfer/compare.py
+	$(BIN)/python examples/transfer/compare.py --pair optdigits
+	$(BIN)/python examples/transfer/compare.py --pair digits-6-9
 	for seed in 0 1 2; do $(BIN)/python jobs/train.py --config examples/cartpole/config.yaml --set seed=$$seed || exit 1; done
 	for seed in 0 1 2; do $(BIN)/python jobs/train.py --config examples/pendulum/config.yaml --set seed=$$seed || exit 1; done
 
