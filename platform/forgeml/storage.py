@@ -6,6 +6,8 @@ Layout under the storage root::
     runs/<run_name>/                               Ray Train storage: checkpoints, state
     models/<model>/v<N>/                           model packages
     models/<model>/latest                          text file naming the newest version
+                                                   (for people: names resolve from the
+                                                   complete versions themselves)
 
 A version directory becomes visible to readers only when its ``_COMPLETE`` marker is
 written, after every file of the package and its ``MANIFEST.json`` (each file's size and
@@ -22,6 +24,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,11 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
 MANIFEST_FILE = "MANIFEST.json"
+#: Created first, exclusively, in a version directory: whoever creates it owns the number.
+CLAIM_FILE = "_CLAIM"
+#: Version numbers a registration tries before giving up (each taken by another writer).
+MAX_CLAIM_ATTEMPTS = 1000
+CONDITIONAL_WRITE_RETRIES = 8
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -43,6 +51,7 @@ class Storage:
 
     def __init__(self, cfg: StorageConfig):
         self.cfg = cfg
+        self._client = None
         if cfg.root.startswith("s3://"):
             self.scheme = "s3"
             self.fs = _s3_filesystem(cfg)
@@ -117,13 +126,59 @@ class Storage:
     def write_text(self, path: str, text: str) -> None:
         self.write_bytes(path, text.encode())
 
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write ``path`` only if nothing is there yet: True if this call created it.
+
+        Local files are opened with ``O_EXCL``; S3 takes a PUT with ``If-None-Match: *``,
+        which it refuses (412) when the key exists, and answers 409 while another
+        conditional write of the key is in flight (tried again).
+        """
+        if self.is_local:
+            os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        from botocore.exceptions import ClientError
+
+        bucket, key = path.split("/", 1)
+        for attempt in range(CONDITIONAL_WRITE_RETRIES):
+            try:
+                self._s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code == "PreconditionFailed":
+                    return False
+                if code != "ConditionalRequestConflict":
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        raise OSError(f"{self.uri(path)}: conditional writes kept conflicting")
+
+    def _s3_client(self):
+        """boto3's S3 client (pyarrow's file system sends no conditional headers)."""
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client(
+                "s3", endpoint_url=_s3_endpoint(self.cfg), region_name=self.cfg.region
+            )
+        return self._client
+
     def delete_dir(self, path: str) -> None:
         if self.exists(path):
             self.fs.delete_dir(path)
 
 
+def _s3_endpoint(cfg: StorageConfig) -> str | None:
+    return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
-    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _s3_endpoint(cfg)
     kwargs: dict = {"region": cfg.region} if cfg.region else {}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -194,17 +249,13 @@ class ModelRegistry:
         )
 
     def resolve(self, ref: str) -> ModelVersion:
-        """``name``, ``name:latest`` or ``name:vN`` to a complete version; KeyError if absent."""
+        """``name``, ``name:latest`` (the newest complete version) or ``name:vN`` to a
+        complete version; KeyError if absent."""
         name, _, tag = ref.partition(":")
         versions = self.versions(name)
         if not versions:
             raise KeyError(f"no registered model named {name!r} under {self.storage.uri('models')}")
         if tag in ("", "latest"):
-            latest_file = f"{self._model_dir(name)}/latest"
-            if self.storage.exists(latest_file):
-                number = int(self.storage.read_text(latest_file).strip().lstrip("v"))
-                if number in versions:
-                    return self._version(name, number)
             return self._version(name, versions[-1])
         match = _VERSION_DIR.match(tag)
         if not match or int(match.group(1)) not in versions:
@@ -215,18 +266,14 @@ class ModelRegistry:
         """Write a new version holding ``files`` and its manifest, and point ``latest`` at it.
 
         The version number is one past every existing directory, complete or not, so a
-        crashed write is never reused. Two registrations of the same name racing on S3
-        (no exclusive create there) could pick one number; serialise them upstream.
+        crashed write is never reused, and it is taken by creating its claim file
+        exclusively: of registrations racing for a number (threads, processes or hosts,
+        on a local disk or S3) one wins and the others try the next.
         """
-        reserved = {MANIFEST_FILE, COMPLETE_MARKER} & set(files)
+        reserved = {MANIFEST_FILE, COMPLETE_MARKER, CLAIM_FILE} & set(files)
         if reserved:
             raise ValueError(f"a package cannot hold a file named {sorted(reserved)[0]}")
-        existing = self._version_numbers(name, complete_only=False)
-        number = (existing[-1] if existing else 0) + 1
-        version = self._version(name, number)
-        if self.storage.is_local:
-            os.makedirs(self._model_dir(name), exist_ok=True)
-            os.mkdir(version.path)  # exclusive: fails if another writer took this number
+        version = self._claim_version(name)
         try:
             for filename, data in files.items():
                 self.storage.write_bytes(f"{version.path}/{filename}", data)
@@ -235,9 +282,21 @@ class ModelRegistry:
         except BaseException:
             self.storage.delete_dir(version.path)
             raise
-        self.storage.write_text(f"{self._model_dir(name)}/latest", f"v{number}\n")
+        newest = max([version.version, *self.versions(name)])  # a racing one may be newer
+        self.storage.write_text(f"{self._model_dir(name)}/latest", f"v{newest}\n")
         logger.info("registered %s at %s", version.ref, version.uri)
         return version
+
+    def _claim_version(self, name: str) -> ModelVersion:
+        existing = self._version_numbers(name, complete_only=False)
+        number = (existing[-1] if existing else 0) + 1
+        writer = uuid.uuid4().hex.encode()
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            version = self._version(name, number)
+            if self.storage.create_exclusive(f"{version.path}/{CLAIM_FILE}", writer):
+                return version
+            number += 1
+        raise RuntimeError(f"{self.storage.uri('models', name)}: no free version number found")
 
     def _write_manifest(self, version: ModelVersion, manifest: dict[str, dict]) -> None:
         text = json.dumps({"files": manifest}, indent=2, sort_keys=True)
@@ -297,7 +356,7 @@ class ModelRegistry:
                 self.read(version, filename)
             except PackageIntegrityError as exc:
                 problems.append(str(exc))
-        listed = {*manifest, MANIFEST_FILE, COMPLETE_MARKER}
+        listed = {*manifest, MANIFEST_FILE, COMPLETE_MARKER, CLAIM_FILE}
         for path in self.storage.list_files(version.path):
             filename = path.rsplit("/", 1)[1]
             if filename not in listed:
