@@ -4,6 +4,7 @@ evaluation, every bad input is a clear 4xx, and bearer-token auth is on unless t
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -318,6 +319,18 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
         assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
+@contextlib.contextmanager
+def _served_beside(storage, model: str, app: str, auth: bool):
+    """``model``'s first version served at ``/app`` beside the module's apps, then
+    deleted, so that its replicas' CPUs go back to the module's later tests."""
+    deploy(AppArgs(models=[model], storage=storage, auth=auth), app, f"/{app}")
+    try:
+        yield
+    finally:
+        serve.delete(app)
+        serve.delete(f"{model}-v1")
+
+
 #: Short reviews whose class is carried by one word among words of neither class.
 PRAISE, BLAME = ["superb", "wonderful", "delightful"], ["dreadful", "tedious", "awful"]
 NEUTRAL = [
@@ -363,12 +376,8 @@ def test_a_text_model_serves_texts_and_explains_them_by_their_tokens(served, tmp
     raw["train"]["max_epochs"] = 4
     run_training(config_from_dict(raw))
     monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
-    deploy(AppArgs(models=["reviews"], storage=storage), "texts", "/texts")
-    try:
+    with _served_beside(storage, "reviews", "texts", auth=True):
         _check_the_served_texts(served, storage)
-    finally:  # its replicas' CPUs go back to the module's later tests
-        serve.delete("texts")
-        serve.delete("reviews-v1")
 
 
 def _check_the_served_texts(served, storage) -> None:
@@ -425,12 +434,8 @@ def test_a_colour_model_serves_rgb_arrays_png_and_jpeg_and_names_the_shape(serve
     raw["data"]["source"]["image_size"] = 24
     raw["train"]["max_epochs"] = 1
     run_training(config_from_dict(raw))
-    deploy(AppArgs(models=["photos"], storage=storage, auth=False), "photos", "/photos")
-    try:
+    with _served_beside(storage, "photos", "photos", auth=False):
         _check_the_served_photos(served, storage)
-    finally:  # its replicas' CPUs go back to the module's later tests
-        serve.delete("photos")
-        serve.delete("photos-v1")
 
 
 def _check_the_served_photos(served, storage) -> None:
