@@ -350,7 +350,7 @@ def _storage_config(args: argparse.Namespace) -> StorageConfig:
 def _serve(args: argparse.Namespace) -> int:
     import yaml
 
-    from forgeml.serve.auth import read_token
+    from forgeml.serve.auth import read_access
     from forgeml.serve.deploy import (
         GATEWAY_APP,
         AppArgs,
@@ -375,7 +375,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from forgeml import runtime
 
-    read_token(app_args.auth)  # refuse before starting anything
+    read_access(app_args.auth)  # refuse before starting anything
     runtime.connect(require_cluster=args.serve_command == "deploy")
     runtime.require_shared_storage(app_args.storage)
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -82,8 +82,12 @@ def served(tmp_path_factory):
     ray.shutdown()
 
 
+def _bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def _post(served, path, payload=None, token=TOKEN, data=None):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = _bearer(token) if token else {}
     return requests.post(served["url"] + path, json=payload, data=data, headers=headers, timeout=60)
 
 
@@ -192,11 +196,7 @@ def _copy_of_the_served_model(served, root: Path, name: str):
     test that must not change what the module's gateways serve."""
     source = ModelRegistry(Storage(served["cfg"].storage))
     version = source.resolve("tiny-wafer:v1")
-    files = {
-        Path(path).name: source.storage.read_bytes(path)
-        for path in source.storage.list_files(version.path)
-        if not path.endswith("_COMPLETE")
-    }
+    files = {filename: source.read(version, filename) for filename in source.manifest(version)}
     raw = yaml.safe_load(files["config.yaml"])
     raw["name"], raw["storage"]["root"] = name, str(root)
     cfg = config_from_dict(raw)
@@ -320,15 +320,16 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
 
 
 @contextlib.contextmanager
-def _served_beside(storage, model: str, app: str, auth: bool):
-    """``model``'s first version served at ``/app`` beside the module's apps, then
-    deleted, so that its replicas' CPUs go back to the module's later tests."""
-    deploy(AppArgs(models=[model], storage=storage, auth=auth), app, f"/{app}")
+def _served_beside(storage, models: list[str], app: str, auth: bool):
+    """The first version of each of ``models`` served at ``/app`` beside the module's
+    apps, then deleted, so that their replicas' CPUs go back to the module's later tests."""
+    deploy(AppArgs(models=models, storage=storage, auth=auth), app, f"/{app}")
     try:
         yield
     finally:
         serve.delete(app)
-        serve.delete(f"{model}-v1")
+        for model in models:
+            serve.delete(f"{model}-v1")
 
 
 #: Short reviews whose class is carried by one word among words of neither class.
@@ -376,7 +377,7 @@ def test_a_text_model_serves_texts_and_explains_them_by_their_tokens(served, tmp
     raw["train"]["max_epochs"] = 4
     run_training(config_from_dict(raw))
     monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
-    with _served_beside(storage, "reviews", "texts", auth=True):
+    with _served_beside(storage, ["reviews"], "texts", auth=True):
         _check_the_served_texts(served, storage)
 
 
@@ -434,7 +435,7 @@ def test_a_colour_model_serves_rgb_arrays_png_and_jpeg_and_names_the_shape(serve
     raw["data"]["source"]["image_size"] = 24
     raw["train"]["max_epochs"] = 1
     run_training(config_from_dict(raw))
-    with _served_beside(storage, "photos", "photos", auth=False):
+    with _served_beside(storage, ["photos"], "photos", auth=False):
         _check_the_served_photos(served, storage)
 
 
@@ -590,6 +591,44 @@ def test_requests_without_the_token_get_401(served, token, message):
     assert message in response.json()["error"]["message"]
     listing = requests.get(served["url"] + "/v1/models", timeout=30)
     assert listing.status_code == 401
+
+
+TEAM_A, OPERATIONS = "team-a-serve-token-0123", "operations-serve-token-0123"
+
+
+def test_scoped_tokens_reach_only_their_models_and_actions(served, tmp_path, monkeypatch):
+    """A token file: team A's token may predict with team A's model only; the
+    operations token may list and explain team B's; each is refused elsewhere (403)."""
+    for name in ("team-a-wafer", "team-b-wafer"):
+        cfg = _copy_of_the_served_model(served, tmp_path / "store", name)
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        yaml.safe_dump(
+            {
+                "tokens": [
+                    {"token": TEAM_A, "models": ["team-a-*"], "actions": ["predict"]},
+                    {"token": OPERATIONS, "models": ["team-b-*"], "actions": ["list", "explain"]},
+                ]
+            }
+        )
+    )
+    monkeypatch.delenv("FORGEML_SERVE_TOKEN", raising=False)
+    monkeypatch.setenv("FORGEML_SERVE_TOKEN_FILE", str(tokens))
+    body = {"instances": [GOOD]}
+    with _served_beside(cfg.storage, ["team-a-wafer", "team-b-wafer"], "teams", auth=True):
+        url = "/teams/v1/models"
+        assert _post(served, f"{url}/team-a-wafer/predict", body, TEAM_A).status_code == 200
+        refused = _post(served, f"{url}/team-b-wafer/predict", body, TEAM_A)
+        assert refused.status_code == 403
+        assert "this token may not predict model 'team-b-wafer'" in refused.text
+        assert _post(served, f"{url}/team-a-wafer/explain", body, TEAM_A).status_code == 403
+        listing = requests.get(served["url"] + url, headers=_bearer(TEAM_A), timeout=30)
+        assert listing.status_code == 403
+        listing = requests.get(served["url"] + url, headers=_bearer(OPERATIONS), timeout=30)
+        assert [m["name"] for m in listing.json()] == ["team-b-wafer"]
+        assert _post(served, f"{url}/team-b-wafer/explain", body, OPERATIONS).status_code == 200
+        assert _post(served, f"{url}/team-b-wafer/predict", body, OPERATIONS).status_code == 403
+        assert _post(served, f"{url}/team-a-wafer/predict", body, TOKEN).status_code == 401
 
 
 def test_auth_can_be_turned_off_explicitly(served):

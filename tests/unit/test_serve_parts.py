@@ -1,16 +1,19 @@
 import asyncio
 import base64
 import io
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from fastapi.security import HTTPAuthorizationCredentials
 from forgeml.config import AutoscalingConfig
 from forgeml.data.images import ImagePreprocessor
 from forgeml.serve import gateway
-from forgeml.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV, read_token
+from forgeml.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV, Access, read_access
 from forgeml.serve.schemas import ImageInstance
 from PIL import Image
+from starlette.exceptions import HTTPException
 
 
 def _encoded(array: np.ndarray, mode: str = "L", fmt: str = "PNG") -> str:
@@ -91,18 +94,99 @@ def test_a_wafer_model_refuses_values_above_its_die_codes_and_a_picture_model_ta
     assert picture.request_columns([bright])["image"].max() == 200
 
 
-def test_token_from_environment_or_file(monkeypatch, tmp_path):
+def _bearer(token: str) -> HTTPAuthorizationCredentials:
+    return HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
+
+
+def _status(access: Access, token: str | None, action: str, model: str | None) -> int:
+    try:
+        access.check(None if token is None else _bearer(token), action, model)
+    except HTTPException as exc:
+        return exc.status_code
+    return 200
+
+
+ONE = "from-env-0123456789"
+
+
+def test_one_token_from_environment_or_file_may_do_everything(monkeypatch, tmp_path):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
-    assert read_token(auth=False) is None
+    assert read_access(auth=False) is None
     with pytest.raises(ValueError, match="--no-auth"):
-        read_token(auth=True)
+        read_access(auth=True)
     secret = tmp_path / "token"
-    secret.write_text("from-file\n")
+    secret.write_text("from-file-0123456789\n")
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match="absent, which is not a file"):
+        read_access(auth=True)
     monkeypatch.setenv(TOKEN_FILE_ENV, str(secret))
-    assert read_token(auth=True) == "from-file"
-    monkeypatch.setenv(TOKEN_ENV, "from-env")
-    assert read_token(auth=True) == "from-env"
+    from_file = read_access(auth=True)
+    assert _status(from_file, "from-file-0123456789", "explain", "any-model") == 200
+    monkeypatch.setenv(TOKEN_ENV, ONE)
+    access = read_access(auth=True)
+    assert [_status(access, ONE, action, "m") for action in ("predict", "act", "list")] == [200] * 3
+    assert _status(access, "from-file-0123456789", "predict", "m") == 401
+    assert _status(access, None, "predict", "m") == 401
+    assert access.fingerprint != from_file.fingerprint
+
+
+TEAM_A, OPERATIONS = "team-a-token-0123456789", "operations-token-0123456789"
+SCOPED = f"""
+tokens:
+  - token: {TEAM_A}
+    models: ["team-a-*"]
+    actions: [predict]
+  - token: {OPERATIONS}
+    models: ["*"]
+    actions: [predict, explain, list]
+"""
+
+
+def test_scoped_tokens_reach_their_models_and_actions_only(monkeypatch, tmp_path):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    secret = tmp_path / "tokens.yaml"
+    secret.write_text(SCOPED)
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(secret))
+
+    access = read_access(auth=True)
+
+    assert _status(access, TEAM_A, "predict", "team-a-churn") == 200
+    assert _status(access, TEAM_A, "predict", "team-b-churn") == 403
+    assert _status(access, TEAM_A, "explain", "team-a-churn") == 403
+    assert _status(access, TEAM_A, "list", None) == 403
+    assert _status(access, OPERATIONS, "explain", "team-b-churn") == 200
+    assert _status(access, OPERATIONS, "act", "cartpole") == 403
+    assert _status(access, "team-a-token-012345678X", "predict", "team-a-churn") == 401
+    with pytest.raises(HTTPException, match="this token may not predict model 'team-b-churn'"):
+        access.check(_bearer(TEAM_A), "predict", "team-b-churn")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tokens: []", "tokens: List should have at least 1 item"),
+        ("tokens:\n  - {token: short, models: ['*'], actions: [predict]}", "tokens.0.token"),
+        (
+            f"tokens:\n  - {{token: {ONE}, models: ['*'], actions: [delete]}}",
+            "tokens.0.actions.0: Input should be 'predict', 'explain', 'act' or 'list'",
+        ),
+        (f"tokens:\n  - {{token: {ONE}, actions: [predict]}}", "tokens.0.models: Field required"),
+        (
+            f"tokens:\n  - {{token: {ONE}, models: ['*'], actions: [list]}}\n"
+            f"  - {{token: {ONE}, models: ['x'], actions: [predict]}}",
+            "a token is listed twice",
+        ),
+        ("", "is empty"),
+    ],
+)
+def test_a_bad_token_file_is_named_with_its_problem(monkeypatch, tmp_path, text, message):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    secret = tmp_path / "tokens.yaml"
+    secret.write_text(text)
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(secret))
+    with pytest.raises(ValueError, match=f"FORGEML_SERVE_TOKEN_FILE: .*{re.escape(message)}"):
+        read_access(auth=True)
 
 
 def test_autoscaling_bounds_are_checked():

@@ -97,6 +97,8 @@ token (RAY_AUTH_MODE, RAY_AUTH_TOKEN) is injected by KubeRay from authOptions. *
       name: {{ . }}
       key: token
       optional: true
+- name: FORGEML_SERVE_TOKEN_FILE
+  value: /etc/forgeml-serve/tokens.yaml
 {{- end }}
 {{- with .Values.s3.endpointUrl }}
 - name: AWS_ENDPOINT_URL
@@ -133,6 +135,11 @@ otherwise add there without a size limit) and /dev/shm (the object store). */}}
   mountPath: /etc/forgeml
   readOnly: true
 {{- end }}
+{{- if .root.Values.serving.tokenSecret }}
+- name: serve-tokens
+  mountPath: /etc/forgeml-serve
+  readOnly: true
+{{- end }}
 {{- if .monitor }}
 - name: retrain-template
   mountPath: /etc/forgeml-retrain
@@ -158,6 +165,14 @@ otherwise add there without a size limit) and /dev/shm (the object store). */}}
 - name: experiment
   configMap:
     name: {{ .experiment }}
+{{- end }}
+{{- with .root.Values.serving.tokenSecret }}
+- name: serve-tokens
+  secret:
+    secretName: {{ . }}
+    optional: true
+    items:
+      - {key: tokens.yaml, path: tokens.yaml}
 {{- end }}
 {{- if .monitor }}
 - name: retrain-template

@@ -10,7 +10,7 @@ from ray.serve import Application, Deployment
 
 from forgeml.config import ServeConfig, StorageConfig
 from forgeml.model_package import package_config
-from forgeml.serve.auth import read_token
+from forgeml.serve.auth import read_access
 from forgeml.serve.gateway import MODEL_DEPLOYMENT, Gateway
 from forgeml.serve.http import ACCESS_LOGS
 from forgeml.serve.model_server import ModelServer
@@ -78,8 +78,8 @@ def build_model_app(args: dict | ModelAppArgs) -> Application:
 
 
 def bind_gateway(deployment: Deployment, args: GatewayArgs) -> Application:
-    """``deployment`` (a ``Gateway``) bound to the token and body limit of ``args``."""
-    return deployment.bind(read_token(args.auth), args.max_body_bytes)
+    """``deployment`` (a ``Gateway``) bound to the tokens and body limit of ``args``."""
+    return deployment.bind(read_access(args.auth), args.max_body_bytes)
 
 
 def build_gateway(args: dict | GatewayArgs) -> Application:

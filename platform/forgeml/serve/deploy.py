@@ -34,7 +34,7 @@ from forgeml.serve.apps import (
     bind_model,
     model_deployment,
 )
-from forgeml.serve.auth import read_token
+from forgeml.serve.auth import read_access
 from forgeml.serve.gateway import MODEL_DEPLOYMENT, Gateway, Route, RoutingTable
 from forgeml.serve.schemas import ModelInfo
 from forgeml.storage import ModelRegistry, ModelVersion, PackageIntegrityError, Storage
@@ -151,12 +151,12 @@ def deploy(args: AppArgs, name: str = GATEWAY_APP, route_prefix: str = "/") -> S
     started.
     """
     serving = plan(args)
-    token = read_token(args.auth)
+    access = read_access(args.auth)
     for model, route in zip(serving.models, serving.table.routes, strict=True):
         deployment = model_deployment(model).options(version=_fingerprint(model), _internal=True)
         serve.run(bind_model(deployment, model), name=route.app, route_prefix=None)
     gateway = Gateway.options(user_config=serving.table.model_dump(mode="json")).options(
-        version=_fingerprint(serving.gateway, hashlib.sha256(str(token).encode()).hexdigest()),
+        version=_fingerprint(serving.gateway, access and access.fingerprint),
         _internal=True,
     )
     handle = serve.run(bind_gateway(gateway, serving.gateway), name=name, route_prefix=route_prefix)

@@ -2,7 +2,8 @@
 
     GET  /healthz                                   liveness (no auth)
     GET  /readyz                                    every model replica answers (no auth)
-    GET  /v1/models                                 served models and versions
+    GET  /v1/models                                 served models and versions (a token
+                                                    with ``list`` sees its models)
     POST /v1/models/{name}/predict                  newest served version of a model
     POST /v1/models/{name}/versions/{version}/predict
     POST /v1/models/{name}/explain                  Grad-CAM or SHAP values
@@ -32,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 import forgeml
-from forgeml.serve.auth import bearer_credentials, check_bearer_token
+from forgeml.serve.auth import Access, bearer_credentials
 from forgeml.serve.http import ACCESS_LOGS, RequestAccounting, add_error_handlers
 from forgeml.serve.metrics import RequestMetrics
 from forgeml.serve.schemas import (
@@ -104,8 +105,8 @@ GATEWAY_MAX_QUEUED_REQUESTS = 1024
 class Gateway:
     """Routes requests to model versions, checks tokens, validates inputs."""
 
-    def __init__(self, token: str | None, max_body_bytes: int):
-        self.token = token
+    def __init__(self, access: Access | None, max_body_bytes: int):
+        self.access = access
         self.max_body_bytes = max_body_bytes
         self.routes: dict[str, Route] = {}
         self.handles: dict[str, DeploymentHandle] = {}
@@ -181,8 +182,12 @@ class Gateway:
     async def list_models(
         self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials)
     ) -> list[ModelInfo]:
-        check_bearer_token(self.token, credentials)
-        return [route.info for route in self.routes.values()]
+        grant = self._authorise(credentials, "list", None)
+        return [
+            route.info
+            for route in self.routes.values()
+            if grant is None or grant.allows("list", route.info.name)
+        ]
 
     async def predict_latest(
         self,
@@ -191,7 +196,7 @@ class Gateway:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
     ) -> PredictResponse:
-        check_bearer_token(self.token, credentials)
+        self._authorise(credentials, "predict", name)
         return await self._predict(self._latest(name), body, request)
 
     async def predict_version(
@@ -202,7 +207,7 @@ class Gateway:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
     ) -> PredictResponse:
-        check_bearer_token(self.token, credentials)
+        self._authorise(credentials, "predict", name)
         return await self._predict(self._served(name, version), body, request)
 
     async def explain_latest(
@@ -212,7 +217,7 @@ class Gateway:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
     ) -> ExplainResponse:
-        check_bearer_token(self.token, credentials)
+        self._authorise(credentials, "explain", name)
         return await self._explain(self._latest(name), body, request)
 
     async def explain_version(
@@ -223,7 +228,7 @@ class Gateway:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
     ) -> ExplainResponse:
-        check_bearer_token(self.token, credentials)
+        self._authorise(credentials, "explain", name)
         return await self._explain(self._served(name, version), body, request)
 
     async def act_latest(
@@ -233,7 +238,7 @@ class Gateway:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
     ) -> ActResponse:
-        check_bearer_token(self.token, credentials)
+        self._authorise(credentials, "act", name)
         return await self._act(self._latest(name), body, request)
 
     async def act_version(
@@ -244,8 +249,12 @@ class Gateway:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer_credentials),
     ) -> ActResponse:
-        check_bearer_token(self.token, credentials)
+        self._authorise(credentials, "act", name)
         return await self._act(self._served(name, version), body, request)
+
+    def _authorise(self, credentials, action: str, model: str | None):
+        """The request's grant (None: no authentication); a 401 or 403 otherwise."""
+        return None if self.access is None else self.access.check(credentials, action, model)
 
     def _latest(self, name: str) -> str:
         if name not in self.latest:
@@ -356,6 +365,7 @@ def gateway_api(gateway: "Gateway", max_body_bytes: int) -> FastAPI:
         description="Predictions from registered forgeml model packages.",
         responses={
             401: {"model": ErrorResponse},
+            403: {"model": ErrorResponse},
             404: {"model": ErrorResponse},
             413: {"model": ErrorResponse},
             422: {"model": ErrorResponse},
