@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -261,7 +262,15 @@ def load_model(registry: ModelRegistry, ref: str) -> LoadedModel:
             "monitoring of policies are not built yet"
         )
     preprocessor = preprocessor_from_dict(json.loads(registry.read(version, "preprocessor.json")))
-    saved = torch.load(io.BytesIO(registry.read(version, "model.pt")), map_location="cpu")
+    try:  # tensors and plain values only: loading a package runs none of its code
+        saved = torch.load(
+            io.BytesIO(registry.read(version, "model.pt")), map_location="cpu", weights_only=True
+        )
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise ValueError(
+            f"{version.ref}: model.pt holds more than weights ({first_line})"
+        ) from None
     if saved.get("format") != MODEL_FORMAT:
         raise ValueError(f"{version.ref}: unsupported model.pt format {saved.get('format')}")
     task = build_task(config.task, TargetSpec.from_dict(saved["target"]))

@@ -333,6 +333,10 @@ class ModelRegistry:
             raise PackageIntegrityError(f"{version.uri}/{filename} {problem}")
         return data
 
+    def read_package(self, version: ModelVersion) -> dict[str, bytes]:
+        """Every file of a package, each checked (what ``register`` takes: a copy)."""
+        return {filename: self.read(version, filename) for filename in self.manifest(version)}
+
     def has_file(self, version: ModelVersion, filename: str) -> bool:
         return filename in self.manifest(version)
 

@@ -196,7 +196,7 @@ def _copy_of_the_served_model(served, root: Path, name: str):
     test that must not change what the module's gateways serve."""
     source = ModelRegistry(Storage(served["cfg"].storage))
     version = source.resolve("tiny-wafer:v1")
-    files = {filename: source.read(version, filename) for filename in source.manifest(version)}
+    files = source.read_package(version)
     raw = yaml.safe_load(files["config.yaml"])
     raw["name"], raw["storage"]["root"] = name, str(root)
     cfg = config_from_dict(raw)
@@ -646,8 +646,11 @@ def test_serving_without_a_token_configured_refuses_to_start(served, monkeypatch
 
 def test_serve_build_pins_versions_for_serve_deploy(served, capsys, monkeypatch):
     root = served["cfg"].storage.root
+    monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
     assert main(["serve", "build", "--model", "tiny-wafer", "--storage-root", root]) == 0
-    config = yaml.safe_load(capsys.readouterr().out)
+    written = capsys.readouterr().out
+    assert TOKEN not in written  # the cluster reads it from its own environment
+    config = yaml.safe_load(written)
     ServeDeploySchema.model_validate(config)
     apps = {app["name"]: app for app in config["applications"]}
     assert set(apps) == {"tiny-wafer-v1", "forgeml"}
@@ -660,7 +663,6 @@ def test_serve_build_pins_versions_for_serve_deploy(served, capsys, monkeypatch)
     (routes,) = [d["user_config"]["routes"] for d in gateway["deployments"]]
     assert [(r["app"], r["info"]["version"]) for r in routes] == [("tiny-wafer-v1", "v1")]
     # the import paths build applications from exactly these arguments
-    monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
     for app in config["applications"]:
         module, _, builder = app["import_path"].partition(":")
         assert module == "forgeml.serve.apps"
@@ -818,8 +820,7 @@ def test_switching_to_a_new_version_under_load_fails_no_request(served, monkeypa
         serve_latest(gateway, f"{SWITCHING}:v1")
     registry = ModelRegistry(Storage(storage))
     v1 = registry.resolve(f"{SWITCHING}:v1")
-    files = {p.name: p.read_bytes() for p in Path(v1.path).iterdir() if p.name != "_COMPLETE"}
-    assert registry.register(SWITCHING, files).version == 2
+    assert registry.register(SWITCHING, registry.read_package(v1)).version == 2
     predict = f"/v1/models/{SWITCHING}/predict"
     urls = {gateway: served["url"] + prefix + predict for gateway, prefix in prefixes.items()}
     stop = threading.Event()

@@ -15,7 +15,7 @@ from forgeml.rl.search import run_reinforcement_search
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, S3_ENV, tiny_config
 
 
 def test_s3_storage_root_writes_and_reads_back_a_model_package(ray_runtime, s3_endpoint):
@@ -43,6 +43,12 @@ def test_s3_storage_root_writes_and_reads_back_a_model_package(ray_runtime, s3_e
     stored = json.loads(registry.read(loaded.version, "metrics.json"))
     assert stored["test"] == outcome.metrics["test"]
     assert loaded.config == cfg
+    # No object the run wrote (run log, checkpoints, records, the package and its
+    # report) holds the S3 credentials it used.
+    secrets = [S3_ENV["AWS_ACCESS_KEY_ID"].encode(), S3_ENV["AWS_SECRET_ACCESS_KEY"].encode()]
+    for key in keys:
+        body = s3.get_object(Bucket="forge", Key=key)["Body"].read()
+        assert not any(secret in body for secret in secrets), key
 
 
 def test_s3_storage_root_holds_a_policy_search_its_trials_and_the_policy(

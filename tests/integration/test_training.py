@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -280,6 +281,37 @@ def test_a_damaged_package_is_refused_by_name_wherever_it_is_loaded(ddp_run, tmp
         plan(AppArgs(models=["tiny-wafer"], storage=StorageConfig(root=str(damaged))))
     assert main(["models", "verify", "--storage-root", str(damaged)]) == EXIT_DAMAGED
     assert "tiny-wafer:v1  DAMAGED" in capsys.readouterr().out
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_package_whose_model_file_would_run_code_is_refused(ddp_run, tmp_path, capsys):
+    """The run's package registered again with a model.pt that runs code when unpickled
+    (its manifest intact): loading it refuses the file and runs nothing."""
+    source = ModelRegistry(Storage(ddp_run.cfg.storage))
+    version = source.resolve("tiny-wafer:v1")
+    files = source.read_package(version)
+    marker = tmp_path / "ran"
+    buffer = io.BytesIO()
+    torch.save({"format": 2, "state_dict": _RunsCodeWhenUnpickled(marker)}, buffer)
+    files["model.pt"] = buffer.getvalue()
+    ModelRegistry(Storage(StorageConfig(root=str(tmp_path / "store")))).register(
+        "tiny-wafer", files
+    )
+    args = _explain_args(ddp_run, tmp_path)
+    args[args.index("--storage-root") + 1] = str(tmp_path / "store")
+    capsys.readouterr()
+
+    assert main(args) == EXIT_BAD_INPUT
+
+    assert "tiny-wafer:v1: model.pt holds more than weights" in capsys.readouterr().err
+    assert not marker.exists()
 
 
 def test_forgeml_explain_draws_the_heatmaps_of_a_chosen_class(ddp_run, tmp_path, capsys):
