@@ -629,7 +629,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _verify_models(registry, refs: list[str]) -> int:
-    """Each chosen version against its manifest: ``ok`` or what differs; 1 if any does."""
+    """Each chosen version against its manifest: ``ok`` or what differs; EXIT_DAMAGED if
+    any differs."""
     versions = []
     for ref in refs or registry.models():
         numbers = [] if ":" in ref else registry.versions(ref)

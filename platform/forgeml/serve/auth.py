@@ -26,7 +26,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 TOKEN_ENV = "FORGEML_SERVE_TOKEN"
 TOKEN_FILE_ENV = "FORGEML_SERVE_TOKEN_FILE"
 Action = Literal["predict", "explain", "act", "list"]
-ACTIONS: tuple[Action, ...] = ("predict", "explain", "act", "list")
+ACTIONS: tuple[Action, ...] = get_args(Action)
 #: Shorter tokens are refused: they could be guessed.
 MIN_TOKEN_LENGTH = 16
 
