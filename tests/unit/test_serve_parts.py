@@ -2,6 +2,7 @@ import asyncio
 import base64
 import io
 import re
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -239,3 +240,24 @@ def test_readiness_fails_when_a_replica_fails_and_times_out_when_all_hang(monkey
     with pytest.raises(TimeoutError):
         asyncio.run(asyncio.wait_for(gateway._a_replica_answers(hanging), 0.3))
     assert hanging.cancelled == hanging.started > 1
+
+
+def test_readiness_takes_a_recent_answer_and_probes_a_version_that_gave_none(monkeypatch):
+    monkeypatch.setattr(gateway, "READY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(gateway, "READY_HEDGE_S", 0.05)
+    unwrapped = gateway.Gateway.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
+    server = unwrapped(access=None, max_body_bytes=1024)
+    stuck = ReadinessCalls("hang")
+    server.routes, server.handles = {"m:v1": object()}, {"m:v1": stuck}
+
+    server.answered_at["m:v1"] = time.monotonic()  # a prediction answered just now
+    assert asyncio.run(server.readyz()).status_code == 200
+    assert stuck.started == 0  # under load, no probe queues behind the predictions
+
+    server.answered_at["m:v1"] -= gateway.READY_RECENT_S
+    assert asyncio.run(server.readyz()).status_code == 503
+    assert stuck.started > 0
+
+    server.handles["m:v1"] = ReadinessCalls("ok")
+    assert asyncio.run(server.readyz()).status_code == 200
+    assert time.monotonic() - server.answered_at["m:v1"] < 1

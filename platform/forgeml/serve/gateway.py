@@ -1,7 +1,7 @@
 """The gateway: one FastAPI ingress in front of the applications of the served model versions.
 
     GET  /healthz                                   liveness (no auth)
-    GET  /readyz                                    every model replica answers (no auth)
+    GET  /readyz                                    every model version answers (no auth)
     GET  /v1/models                                 served models and versions (a token
                                                     with ``list`` sees its models)
     POST /v1/models/{name}/predict                  newest served version of a model
@@ -60,6 +60,10 @@ READY_TIMEOUT_S = 10.0
 #: that reached a replica whose node was just lost waits until Ray knows (about 15 s),
 #: while Serve's router sends the new one to a replica with a shorter queue.
 READY_HEDGE_S = 2.0
+#: A version that answered any call this recently is ready without a probe of its own:
+#: under load the answers are already there, and a probe would queue behind that load on
+#: the replicas left when a node is lost.
+READY_RECENT_S = 5.0
 #: The deployment of every model version's application (a ModelServer, or a PolicyServer
 #: for a policy): the gateway reaches each version through it.
 MODEL_DEPLOYMENT = "ModelServer"
@@ -112,6 +116,8 @@ class Gateway:
         self.handles: dict[str, DeploymentHandle] = {}
         self.latest: dict[str, str] = {}
         self.in_flight: Counter[str] = Counter()
+        #: When each version last answered a call (time.monotonic()).
+        self.answered_at: dict[str, float] = {}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on each replica after ``__init__``: the HTTP app of this gateway."""
@@ -170,11 +176,14 @@ class Gateway:
             return JSONResponse({"status": "not ready", "reason": "no models routed"}, 503)
         try:
             for ref, handle in list(self.handles.items()):
+                if time.monotonic() - self.answered_at.get(ref, -math.inf) < READY_RECENT_S:
+                    continue
                 self.in_flight[ref] += 1  # a routing switch waits for this call too
                 try:
                     await asyncio.wait_for(_a_replica_answers(handle), READY_TIMEOUT_S)
                 finally:
                     self.in_flight[ref] -= 1
+                self.answered_at[ref] = time.monotonic()
         except Exception as exc:  # any replica failure or a timeout means not ready
             return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, 503)
         return JSONResponse({"status": "ready", "models": sorted(self.routes)})
@@ -280,6 +289,7 @@ class Gateway:
         self.in_flight[ref] += 1
         try:
             result = await _call_replica(handle, method, *args)
+            self.answered_at[ref] = time.monotonic()
         except BackPressureError as full:
             retry = {"Retry-After": str(math.ceil(full.retry_after_s or 0))}
             raise HTTPException(503, str(full), headers=retry) from None
