@@ -46,6 +46,8 @@ MAX_GRID_IMAGES = 1024
 EXIT_DIVERGED = 3
 #: ``forgeml models verify`` found a package that differs from its manifest.
 EXIT_DAMAGED = 4
+#: The storage root could not be written or read (unreachable, or full) within its retries.
+EXIT_STORAGE = 5
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -441,6 +443,7 @@ def _print_config_summary(cfg: ExperimentConfig) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from forgeml.storage import StorageFailure
     from forgeml.train.trainer import TrainingDiverged, run_training
 
     _print_config_summary(cfg)
@@ -452,6 +455,13 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"forgeml: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except StorageFailure as exc:
+        print(
+            f"forgeml: error: {exc}\nNothing was registered. Once the storage has room or "
+            f"answers again: forgeml train --config {args.config} --resume {exc.run}",
+            file=sys.stderr,
+        )
+        return EXIT_STORAGE
     print(
         f"\n{cfg.name}: {outcome.status} after {outcome.epochs} epochs "
         f"(best epoch {outcome.metrics['best_epoch']}, run {outcome.run_name})"

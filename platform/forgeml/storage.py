@@ -18,14 +18,18 @@ against the manifest, so a file truncated or altered since is refused by name.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -44,6 +48,20 @@ CLAIM_FILE = "_CLAIM"
 MAX_CLAIM_ATTEMPTS = 1000
 CONDITIONAL_WRITE_RETRIES = 8
 _VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+#: The errors of a device with no room left, or a quota spent.
+FULL_DEVICE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageFailure(OSError):
+    """The storage root failed under a command: its device is full, or its S3 endpoint
+    did not answer within ``storage.max_attempts`` tries. ``run`` names the run it
+    stopped, which ``--resume`` continues."""
+
+    def __init__(self, message: str, run: str | None = None):
+        super().__init__(message)
+        self.run = run
 
 
 class Storage:
@@ -116,8 +134,10 @@ class Storage:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
-            except BaseException:
+            except BaseException as exc:
                 Path(tmp).unlink(missing_ok=True)
+                if isinstance(exc, OSError) and exc.errno in FULL_DEVICE:
+                    raise StorageFailure(no_room(path, len(data))) from exc
                 raise
         else:
             with self.fs.open_output_stream(path) as stream:
@@ -131,7 +151,9 @@ class Storage:
 
         Local files are opened with ``O_EXCL``; S3 takes a PUT with ``If-None-Match: *``,
         which it refuses (412) when the key exists, and answers 409 while another
-        conditional write of the key is in flight (tried again).
+        conditional write of the key is in flight (tried again). A PUT whose answer was
+        lost is sent again and refused: the key then holds ``data``, which must be unique
+        to this writer, and the call still owns it.
         """
         if self.is_local:
             os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -152,7 +174,7 @@ class Storage:
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code")
                 if code == "PreconditionFailed":
-                    return False
+                    return self.read_bytes(path) == data
                 if code != "ConditionalRequestConflict":
                     raise
                 time.sleep(0.05 * 2**attempt)
@@ -162,15 +184,72 @@ class Storage:
         """boto3's S3 client (pyarrow's file system sends no conditional headers)."""
         if self._client is None:
             import boto3
+            from botocore.config import Config
 
+            retries = {"mode": "standard", "total_max_attempts": self.cfg.max_attempts}
             self._client = boto3.client(
-                "s3", endpoint_url=_s3_endpoint(self.cfg), region_name=self.cfg.region
+                "s3",
+                endpoint_url=_s3_endpoint(self.cfg),
+                region_name=self.cfg.region,
+                config=Config(retries=retries),
             )
         return self._client
 
     def delete_dir(self, path: str) -> None:
         if self.exists(path):
             self.fs.delete_dir(path)
+
+    @contextlib.contextmanager
+    def failures_named(self, run: str) -> Iterator[None]:
+        """Within it, an error with a storage failure behind it is raised as that
+        StorageFailure, naming ``run``."""
+        try:
+            yield
+        except Exception as exc:
+            failure = self.failure(exc, run)
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def failure(self, error: BaseException, run: str | None = None) -> StorageFailure | None:
+        """The storage failure within ``error`` (itself, a cause, or what failed in a Ray
+        task or in Ray Train's controller or workers), said with this root and what it
+        lacks; None if there is none. ``run``: the run it stopped."""
+        for inner in _errors_within(error):
+            if isinstance(inner, StorageFailure):
+                return StorageFailure(str(inner), run)
+            if isinstance(inner, OSError) and inner.errno in FULL_DEVICE:
+                free = shutil.disk_usage(self.base).free if self.is_local else "?"
+                return StorageFailure(f"{self.uri()} is full ({free} bytes free): {inner}", run)
+            if isinstance(inner, OSError) and "AWS Error" in str(inner):
+                tries = f"storage.max_attempts: {self.cfg.max_attempts}"
+                return StorageFailure(f"{self.uri()} did not answer ({tries}): {inner}", run)
+        return None
+
+
+def no_room(target: str, needed: int, what: str = "") -> str:
+    """What a write of ``needed`` bytes to the local ``target`` that found its device
+    full says; ``what``: the kind of write, if not a file."""
+    folder = Path(target)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return f"{target}: no room for {what}{needed} bytes on its device ({free} bytes free)"
+
+
+def _errors_within(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and every error behind it: causes, the ``cause`` a Ray task error
+    wraps, and Ray Train's ``controller_failure`` and ``worker_failures``."""
+    seen, pending = set(), [error]
+    while pending:
+        inner = pending.pop()
+        if inner is None or id(inner) in seen:
+            continue
+        seen.add(id(inner))
+        yield inner
+        pending += [inner.__cause__, getattr(inner, "cause", None)]
+        pending += [getattr(inner, "controller_failure", None)]
+        pending += list(getattr(inner, "worker_failures", {}).values())
 
 
 def _s3_endpoint(cfg: StorageConfig) -> str | None:
@@ -183,7 +262,29 @@ def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(cfg.max_attempts, **kwargs)
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 file system trying each request ``max_attempts`` times (the AWS SDK's
+    default strategy: connection failures, throttling and 5xx, waits doubling from 50 ms).
+
+    pyarrow pickles an S3 file system without its retry strategy, so the copies Ray
+    Train and Ray Data send to their workers would fail after 3 s of connection retries;
+    this one pickles as its constructor's arguments.
+    """
+
+    def __init__(self, max_attempts: int, **options):
+        strategy = pafs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts)
+        super().__init__(retry_strategy=strategy, **options)
+        self._arguments = (max_attempts, options)
+
+    def __reduce__(self):
+        return _retrying_s3_filesystem, self._arguments
+
+
+def _retrying_s3_filesystem(max_attempts: int, options: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **options)
 
 
 class PackageIntegrityError(ValueError):

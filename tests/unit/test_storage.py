@@ -1,10 +1,21 @@
+import errno
 import hashlib
 import json
+import pickle
+import time
 
 import pytest
 from forgeml.cli import EXIT_BAD_INPUT, EXIT_DAMAGED, main
 from forgeml.config import StorageConfig
-from forgeml.storage import MANIFEST_FILE, ModelRegistry, PackageIntegrityError, Storage
+from forgeml.storage import (
+    MANIFEST_FILE,
+    ModelRegistry,
+    PackageIntegrityError,
+    RetryingS3FileSystem,
+    Storage,
+    StorageFailure,
+)
+from ray.train import ControllerError, WorkerGroupError
 
 
 def test_register_versions_and_latest(store):
@@ -158,3 +169,36 @@ def test_forgeml_models_verify_checks_versions_names_and_the_registry(store, cap
     assert main(["models", "verify", "m:v2", "other", *root]) == 0
     assert main(["models", "verify", "nope", *root]) == EXIT_BAD_INPUT
     assert "no registered model named 'nope'" in capsys.readouterr().err
+
+
+def test_s3_requests_keep_their_tries_in_the_copies_ray_sends_to_workers():
+    """Five tries of a request to a closed port wait 50+100+200+400 ms, in a pickled
+    copy too (pyarrow's own pickle would give the 3 s default)."""
+    storage = Storage(
+        StorageConfig(root="s3://forge/x", endpoint_url="http://127.0.0.1:1", max_attempts=5)
+    )
+    copy = pickle.loads(pickle.dumps(storage.fs))
+    assert isinstance(copy, RetryingS3FileSystem)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION") as refused:
+        copy.get_file_info("forge/x/a")
+    assert 0.7 < time.monotonic() - started < 2.5
+
+    failure = storage.failure(refused.value, run="r-1")
+    assert isinstance(failure, StorageFailure) and failure.run == "r-1"
+    assert str(failure).startswith("s3://forge/x did not answer (storage.max_attempts: 5)")
+
+
+def test_a_storage_failure_is_found_behind_ray_trains_errors(store):
+    storage = Storage(StorageConfig(root=str(store)))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    in_a_worker = WorkerGroupError("rank 0 failed", {0: RuntimeError("wrapped")})
+    in_a_worker.worker_failures[0].__cause__ = full
+    failure = storage.failure(in_a_worker, run="r-2")
+    assert failure is not None and failure.run == "r-2"
+    assert str(failure).startswith(f"{store} is full (")
+    assert storage.failure(ControllerError(ValueError("a bug"))) is None
+
+    with pytest.raises(StorageFailure, match="is full") as raised, storage.failures_named("r-2"):
+        raise ControllerError(full)
+    assert raised.value.run == "r-2"

@@ -36,6 +36,7 @@ from forgeml.config import ExperimentConfig
 from forgeml.console import configure_worker_logging, format_seconds
 from forgeml.data.base import ModelInputs, TargetSpec
 from forgeml.models import build_model
+from forgeml.storage import FULL_DEVICE, StorageFailure, no_room
 from forgeml.tasks import batch_dtypes, build_task
 from forgeml.tracking import EpochLogger
 from forgeml.train.augment import augment_batch
@@ -130,7 +131,14 @@ class RayTrainSession:
         return ray.train.get_dataset_shard(name)
 
     def report(self, metrics, checkpoint=None):
-        ray.train.report(metrics, checkpoint=checkpoint)
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint)
+        except OSError as exc:
+            if checkpoint is None or exc.errno not in FULL_DEVICE:
+                raise
+            run = ray.train.get_context().get_storage().experiment_fs_path
+            needed = sum(f.stat().st_size for f in Path(checkpoint.path).rglob("*") if f.is_file())
+            raise StorageFailure(no_room(run, needed, "a checkpoint of ")) from exc
 
     def preemption_info(self):
         return ray.train.get_preemption_info()

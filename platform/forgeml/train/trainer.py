@@ -139,8 +139,10 @@ def startup_seconds(
 def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingOutcome:
     """Train, evaluate on the test split and register a model package.
 
-    Raises TrainingDiverged when the loss is not finite (nothing registered) and lets
-    Ray Train's TrainingFailedError through when workers fail beyond ``max_failures``.
+    Raises TrainingDiverged when the loss is not finite (nothing registered),
+    StorageFailure when the storage root fails (full, or unreachable past its retries),
+    and lets Ray Train's TrainingFailedError through when workers fail beyond
+    ``max_failures``.
     """
     started = time.time()
     launch = prepare_launch(cfg, "runs", cfg.name, resume)
@@ -151,7 +153,8 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
     trainer = build_trainer(cfg, storage, data, run_name, tracking, pretrained=pretrained)
     logger.info("training %s as run %s (%s)", cfg.name, run_name, storage.uri("runs", run_name))
     launched = time.time()
-    result = trainer.fit()
+    with storage.failures_named(run_name):
+        result = trainer.fit()
     outcome = result.return_value
     history = outcome["history"]
     if outcome["status"] == "diverged":
@@ -178,9 +181,10 @@ def run_training(cfg: ExperimentConfig, resume: bool | str = False) -> TrainingO
         "startup_s": startup_seconds(started, prepared, launched, outcome["first_step_at"]),
         **({"init_from": pretrained.record()} if pretrained else {}),
     }
-    version, metrics = register_checkpoint(
-        cfg, storage, data, state, outcome["status"], history, run
-    )
+    with storage.failures_named(run_name):
+        version, metrics = register_checkpoint(
+            cfg, storage, data, state, outcome["status"], history, run
+        )
     return TrainingOutcome(
         run_name=run_name,
         status=outcome["status"],
