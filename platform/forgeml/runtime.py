@@ -55,6 +55,24 @@ RAY_ENV_DEFAULTS = {
 TASK_AGGREGATION = RAY_ENV_DEFAULTS["RAY_DATA_DEFAULT_SHUFFLE_STRATEGY"]
 
 
+#: What Ray Tune copies from the driver's environment into every trial's runtime_env,
+#: which Ray's runtime-env agent then writes, values and all, into its log on each node.
+TUNE_COPIED_CREDENTIALS = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+)
+
+
+def keep_credentials_out_of_trial_envs() -> None:
+    """Stop Ray Tune from copying the driver's S3 credentials into its trials' runtime
+    environments, and so into Ray's logs. Trials need no copy: like every process of a
+    node they inherit the node's environment (the chart's Secret, the environment of
+    ``ray start``, or the embedded runtime's driver), or the job's runtime_env."""
+    from ray.tune.execution import class_cache
+
+    copied = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = copied - TUNE_COPIED_CREDENTIALS
+
+
 def _reachable(address: str, timeout: float = 1.0) -> bool:
     host, _, port = address.rpartition(":")
     try:

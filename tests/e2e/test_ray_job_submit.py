@@ -74,9 +74,15 @@ def submitted_training(token_cluster, tmp_path_factory) -> SubmittedTraining:
     ]
     arguments = [arg for override in overrides for arg in ("--set", override)]
     policy = BackgroundJob(token_cluster, folder, "train.py", "--config", str(CARTPOLE), *arguments)
-    config = write_config(folder / "tiny.yaml", tiny_raw_config(store))
+    config = write_config(folder / "tiny.yaml", tiny_raw_config(store, tracking={"mlflow": {}}))
     job = submit(token_cluster, "train.py", "--config", str(config))
     return SubmittedTraining(job, policy.finish(), store)
+
+
+@pytest.fixture(scope="module")
+def serving_token() -> str:
+    """The bearer token the module's serving deployment requires."""
+    return secrets.token_hex(16)
 
 
 @pytest.fixture
@@ -138,7 +144,7 @@ def _episode_returns(act, seeds: range) -> list[float]:
 
 
 def test_serve_deploy_puts_the_registered_model_and_policy_on_the_cluster(
-    token_cluster, trained_store, submitted_training
+    token_cluster, trained_store, submitted_training, serving_token
 ):
     """Deploy of the submitted runs' classifier and policy returns, and the cluster keeps
     serving both: a prediction, and CartPole episodes driven through /act to a higher
@@ -146,7 +152,7 @@ def test_serve_deploy_puts_the_registered_model_and_policy_on_the_cluster(
     code, output = submitted_training.policy
     assert code == 0, output[-3000:]
     assert "registered cartpole-ppo:v1" in output
-    token, port = secrets.token_hex(16), free_port()
+    token, port = serving_token, free_port()
     env = {
         **token_cluster.env,
         "RAY_ADDRESS": token_cluster.gcs_address,
@@ -202,6 +208,14 @@ def test_serve_deploy_puts_the_registered_model_and_policy_on_the_cluster(
     refused = post("tiny-wafer/act", {"observations": [[0.0] * 4]})
     assert refused.status_code == 404
     assert "POST /v1/models/tiny-wafer/predict" in refused.json()["error"]["message"]
+    guessed = secrets.token_hex(16)
+    unknown = requests.post(
+        f"{models}/tiny-wafer/predict",
+        json={"instances": [{"image": [[1] * 16] * 16}]},
+        headers={"Authorization": f"Bearer {guessed}"},
+        timeout=60,
+    )
+    assert unknown.status_code == 401 and guessed not in unknown.text
 
 
 def test_a_drift_alarm_submits_one_retraining_job_to_the_cluster(
@@ -274,3 +288,24 @@ def test_the_cluster_refuses_submissions_without_the_right_token(
     assert job.returncode != 0
     assert refusal in job.stdout + job.stderr
     assert not store.exists()
+
+
+def test_no_file_the_cluster_runs_leave_holds_a_secret(token_cluster, trained_store, serving_token):
+    """The module's last test: every file of the cluster (each node's logs, the jobs'
+    logs, the session's files), the storage root (run logs and records, TensorBoard,
+    MLflow, the packages with their reports and model cards, recorded traffic) and the
+    nodes' home, after training, serving, monitoring and refused submissions, is free
+    of the cluster's Ray token and the serving token."""
+    assert (trained_store / "mlflow.db").is_file()
+    used = {"Ray token": token_cluster.env["RAY_AUTH_TOKEN"], "serving token": serving_token}
+    folders = [token_cluster.folder, *(node.temp_dir for node in token_cluster.nodes.values())]
+    swept, found = 0, []
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if not path.is_file() or path.is_symlink():
+                continue
+            data = path.read_bytes()
+            swept += 1
+            found += [(what, str(path)) for what, secret in used.items() if secret.encode() in data]
+    assert swept > 100 and any(trained_store in p.parents for p in token_cluster.folder.rglob("*"))
+    assert found == [], found

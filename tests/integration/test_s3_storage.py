@@ -4,6 +4,7 @@ package of a training run, and a policy search's state, trials and policy."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -43,12 +44,7 @@ def test_s3_storage_root_writes_and_reads_back_a_model_package(ray_runtime, s3_e
     stored = json.loads(registry.read(loaded.version, "metrics.json"))
     assert stored["test"] == outcome.metrics["test"]
     assert loaded.config == cfg
-    # No object the run wrote (run log, checkpoints, records, the package and its
-    # report) holds the S3 credentials it used.
-    secrets = [S3_ENV["AWS_ACCESS_KEY_ID"].encode(), S3_ENV["AWS_SECRET_ACCESS_KEY"].encode()]
-    for key in keys:
-        body = s3.get_object(Bucket="forge", Key=key)["Body"].read()
-        assert not any(secret in body for secret in secrets), key
+    _assert_no_s3_keys_in(s3, "forge", keys, ray_runtime)
 
 
 def test_s3_storage_root_holds_a_policy_search_its_trials_and_the_policy(
@@ -80,3 +76,19 @@ def test_s3_storage_root_holds_a_policy_search_its_trials_and_the_policy(
     registry = ModelRegistry(Storage(cfg.storage))
     policy, _ = load_policy(registry, "cartpole-ppo:v1")
     assert policy.act(np.zeros((2, 4), dtype=np.float32))["actions"].shape == (2,)
+    _assert_no_s3_keys_in(s3, "policies", keys, ray_runtime)
+
+
+def _assert_no_s3_keys_in(s3, bucket: str, keys: set[str], ray_runtime) -> None:
+    """No object a run wrote (run log, checkpoints, records, TensorBoard, a search's
+    state and results, the package and its report), and no file of the Ray session
+    that ran it (every process's log), holds the S3 credentials it used."""
+    secrets = [S3_ENV["AWS_ACCESS_KEY_ID"].encode(), S3_ENV["AWS_SECRET_ACCESS_KEY"].encode()]
+    for key in keys:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert not any(secret in body for secret in secrets), key
+    session = Path(ray_runtime.address_info["session_dir"])
+    logs = [path for path in session.rglob("*") if path.is_file() and not path.is_symlink()]
+    assert len(logs) > 20
+    for path in logs:
+        assert not any(secret in path.read_bytes() for secret in secrets), path

@@ -307,6 +307,7 @@ def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
     start_run(cfg, storage, path)
     config = algorithm_config(cfg)
     trainable = config.algo_class
+    runtime.keep_credentials_out_of_trial_envs()
     if resume is not False and tune.Tuner.can_restore(storage.uri("runs", name)):
         tuner = tune.Tuner.restore(
             storage.uri("runs", name),

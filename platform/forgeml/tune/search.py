@@ -41,7 +41,7 @@ from ray.train.v2._internal.state.state_actor import get_state_actor
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.utils import flatten_dict
 
-from forgeml import console
+from forgeml import console, runtime
 from forgeml.config import (
     PBT_MUTABLE,
     ChoiceParam,
@@ -536,6 +536,7 @@ def search_tuner(
     settings = cfg.tune
     path = storage.path("tune", experiment)
     filesystem = None if storage.is_local else storage.fs
+    runtime.keep_credentials_out_of_trial_envs()
     if resume is not False and tune.Tuner.can_restore(path, filesystem):
         logger.info("resuming search %s", experiment)
         return tune.Tuner.restore(
