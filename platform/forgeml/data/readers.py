@@ -188,7 +188,10 @@ def npz_rows(
 
 def _read_files(batch, reader, fs, columns):
     """The rows of each file (batches of NumPy columns, or Arrow tables), numbered in the
-    order read: rows that could not be parsed (a reason in ``_reject``) take no number."""
+    order read: rows that could not be parsed (a reason in ``_reject``) take no number.
+    Small NumPy batches of the same columns and types (image files, a row each) are
+    joined before they go out: a block each would cost Ray Data more than the reading."""
+    pending: list[dict] = []
     for index, path in zip(batch["index"], batch["path"], strict=True):
         numbered = 0
         for rows in reader(fs, str(path), columns):
@@ -205,8 +208,31 @@ def _read_files(batch, reader, fs, columns):
                 for name, values in place.items():
                     rows = rows.append_column(name, pa.array(values))
                 yield rows
-            else:
-                yield {**rows, **place}
+                continue
+            rows = {**rows, **place}
+            if pending and _columns(pending[0]) != _columns(rows):
+                yield _joined(pending)
+                pending = []
+            pending.append(rows)
+            if sum(len(b[FILE_COLUMN]) for b in pending) >= JOINED_ROWS:
+                yield _joined(pending)
+                pending = []
+    if pending:
+        yield _joined(pending)
+
+
+#: Rows of NumPy batches joined into one output of ``_read_files`` at most.
+JOINED_ROWS = 256
+
+
+def _columns(batch: dict) -> list[tuple[str, str]]:
+    return [(name, values.dtype.str) for name, values in batch.items()]
+
+
+def _joined(batches: list[dict]) -> dict:
+    if len(batches) == 1:
+        return batches[0]
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
 
 
 def _rejected_lines(columns: list[str], lines: list[tuple[str, str]]) -> dict:
