@@ -99,10 +99,21 @@ def _actor_pids(class_name: str) -> list[int]:
 
 
 def _usage(processes: list) -> dict:
-    """Resident memory and open file descriptors of ``processes`` (psutil) together."""
+    """Resident memory and open file descriptors of ``processes`` (psutil) together, the
+    descriptors also by kind (socket, pipe, anon_inode, or a file)."""
+    kinds: dict[str, int] = {}
+    for process in processes:
+        for fd in Path(f"/proc/{process.pid}/fd").iterdir():
+            try:
+                kind = os.readlink(fd).split(":")[0]
+            except OSError:
+                continue  # closed meanwhile
+            kind = "file" if kind.startswith("/") else kind
+            kinds[kind] = kinds.get(kind, 0) + 1
     return {
         "rss_mib": round(sum(p.memory_info().rss for p in processes) / MIB, 1),
         "fds": sum(p.num_fds() for p in processes),
+        "fd_kinds": kinds,
     }
 
 
@@ -121,6 +132,8 @@ def _growth(samples: list[tuple[float, dict]], warmup_s: float) -> dict:
         "rss_slope_mib_per_hour": round(float(slope), 1),
         "fds_at_warmup": after[0][1]["fds"],
         "fds_at_end": after[-1][1]["fds"],
+        "fd_kinds_at_warmup": after[0][1]["fd_kinds"],
+        "fd_kinds_at_end": after[-1][1]["fd_kinds"],
         "fds_max": max(s["fds"] for _, s in after),
     }
 
