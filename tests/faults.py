@@ -76,7 +76,9 @@ class EndpointOutage:
                 pump.start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
-        try:
+        # A reset or closed side (the relay going down, or a client or the server done
+        # with the connection) ends the pump, and the connection with it.
+        with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 if requests and self._trigger and self._trigger in data:
                     sink.sendall(data[: data.index(self._trigger) + len(self._trigger)])
@@ -85,8 +87,6 @@ class EndpointOutage:
                     self.tripped.set()
                     return
                 sink.sendall(data)
-        except OSError:
-            pass
         with self._lock:
             self._open -= {source, sink}
         _close(source)

@@ -221,10 +221,20 @@ class Storage:
             if isinstance(inner, OSError) and inner.errno in FULL_DEVICE:
                 free = shutil.disk_usage(self.base).free if self.is_local else "?"
                 return StorageFailure(f"{self.uri()} is full ({free} bytes free): {inner}", run)
-            if isinstance(inner, OSError) and "AWS Error" in str(inner):
+            if _unanswered_s3_request(inner):
                 tries = f"storage.max_attempts: {self.cfg.max_attempts}"
                 return StorageFailure(f"{self.uri()} did not answer ({tries}): {inner}", run)
         return None
+
+
+def _unanswered_s3_request(error: BaseException) -> bool:
+    """An S3 request that failed for good: pyarrow's (the AWS SDK's error in an OSError)
+    or boto3's (no connection, or no answer in time)."""
+    from botocore.exceptions import ConnectionError, HTTPClientError
+
+    if isinstance(error, ConnectionError | HTTPClientError):
+        return True
+    return isinstance(error, OSError) and "AWS Error" in str(error)
 
 
 def no_room(target: str, needed: int, what: str = "") -> str:

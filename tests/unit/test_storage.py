@@ -17,6 +17,8 @@ from forgeml.storage import (
 )
 from ray.train import ControllerError, WorkerGroupError
 
+from tests.conftest import S3_ENV
+
 
 def test_register_versions_and_latest(store):
     registry = ModelRegistry(Storage(StorageConfig(root=str(store))))
@@ -171,9 +173,11 @@ def test_forgeml_models_verify_checks_versions_names_and_the_registry(store, cap
     assert "no registered model named 'nope'" in capsys.readouterr().err
 
 
-def test_s3_requests_keep_their_tries_in_the_copies_ray_sends_to_workers():
+def test_s3_requests_keep_their_tries_in_the_copies_ray_sends_to_workers(monkeypatch):
     """Five tries of a request to a closed port wait 50+100+200+400 ms, in a pickled
     copy too (pyarrow's own pickle would give the 3 s default)."""
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
     storage = Storage(
         StorageConfig(root="s3://forge/x", endpoint_url="http://127.0.0.1:1", max_attempts=5)
     )
@@ -187,6 +191,8 @@ def test_s3_requests_keep_their_tries_in_the_copies_ray_sends_to_workers():
     failure = storage.failure(refused.value, run="r-1")
     assert isinstance(failure, StorageFailure) and failure.run == "r-1"
     assert str(failure).startswith("s3://forge/x did not answer (storage.max_attempts: 5)")
+    with pytest.raises(StorageFailure, match="did not answer"), storage.failures_named("r-1"):
+        storage.create_exclusive("forge/x/_CLAIM", b"me")  # boto3's request, no answer
 
 
 def test_a_storage_failure_is_found_behind_ray_trains_errors(store):

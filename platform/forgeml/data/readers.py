@@ -192,6 +192,7 @@ def _read_files(batch, reader, fs, columns):
     Small NumPy batches of the same columns and types (image files, a row each) are
     joined before they go out: a block each would cost Ray Data more than the reading."""
     pending: list[dict] = []
+    pending_rows = 0
     for index, path in zip(batch["index"], batch["path"], strict=True):
         numbered = 0
         for rows in reader(fs, str(path), columns):
@@ -212,11 +213,12 @@ def _read_files(batch, reader, fs, columns):
             rows = {**rows, **place}
             if pending and _columns(pending[0]) != _columns(rows):
                 yield _joined(pending)
-                pending = []
+                pending, pending_rows = [], 0
             pending.append(rows)
-            if sum(len(b[FILE_COLUMN]) for b in pending) >= JOINED_ROWS:
+            pending_rows += n
+            if pending_rows >= JOINED_ROWS:
                 yield _joined(pending)
-                pending = []
+                pending, pending_rows = [], 0
     if pending:
         yield _joined(pending)
 
