@@ -2,9 +2,13 @@
 
 Both serve the same registered wafer CNN with the same request schema, preprocessing
 and inference; a separate load process (aiohttp, 127.0.0.1, bounded in time and count)
-drives each at several concurrency levels, one server at a time. Prints one JSON object.
+drives each at several concurrency levels, one server at a time. forgeml is measured on
+its two paths: the model's predict path (Serve's ingress straight to the model's
+replica) and the same model's pinned-version path, which goes through the gateway.
+Ray starts with forgeml's runtime settings (``forgeml.runtime.RAY_ENV_DEFAULTS``), the
+environment variables already set taking precedence. Prints one JSON object.
 
-    python benchmarks/serve_load.py [--seconds 10] [--concurrency 1 8 32]
+    python benchmarks/serve_load.py [--seconds 10] [--concurrency 1 8 32 128]
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from forgeml.runtime import free_port
+from forgeml.runtime import RAY_ENV_DEFAULTS, free_port
 
 # Module level on purpose: FastAPI resolves the handler's (string) annotations here.
 from forgeml.serve.schemas import PredictRequest, PredictResponse
@@ -148,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--max-requests", type=int, default=50_000)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument(
         "--proxy",
         choices=["haproxy", "default"],
@@ -188,7 +192,11 @@ def main() -> None:
     from forgeml.train.trainer import run_training
     from ray import serve
 
-    results: dict = {"plain_fastapi": {}, "forgeml_serve": {}}
+    paths = {
+        "forgeml_serve": "/v1/models/bench-wafer/predict",
+        "forgeml_serve_through_gateway": "/v1/models/bench-wafer/versions/v1/predict",
+    }
+    results: dict = {"plain_fastapi": {}, **{side: {} for side in paths}}
     with tempfile.TemporaryDirectory() as root:
         cfg = config_from_dict(
             {
@@ -226,26 +234,29 @@ def main() -> None:
             server.wait()
 
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if args.proxy == "haproxy" else "0"
+        for name, value in RAY_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(AppArgs(models=[ref], storage=cfg.storage, auth=False, overrides=args.overrides))
-        url = f"http://127.0.0.1:{port}/v1/models/bench-wafer/predict"
-        for c in args.concurrency:
-            results["forgeml_serve"][c] = load(url, c, args.seconds, args.max_requests)
+        for side, path in paths.items():
+            url = f"http://127.0.0.1:{port}{path}"
+            for c in args.concurrency:
+                results[side][c] = load(url, c, args.seconds, args.max_requests)
         serve.shutdown()
         ray.shutdown()
 
+    plain = results["plain_fastapi"]
     ratios = {
-        c: {
-            "rps": round(
-                results["forgeml_serve"][c]["rps"] / results["plain_fastapi"][c]["rps"], 3
-            ),
-            "p99": round(
-                results["forgeml_serve"][c]["p99_ms"] / results["plain_fastapi"][c]["p99_ms"], 3
-            ),
+        side: {
+            c: {
+                "rps": round(results[side][c]["rps"] / plain[c]["rps"], 3),
+                "p99": round(results[side][c]["p99_ms"] / plain[c]["p99_ms"], 3),
+            }
+            for c in args.concurrency
         }
-        for c in args.concurrency
+        for side in paths
     }
     print(
         json.dumps(
@@ -255,6 +266,9 @@ def main() -> None:
                 "seconds_per_level": args.seconds,
                 "proxy": args.proxy,
                 "serve_overrides": args.overrides,
+                "serve_environment": {
+                    name: os.environ[name] for name in sorted(os.environ) if "SERVE" in name
+                },
                 **results,
                 "ratio_forgeml_to_plain": ratios,
             },

@@ -38,12 +38,33 @@ logger = logging.getLogger(__name__)
 #: every read, however few the files; one reads 128 footers at once, and a tiny run's
 #: data preparation takes 3 s instead of 7 s (2 cores).
 #: Ray Data aggregates with hash-shuffle actors by default: ``TASK_AGGREGATION``.
+#: Serve's throughput-optimised mode runs replicas' code on their own event loop
+#: (not a thread beside it), keeps their logs off stderr (the log files keep them),
+#: calls between replicas over gRPC and freezes the start-up objects out of the
+#: garbage collector: a model's predict path serves 1.7x the requests (docs/benchmarks.md).
+#: Two of its settings are put back: access-log lines are written as they come, not
+#: 1000 at a time (a quiet service's would wait for hours), and deployment handles
+#: route on a loop of their own, so that a driver's plain calls work.
+#: HAProxy (Serve's ingress where ``RAY_SERVE_ENABLE_HA_PROXY=1``) sends a request again
+#: to another replica when the one it reached closed the connection without an answer
+#: (a replica lost with its node), not only when it could not connect: the gateway's
+#: ``MODEL_CALL_TRIES`` for the predict path, which skips the gateway. As there,
+#: inference may run twice. In that mode every HTTP-serving replica holds on for 30 s
+#: when stopped, so that load balancers which list replicas themselves can drop it; with
+#: Serve's own proxies (HAProxy, which Serve reconfigures itself and which resends a
+#: refused connection) 5 s covers the reload, and a version switch or a scale-down
+#: does not wait 30 s for each replica.
 RAY_ENV_DEFAULTS = {
     "RAY_DATA_CLUSTER_AUTOSCALER": "V2",
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
     "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY": "sort_shuffle_pull_based",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 #: How Ray Data aggregates, in forgeml's drivers and (by the variable above) in the
 #: processes of a runtime it starts: with tasks (a pull-based sort shuffle). The fits of

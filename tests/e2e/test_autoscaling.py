@@ -285,11 +285,12 @@ def _replicas(chart: ChartCluster, deployment: str) -> list[dict]:
 
 def _replica_log(chart: ChartCluster, replica: dict) -> str:
     """The access log of a model replica, read from its node through Ray's log API."""
+    app = "forgeml.tiny-wafer-v1"  # the gateway's application of the model's version
     response = requests.get(
         f"{chart.cluster.dashboard_url}/api/v0/logs/file",
         params={
             "node_id": replica["node_id"],
-            "filename": f"serve/replica_tiny-wafer-v1_ModelServer_{replica['replica_id']}.log",
+            "filename": f"serve/replica_{app}_ModelServer_{replica['replica_id']}.log",
         },
         headers=chart.headers,
         timeout=30,

@@ -30,7 +30,7 @@ from forgeml.monitor.check import DriftGauges, check
 from forgeml.monitor.traffic import read_traffic
 from forgeml.runtime import RAY_ENV_DEFAULTS, free_port
 from forgeml.serve.apps import build_gateway, build_model_app
-from forgeml.serve.deploy import AppArgs, deploy
+from forgeml.serve.deploy import AppArgs, _route_prefixes, deploy, retire_unrouted_models
 from forgeml.serve.schemas import PredictRequest
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
@@ -48,7 +48,8 @@ PREDICT = "/v1/models/tiny-wafer/predict"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A tiny trained model served by two apps: with auth at /, without auth at /open."""
+    """A tiny trained model behind two gateways, each with its own application of it: with
+    auth at /, without auth at /open."""
     ray.shutdown()
     metrics_port = free_port()
     with pytest.MonkeyPatch.context() as patch:
@@ -80,6 +81,13 @@ def served(tmp_path_factory):
     }
     serve.shutdown()
     ray.shutdown()
+
+
+def _undeploy(gateway: str) -> None:
+    """Delete a gateway and its model applications, as `forgeml serve run` does on exit,
+    so that their replicas' CPUs go back to the module's later tests."""
+    serve.delete(gateway)
+    retire_unrouted_models(gateway)
 
 
 def _bearer(token: str) -> dict:
@@ -255,8 +263,7 @@ def test_served_traffic_is_checked_for_drift_and_an_alarm_is_exported(served, tm
         time.sleep(2)
     assert float(alarm[0].rsplit(" ", 1)[1]) == 1.0
     assert float(psi[0].rsplit(" ", 1)[1]) >= 0.2
-    serve.delete("drift")
-    serve.delete(f"{DRIFTING}-v1")
+    _undeploy("drift")
 
 
 def test_a_table_model_serves_records_and_names_bad_fields(served):
@@ -274,62 +281,64 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
     ):
         args += ["--set", override]
     assert main(args) == 0
-    deploy(AppArgs(models=["penguins-body-mass"], storage=storage, auth=False), "tables", "/tables")
-    url = "/tables/v1/models/penguins-body-mass/predict"
-    records = [
-        {
-            "bill_length_mm": 47.5,
-            "bill_depth_mm": 15,
-            "flipper_length_mm": 217,
-            "species": "Gentoo",
-            "island": "Biscoe",
-            "sex": "male",
-        },
-        {"bill_length_mm": None, "species": "Adelie"},  # missing values are imputed
-    ]
+    with _served_beside(storage, ["penguins-body-mass"], "tables", auth=False):
+        url = "/tables/v1/models/penguins-body-mass/predict"
+        records = [
+            {
+                "bill_length_mm": 47.5,
+                "bill_depth_mm": 15,
+                "flipper_length_mm": 217,
+                "species": "Gentoo",
+                "island": "Biscoe",
+                "sex": "male",
+            },
+            {"bill_length_mm": None, "species": "Adelie"},  # missing values are imputed
+        ]
 
-    response = _post(served, url, {"instances": records}, token=None)
+        response = _post(served, url, {"instances": records}, token=None)
 
-    assert response.status_code == 200, response.text
-    served_values = [p["value"] for p in response.json()["predictions"]]
-    loaded = load_model(ModelRegistry(Storage(storage)), "penguins-body-mass")
-    inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns(records))["inputs"]
-    with torch.no_grad():
-        offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
-    np.testing.assert_allclose(served_values, offline, rtol=1e-5)
-    assert loaded.preprocessor.pca and len(loaded.preprocessor.describe()["selected"]) == 8
-    # /explain answers each record's SHAP values, the same as explaining it offline.
-    explained = _post(served, url.replace("/predict", "/explain"), {"instances": records}, None)
-    assert explained.status_code == 200, explained.text
-    offline_explained = explain(loaded, loaded.preprocessor.request_columns(records))
-    for row, offline_row in zip(explained.json()["explanations"], offline_explained, strict=True):
-        assert row["method"] == "shap" and row["explained"] == "value"
-        values = {a["feature"]: a["attribution"] for a in row["attributions"]}
-        expected = {a["feature"]: a["attribution"] for a in offline_row["attributions"]}
-        assert values == pytest.approx(expected, rel=1e-4, abs=1e-3)
-    info = requests.get(served["url"] + "/tables/v1/models", timeout=30).json()[0]
-    assert info["task"] == "regression" and info["classes"] == []
-    assert info["inputs"]["categorical"]["species"] == ["Adelie", "Chinstrap", "Gentoo"]
-    for bad, message in [
-        ({"wings": 2}, "instances.0: unknown features ['wings']"),
-        ({"bill_depth_mm": "deep"}, "instances.0.bill_depth_mm: expected a number, got 'deep'"),
-        (GOOD, "instances.0: expected an object of feature values"),
-    ]:
-        refused = _post(served, url, {"instances": [bad]}, token=None)
-        assert refused.status_code == 422 and message in refused.json()["error"]["message"]
+        assert response.status_code == 200, response.text
+        served_values = [p["value"] for p in response.json()["predictions"]]
+        loaded = load_model(ModelRegistry(Storage(storage)), "penguins-body-mass")
+        inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns(records))[
+            "inputs"
+        ]
+        with torch.no_grad():
+            offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
+        np.testing.assert_allclose(served_values, offline, rtol=1e-5)
+        assert loaded.preprocessor.pca and len(loaded.preprocessor.describe()["selected"]) == 8
+        # /explain answers each record's SHAP values, the same as explaining it offline.
+        explained = _post(served, url.replace("/predict", "/explain"), {"instances": records}, None)
+        assert explained.status_code == 200, explained.text
+        offline_explained = explain(loaded, loaded.preprocessor.request_columns(records))
+        for row, offline_row in zip(
+            explained.json()["explanations"], offline_explained, strict=True
+        ):
+            assert row["method"] == "shap" and row["explained"] == "value"
+            values = {a["feature"]: a["attribution"] for a in row["attributions"]}
+            expected = {a["feature"]: a["attribution"] for a in offline_row["attributions"]}
+            assert values == pytest.approx(expected, rel=1e-4, abs=1e-3)
+        info = requests.get(served["url"] + "/tables/v1/models", timeout=30).json()[0]
+        assert info["task"] == "regression" and info["classes"] == []
+        assert info["inputs"]["categorical"]["species"] == ["Adelie", "Chinstrap", "Gentoo"]
+        for bad, message in [
+            ({"wings": 2}, "instances.0: unknown features ['wings']"),
+            ({"bill_depth_mm": "deep"}, "instances.0.bill_depth_mm: expected a number, got 'deep'"),
+            (GOOD, "instances.0: expected an object of feature values"),
+        ]:
+            refused = _post(served, url, {"instances": [bad]}, token=None)
+            assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
 @contextlib.contextmanager
 def _served_beside(storage, models: list[str], app: str, auth: bool):
     """The first version of each of ``models`` served at ``/app`` beside the module's
-    apps, then deleted, so that their replicas' CPUs go back to the module's later tests."""
+    apps, then deleted."""
     deploy(AppArgs(models=models, storage=storage, auth=auth), app, f"/{app}")
     try:
         yield
     finally:
-        serve.delete(app)
-        for model in models:
-            serve.delete(f"{model}-v1")
+        _undeploy(app)
 
 
 #: Short reviews whose class is carried by one word among words of neither class.
@@ -488,29 +497,34 @@ def test_a_forecaster_serves_histories_and_names_bad_ones(served):
         args += ["--set", override]
     assert main(args) == 0
     name = "air-passengers-lstm"
-    deploy(AppArgs(models=[name], storage=storage, auth=False), "series", "/series")
-    url = f"/series/v1/models/{name}/predict"
-    histories = [[float(300 + 5 * i) for i in range(24)], [None] + [400.0] * 23]
+    with _served_beside(storage, [name], "series", auth=False):
+        url = f"/series/v1/models/{name}/predict"
+        histories = [[float(300 + 5 * i) for i in range(24)], [None] + [400.0] * 23]
 
-    response = _post(served, url, {"instances": [{"history": h} for h in histories]}, token=None)
+        response = _post(
+            served, url, {"instances": [{"history": h} for h in histories]}, token=None
+        )
 
-    assert response.status_code == 200, response.text
-    served_forecasts = [p["forecast"] for p in response.json()["predictions"]]
-    loaded = load_model(ModelRegistry(Storage(storage)), name)
-    columns = loaded.preprocessor.request_columns([{"history": h} for h in histories])
-    inputs = torch.from_numpy(loaded.preprocessor.transform(columns)["inputs"])
-    with torch.no_grad():
-        offline = loaded.task.predict(loaded.model(inputs)).numpy()
-    np.testing.assert_allclose(served_forecasts, offline, rtol=1e-5)
-    info = requests.get(served["url"] + "/series/v1/models", timeout=30).json()[0]
-    assert info["task"] == "forecast" and info["inputs"]["window"] == 24
-    for bad, message in [
-        ({"history": [1.0] * 5}, "instances.0.history: expected a list of the last 24 values"),
-        ({"history": [None] * 24}, "instances.0.history: no observed value"),
-        ({"history": [1.0] * 24, "extra": 1}, "instances.0.features.history.float: Input should"),
-    ]:
-        refused = _post(served, url, {"instances": [bad]}, token=None)
-        assert refused.status_code == 422 and message in refused.json()["error"]["message"]
+        assert response.status_code == 200, response.text
+        served_forecasts = [p["forecast"] for p in response.json()["predictions"]]
+        loaded = load_model(ModelRegistry(Storage(storage)), name)
+        columns = loaded.preprocessor.request_columns([{"history": h} for h in histories])
+        inputs = torch.from_numpy(loaded.preprocessor.transform(columns)["inputs"])
+        with torch.no_grad():
+            offline = loaded.task.predict(loaded.model(inputs)).numpy()
+        np.testing.assert_allclose(served_forecasts, offline, rtol=1e-5)
+        info = requests.get(served["url"] + "/series/v1/models", timeout=30).json()[0]
+        assert info["task"] == "forecast" and info["inputs"]["window"] == 24
+        for bad, message in [
+            ({"history": [1.0] * 5}, "instances.0.history: expected a list of the last 24 values"),
+            ({"history": [None] * 24}, "instances.0.history: no observed value"),
+            (
+                {"history": [1.0] * 24, "extra": 1},
+                "instances.0.features.history.float: Input should",
+            ),
+        ]:
+            refused = _post(served, url, {"instances": [bad]}, token=None)
+            assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -653,15 +667,15 @@ def test_serve_build_pins_versions_for_serve_deploy(served, capsys, monkeypatch)
     config = yaml.safe_load(written)
     ServeDeploySchema.model_validate(config)
     apps = {app["name"]: app for app in config["applications"]}
-    assert set(apps) == {"tiny-wafer-v1", "forgeml"}
-    model = apps["tiny-wafer-v1"]
-    assert model["route_prefix"] is None
-    assert model["args"]["model"] == "tiny-wafer:v1"
+    assert set(apps) == {"forgeml.tiny-wafer-v1", "forgeml"}
+    model = apps["forgeml.tiny-wafer-v1"]
+    assert model["route_prefix"] == "/v1/models/tiny-wafer/predict"  # no gateway hop
+    assert model["args"]["model"] == "tiny-wafer:v1" and model["args"]["auth"] is True
     assert model["args"]["storage"]["root"] == root
     gateway = apps["forgeml"]
     assert gateway["route_prefix"] == "/" and gateway["args"]["auth"] is True
     (routes,) = [d["user_config"]["routes"] for d in gateway["deployments"]]
-    assert [(r["app"], r["info"]["version"]) for r in routes] == [("tiny-wafer-v1", "v1")]
+    assert [(r["app"], r["info"]["version"]) for r in routes] == [("forgeml.tiny-wafer-v1", "v1")]
     # the import paths build applications from exactly these arguments
     for app in config["applications"]:
         module, _, builder = app["import_path"].partition(":")
@@ -715,7 +729,7 @@ def test_access_logs_are_json_lines_with_the_request_id(served):
     while True:
         records = [
             json.loads(line)
-            for path in logs.glob("replica_secured_Gateway_*.log")
+            for path in logs.glob("replica_secured.tiny-wafer-v1_ModelServer_*.log")
             for line in path.read_text().splitlines()
             if request_id in line
         ]
@@ -794,10 +808,11 @@ def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(serv
     assert set(codes) == {200, 503}, codes
     for refused in (a for a in answers if a.status_code == 503):
         assert refused.headers["Retry-After"] == "2"
-        assert "max_queued_requests" in refused.json()["error"]["message"]
+        # Serve's ingress refuses these itself (the predict path reaches the model's
+        # deployment straight), with its own text body.
+        assert "max_queued_requests" in refused.text, refused.text
     assert requests.post(url, json={"instances": [GOOD]}, timeout=30).status_code == 200
-    serve.delete("bounded")
-    serve.delete(f"{BOUNDED}-v1")
+    _undeploy("bounded")
 
 
 #: A model of its own for the version switch, so that tiny-wafer stays at v1 for the
@@ -807,7 +822,8 @@ SWITCHING = "switch-wafer"
 
 def test_switching_to_a_new_version_under_load_fails_no_request(served, monkeypatch, tmp_path):
     """Two gateways, one with auth and one without, move from v1 to a newly registered v2
-    while clients keep calling; v1's application is deleted once no gateway routes to it."""
+    while clients keep calling the model's predict path, which each gateway's newest
+    version answers itself; a gateway's v1 application is deleted once it has moved."""
     storage = _copy_of_the_served_model(served, tmp_path / "store", SWITCHING).storage
     monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
     prefixes = {"secured": "/switch-secured", "open": "/switch-open"}
@@ -841,16 +857,20 @@ def test_switching_to_a_new_version_under_load_fails_no_request(served, monkeypa
     try:
         time.sleep(1)
         serve_latest("secured")
-        assert f"{SWITCHING}-v1" in serve.status().applications  # "open" still routes to it
+        assert f"switch-secured.{SWITCHING}-v1" not in serve.status().applications
+        assert f"switch-open.{SWITCHING}-v1" in serve.status().applications  # not moved yet
         serve_latest("open")
         time.sleep(1)
     finally:
         stop.set()
         for client in clients:
             client.join()
-    assert f"{SWITCHING}-v1" not in serve.status().applications
+    assert not [app for app in serve.status().applications if app.endswith(f"{SWITCHING}-v1")]
+    held = _route_prefixes()
+    for gateway, prefix in prefixes.items():
+        assert held[f"switch-{gateway}.{SWITCHING}-v2"] == prefix + predict
     for gateway, results in seen.items():
         assert [r for r in results if r[0] != 200] == [], gateway
         assert len(results) > 50 and results[0][1] == "v1" and results[-1][1] == "v2", gateway
-    for app in (*(f"switch-{gateway}" for gateway in prefixes), f"{SWITCHING}-v2"):
-        serve.delete(app)
+    for gateway in prefixes:
+        _undeploy(f"switch-{gateway}")

@@ -12,6 +12,7 @@ from forgeml.config import AutoscalingConfig
 from forgeml.data.images import ImagePreprocessor
 from forgeml.serve import gateway
 from forgeml.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV, Access, read_access
+from forgeml.serve.deploy import AppArgs, _direct_routes, plan, predict_path
 from forgeml.serve.schemas import ImageInstance
 from PIL import Image
 from starlette.exceptions import HTTPException
@@ -261,3 +262,38 @@ def test_readiness_takes_a_recent_answer_and_probes_a_version_that_gave_none(mon
     server.handles["m:v1"] = ReadinessCalls("ok")
     assert asyncio.run(server.readyz()).status_code == 200
     assert time.monotonic() - server.answered_at["m:v1"] < 1
+
+
+def _route(name: str, version: int, acts: bool = False) -> gateway.Route:
+    info = gateway.ModelInfo(
+        name=name,
+        version=f"v{version}",
+        task="reinforcement" if acts else "classification",
+        classes=[],
+        input_shape=[4],
+        inputs={},
+        test_metrics={},
+    )
+    return gateway.Route(app=f"gw.{name}-v{version}", info=info, max_instances=8, acts=acts)
+
+
+def test_the_newest_served_version_of_each_model_gets_its_predict_path_and_a_policy_none():
+    routes = [
+        _route("wafer", 2),
+        _route("wafer", 10),
+        _route("wafer", 3),
+        _route("cartpole", 1, True),
+    ]
+
+    assert _direct_routes(routes, "/team/") == {
+        "gw.wafer-v2": None,
+        "gw.wafer-v10": "/team/v1/models/wafer/predict",  # by number, not by text
+        "gw.wafer-v3": None,
+        "gw.cartpole-v1": None,  # a policy answers /act, through the gateway
+    }
+    assert predict_path("/", "wafer") == "/v1/models/wafer/predict"
+
+
+def test_a_gateway_name_with_a_dot_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ValueError, match="no '.'"):
+        plan(AppArgs(models=["wafer"], storage={"root": str(tmp_path)}), gateway="team.a")

@@ -67,8 +67,9 @@ class ServeConfig(Section):
     max_queued_requests: int = Field(
         256,
         ge=1,
-        description="Requests each gateway replica holds for this model while its replicas "
-        "are full; beyond it clients get 503 with Retry-After at once instead of waiting.",
+        description="Requests held for this model while its replicas are full, by each of "
+        "Serve's proxies (its predict path) and each gateway replica (pinned versions, "
+        "explanations); beyond it clients get 503 with Retry-After at once, not a wait.",
     )
     retry_after_s: int = Field(
         1, ge=0, description="Retry-After (seconds) of a 503 for a full queue."

@@ -1,8 +1,8 @@
 """Serve applications built from arguments: one per model version, and the gateway.
 
 ``build_model_app`` and ``build_gateway`` are the ``import_path`` targets of the Serve
-config file that ``forgeml serve build`` writes; ``forgeml.serve.deploy`` binds the same
-deployments itself, with versions pinned.
+config file that ``forgeml serve build`` writes; ``forgeml.serve.deploy`` builds the
+same applications itself, with versions pinned.
 """
 
 from pydantic import BaseModel, Field
@@ -22,6 +22,7 @@ class ModelAppArgs(BaseModel):
 
     model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*:v[0-9]+$", description="Pinned ref name:vN.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    auth: bool = Field(True, description="Require a bearer token on its predict route.")
     overrides: list[str] = Field(
         default_factory=list, description="serve.* overrides applied to the package's config."
     )
@@ -36,23 +37,20 @@ class GatewayArgs(BaseModel):
     max_body_bytes: int = Field(ServeConfig().max_body_bytes, ge=1024)
 
 
-def model_deployment(args: ModelAppArgs) -> Deployment:
-    """``ModelServer`` (``PolicyServer`` for a policy) with the replica, batching and
-    autoscaling settings of the package, named MODEL_DEPLOYMENT either way."""
+def model_app(args: ModelAppArgs, version: str | None = None) -> Application:
+    """The model version ``args`` names as ``ModelServer`` (``PolicyServer`` for a
+    policy), deployment MODEL_DEPLOYMENT either way, with the replica, batching and
+    autoscaling settings of its package; Serve's deployment version pinned to
+    ``version`` where one is given."""
     registry = ModelRegistry(Storage(args.storage))
     package = package_config(registry, registry.resolve(args.model), args.overrides)
-    server = ModelServer
-    if package.task.acts:
-        from forgeml.serve.policy_server import PolicyServer  # RLlib, only where it serves
-
-        server = PolicyServer
     cfg, scaling = package.serve, package.serve.autoscaling
-    return server.options(
-        name=MODEL_DEPLOYMENT,
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
-        backpressure_config={"retry_after_s": cfg.retry_after_s},
-        autoscaling_config={
+    options = {
+        "name": MODEL_DEPLOYMENT,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": {"retry_after_s": cfg.retry_after_s},
+        "autoscaling_config": {
             "min_replicas": scaling.min_replicas,
             "initial_replicas": max(scaling.min_replicas, 1),
             "max_replicas": scaling.max_replicas,
@@ -61,20 +59,21 @@ def model_deployment(args: ModelAppArgs) -> Deployment:
             "downscale_delay_s": scaling.downscale_delay_s,
             "look_back_period_s": scaling.look_back_period_s,
         },
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-        logging_config=ACCESS_LOGS,
-    )
+        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        "logging_config": ACCESS_LOGS,
+        **({"version": version, "_internal": True} if version else {}),
+    }
+    served = (args.model, args.storage.model_dump(), args.overrides)
+    if package.task.acts:
+        from forgeml.serve.policy_server import PolicyServer  # RLlib, only where it serves
 
-
-def bind_model(deployment: Deployment, args: ModelAppArgs) -> Application:
-    """``deployment`` (``model_deployment``'s) bound to the model version ``args`` names."""
-    return deployment.bind(args.model, args.storage.model_dump(), args.overrides)
+        return PolicyServer.options(**options).bind(*served)
+    return ModelServer.options(**options).bind(*served, read_access(args.auth))
 
 
 def build_model_app(args: dict | ModelAppArgs) -> Application:
     """Serve application builder for one model version."""
-    args = ModelAppArgs.model_validate(args)
-    return bind_model(model_deployment(args), args)
+    return model_app(ModelAppArgs.model_validate(args))
 
 
 def bind_gateway(deployment: Deployment, args: GatewayArgs) -> Application:

@@ -1,4 +1,5 @@
-"""Bearer-token authentication and authorisation of the gateway's ``/v1`` routes.
+"""Bearer-token authentication and authorisation of the ``/v1`` routes (the gateway's,
+and each model's own predict route).
 
 Tokens come from the environment (``FORGEML_SERVE_TOKEN``: one token that may do
 everything) or a mounted secret file (``FORGEML_SERVE_TOKEN_FILE``): the same single
@@ -14,7 +15,7 @@ and the actions it may use::
         actions: [predict, explain, act, list]
 
 The CLI reads them before starting anything so a missing or malformed file fails
-early. The gateway keeps only each token's sha256 and compares a request's against every
+early. Each server keeps only each token's sha256 and compares a request's against every
 one in constant time: an unknown token is a 401, a known one outside its scope a 403.
 """
 
@@ -78,7 +79,7 @@ def _digest(token: str) -> bytes:
 
 @dataclass(frozen=True)
 class Access:
-    """The tokens a gateway accepts (None instead of an Access: no authentication)."""
+    """The tokens a server accepts (None instead of an Access: no authentication)."""
 
     grants: tuple[Grant, ...]
 
@@ -100,7 +101,7 @@ class Access:
 
     @property
     def fingerprint(self) -> str:
-        """Changes when any token or scope does (a gateway's deployment version)."""
+        """Changes when any token or scope does (part of the servers' deployment versions)."""
         parts = sorted(
             f"{g.token_sha256.hex()}{sorted(g.models)}{sorted(g.actions)}" for g in self.grants
         )
@@ -124,6 +125,16 @@ class Access:
             target = f" model {model!r}" if model else " models"
             raise HTTPException(403, f"this token may not {action}{target}")
         return found
+
+
+def authorise(
+    access: Access | None,
+    credentials: HTTPAuthorizationCredentials | None,
+    action: str,
+    model: str | None,
+) -> Grant | None:
+    """The request's grant (None: no authentication); a 401 or 403 otherwise."""
+    return None if access is None else access.check(credentials, action, model)
 
 
 def read_access(auth: bool) -> Access | None:

@@ -33,8 +33,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 import forgeml
-from forgeml.serve.auth import Access, bearer_credentials
-from forgeml.serve.http import ACCESS_LOGS, RequestAccounting, add_error_handlers
+from forgeml.serve.auth import Access, authorise, bearer_credentials
+from forgeml.serve.http import (
+    ACCESS_LOGS,
+    RequestAccounting,
+    add_error_handlers,
+    answer_or_refuse,
+    limit_instances,
+)
 from forgeml.serve.metrics import RequestMetrics
 from forgeml.serve.schemas import (
     ActRequest,
@@ -262,8 +268,7 @@ class Gateway:
         return await self._act(self._served(name, version), body, request)
 
     def _authorise(self, credentials, action: str, model: str | None):
-        """The request's grant (None: no authentication); a 401 or 403 otherwise."""
-        return None if self.access is None else self.access.check(credentials, action, model)
+        return authorise(self.access, credentials, action, model)
 
     def _latest(self, name: str) -> str:
         if name not in self.latest:
@@ -283,9 +288,7 @@ class Gateway:
         # No await until the call is counted in flight: a routing switch waits for it.
         route, handle = self.routes[ref], self.handles[ref]
         request.state.model, request.state.version = route.info.name, route.info.version
-        count = len(args[0])
-        if count > limit:
-            raise HTTPException(413, f"{count} instances exceed the limit of {limit}")
+        limit_instances(len(args[0]), limit)
         self.in_flight[ref] += 1
         try:
             result = await _call_replica(handle, method, *args)
@@ -295,9 +298,7 @@ class Gateway:
             raise HTTPException(503, str(full), headers=retry) from None
         finally:
             self.in_flight[ref] -= 1
-        if "error" in result:
-            raise HTTPException(422, result["error"])
-        return result
+        return answer_or_refuse(result)
 
     def _route(self, ref: str, acting: bool) -> Route:
         """``ref``'s route, or a 404 where the endpoint is not this model's: a policy

@@ -1,6 +1,6 @@
-"""What every gateway request goes through: a request id, a body-size limit, metrics,
-structured access logs, and a JSON error body for every 4xx/5xx (no stack trace leaves
-the server)."""
+"""What every HTTP request goes through, at the gateway or a model's own predict route:
+a request id, a body-size limit, metrics, structured access logs, and a JSON error body
+for every 4xx/5xx (no stack trace leaves the server)."""
 
 import logging
 import time
@@ -42,10 +42,13 @@ class RequestAccounting:
     oversize or unterminated body never reaches JSON parsing.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: RequestMetrics):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: RequestMetrics, route: str = ""):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        #: The route every request counts under in an app that Serve mounts at one
+        #: route's path (its own routes see "/"); else the matched route's.
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,7 +72,7 @@ class RequestAccounting:
                     Request(scope), 413, f"request body exceeds {limit} bytes"
                 )
                 await response(scope, receive, send)
-                self.metrics.record(scope["state"], "", 413, time.perf_counter() - started)
+                self.metrics.record(scope["state"], self.route, 413, time.perf_counter() - started)
                 return
         replayed = False
 
@@ -88,10 +91,23 @@ class RequestAccounting:
         try:
             await self.app(scope, replay, send_recording_status)
         finally:
-            route = getattr(scope.get("route"), "path", "")
+            route = self.route or getattr(scope.get("route"), "path", "")
             self.metrics.record(
                 scope["state"], route, status["code"], time.perf_counter() - started
             )
+
+
+def limit_instances(count: int, limit: int) -> None:
+    """A 413 when one request holds more than ``limit`` instances."""
+    if count > limit:
+        raise HTTPException(413, f"{count} instances exceed the limit of {limit}")
+
+
+def answer_or_refuse(result: dict) -> dict:
+    """A model's answer, or a 422 with the reason it refused the request's instances."""
+    if "error" in result:
+        raise HTTPException(422, result["error"])
+    return result
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
