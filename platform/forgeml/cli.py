@@ -353,13 +353,7 @@ def _serve(args: argparse.Namespace) -> int:
     import yaml
 
     from forgeml.serve.auth import read_access
-    from forgeml.serve.deploy import (
-        GATEWAY_APP,
-        AppArgs,
-        deploy,
-        retire_unrouted_models,
-        serve_config,
-    )
+    from forgeml.serve.deploy import AppArgs, deploy, serve_config, undeploy
 
     bad = [o for o in args.overrides if not o.startswith("serve.")]
     if bad:
@@ -390,8 +384,7 @@ def _serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete(GATEWAY_APP)
-        retire_unrouted_models()
+        undeploy()
     return 0
 
 

@@ -30,7 +30,7 @@ from forgeml.monitor.check import DriftGauges, check
 from forgeml.monitor.traffic import read_traffic
 from forgeml.runtime import RAY_ENV_DEFAULTS, free_port
 from forgeml.serve.apps import build_gateway, build_model_app
-from forgeml.serve.deploy import AppArgs, _route_prefixes, deploy, retire_unrouted_models
+from forgeml.serve.deploy import AppArgs, _route_prefixes, deploy, undeploy
 from forgeml.serve.schemas import PredictRequest
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
@@ -81,13 +81,6 @@ def served(tmp_path_factory):
     }
     serve.shutdown()
     ray.shutdown()
-
-
-def _undeploy(gateway: str) -> None:
-    """Delete a gateway and its model applications, as `forgeml serve run` does on exit,
-    so that their replicas' CPUs go back to the module's later tests."""
-    serve.delete(gateway)
-    retire_unrouted_models(gateway)
 
 
 def _bearer(token: str) -> dict:
@@ -263,7 +256,7 @@ def test_served_traffic_is_checked_for_drift_and_an_alarm_is_exported(served, tm
         time.sleep(2)
     assert float(alarm[0].rsplit(" ", 1)[1]) == 1.0
     assert float(psi[0].rsplit(" ", 1)[1]) >= 0.2
-    _undeploy("drift")
+    undeploy("drift")
 
 
 def test_a_table_model_serves_records_and_names_bad_fields(served):
@@ -333,12 +326,13 @@ def test_a_table_model_serves_records_and_names_bad_fields(served):
 @contextlib.contextmanager
 def _served_beside(storage, models: list[str], app: str, auth: bool):
     """The first version of each of ``models`` served at ``/app`` beside the module's
-    apps, then deleted."""
+    apps, then deleted, as `forgeml serve run` does on exit, so that their replicas'
+    CPUs go back to the module's later tests."""
     deploy(AppArgs(models=models, storage=storage, auth=auth), app, f"/{app}")
     try:
         yield
     finally:
-        _undeploy(app)
+        undeploy(app)
 
 
 #: Short reviews whose class is carried by one word among words of neither class.
@@ -812,7 +806,7 @@ def test_past_the_queue_bound_clients_get_503_with_retry_after_never_a_hang(serv
         # deployment straight), with its own text body.
         assert "max_queued_requests" in refused.text, refused.text
     assert requests.post(url, json={"instances": [GOOD]}, timeout=30).status_code == 200
-    _undeploy("bounded")
+    undeploy("bounded")
 
 
 #: A model of its own for the version switch, so that tiny-wafer stays at v1 for the
@@ -873,4 +867,4 @@ def test_switching_to_a_new_version_under_load_fails_no_request(served, monkeypa
         assert [r for r in results if r[0] != 200] == [], gateway
         assert len(results) > 50 and results[0][1] == "v1" and results[-1][1] == "v2", gateway
     for gateway in prefixes:
-        _undeploy(f"switch-{gateway}")
+        undeploy(f"switch-{gateway}")

@@ -239,13 +239,16 @@ def _route_prefixes() -> dict[str, str | None]:
     }
 
 
-def retire_unrouted_models(gateway: str = GATEWAY_APP) -> list[str]:
-    """Delete ``gateway``'s model applications that it no longer routes to (all of them
-    once the gateway is gone); returns their names once they are gone, or once
-    RETIRE_TIMEOUT_S has passed (with a warning naming those left)."""
-    retired = _start_retiring(gateway)
-    _wait_until_deleted(retired)
-    return retired
+def undeploy(gateway: str = GATEWAY_APP) -> list[str]:
+    """Stop serving behind ``gateway``: delete it and all its model applications at
+    once (each replica drains what it holds); returns their names once they are gone
+    (``_wait_until_deleted``)."""
+    applications = serve.status().applications
+    doomed = [app for app in applications if app == gateway or app.startswith(f"{gateway}.")]
+    for app in doomed:
+        serve.delete(app, _blocking=False)
+    _wait_until_deleted(doomed)
+    return doomed
 
 
 def _start_retiring(gateway: str) -> list[str]:
@@ -277,6 +280,7 @@ def _start_retiring(gateway: str) -> list[str]:
 
 
 def _wait_until_deleted(apps: list[str]) -> None:
+    """Return once Serve lists none of ``apps``, or after RETIRE_TIMEOUT_S with a warning."""
     deadline = time.monotonic() + RETIRE_TIMEOUT_S
     while set(apps) & serve.status().applications.keys():
         if time.monotonic() > deadline:
