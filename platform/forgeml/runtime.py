@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 #: Serve's throughput-optimised mode runs replicas' code on their own event loop
 #: (not a thread beside it), keeps their logs off stderr (the log files keep them),
 #: calls between replicas over gRPC and freezes the start-up objects out of the
-#: garbage collector: a model's predict path serves 1.7x the requests (docs/benchmarks.md).
+#: garbage collector: a model's predict path then answered 635 requests a second
+#: instead of 379 (2 cores, concurrency 32; docs/benchmarks.md).
 #: Two of its settings are put back: access-log lines are written as they come, not
 #: 1000 at a time (a quiet service's would wait for hours), and deployment handles
 #: route on a loop of their own, so that a driver's plain calls work.

@@ -38,7 +38,13 @@ from forgeml.data.kinds import preprocessor_from_dict
 from forgeml.model_package import package_config
 from forgeml.serve.apps import GatewayArgs, ModelAppArgs, bind_gateway, model_app
 from forgeml.serve.auth import read_access
-from forgeml.serve.gateway import MODEL_DEPLOYMENT, Gateway, Route, RoutingTable
+from forgeml.serve.gateway import (
+    MODEL_DEPLOYMENT,
+    Gateway,
+    Route,
+    RoutingTable,
+    newest_by_name,
+)
 from forgeml.serve.model_server import PREDICT_ROUTE
 from forgeml.serve.schemas import ModelInfo
 from forgeml.storage import ModelRegistry, ModelVersion, PackageIntegrityError, Storage
@@ -86,19 +92,13 @@ def predict_path(gateway_prefix: str, name: str) -> str:
 
 
 def _direct_routes(routes: list[Route], gateway_prefix: str) -> dict[str, str | None]:
-    newest: dict[str, Route] = {}
-    for route in routes:
-        held = newest.get(route.info.name)
-        if not route.acts and (held is None or _number(route) > _number(held)):
-            newest[route.info.name] = route
+    """The gateway's newest version of each model (not a policy) gets the model's
+    predict path, the other versions none."""
     direct = dict.fromkeys((route.app for route in routes), None)
-    for name, route in newest.items():
-        direct[route.app] = predict_path(gateway_prefix, name)
+    for name, route in newest_by_name(routes).items():
+        if not route.acts:
+            direct[route.app] = predict_path(gateway_prefix, name)
     return direct
-
-
-def _number(route: Route) -> int:
-    return int(route.info.version[1:])
 
 
 def _model_info(registry: ModelRegistry, version: ModelVersion, cfg: ExperimentConfig) -> ModelInfo:

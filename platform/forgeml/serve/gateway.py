@@ -94,6 +94,14 @@ class Route(BaseModel):
         return f"{self.info.name}:{self.info.version}"
 
 
+def newest_by_name(routes) -> dict[str, Route]:
+    """Each model name's newest version among ``routes``: what /v1/models/{name}/... means."""
+    newest: dict[str, Route] = {}
+    for route in sorted(routes, key=lambda r: int(r.info.version[1:])):
+        newest[route.info.name] = route
+    return newest
+
+
 class RoutingTable(BaseModel):
     """The gateway's ``user_config``: the model versions it routes to."""
 
@@ -158,10 +166,7 @@ class Gateway:
             return
         dropped = self.routes.keys() - routes.keys()
         self.routes, self.handles = routes, handles
-        newest_first = sorted(routes.values(), key=lambda r: int(r.info.version[1:]), reverse=True)
-        self.latest = {}
-        for route in newest_first:
-            self.latest.setdefault(route.info.name, route.ref)
+        self.latest = {name: route.ref for name, route in newest_by_name(routes.values()).items()}
         deadline = time.monotonic() + SWITCH_TIMEOUT_S
         while any(self.in_flight[ref] for ref in dropped):
             if time.monotonic() > deadline:
