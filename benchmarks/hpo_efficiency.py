@@ -1,6 +1,12 @@
 """Hyperparameter-search efficiency: Bayesian search with ASHA against random search
 without early stopping, on the same task, search space and trial budget.
 
+The space is wide on purpose, so that the good region is small: learning rates and
+weight decays over six decades, dropout up to 0.9, widths down to 2, batches from 16
+to 256. The random runs are the sweep that shows it: the share of their trials (each
+trained out) that reach each target is printed beside the results, and a target is
+hard when under 10% do.
+
 Each method runs ``forgeml tune`` (``run_tuning``) once per seed on the embedded Ray
 runtime. For every run the script reads each trial's per-epoch reports and finds the
 moment the search first reached the target validation metric; the compute spent until
@@ -10,7 +16,7 @@ not reaching it, and a method's median is reported only when all its runs reache
 Targets are levels of validation macro-F1; the first is the one the goal is judged on.
 Prints one JSON object; ``ratio`` is the Bayesian median compute over random's.
 
-    python benchmarks/hpo_efficiency.py [--seeds 0 1 2] [--trials 20] [--targets 0.9 0.95]
+    python benchmarks/hpo_efficiency.py [--seeds 0 1 2 3 4] [--trials 30] [--targets 0.9 0.95]
 """
 
 from __future__ import annotations
@@ -36,18 +42,21 @@ from forgeml.tune.search import run_tuning
 METHODS = {
     "bayesian_asha": {
         "search": "optuna_tpe",
-        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 3},
+        # forgeml's defaults: a grace period of 2 epochs does not prune a slow start
+        "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 3},
     },
     "random_no_early_stop": {"search": "random", "scheduler": {"kind": "none"}},
 }
 
-#: Wide enough that a third or more of random draws cannot learn the task in time.
+#: Wide enough that few random draws learn the task in time (the random runs measure
+#: how few); on 2026-11-24 a narrower space (lr 1e-5-0.3, weight decay to 0.1, dropout
+#: to 0.6, widths 4-16, batches 32-128) let a third of the draws reach 0.95.
 SPACE = {
-    "train.optimizer.lr": {"kind": "loguniform", "low": 1e-5, "high": 0.3},
-    "train.optimizer.weight_decay": {"kind": "loguniform", "low": 1e-6, "high": 0.1},
-    "model.width": {"kind": "choice", "values": [4, 8, 16]},
-    "model.dropout": {"kind": "uniform", "low": 0.0, "high": 0.6},
-    "train.batch_size": {"kind": "choice", "values": [32, 64, 128]},
+    "train.optimizer.lr": {"kind": "loguniform", "low": 1e-6, "high": 1.0},
+    "train.optimizer.weight_decay": {"kind": "loguniform", "low": 1e-6, "high": 1.0},
+    "model.width": {"kind": "choice", "values": [2, 4, 8, 16]},
+    "model.dropout": {"kind": "uniform", "low": 0.0, "high": 0.9},
+    "train.batch_size": {"kind": "choice", "values": [16, 32, 64, 128, 256]},
 }
 
 
@@ -113,14 +122,20 @@ def to_target(trials: list[tuple[pd.DataFrame, float]], target: float) -> dict:
     }
 
 
+def reaching_share(trials: list[tuple[pd.DataFrame, float]], target: float) -> float:
+    """The share of ``trials`` whose best report reached ``target`` (of a run whose
+    trials all train out, the share of the space that reaches it)."""
+    return sum(reports["val_macro_f1"].max() >= target for reports, _ in trials) / len(trials)
+
+
 def _median(values: list) -> float | None:
     return None if any(v is None for v in values) else round(statistics.median(values), 2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument(
@@ -152,6 +167,9 @@ def main() -> None:
                     {
                         "seed": seed,
                         "to_target": {str(t): to_target(trials, t) for t in args.targets},
+                        "share_of_trials_reaching": {
+                            str(t): round(reaching_share(trials, t), 3) for t in args.targets
+                        },
                         "best_metric": round(outcome.best_metric, 4),
                         "total_compute_s": outcome.summary["cpu_seconds"],
                         "states": outcome.summary["states"],
@@ -177,6 +195,11 @@ def main() -> None:
             "runs": results,
         }
         for name, results in runs.items()
+    }
+    sweep = runs["random_no_early_stop"]
+    space_reaching = {
+        t: round(statistics.mean(r["share_of_trials_reaching"][t] for r in sweep), 3)
+        for t in targets
     }
     ratios = {}
     for target in targets:
@@ -205,6 +228,7 @@ def main() -> None:
                     "seeds": args.seeds,
                     "space": SPACE,
                 },
+                "share_of_random_draws_reaching": space_reaching,
                 "methods": summary,
                 "ratio_bayesian_asha_to_random": ratios,
                 "goal": f"ratio at target {targets[0]} <= 0.5",
