@@ -3,8 +3,6 @@ S3 API server (moto) on 127.0.0.1."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -37,21 +35,6 @@ PACKAGE_FILES = {
     "evaluation.npz",
     "report.html",
 }
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """``values`` set in this process's environment, the previous ones back afterwards."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def tiny_raw_config(storage_root: str | Path, **sections) -> dict:

@@ -305,9 +305,10 @@ def _forgeml_or_warning(record: logging.LogRecord) -> bool:
 
 def worker_runtime_env() -> dict | None:
     """The runtime environment that carries ``FORGEML_VERBOSE=1`` to every worker of
-    this job (on a cluster too), or None when not verbose or when the job's own runtime
-    environment (``ray job submit --runtime-env-json``) sets it already: Ray refuses a
-    driver's variable that the job's sets too."""
+    this job on a cluster (an embedded runtime's processes inherit this one's
+    environment), or None when not verbose or when the job's own runtime environment
+    (``ray job submit --runtime-env-json``) sets it already: Ray refuses a driver's
+    variable that the job's sets too."""
     if not verbose_from_environment():
         return None
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))

@@ -32,11 +32,11 @@ import requests
 import yaml
 from forgeml.config import StorageConfig
 from forgeml.local_cluster import LocalCluster
-from forgeml.runtime import free_port
+from forgeml.runtime import environment, free_port
 from forgeml.storage import ModelRegistry, Storage
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from tests.conftest import S3_ENV, environment, tiny_raw_config
+from tests.conftest import S3_ENV, tiny_raw_config
 from tests.e2e.chart import render
 from tests.e2e.kuberay import (
     IMAGE_WORKDIR,

@@ -22,12 +22,12 @@ import pytest
 import ray
 from forgeml.config import StorageConfig
 from forgeml.local_cluster import LocalCluster
-from forgeml.runtime import RAY_ENV_DEFAULTS
+from forgeml.runtime import RAY_ENV_DEFAULTS, environment
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 from forgeml.tune.search import RESULTS_FILE
 
-from tests.conftest import S3_ENV, environment, tiny_config, tiny_raw_config, write_config
+from tests.conftest import S3_ENV, tiny_config, tiny_raw_config, write_config
 from tests.e2e.jobs import RAY_INFO_LINES, BackgroundJob, submit
 
 BUCKET = "multinode"

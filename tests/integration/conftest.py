@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import ray
-from forgeml.runtime import RAY_ENV_DEFAULTS, embedded_runtime_options, forget_stale_cluster
+from forgeml.runtime import (
+    RAY_ENV_DEFAULTS,
+    environment,
+    forget_stale_cluster,
+    start_embedded_runtime,
+)
 
-from tests.conftest import S3_ENV, environment
+from tests.conftest import S3_ENV
 
 
 @pytest.fixture(scope="session")
@@ -19,9 +24,7 @@ def ray_runtime():
     workers of a trial that Tune stopped, while other Ray clusters run on the machine."""
     with environment({**RAY_ENV_DEFAULTS, **S3_ENV}):
         forget_stale_cluster()
-        context = ray.init(
-            address="local", num_cpus=4, configure_logging=False, **embedded_runtime_options()
-        )
+        context = start_embedded_runtime(num_cpus=4, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield context
         ray.shutdown()
