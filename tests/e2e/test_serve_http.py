@@ -4,7 +4,6 @@ evaluation, every bad input is a clear 4xx, and bearer-token auth is on unless t
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import threading
@@ -57,9 +56,11 @@ def served(tmp_path_factory):
             patch.setenv(name, value)  # as an embedded runtime of forgeml's starts with
         ray.init(
             address="local",
-            # logical: the module's apps on two cores, with a replica each for the
-            # version switch's own two gateways and two versions
-            num_cpus=12,
+            # logical: the module's apps on two cores, a CPU for each replica: the two
+            # gateways and their models (4), the models of other kinds and their
+            # gateway (5), the version switch's two gateways and three versions at most
+            # (5), and room for one test's own gateway and model
+            num_cpus=16,
             include_dashboard=False,
             configure_logging=False,
             _metrics_export_port=metrics_port,
@@ -259,80 +260,107 @@ def test_served_traffic_is_checked_for_drift_and_an_alarm_is_exported(served, tm
     undeploy("drift")
 
 
-def test_a_table_model_serves_records_and_names_bad_fields(served):
+@pytest.fixture(scope="module")
+def kinds(served, tmp_path_factory):
+    """A table regressor, a text classifier, a colour-image classifier and a forecaster
+    trained beside the wafer model and served together behind one gateway with auth at
+    /kinds, as a user serves models of several kinds; deleted at the end, as `forgeml
+    serve run` does on exit."""
+    storage = served["cfg"].storage
+    folder = tmp_path_factory.mktemp("kinds")
+    _train_penguins_body_mass(storage)
+    _train_reviews(storage, folder)
+    _train_photos(storage, folder)
+    _train_air_passengers(storage)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
+        deploy(AppArgs(models=list(KINDS), storage=storage), "kinds", "/kinds")
+    yield storage
+    undeploy("kinds")
+
+
+#: The models of the ``kinds`` fixture.
+KINDS = ("penguins-body-mass", "reviews", "photos", "air-passengers-lstm")
+
+
+def _cli_train(example: Path, storage, *overrides: str) -> None:
+    args = ["train", "--config", str(example), "--set", f"storage.root={storage.root}"]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+
+
+def _train_penguins_body_mass(storage) -> None:
+    """Its model reads the principal components of the 8 best encoded columns."""
+    _cli_train(
+        REPO / "examples" / "penguins" / "body_mass.yaml",
+        storage,
+        "train.max_epochs=1",
+        "data.features.select.top_k=8",
+        "data.features.pca.components=0.95",
+    )
+
+
+def _train_air_passengers(storage) -> None:
+    example = REPO / "examples" / "forecasting" / "air-passengers-lstm.yaml"
+    _cli_train(example, storage, "train.max_epochs=1")
+
+
+def test_a_table_model_serves_records_and_names_bad_fields(served, kinds):
     """Penguins body mass (regression) next to the wafer model: the same gateway and
     batching, typed records in, values out, bad fields named with a 422. Its model reads
     the principal components of the 8 best encoded columns, so serving applies the
     fitted selection and PCA as training did."""
-    storage = served["cfg"].storage
-    args = ["train", "--config", str(REPO / "examples" / "penguins" / "body_mass.yaml")]
-    for override in (
-        f"storage.root={storage.root}",
-        "train.max_epochs=1",
-        "data.features.select.top_k=8",
-        "data.features.pca.components=0.95",
-    ):
-        args += ["--set", override]
-    assert main(args) == 0
-    with _served_beside(storage, ["penguins-body-mass"], "tables", auth=False):
-        url = "/tables/v1/models/penguins-body-mass/predict"
-        records = [
-            {
-                "bill_length_mm": 47.5,
-                "bill_depth_mm": 15,
-                "flipper_length_mm": 217,
-                "species": "Gentoo",
-                "island": "Biscoe",
-                "sex": "male",
-            },
-            {"bill_length_mm": None, "species": "Adelie"},  # missing values are imputed
-        ]
+    url = "/kinds/v1/models/penguins-body-mass/predict"
+    records = [
+        {
+            "bill_length_mm": 47.5,
+            "bill_depth_mm": 15,
+            "flipper_length_mm": 217,
+            "species": "Gentoo",
+            "island": "Biscoe",
+            "sex": "male",
+        },
+        {"bill_length_mm": None, "species": "Adelie"},  # missing values are imputed
+    ]
 
-        response = _post(served, url, {"instances": records}, token=None)
+    response = _post(served, url, {"instances": records})
 
-        assert response.status_code == 200, response.text
-        served_values = [p["value"] for p in response.json()["predictions"]]
-        loaded = load_model(ModelRegistry(Storage(storage)), "penguins-body-mass")
-        inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns(records))[
-            "inputs"
-        ]
-        with torch.no_grad():
-            offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
-        np.testing.assert_allclose(served_values, offline, rtol=1e-5)
-        assert loaded.preprocessor.pca and len(loaded.preprocessor.describe()["selected"]) == 8
-        # /explain answers each record's SHAP values, the same as explaining it offline.
-        explained = _post(served, url.replace("/predict", "/explain"), {"instances": records}, None)
-        assert explained.status_code == 200, explained.text
-        offline_explained = explain(loaded, loaded.preprocessor.request_columns(records))
-        for row, offline_row in zip(
-            explained.json()["explanations"], offline_explained, strict=True
-        ):
-            assert row["method"] == "shap" and row["explained"] == "value"
-            values = {a["feature"]: a["attribution"] for a in row["attributions"]}
-            expected = {a["feature"]: a["attribution"] for a in offline_row["attributions"]}
-            assert values == pytest.approx(expected, rel=1e-4, abs=1e-3)
-        info = requests.get(served["url"] + "/tables/v1/models", timeout=30).json()[0]
-        assert info["task"] == "regression" and info["classes"] == []
-        assert info["inputs"]["categorical"]["species"] == ["Adelie", "Chinstrap", "Gentoo"]
-        for bad, message in [
-            ({"wings": 2}, "instances.0: unknown features ['wings']"),
-            ({"bill_depth_mm": "deep"}, "instances.0.bill_depth_mm: expected a number, got 'deep'"),
-            (GOOD, "instances.0: expected an object of feature values"),
-        ]:
-            refused = _post(served, url, {"instances": [bad]}, token=None)
-            assert refused.status_code == 422 and message in refused.json()["error"]["message"]
+    assert response.status_code == 200, response.text
+    served_values = [p["value"] for p in response.json()["predictions"]]
+    loaded = load_model(ModelRegistry(Storage(kinds)), "penguins-body-mass")
+    inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns(records))["inputs"]
+    with torch.no_grad():
+        offline = loaded.task.predict(loaded.model(torch.from_numpy(inputs))).numpy()
+    np.testing.assert_allclose(served_values, offline, rtol=1e-5)
+    assert loaded.preprocessor.pca and len(loaded.preprocessor.describe()["selected"]) == 8
+    # /explain answers each record's SHAP values, the same as explaining it offline.
+    explained = _post(served, url.replace("/predict", "/explain"), {"instances": records})
+    assert explained.status_code == 200, explained.text
+    offline_explained = explain(loaded, loaded.preprocessor.request_columns(records))
+    for row, offline_row in zip(explained.json()["explanations"], offline_explained, strict=True):
+        assert row["method"] == "shap" and row["explained"] == "value"
+        values = {a["feature"]: a["attribution"] for a in row["attributions"]}
+        expected = {a["feature"]: a["attribution"] for a in offline_row["attributions"]}
+        assert values == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    info = _listed(served, "penguins-body-mass")
+    assert info["task"] == "regression" and info["classes"] == []
+    assert info["inputs"]["categorical"]["species"] == ["Adelie", "Chinstrap", "Gentoo"]
+    for bad, message in [
+        ({"wings": 2}, "instances.0: unknown features ['wings']"),
+        ({"bill_depth_mm": "deep"}, "instances.0.bill_depth_mm: expected a number, got 'deep'"),
+        (GOOD, "instances.0: expected an object of feature values"),
+    ]:
+        refused = _post(served, url, {"instances": [bad]})
+        assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
-@contextlib.contextmanager
-def _served_beside(storage, models: list[str], app: str, auth: bool):
-    """The first version of each of ``models`` served at ``/app`` beside the module's
-    apps, then deleted, as `forgeml serve run` does on exit, so that their replicas'
-    CPUs go back to the module's later tests."""
-    deploy(AppArgs(models=models, storage=storage, auth=auth), app, f"/{app}")
-    try:
-        yield
-    finally:
-        undeploy(app)
+def _listed(served, name: str) -> dict:
+    """What the kinds gateway's model list says of ``name``."""
+    listing = requests.get(served["url"] + "/kinds/v1/models", headers=_bearer(TOKEN), timeout=30)
+    assert listing.status_code == 200, listing.text
+    (info,) = [m for m in listing.json() if m["name"] == name]
+    return info
 
 
 #: Short reviews whose class is carried by one word among words of neither class.
@@ -364,34 +392,30 @@ def _reviews(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def test_a_text_model_serves_texts_and_explains_them_by_their_tokens(served, tmp_path, monkeypatch):
-    """A text classifier next to the wafer model, behind a token: texts in, the offline
-    probabilities out; /explain answers each text's token SHAP values as explaining it
-    offline does, led by the word that carries its class; the same auth and instance
-    limit as the other routes."""
-    storage = served["cfg"].storage
-    pd.DataFrame(_reviews(240)).to_csv(tmp_path / "reviews.csv", index=False)
+def _train_reviews(storage, folder: Path) -> None:
+    pd.DataFrame(_reviews(240)).to_csv(folder / "reviews.csv", index=False)
     raw = tiny_raw_config(storage.root, name="reviews")
     raw["model"] = {"kind": "bag_of_ngrams"}
     raw["data"] = {
-        "source": {"kind": "table", "path": str(tmp_path / "reviews.csv")},
+        "source": {"kind": "table", "path": str(folder / "reviews.csv")},
         "features": {"kind": "text", "text": "text", "target": "opinion", "min_frequency": 1},
     }
     raw["train"]["max_epochs"] = 4
     run_training(config_from_dict(raw))
-    monkeypatch.setenv("FORGEML_SERVE_TOKEN", TOKEN)
-    with _served_beside(storage, ["reviews"], "texts", auth=True):
-        _check_the_served_texts(served, storage)
 
 
-def _check_the_served_texts(served, storage) -> None:
-    url = "/texts/v1/models/reviews/predict"
+def test_a_text_model_serves_texts_and_explains_them_by_their_tokens(served, kinds):
+    """A text classifier next to the wafer model, behind a token: texts in, the offline
+    probabilities out; /explain answers each text's token SHAP values as explaining it
+    offline does, led by the word that carries its class; the same auth and instance
+    limit as the other routes."""
+    url = "/kinds/v1/models/reviews/predict"
     records = [{"text": r["text"]} for r in _reviews(4, seed=9)]
 
     response = _post(served, url, {"instances": records})
 
     assert response.status_code == 200, response.text
-    loaded = load_model(ModelRegistry(Storage(storage)), "reviews")
+    loaded = load_model(ModelRegistry(Storage(kinds)), "reviews")
     columns = loaded.preprocessor.request_columns(records)
     inputs = loaded.preprocessor.transform(columns)["inputs"]
     with torch.no_grad():
@@ -425,25 +449,22 @@ def _encoded(image: np.ndarray, fmt: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_a_colour_model_serves_rgb_arrays_png_and_jpeg_and_names_the_shape(served, tmp_path):
-    """An RGB model next to the wafer model: rows of [R, G, B], PNG, RGBA PNG and JPEG
-    files in, the offline predictions out; Grad-CAM over the picture; a picture of the
-    wrong size refused with a 422 that names the shape it takes."""
-    storage = served["cfg"].storage
+def _train_photos(storage, folder: Path) -> None:
     raw = tiny_raw_config(storage.root, name="photos")
     raw["data"] = {
-        "source": photo_folder(tmp_path / "photos", per_class=20),
+        "source": photo_folder(folder / "photos", per_class=20),
         "max_reject_fraction": 0.05,  # the folder's file that is not an image
     }
     raw["data"]["source"]["image_size"] = 24
     raw["train"]["max_epochs"] = 1
     run_training(config_from_dict(raw))
-    with _served_beside(storage, ["photos"], "photos", auth=False):
-        _check_the_served_photos(served, storage)
 
 
-def _check_the_served_photos(served, storage) -> None:
-    url = "/photos/v1/models/photos/predict"
+def test_a_colour_model_serves_rgb_arrays_png_and_jpeg_and_names_the_shape(served, kinds):
+    """An RGB model next to the wafer model: rows of [R, G, B], PNG, RGBA PNG and JPEG
+    files in, the offline predictions out; Grad-CAM over the picture; a picture of the
+    wrong size refused with a 422 that names the shape it takes."""
+    url = "/kinds/v1/models/photos/predict"
     pictures, _ = coloured_shapes(2, seed=5)
     instances = [
         {"image": pictures[0].tolist()},
@@ -453,11 +474,11 @@ def _check_the_served_photos(served, storage) -> None:
         {"image": pictures[4, ..., 0].tolist()},  # grey: repeated into R, G and B
     ]
 
-    response = _post(served, url, {"instances": instances}, token=None)
+    response = _post(served, url, {"instances": instances})
 
     assert response.status_code == 200, response.text
     served_probabilities = [p["probabilities"] for p in response.json()["predictions"]]
-    loaded = load_model(ModelRegistry(Storage(storage)), "photos")
+    loaded = load_model(ModelRegistry(Storage(kinds)), "photos")
     parsed = PredictRequest(instances=instances).instances
     inputs = loaded.preprocessor.transform(loaded.preprocessor.request_columns(parsed))["inputs"]
     with torch.no_grad():
@@ -465,60 +486,49 @@ def _check_the_served_photos(served, storage) -> None:
     assert inputs.shape == (5, 3, 24, 24)
     for served_row, offline_row in zip(served_probabilities, offline, strict=True):
         assert list(served_row.values()) == pytest.approx(offline_row.tolist(), rel=1e-4)
-    explained = _post(
-        served, url.replace("/predict", "/explain"), {"instances": instances[:1]}, None
-    )
+    explained = _post(served, url.replace("/predict", "/explain"), {"instances": instances[:1]})
     assert explained.status_code == 200, explained.text
     (row,) = explained.json()["explanations"]
     assert row["method"] == "gradcam" and np.asarray(row["heatmap"]).shape == (24, 24)
-    info = requests.get(served["url"] + "/photos/v1/models", timeout=30).json()[0]
+    info = _listed(served, "photos")
     assert info["inputs"]["channels"] == 3 and info["inputs"]["height"] == 24
     small = {"image": pictures[5, :16, :16].tolist()}
-    refused = _post(served, url, {"instances": [instances[0], small]}, token=None)
+    refused = _post(served, url, {"instances": [instances[0], small]})
     assert refused.status_code == 422
     assert (
         "instances.1: expected a 24x24x3 image, got 16x16x3" in refused.json()["error"]["message"]
     )
 
 
-def test_a_forecaster_serves_histories_and_names_bad_ones(served):
+def test_a_forecaster_serves_histories_and_names_bad_ones(served, kinds):
     """AirPassengers (a forecast of 12 months from 24) next to the wafer model: histories
     with gaps in, one value per horizon step out, a wrong length refused with a 422."""
-    storage = served["cfg"].storage
-    config = REPO / "examples" / "forecasting" / "air-passengers-lstm.yaml"
-    args = ["train", "--config", str(config)]
-    for override in (f"storage.root={storage.root}", "train.max_epochs=1"):
-        args += ["--set", override]
-    assert main(args) == 0
     name = "air-passengers-lstm"
-    with _served_beside(storage, [name], "series", auth=False):
-        url = f"/series/v1/models/{name}/predict"
-        histories = [[float(300 + 5 * i) for i in range(24)], [None] + [400.0] * 23]
+    url = f"/kinds/v1/models/{name}/predict"
+    histories = [[float(300 + 5 * i) for i in range(24)], [None] + [400.0] * 23]
 
-        response = _post(
-            served, url, {"instances": [{"history": h} for h in histories]}, token=None
-        )
+    response = _post(served, url, {"instances": [{"history": h} for h in histories]})
 
-        assert response.status_code == 200, response.text
-        served_forecasts = [p["forecast"] for p in response.json()["predictions"]]
-        loaded = load_model(ModelRegistry(Storage(storage)), name)
-        columns = loaded.preprocessor.request_columns([{"history": h} for h in histories])
-        inputs = torch.from_numpy(loaded.preprocessor.transform(columns)["inputs"])
-        with torch.no_grad():
-            offline = loaded.task.predict(loaded.model(inputs)).numpy()
-        np.testing.assert_allclose(served_forecasts, offline, rtol=1e-5)
-        info = requests.get(served["url"] + "/series/v1/models", timeout=30).json()[0]
-        assert info["task"] == "forecast" and info["inputs"]["window"] == 24
-        for bad, message in [
-            ({"history": [1.0] * 5}, "instances.0.history: expected a list of the last 24 values"),
-            ({"history": [None] * 24}, "instances.0.history: no observed value"),
-            (
-                {"history": [1.0] * 24, "extra": 1},
-                "instances.0.features.history.float: Input should",
-            ),
-        ]:
-            refused = _post(served, url, {"instances": [bad]}, token=None)
-            assert refused.status_code == 422 and message in refused.json()["error"]["message"]
+    assert response.status_code == 200, response.text
+    served_forecasts = [p["forecast"] for p in response.json()["predictions"]]
+    loaded = load_model(ModelRegistry(Storage(kinds)), name)
+    columns = loaded.preprocessor.request_columns([{"history": h} for h in histories])
+    inputs = torch.from_numpy(loaded.preprocessor.transform(columns)["inputs"])
+    with torch.no_grad():
+        offline = loaded.task.predict(loaded.model(inputs)).numpy()
+    np.testing.assert_allclose(served_forecasts, offline, rtol=1e-5)
+    info = _listed(served, name)
+    assert info["task"] == "forecast" and info["inputs"]["window"] == 24
+    for bad, message in [
+        ({"history": [1.0] * 5}, "instances.0.history: expected a list of the last 24 values"),
+        ({"history": [None] * 24}, "instances.0.history: no observed value"),
+        (
+            {"history": [1.0] * 24, "extra": 1},
+            "instances.0.features.history.float: Input should",
+        ),
+    ]:
+        refused = _post(served, url, {"instances": [bad]})
+        assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -623,7 +633,8 @@ def test_scoped_tokens_reach_only_their_models_and_actions(served, tmp_path, mon
     monkeypatch.delenv("FORGEML_SERVE_TOKEN", raising=False)
     monkeypatch.setenv("FORGEML_SERVE_TOKEN_FILE", str(tokens))
     body = {"instances": [GOOD]}
-    with _served_beside(cfg.storage, ["team-a-wafer", "team-b-wafer"], "teams", auth=True):
+    deploy(AppArgs(models=["team-a-wafer", "team-b-wafer"], storage=cfg.storage), "teams", "/teams")
+    try:
         url = "/teams/v1/models"
         assert _post(served, f"{url}/team-a-wafer/predict", body, TEAM_A).status_code == 200
         refused = _post(served, f"{url}/team-b-wafer/predict", body, TEAM_A)
@@ -637,6 +648,8 @@ def test_scoped_tokens_reach_only_their_models_and_actions(served, tmp_path, mon
         assert _post(served, f"{url}/team-b-wafer/explain", body, OPERATIONS).status_code == 200
         assert _post(served, f"{url}/team-b-wafer/predict", body, OPERATIONS).status_code == 403
         assert _post(served, f"{url}/team-a-wafer/predict", body, TOKEN).status_code == 401
+    finally:
+        undeploy("teams")
 
 
 def test_auth_can_be_turned_off_explicitly(served):
