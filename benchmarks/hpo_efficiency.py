@@ -2,21 +2,22 @@
 without early stopping, on the same task, search space and trial budget.
 
 The space is wide on purpose, so that the good region is small: learning rates and
-weight decays over six decades, dropout up to 0.9, widths down to 2, batches from 16
-to 256. The random runs are the sweep that shows it: the share of their trials (each
-trained out) that reach each target is printed beside the results, and a target is
-hard when under 10% do.
+weight decays over six decades, dropout up to 0.9, widths down to 4 (the least forgeml
+takes), batches from 16 to 256. The random runs are the sweep that shows it: the share
+of their trials (each trained out) that reach each target is printed beside the results,
+and a target is hard when under 10% do.
 
 Each method runs ``forgeml tune`` (``run_tuning``) once per seed on the embedded Ray
 runtime. For every run the script reads each trial's per-epoch reports and finds the
 moment the search first reached the target validation metric; the compute spent until
 then is the CPU-seconds that all trials had trained up to that moment (time a trial
 had run, times the CPUs it reserved). A run that never reaches the target counts as
-not reaching it, and a method's median is reported only when all its runs reached it.
+not reaching it, costlier than any run that did; a method's median is reported when
+most of its runs reached the target.
 Targets are levels of validation macro-F1; the first is the one the goal is judged on.
 Prints one JSON object; ``ratio`` is the Bayesian median compute over random's.
 
-    python benchmarks/hpo_efficiency.py [--seeds 0 1 2 3 4] [--trials 30] [--targets 0.9 0.95]
+    python benchmarks/hpo_efficiency.py [--seeds 0 1 2 3 4] [--trials 30] [--targets 0.98 0.95]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ METHODS = {
 SPACE = {
     "train.optimizer.lr": {"kind": "loguniform", "low": 1e-6, "high": 1.0},
     "train.optimizer.weight_decay": {"kind": "loguniform", "low": 1e-6, "high": 1.0},
-    "model.width": {"kind": "choice", "values": [2, 4, 8, 16]},
+    "model.width": {"kind": "choice", "values": [4, 8, 16]},
     "model.dropout": {"kind": "uniform", "low": 0.0, "high": 0.9},
     "train.batch_size": {"kind": "choice", "values": [16, 32, 64, 128, 256]},
 }
@@ -129,7 +130,10 @@ def reaching_share(trials: list[tuple[pd.DataFrame, float]], target: float) -> f
 
 
 def _median(values: list) -> float | None:
-    return None if any(v is None for v in values) else round(statistics.median(values), 2)
+    """The median, a run that never reached the target (None) counting as the most
+    costly; None when such runs are the median."""
+    middle = statistics.median(math.inf if v is None else v for v in values)
+    return None if math.isinf(middle) else round(middle, 2)
 
 
 def main() -> None:
@@ -139,7 +143,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument(
-        "--targets", type=float, nargs="+", default=[0.9, 0.85, 0.95], help="val_macro_f1"
+        "--targets", type=float, nargs="+", default=[0.98, 0.97, 0.95, 0.9], help="val_macro_f1"
     )
     parser.add_argument("--samples-per-class", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=32)
