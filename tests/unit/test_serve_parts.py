@@ -2,6 +2,8 @@ import asyncio
 import base64
 import io
 import re
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -297,3 +299,22 @@ def test_the_newest_served_version_of_each_model_gets_its_predict_path_and_a_pol
 def test_a_gateway_name_with_a_dot_is_refused_before_anything_starts(tmp_path):
     with pytest.raises(ValueError, match="no '.'"):
         plan(AppArgs(models=["wafer"], storage={"root": str(tmp_path)}), gateway="team.a")
+
+
+def test_what_a_model_replica_imports_leaves_the_metrics_library_out():
+    """Predicting computes no metrics; torchmetrics' import pulls SciPy's signal module
+    and matplotlib into a process (forgeml.tasks.metrics)."""
+    tasks = ["classification", "regression", "forecast", "generative", "language_model"]
+    imports = ", ".join(["forgeml.serve.apps", *(f"forgeml.tasks.{t}" for t in tasks)])
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, {imports}; "
+            "print(sorted({'torchmetrics', 'matplotlib', 'scipy.signal'} & set(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]"

@@ -11,15 +11,17 @@ and ``ImageDrawer`` what the tasks whose config says ``served``, ``writes_text``
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-import torchmetrics
 from torch import nn
 
 from forgeml.config import TaskSection
 from forgeml.data.base import ModelInputs, TargetSpec
+
+if TYPE_CHECKING:  # imported where metrics are built (forgeml.tasks.metrics says why)
+    import torchmetrics
 
 
 class Task(Protocol):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-import torchmetrics
 from torch import nn
-from torchmetrics import classification as tmc
 
 from forgeml.config import ClassificationTask as ClassificationConfig
 from forgeml.data.base import TargetSpec
 from forgeml.tasks import register_task
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 
 @register_task("classification")
@@ -38,8 +41,11 @@ class ClassificationTask:
 
     def validation_metrics(self) -> torchmetrics.MetricCollection:
         """Cheap per-epoch metrics; they all-reduce across DDP ranks on ``compute()``."""
+        from torchmetrics import MetricCollection
+        from torchmetrics import classification as tmc
+
         k = self.num_outputs
-        return torchmetrics.MetricCollection(
+        return MetricCollection(
             {
                 "accuracy": tmc.MulticlassAccuracy(k, average="micro"),
                 "macro_f1": tmc.MulticlassF1Score(k, average="macro"),
@@ -47,8 +53,11 @@ class ClassificationTask:
         )
 
     def test_metrics(self) -> torchmetrics.MetricCollection:
+        from torchmetrics import MetricCollection
+        from torchmetrics import classification as tmc
+
         k = self.num_outputs
-        return torchmetrics.MetricCollection(
+        return MetricCollection(
             {
                 "accuracy": tmc.MulticlassAccuracy(k, average="micro"),
                 "macro_precision": tmc.MulticlassPrecision(k, average="macro"),

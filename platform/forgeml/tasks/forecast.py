@@ -4,43 +4,18 @@ loss and every metric skip it. Predictions and metrics are in the series' units.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-import torchmetrics
-from torchmetrics import regression as tmr
-from torchmetrics.wrappers.abstract import WrapperMetric
 
 from forgeml.config import ForecastTask as ForecastConfig
 from forgeml.data.base import TargetSpec
 from forgeml.tasks import register_task
-from forgeml.tasks.regression import LOSSES, RMSE
+from forgeml.tasks.regression import LOSSES
 
-
-class Observed(WrapperMetric):
-    """A regression metric over the target values that were observed (not NaN); the
-    wrapped metric keeps the state and synchronises it across ranks."""
-
-    def __init__(self, metric: torchmetrics.Metric):
-        super().__init__()
-        self.metric = metric
-
-    @staticmethod
-    def _observed(preds: torch.Tensor, target: torch.Tensor):
-        observed = torch.isfinite(target)
-        return preds[observed], target[observed]
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        self.metric.update(*self._observed(preds, target))
-
-    def forward(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.metric(*self._observed(preds, target))
-
-    def compute(self) -> torch.Tensor:
-        return self.metric.compute()
-
-    def reset(self) -> None:
-        self.metric.reset()
-        super().reset()
+if TYPE_CHECKING:
+    import torchmetrics
 
 
 @register_task("forecast")
@@ -67,12 +42,22 @@ class ForecastTask:
         return outputs.float() * self.target.std + self.target.mean
 
     def validation_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection(
+        from torchmetrics import MetricCollection
+        from torchmetrics import regression as tmr
+
+        from forgeml.tasks.metrics import RMSE, Observed
+
+        return MetricCollection(
             {"rmse": Observed(RMSE()), "mae": Observed(tmr.MeanAbsoluteError())}
         )
 
     def test_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection(
+        from torchmetrics import MetricCollection
+        from torchmetrics import regression as tmr
+
+        from forgeml.tasks.metrics import RMSE, Observed
+
+        return MetricCollection(
             {
                 "rmse": Observed(RMSE()),
                 "mae": Observed(tmr.MeanAbsoluteError()),

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from PIL import Image
 from torch import nn
-from torchmetrics.aggregation import MeanMetric
 
 from forgeml.config import ImageGenerationTask as ImageGenerationConfig
 from forgeml.config import JudgeConfig
@@ -29,22 +28,13 @@ from forgeml.data.base import TargetSpec
 from forgeml.data.images import WAFER_MAX
 from forgeml.tasks import register_task
 
+if TYPE_CHECKING:
+    import torchmetrics
+
 #: Images drawn or rated per forward pass.
 DRAW_BATCH = 256
 #: Seeds the draws of ``sample_report``: one model always reports the same numbers.
 REPORT_SEED = 0
-
-
-class RowMean(MeanMetric):
-    """The mean over rows of a per-row quantity of (predicted, targets); synchronised
-    across ranks like any torchmetrics metric."""
-
-    def __init__(self, per_row: Callable[[tuple, torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.per_row = per_row
-
-    def update(self, predicted: tuple, targets: torch.Tensor) -> None:
-        super().update(self.per_row(predicted, targets))
 
 
 class ImageGeneration:
@@ -128,9 +118,11 @@ class VAETask(ImageGeneration):
         return (nll + kl).mean()
 
     def validation_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection(
-            {"reconstruction_error": RowMean(self._reconstruction_error)}
-        )
+        from torchmetrics import MetricCollection
+
+        from forgeml.tasks.metrics import RowMean
+
+        return MetricCollection({"reconstruction_error": RowMean(self._reconstruction_error)})
 
     @staticmethod
     def _reconstruction_error(outputs: tuple, codes: torch.Tensor) -> torch.Tensor:
@@ -138,7 +130,11 @@ class VAETask(ImageGeneration):
         return (outputs[0].argmax(1) != codes).flatten(1).float().mean(1)
 
     def test_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection(
+        from torchmetrics import MetricCollection
+
+        from forgeml.tasks.metrics import RowMean
+
+        return MetricCollection(
             {
                 "elbo": RowMean(lambda out, codes: -sum(self._terms(out, codes))),
                 "reconstruction_nll": RowMean(lambda out, codes: self._terms(out, codes)[0]),
@@ -176,7 +172,11 @@ class GANTask(ImageGeneration):
     def validation_metrics(self) -> torchmetrics.MetricCollection:
         """How often the discriminator tells real from generated: near 0.5 while the game
         is balanced, near 1 when it wins outright (the generator has stopped learning)."""
-        return torchmetrics.MetricCollection(
+        from torchmetrics import MetricCollection
+
+        from forgeml.tasks.metrics import RowMean
+
+        return MetricCollection(
             {
                 "discriminator_accuracy": RowMean(
                     lambda out, codes: ((out[0] > 0).float() + (out[1] < 0).float()).squeeze(1) / 2

@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torchmetrics
 from torch import nn
-from torchmetrics.text import Perplexity
 
 from forgeml.config import LanguageModelTask as LanguageModelConfig
 from forgeml.data.base import TargetSpec
 from forgeml.tasks import register_task
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 PAD_ID = 0
 
@@ -44,7 +46,10 @@ class LanguageModelTask:
         return torch.log_softmax(logits.float(), dim=-1)
 
     def validation_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection({"perplexity": Perplexity(ignore_index=PAD_ID)})
+        from torchmetrics import MetricCollection
+        from torchmetrics.text import Perplexity
+
+        return MetricCollection({"perplexity": Perplexity(ignore_index=PAD_ID)})
 
     def test_metrics(self) -> torchmetrics.MetricCollection:
         return self.validation_metrics()

@@ -3,22 +3,20 @@ split's mean and standard deviation; predictions and metrics are in the target's
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-import torchmetrics
 from torch import nn
-from torchmetrics import regression as tmr
 
 from forgeml.config import RegressionTask as RegressionConfig
 from forgeml.data.base import TargetSpec
 from forgeml.tasks import register_task
 
+if TYPE_CHECKING:
+    import torchmetrics
+
 LOSSES = {"mse": nn.MSELoss, "huber": nn.HuberLoss, "l1": nn.L1Loss}
-
-
-class RMSE(tmr.MeanSquaredError):
-    def __init__(self):
-        super().__init__(squared=False)
 
 
 @register_task("regression")
@@ -43,12 +41,22 @@ class RegressionTask:
         return outputs.float().squeeze(-1) * self.target.std + self.target.mean
 
     def validation_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection(
+        from torchmetrics import MetricCollection
+        from torchmetrics import regression as tmr
+
+        from forgeml.tasks.metrics import RMSE
+
+        return MetricCollection(
             {"rmse": RMSE(), "mae": tmr.MeanAbsoluteError(), "r2": tmr.R2Score()}
         )
 
     def test_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection(
+        from torchmetrics import MetricCollection
+        from torchmetrics import regression as tmr
+
+        from forgeml.tasks.metrics import RMSE
+
+        return MetricCollection(
             {
                 "mse": tmr.MeanSquaredError(),
                 "rmse": RMSE(),
