@@ -47,8 +47,8 @@ HARD_SHARE = 0.10
 METHODS = {
     "bayesian_asha": {
         "search": "optuna_tpe",
-        # forgeml's defaults: a grace period of 2 epochs does not prune a slow start
-        "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 3},
+        # forgeml's default ASHA: a grace period of 2 epochs, which spares a slow start
+        "scheduler": {"kind": "asha"},
     },
     "random_no_early_stop": {"search": "random", "scheduler": {"kind": "none"}},
 }

@@ -307,8 +307,8 @@ def _train_air_passengers(storage) -> None:
 
 
 def test_a_table_model_serves_records_and_names_bad_fields(served, kinds):
-    """Penguins body mass (regression) next to the wafer model: the same gateway and
-    batching, typed records in, values out, bad fields named with a 422. Its model reads
+    """Penguins body mass (regression) next to the wafer model: the same batching,
+    typed records in, values out, bad fields named with a 422. Its model reads
     the principal components of the 8 best encoded columns, so serving applies the
     fitted selection and PCA as training did."""
     url = "/kinds/v1/models/penguins-body-mass/predict"
