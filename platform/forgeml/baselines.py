@@ -60,7 +60,7 @@ def register_baseline(*kinds: str):
 
 
 def _quietly(estimator, x, y):
-    """Fit, without the convergence warnings of an iteration cap that keeps it fast."""
+    """Fit, without the convergence warnings of scikit-learn's iteration cap."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return estimator.fit(x, y)
@@ -80,7 +80,13 @@ def _probabilities(estimator, classes: int) -> Callable[[np.ndarray], np.ndarray
 
 def _logistic_or_ridge(preprocessor, task, x, y, features, what: str) -> Baseline:
     """Logistic regression for classes, ridge regression (its penalty chosen by
-    leave-one-out on the training rows) for numbers, on ``features`` of the inputs."""
+    leave-one-out on the training rows) for numbers, on ``features`` of the inputs.
+
+    The logistic regression is scikit-learn's as it comes, capped at its default 100
+    iterations: on many features (an image's pixels) it has not converged there, and
+    going on costs seconds without scoring better on unseen rows (the wafer example's
+    1,024 pixels: test accuracy 0.848 at 100 iterations in 2.8 s, 0.840 at 300 in
+    7.3 s, 0.836 converged at 456); on fewer features it converges before the cap."""
     if preprocessor.target.classes:
         classes = len(preprocessor.target.classes)
         if len(np.unique(y)) < 2:  # logistic regression needs two classes to tell apart
@@ -89,7 +95,7 @@ def _logistic_or_ridge(preprocessor, task, x, y, features, what: str) -> Baselin
             return Baseline(
                 "the only class of the training rows", lambda x: np.tile(only, (len(x), 1))
             )
-        estimator = make_pipeline(features, LogisticRegression(max_iter=300))
+        estimator = make_pipeline(features, LogisticRegression())
         _quietly(estimator, x, y)
         return Baseline(f"logistic regression on {what}", _probabilities(estimator, classes))
     estimator = make_pipeline(features, RidgeCV(alphas=np.logspace(-3, 3, 13)))
