@@ -382,6 +382,7 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
     assert requests.post(predict, json=body, headers=headers, timeout=60).status_code == 200
 
     stop, codes, ready_codes, not_ready = threading.Event(), [], [], []
+    failures = []  # (seconds into the load, what went wrong), for the failure message
 
     def load():
         with requests.Session() as session:
@@ -389,8 +390,11 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
                 try:
                     response = session.post(predict, json=body, headers=headers, timeout=60)
                     codes.append(response.status_code)
+                    if response.status_code != 200:
+                        failures.append((time.monotonic() - load_started, response.text[:200]))
                 except requests.RequestException as exc:
                     codes.append(type(exc).__name__)
+                    failures.append((time.monotonic() - load_started, repr(exc)[:200]))
 
     def probe_readiness():
         """Every /readyz answer's code; for each other than 200, when (seconds into the
@@ -450,7 +454,10 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
         time.sleep(1)
     failed = Counter(code for code in codes if code != 200)
     print(json.dumps({"requests": len(codes), "failed": failed, "recovered_s": recovered_s}))
-    assert codes and failed.total() <= len(codes) / 1000, failed
+    assert codes and failed.total() <= len(codes) / 1000, (
+        f"{failed}; killed at {killed - load_started:.1f} s: "
+        f"{[(round(at, 1), why) for at, why in failures]}"
+    )
     # /readyz said ready: the predictions the other replica answers count, so no probe
     # waits behind them. Never two failed probes in a row: Kubernetes marks a pod unready
     # only after three (failureThreshold), each a probe period apart.
