@@ -166,9 +166,18 @@ def start_embedded_runtime(**init_options):
     worker processes Ray starts ahead, so each of its tasks and actors would wait for a
     new one (2 cores: a first task 1.07 s instead of 0.54 s, a first actor 0.85 s
     instead of 0.25 s).
+
+    Its runs start no preemption watcher: Ray Train's watcher is an actor per run that
+    polls the nodes' drain state, and an embedded runtime's one node is the driver's
+    own, which no autoscaler drains (the watcher's process costs a tiny run about a
+    tenth of its CPU on 2 cores).
     """
     port = free_port()
-    with environment({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}):
+    node_environment = {
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
+    with environment(node_environment):
         return ray.init(
             address="local", include_dashboard=True, dashboard_port=port, **init_options
         )
