@@ -172,6 +172,19 @@ def test_the_model_and_its_baseline_are_scored_on_the_same_test_rows(ddp_run):
     assert sum(map(sum, baseline["test"]["confusion_matrix"]["matrix"])) == data["rows"]["test"]
 
 
+def test_runs_on_an_embedded_runtime_start_no_preemption_watcher(ray_runtime, ddp_run):
+    """The shared runtime starts as forgeml's embedded runtime does; its one node is the
+    driver's own, which no autoscaler drains, so Ray Train's per-run preemption watcher
+    (a process of its own) is off. The actor table keeps ended actors too."""
+    classes = {
+        actor.class_name
+        for actor in list_actors(address=f"http://{ray_runtime.dashboard_url}", limit=10_000)
+    }
+
+    assert {"TrainController", "RayTrainWorker"} <= classes
+    assert "PreemptionWatcher" not in classes
+
+
 def test_the_first_epochs_of_a_tiny_cnn_lower_its_training_loss(ddp_run):
     history = ddp_run.metrics["history"]
 
