@@ -8,12 +8,14 @@ then wait a minute for it and fail; ``connect`` starts an embedded runtime inste
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import socket
 from dataclasses import dataclass
 
+import psutil
 import ray
 from ray._common.utils import reset_ray_address
 from ray._private.utils import read_ray_address
@@ -171,16 +173,47 @@ def start_embedded_runtime(**init_options):
     polls the nodes' drain state, and an embedded runtime's one node is the driver's
     own, which no autoscaler drains (the watcher's process costs a warm tiny run about
     1.2 of its 21 CPU-seconds on 2 cores).
+
+    It is shut down by ``shutdown``, at the latest when this process exits.
     """
     port = free_port()
     node_environment = {
         "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     }
+    children = {process.pid for process in psutil.Process().children()}
     with environment(node_environment):
-        return ray.init(
+        context = ray.init(
             address="local", include_dashboard=True, dashboard_port=port, **init_options
         )
+    _embedded_runtime[:] = [p for p in psutil.Process().children() if p.pid not in children]
+    atexit.register(shutdown, exiting_interpreter=True)  # runs before Ray's own
+    return context
+
+
+#: The processes ``start_embedded_runtime`` started in this process (its GCS, raylet,
+#: dashboard and log monitor); every other process of the runtime descends from them.
+_embedded_runtime: list[psutil.Process] = []
+
+
+def shutdown(exiting_interpreter: bool = False) -> None:
+    """Leave Ray; an embedded runtime this process started ends, with every process it
+    started. A Ray worker ends itself when its node goes, unless its exit hangs: Ray
+    core can deadlock in a worker's exit (seen with Ray Train's controllers), and user
+    code can leave a thread that never returns. Such a process would stay, orphaned and
+    holding its memory, after the runtime; what is left once Ray has shut down is
+    killed (nothing remains for it to do, its node being gone). ``exiting_interpreter``:
+    called as this process exits, when Ray first lets its workers' last lines print."""
+    atexit.unregister(shutdown)
+    started = list(_embedded_runtime)
+    for process in _embedded_runtime:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started += process.children(recursive=True)
+    _embedded_runtime.clear()
+    ray.shutdown(_exiting_interpreter=exiting_interpreter)
+    for process in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def connect(require_cluster: bool = False) -> None:

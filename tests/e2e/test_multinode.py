@@ -22,7 +22,7 @@ import pytest
 import ray
 from forgeml.config import StorageConfig
 from forgeml.local_cluster import LocalCluster
-from forgeml.runtime import RAY_ENV_DEFAULTS, environment
+from forgeml.runtime import RAY_ENV_DEFAULTS, environment, shutdown
 from forgeml.storage import ModelRegistry, Storage
 from forgeml.train.trainer import run_training
 from forgeml.tune.search import RESULTS_FILE
@@ -49,7 +49,7 @@ SHAPE = {
 def single_node_run(tmp_path_factory):
     """The same experiment on one node (an embedded runtime with two CPUs), trained
     before the cluster starts."""
-    ray.shutdown()  # the integration runtime, if this session started one
+    shutdown()  # the integration runtime, if this session started one
     with environment(RAY_ENV_DEFAULTS):
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
         try:

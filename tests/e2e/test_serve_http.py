@@ -27,7 +27,7 @@ from forgeml.explain import explain
 from forgeml.model_package import load_model
 from forgeml.monitor.check import DriftGauges, check
 from forgeml.monitor.traffic import read_traffic
-from forgeml.runtime import RAY_ENV_DEFAULTS, free_port
+from forgeml.runtime import RAY_ENV_DEFAULTS, free_port, shutdown
 from forgeml.serve.apps import build_gateway, build_model_app
 from forgeml.serve.deploy import AppArgs, _route_prefixes, deploy, undeploy
 from forgeml.serve.schemas import PredictRequest
@@ -49,7 +49,7 @@ PREDICT = "/v1/models/tiny-wafer/predict"
 def served(tmp_path_factory):
     """A tiny trained model behind two gateways, each with its own application of it: with
     auth at /, without auth at /open."""
-    ray.shutdown()
+    shutdown()  # the integration runtime, if this session started one
     metrics_port = free_port()
     with pytest.MonkeyPatch.context() as patch:
         for name, value in RAY_ENV_DEFAULTS.items():

@@ -8,6 +8,7 @@ from forgeml.runtime import (
     RAY_ENV_DEFAULTS,
     environment,
     forget_stale_cluster,
+    shutdown,
     start_embedded_runtime,
 )
 
@@ -27,4 +28,4 @@ def ray_runtime():
         context = start_embedded_runtime(num_cpus=4, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield context
-        ray.shutdown()
+        shutdown()

@@ -1,23 +1,32 @@
-"""Two forgeml runs at once on one machine, each on the embedded runtime it starts."""
+"""Two forgeml runs at once on one machine, each on the embedded runtime it starts and
+ends."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
+
+import psutil
 
 #: A run's stand-in: joins or starts Ray as every forgeml job does, starts an actor,
 #: lists the cluster's actors from inside a task (Ray Train's placement-group cleaner
-#: asks the State API the same way), and stays up until its stdin closes.
+#: asks the State API the same way), lets the actor go, as a run lets its Train
+#: controller go, and stays up until its stdin closes. The actor's process cannot end
+#: (a thread that never returns), as a worker whose exit deadlocks in Ray core.
 RUN = """
+import os
 import sys
+import threading
 import ray
 from forgeml.runtime import connect
 
 @ray.remote
 class Marker:
     def ready(self):
-        return True
+        threading.Thread(target=threading.Event().wait).start()
+        return os.getpid()
 
 @ray.remote
 def actors_seen_from_a_worker():
@@ -29,8 +38,9 @@ def actors_seen_from_a_worker():
 
 connect()
 marker = Marker.remote()
-ray.get(marker.ready.remote())
+print(ray.get(marker.ready.remote()), flush=True)
 print("seen", ray.get(actors_seen_from_a_worker.remote()), flush=True)
+del marker
 sys.stdin.read()
 """
 
@@ -47,16 +57,30 @@ def _start_run() -> subprocess.Popen:
     )
 
 
-def test_each_runs_workers_reach_the_state_api_of_their_own_runtime():
-    """With a second Ray instance on the machine, Ray's in-cluster clients find no
-    address to choose; each embedded runtime names its own dashboard to its workers."""
-    runs = [_start_run()]
+def _alive(pid: int) -> bool:
     try:
-        seen = [runs[0].stdout.readline()]
-        runs.append(_start_run())  # starts while the first runtime is up
-        seen.append(runs[1].stdout.readline())
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_each_runs_workers_reach_their_own_runtime_which_ends_with_the_run():
+    """With a second Ray instance on the machine, Ray's in-cluster clients find no
+    address to choose; each embedded runtime names its own dashboard to its workers.
+    When a run exits, no process of its runtime stays behind, not even one whose exit
+    hangs."""
+    runs, actors, seen = [], [], []
+    try:
+        for _ in range(2):  # the second starts while the first runtime is up
+            runs.append(_start_run())
+            actors.append(int(runs[-1].stdout.readline()))
+            seen.append(runs[-1].stdout.readline())
     finally:
         for run in runs:
             run.stdin.close()
             run.wait(timeout=60)
     assert seen == ["seen ['Marker']\n"] * 2
+    deadline = time.monotonic() + 10
+    while any(map(_alive, actors)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in actors if _alive(pid)]
