@@ -434,6 +434,16 @@ def _print_config_summary(cfg: ExperimentConfig) -> None:
     )
 
 
+def _storage_failed(args: argparse.Namespace, failure) -> int:
+    """The exit of a run or search that its storage failed, with the command that goes on."""
+    print(
+        f"forgeml: error: {failure}\nNothing was registered. Once the storage has room or "
+        f"answers again: forgeml {args.command} --config {args.config} --resume {failure.run}",
+        file=sys.stderr,
+    )
+    return EXIT_STORAGE
+
+
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from forgeml.storage import StorageFailure
@@ -441,20 +451,15 @@ def _train(args: argparse.Namespace) -> int:
 
     _print_config_summary(cfg)
 
-    if cfg.task.acts:
-        return _train_policy(cfg, args.resume)
     try:
+        if cfg.task.acts:
+            return _train_policy(cfg, args.resume)
         outcome = run_training(cfg, resume=args.resume)
     except TrainingDiverged as exc:
         print(f"forgeml: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except StorageFailure as exc:
-        print(
-            f"forgeml: error: {exc}\nNothing was registered. Once the storage has room or "
-            f"answers again: forgeml train --config {args.config} --resume {exc.run}",
-            file=sys.stderr,
-        )
-        return EXIT_STORAGE
+        return _storage_failed(args, exc)
     print(
         f"\n{cfg.name}: {outcome.status} after {outcome.epochs} epochs "
         f"(best epoch {outcome.metrics['best_epoch']}, run {outcome.run_name})"
@@ -517,6 +522,7 @@ def _tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.tune is None:
         raise ConfigError(f"{args.config} has no tune section (see docs/configuration.md)")
+    from forgeml.storage import StorageFailure
     from forgeml.tune.search import BEST_CONFIG_FILE, RESULTS_FILE, run_tuning
 
     _print_config_summary(cfg)
@@ -525,12 +531,15 @@ def _tune(args: argparse.Namespace) -> int:
         f"{cfg.tune.scheduler.kind}) for the best {cfg.tune.metric}",
         flush=True,
     )
-    if cfg.task.acts:
-        from forgeml.rl.search import run_reinforcement_search
+    try:
+        if cfg.task.acts:
+            from forgeml.rl.search import run_reinforcement_search
 
-        outcome, counted = run_reinforcement_search(cfg, resume=args.resume), "iterations"
-    else:
-        outcome, counted = run_tuning(cfg, resume=args.resume), "epochs"
+            outcome, counted = run_reinforcement_search(cfg, resume=args.resume), "iterations"
+        else:
+            outcome, counted = run_tuning(cfg, resume=args.resume), "epochs"
+    except StorageFailure as exc:
+        return _storage_failed(args, exc)
     columns = ["trial_id", *[c for c in outcome.trials if c.startswith("param.")]]
     columns += [cfg.tune.metric, counted, "seconds", "state"]
     print()

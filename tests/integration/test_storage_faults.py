@@ -1,11 +1,12 @@
-"""Training through storage faults injected for real: an S3 endpoint that goes away in
-the middle of a checkpoint upload, for a while or for good, and a local storage root on
-a small tmpfs that fills up."""
+"""Training and searching through storage faults injected for real: an S3 endpoint that
+goes away in the middle of a checkpoint upload, for a while or for good, and a local
+storage root on a small tmpfs that fills up."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -45,11 +46,12 @@ def _s3_config(tmp_path, outage, s3_endpoint, bucket: str, **storage) -> tuple:
     return write_config(tmp_path / "tiny.yaml", raw), raw
 
 
-def _registered_epoch(s3_endpoint: str, bucket: str) -> int:
-    """The epoch of the newest checkpoint Ray Train has registered (0 if none), read
-    from the S3 server itself, past the relay."""
+def _registered_epoch(s3_endpoint: str, bucket: str, folder: str) -> int:
+    """The epoch of the newest checkpoint Ray Train has registered (0 if none) for a run
+    under ``folder`` (runs, or tune for a search's trials), read from the S3 server
+    itself, past the relay."""
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    listing = s3.list_objects_v2(Bucket=bucket, Prefix="team/runs/").get("Contents", [])
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"team/{folder}/").get("Contents", [])
     for key in (o["Key"] for o in listing):
         if key.endswith("/checkpoint_manager_snapshot.json"):
             snapshot = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
@@ -58,11 +60,13 @@ def _registered_epoch(s3_endpoint: str, bucket: str) -> int:
     return 0
 
 
-def _go_down_in_a_checkpoint_upload_after_epoch_1(outage, s3_endpoint, bucket, back_after_s):
+def _go_down_in_a_checkpoint_upload_after_epoch_1(
+    outage, s3_endpoint, bucket, back_after_s, folder="runs"
+):
     """Once epoch 1's checkpoint is registered, the relay goes down in the middle of the
     next checkpoint file's upload; it comes back ``back_after_s`` later (None: never)."""
     deadline = time.monotonic() + 240
-    while _registered_epoch(s3_endpoint, bucket) < 1:
+    while _registered_epoch(s3_endpoint, bucket, folder) < 1:
         assert time.monotonic() < deadline, "no checkpoint was registered"
         time.sleep(0.1)
     outage.down_during(b"/checkpoint_")
@@ -127,6 +131,43 @@ def test_a_lasting_s3_outage_fails_clearly_and_resume_finishes_the_run(
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 7))
     (restart,) = metrics["run"]["restarts"]
     assert restart["epoch"] >= 1
+
+
+def test_a_search_that_loses_its_s3_storage_fails_clearly_and_resume_finishes_it(
+    ray_runtime, s3_endpoint, outage, tmp_path, capsys
+):
+    """The same lasting outage in the one trial of a search: the search ends with the
+    storage's exit and the command that goes on; once the endpoint is back, that command
+    finishes the search and registers its model."""
+    config, raw = _s3_config(tmp_path, outage, s3_endpoint, "outage-tune", max_attempts=4)
+    raw["tune"] = {
+        "metric": "val_loss",
+        "mode": "min",
+        "search": {"kind": "grid"},
+        "scheduler": {"kind": "none"},
+        "space": {"train.optimizer.lr": {"kind": "grid", "values": [3e-3]}},
+    }
+    write_config(config, raw)
+    fault = threading.Thread(
+        target=_go_down_in_a_checkpoint_upload_after_epoch_1,
+        args=(outage, s3_endpoint, "outage-tune", None, "tune"),
+    )
+    fault.start()
+    code = main(["tune", "--config", str(config)])
+    fault.join()
+
+    err = capsys.readouterr().err
+    assert code == EXIT_STORAGE, err
+    assert "s3://outage-tune/team did not answer" in err, err
+    (search,) = re.findall(rf"forgeml tune --config {config} --resume (\S+)", err)
+    outage.up()
+    registry = ModelRegistry(Storage(StorageConfig(**raw["storage"])))
+    assert registry.versions("tiny-wafer") == []
+
+    assert main(["tune", "--config", str(config), "--resume", search]) == 0
+    metrics = _metrics(raw)
+    assert metrics["status"] == "tuned" and metrics["run"]["name"] == search
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 7))
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from forgeml.tune.search import (
     BEST_CONFIG_FILE,
     TrialProgress,
     TuningOutcome,
+    fit_search,
     search_name,
     search_tuner,
     searched_trials,
@@ -159,11 +160,20 @@ def _trial_rows(results, settings: TuneConfig, base: dict, trials: dict) -> pd.D
 
 
 def run_reinforcement_search(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutcome:
-    """Search ``cfg.tune.space``, write the results, and register the best trial's policy."""
+    """Search ``cfg.tune.space``, write the results, and register the best trial's policy
+    (StorageFailure as ``run_tuning`` raises it)."""
     started = time.monotonic()
-    settings = cfg.tune
     storage = Storage(cfg.storage)
     name = search_name(storage, cfg, resume)
+    with storage.failures_named(name):
+        return _search(cfg, storage, name, resume, started)
+
+
+def _search(
+    cfg: ExperimentConfig, storage: Storage, name: str, resume: bool | str, started: float
+) -> TuningOutcome:
+    """``run_reinforcement_search`` once the search is named."""
+    settings = cfg.tune
     path = storage.path("tune", name)
     start_run(cfg, storage, path)
     base = cfg.resolved()
@@ -186,7 +196,7 @@ def run_reinforcement_search(cfg: ExperimentConfig, resume: bool | str = False) 
         checkpoint_config=checkpointing(cfg),
     )
     logger.info("searching %s as %s (%s)", cfg.name, name, storage.uri("tune", name))
-    results = tuner.fit()
+    results = fit_search(tuner, storage)
     searched = searched_trials(results, storage)
     trials = _trial_rows(results, settings, base, searched)
     write_results(storage, path, trials)

@@ -297,12 +297,19 @@ def register_policy(
 
 def run_reinforcement(cfg: ExperimentConfig, resume: bool | str = False):
     """Train, evaluate and register a policy; returns the same outcome as supervised
-    training (``forgeml.train.trainer.TrainingOutcome``)."""
-    from forgeml.train.trainer import TrainingOutcome
-
+    training (``forgeml.train.trainer.TrainingOutcome``), and raises StorageFailure,
+    naming the run, as it does."""
     started = time.monotonic()
     storage = Storage(cfg.storage)
     name = resolve_run_name(storage, "runs", cfg.name, resume)
+    with storage.failures_named(name):
+        return _train(cfg, storage, name, resume, started)
+
+
+def _train(cfg: ExperimentConfig, storage: Storage, name: str, resume: bool | str, started: float):
+    """``run_reinforcement`` once the run is named."""
+    from forgeml.train.trainer import TrainingOutcome
+
     path = storage.path("runs", name)
     start_run(cfg, storage, path)
     config = algorithm_config(cfg)

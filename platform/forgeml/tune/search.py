@@ -58,7 +58,7 @@ from forgeml.config import (
     set_path,
 )
 from forgeml.data.pipeline import PreparedData
-from forgeml.launch import prepare_launch, resolve_run_name
+from forgeml.launch import Launch, prepare_launch, resolve_run_name
 from forgeml.registration import register_checkpoint
 from forgeml.storage import ModelVersion, Storage
 from forgeml.tracking import close_stopped_trials, run_tracking
@@ -513,6 +513,18 @@ def _best_state(result, cfg: ExperimentConfig, storage: Storage) -> dict:
     raise FileNotFoundError(f"no checkpoint of the best trial survives under {result.path}")
 
 
+def fit_search(tuner: tune.Tuner, storage: Storage) -> tune.ResultGrid:
+    """The search's results; the error of a trial that the storage failed is raised
+    (a StorageFailure within ``Storage.failures_named``): a search resumed once the
+    storage answers runs that trial again from its last checkpoint, while results that
+    went on without it could name a worse best trial."""
+    results = tuner.fit()
+    for result in results:
+        if result.error is not None and storage.failure(result.error) is not None:
+            raise result.error
+    return results
+
+
 def search_tuner(
     cfg: ExperimentConfig,
     trainable,
@@ -567,7 +579,11 @@ def search_tuner(
 
 
 def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutcome:
-    """Search ``cfg.tune.space``, write the results, and register the best trial's model."""
+    """Search ``cfg.tune.space``, write the results, and register the best trial's model.
+
+    Raises StorageFailure, naming the search, when the storage root fails it or one of
+    its trials (full, or unreachable past its retries): nothing is registered, and
+    ``--resume`` goes on from the trials' last checkpoints."""
     if cfg.tune is None:
         raise ValueError("the config has no tune section; see docs/configuration.md#tune")
     started = time.monotonic()
@@ -585,6 +601,15 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         trial_world_sizes(cfg),
         check_placement=not sized_by_trial,
     )
+    with storage.failures_named(launch.name):
+        return _search(cfg, launch, resume, started)
+
+
+def _search(
+    cfg: ExperimentConfig, launch: Launch, resume: bool | str, started: float
+) -> TuningOutcome:
+    """``run_tuning`` once the search's data is prepared."""
+    settings, storage = cfg.tune, launch.storage
     experiment, experiment_path, data = launch.name, launch.path, launch.data
     load_pretrained(cfg, storage, data)  # a bad init_from or freeze fails here, not per trial
     base = cfg.resolved()
@@ -624,7 +649,7 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
         ),
     )
     try:
-        results = tuner.fit()
+        results = fit_search(tuner, storage)
     finally:  # a trial lost for good with its node left its run's request too
         release_autoscaler_requests()
     close_stopped_trials(tracking, experiment)
