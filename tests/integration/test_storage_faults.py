@@ -19,6 +19,7 @@ import pytest
 from forgeml.cli import EXIT_STORAGE, main
 from forgeml.config import StorageConfig
 from forgeml.storage import ModelRegistry, Storage
+from forgeml.train.loop import CHECKPOINT_FILE
 
 from tests.conftest import tiny_raw_config, write_config
 from tests.faults import EndpointOutage
@@ -133,24 +134,41 @@ def test_a_lasting_s3_outage_fails_clearly_and_resume_finishes_the_run(
     assert restart["epoch"] >= 1
 
 
+def _go_down_in_a_trials_second_checkpoint(outage, s3_endpoint, bucket):
+    """Once an in-process trial's first checkpoint (Tune's ``checkpoint_000000``) holds
+    its state, the relay goes down in the middle of the next checkpoint's upload, for
+    good."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    deadline = time.monotonic() + 240
+    while not any(
+        o["Key"].endswith(f"/checkpoint_000000/{CHECKPOINT_FILE}")
+        for o in s3.list_objects_v2(Bucket=bucket, Prefix="team/tune/").get("Contents", [])
+    ):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.1)
+    outage.down_during(b"/checkpoint_000001/")
+    assert outage.tripped.wait(120), "no second checkpoint"
+
+
 def test_a_search_that_loses_its_s3_storage_fails_clearly_and_resume_finishes_it(
     ray_runtime, s3_endpoint, outage, tmp_path, capsys
 ):
-    """The same lasting outage in the one trial of a search: the search ends with the
-    storage's exit and the command that goes on; once the endpoint is back, that command
-    finishes the search and registers its model."""
+    """The same lasting outage in the one trial of a search (in-process, so that no Train
+    run starts twice): the search ends with the storage's exit and the command that goes
+    on; once the endpoint is back, that command finishes the search (from where Tune
+    last saved it) and registers its model."""
     config, raw = _s3_config(tmp_path, outage, s3_endpoint, "outage-tune", max_attempts=4)
     raw["tune"] = {
         "metric": "val_loss",
         "mode": "min",
+        "trial_mode": "in_process",
         "search": {"kind": "grid"},
         "scheduler": {"kind": "none"},
         "space": {"train.optimizer.lr": {"kind": "grid", "values": [3e-3]}},
     }
     write_config(config, raw)
     fault = threading.Thread(
-        target=_go_down_in_a_checkpoint_upload_after_epoch_1,
-        args=(outage, s3_endpoint, "outage-tune", None, "tune"),
+        target=_go_down_in_a_trials_second_checkpoint, args=(outage, s3_endpoint, "outage-tune")
     )
     fault.start()
     code = main(["tune", "--config", str(config)])

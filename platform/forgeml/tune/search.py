@@ -583,7 +583,8 @@ def run_tuning(cfg: ExperimentConfig, resume: bool | str = False) -> TuningOutco
 
     Raises StorageFailure, naming the search, when the storage root fails it or one of
     its trials (full, or unreachable past its retries): nothing is registered, and
-    ``--resume`` goes on from the trials' last checkpoints."""
+    ``--resume`` goes on, Train trials from their last checkpoints, in-process ones from
+    where Tune last saved the search."""
     if cfg.tune is None:
         raise ValueError("the config has no tune section; see docs/configuration.md#tune")
     started = time.monotonic()
