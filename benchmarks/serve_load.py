@@ -49,7 +49,10 @@ async def _drive(url: str, body: bytes, concurrency: int, seconds: float, max_re
             sent += 1
             started = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers=headers) as response:
+                # A redirect is an error: a served path answers itself.
+                async with session.post(
+                    url, data=body, headers=headers, allow_redirects=False
+                ) as response:
                     await response.read()
                     codes[response.status] = codes.get(response.status, 0) + 1
                     if response.status != 200:

@@ -90,7 +90,14 @@ def _bearer(token: str) -> dict:
 
 def _post(served, path, payload=None, token=TOKEN, data=None):
     headers = _bearer(token) if token else {}
-    return requests.post(served["url"] + path, json=payload, data=data, headers=headers, timeout=60)
+    return requests.post(
+        served["url"] + path,
+        json=payload,
+        data=data,
+        headers=headers,
+        timeout=60,
+        allow_redirects=False,  # the predict path answers itself, no 307 to a slash
+    )
 
 
 def _maps(n: int, seed: int = 3) -> np.ndarray:

@@ -32,6 +32,22 @@ def error_response(
     return JSONResponse(body, status_code=code, headers=headers)
 
 
+class PrefixAsRoot:
+    """Pure ASGI middleware for an app that Serve mounts at one route's path: a request
+    to that path itself (``/v1/models/<name>/predict``) reaches the app's ``/`` route.
+    Without it Starlette answers 307 with the path and a slash: every client pays a
+    second round trip, and one that does not follow redirects (curl without -L, httpx)
+    gets the redirect as its answer."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == scope.get("root_path"):
+            scope = {**scope, "path": scope["path"] + "/"}
+        await self.app(scope, receive, send)
+
+
 class RequestAccounting:
     """Pure ASGI middleware: request ids, metrics, and a hard limit on body size (413).
 

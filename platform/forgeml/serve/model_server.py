@@ -28,6 +28,7 @@ from forgeml.model_package import load_model, package_config
 from forgeml.monitor.traffic import TrafficRecorder
 from forgeml.serve.auth import Access, authorise, bearer_credentials
 from forgeml.serve.http import (
+    PrefixAsRoot,
     RequestAccounting,
     add_error_handlers,
     answer_or_refuse,
@@ -80,6 +81,7 @@ class ModelServer:
             metrics=RequestMetrics(),
             route=PREDICT_ROUTE,
         )
+        api.add_middleware(PrefixAsRoot)
         add_error_handlers(api)
         api.add_api_route(
             "/", self.predict_request, methods=["POST"], response_model=PredictResponse
