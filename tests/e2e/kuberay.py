@@ -72,14 +72,19 @@ def autoscaling_of(name: str, spec: dict) -> dict | None:
 
 
 def start_cluster(
-    folder: Path, name: str, spec: dict, secrets: dict[str, dict[str, str]]
+    folder: Path,
+    name: str,
+    spec: dict,
+    secrets: dict[str, dict[str, str]],
+    extra_env: dict[str, str] | None = None,
 ) -> LocalCluster:
-    """A local cluster as KubeRay would bring up RayCluster ``spec`` named ``name``."""
+    """A local cluster as KubeRay would bring up RayCluster ``spec`` named ``name``
+    (``extra_env``: the test's own variables on every node besides the pods')."""
     params = dict(spec["headGroupSpec"]["rayStartParams"])
     head_cpus = int(params.pop("num-cpus"))
     return LocalCluster(
         folder,
-        extra_env=node_env(spec, secrets),
+        extra_env={**node_env(spec, secrets), **(extra_env or {})},
         head_cpus=head_cpus,
         token_auth=False,
         autoscaling=autoscaling_of(name, spec),

@@ -12,9 +12,12 @@ applies it, and every scale-up and scale-down is watched in Ray's node table.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import re
 import secrets as secrets_module
+import socket
 import subprocess
 import sys
 import threading
@@ -27,12 +30,11 @@ from pathlib import Path
 import boto3
 import psutil
 import pytest
-import ray
 import requests
 import yaml
 from forgeml.config import StorageConfig
 from forgeml.local_cluster import LocalCluster
-from forgeml.runtime import environment, free_port
+from forgeml.runtime import environment, free_port, shutdown
 from forgeml.storage import ModelRegistry, Storage
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -80,6 +82,7 @@ class ChartCluster:
     secrets: dict[str, dict[str, str]]
     values: dict
     folder: Path
+    haproxy_log: HAProxyLog | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -110,11 +113,38 @@ class ChartCluster:
             return json.loads(registry.read(registry.resolve(ref), "metrics.json"))
 
 
+class HAProxyLog:
+    """The lines Serve's HAProxy logs (syslog over UDP, one request a line with its
+    status, retries and how its session ended), received on a port of 127.0.0.1, for
+    the failure message of a test that loses requests."""
+
+    def __init__(self):
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self.socket.getsockname()[1]}"
+        self.lines: list[str] = []
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self) -> None:
+        with contextlib.suppress(OSError):  # closed
+            while True:
+                self.lines.append(self.socket.recv(65536).decode(errors="replace").strip())
+
+    def unanswered(self) -> list[str]:
+        """The predictions that did not end with a 200, as HAProxy logged them."""
+        return [
+            line
+            for line in self.lines
+            if "/predict" in line and not re.search(r" (200|307) \d+ ", line)
+        ]
+
+
 @pytest.fixture(scope="module")
 def chart_cluster(tmp_path_factory, s3_endpoint):
     """The module's one cluster: the RayJob's, started with the Secrets a user would
-    create, stopped when the module ends, with nothing of it left running."""
-    ray.shutdown()  # the integration runtime, if this session started one
+    create, stopped when the module ends, with nothing of it left running. Its HAProxy
+    logs to ``chart.haproxy_log``."""
+    shutdown()  # the integration runtime, if this session started one
     folder = tmp_path_factory.mktemp("chart-cluster")
     with environment(S3_ENV):
         boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
@@ -128,9 +158,14 @@ def chart_cluster(tmp_path_factory, s3_endpoint):
     chart.experiment()
     rayjob = only(chart.render(), "RayJob")
     spec = rayjob["spec"]["rayClusterSpec"]
-    with start_cluster(folder / "nodes", rayjob["metadata"]["name"], spec, secrets) as cluster:
+    chart.haproxy_log = HAProxyLog()
+    logged = {"RAY_SERVE_HAPROXY_LOG_TARGET": chart.haproxy_log.target}
+    with start_cluster(folder / "nodes", rayjob["metadata"]["name"], spec, secrets, logged) as (
+        cluster
+    ):
         chart.cluster = cluster
         yield chart
+    chart.haproxy_log.socket.close()
     # Stopping the head's process group ended every node its autoscaler started.
     deadline = time.monotonic() + 30
     while left := [
@@ -456,7 +491,8 @@ def test_the_rayservice_serves_grows_onto_a_new_node_and_outlives_losing_it(
     print(json.dumps({"requests": len(codes), "failed": failed, "recovered_s": recovered_s}))
     assert codes and failed.total() <= len(codes) / 1000, (
         f"{failed}; killed at {killed - load_started:.1f} s: "
-        f"{[(round(at, 1), why) for at, why in failures]}"
+        f"{[(round(at, 1), why) for at, why in failures]}; HAProxy's log of predictions "
+        f"not answered 200: {chart.haproxy_log.unanswered()[-20:]}"
     )
     # /readyz said ready: the predictions the other replica answers count, so no probe
     # waits behind them. Never two failed probes in a row: Kubernetes marks a pod unready
