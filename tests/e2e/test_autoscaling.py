@@ -346,8 +346,9 @@ def _large_objects(chart: ChartCluster) -> list[tuple]:
 
 
 def _wait_for_requests_on(chart: ChartCluster, replica: dict, deadline: float) -> None:
-    """Returns once ``replica``'s access log shows a request it served."""
-    while "/v1/models/" not in _replica_log(chart, replica):
+    """Returns once ``replica``'s access log shows a prediction it served (Serve logs a
+    request to the application's own path as ``POST __call__ 200``)."""
+    while not re.search(r"POST \S+ 200 ", _replica_log(chart, replica)):
         assert time.monotonic() < deadline, f"replica {replica['replica_id']} logged no request"
         time.sleep(0.5)
 
