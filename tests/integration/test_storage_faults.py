@@ -108,10 +108,10 @@ def test_training_rides_out_an_s3_outage_in_a_checkpoint_upload(
 def test_a_lasting_s3_outage_fails_clearly_and_resume_finishes_the_run(
     ray_runtime, s3_endpoint, outage, tmp_path, capsys
 ):
-    """With 8 tries (waits of 6.4 s in all) and no restart allowed, the run fails once
+    """With 5 tries (waits of 0.75 s in all) and no restart allowed, the run fails once
     the endpoint has been gone for that long; nothing is registered; after it is back,
     --resume goes on from the last checkpoint."""
-    config, raw = _s3_config(tmp_path, outage, s3_endpoint, "outage-long", max_attempts=8)
+    config, raw = _s3_config(tmp_path, outage, s3_endpoint, "outage-long", max_attempts=5)
     fault = threading.Thread(
         target=_go_down_in_a_checkpoint_upload_after_epoch_1,
         args=(outage, s3_endpoint, "outage-long", None),
