@@ -37,7 +37,7 @@ import time
 import pandas as pd
 import ray
 from forgeml.config import config_from_dict
-from forgeml.runtime import RAY_ENV_DEFAULTS
+from forgeml.runtime import RAY_ENV_DEFAULTS, environment, shutdown, start_embedded_runtime
 from forgeml.storage import Storage
 from forgeml.tune.search import run_tuning
 
@@ -154,10 +154,11 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=None, help="logical CPUs for Ray")
     args = parser.parse_args()
 
-    os.environ.update(RAY_ENV_DEFAULTS)
-    # The trials reserve `concurrency` CPUs; Ray Data's tasks need one more to run on.
-    ray.init(address="local", num_cpus=args.cpus or args.concurrency + 1, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # The runtime forgeml starts, with its State API, which Ray Train's placement-group
+    # cleaner asks to free the CPUs of a trial the scheduler stopped. The trials reserve
+    # `concurrency` CPUs; Ray Data's tasks need one more to run on.
+    with environment(RAY_ENV_DEFAULTS):
+        start_embedded_runtime(num_cpus=args.cpus or args.concurrency + 1)
     runs: dict[str, list[dict]] = {name: [] for name in METHODS}
     with tempfile.TemporaryDirectory() as root:
         for seed in args.seeds:
@@ -184,7 +185,7 @@ def main() -> None:
                         "wall_s": round(time.monotonic() - started, 1),
                     }
                 )
-    ray.shutdown()
+    shutdown()
 
     def medians(results: list[dict], target: str) -> dict:
         reached = [r["to_target"][target] for r in results]

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from forgeml.config import config_from_dict
 from forgeml.data import wafer
+from forgeml.runtime import RAY_ENV_DEFAULTS, environment, shutdown, start_embedded_runtime
 from forgeml.train.trainer import run_training
 
 IMAGE_SIZE = 64
@@ -131,16 +131,11 @@ def measure(rows: int, object_store_mb: int) -> dict:
         sampler = PeakSampler(used_bytes())
         sampler.start()
         started = time.monotonic()
-        ray.init(
-            address="local",
-            num_cpus=2,
-            object_store_memory=object_store_mb * mib,
-            include_dashboard=False,
-        )
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        with environment(RAY_ENV_DEFAULTS):  # the runtime forgeml starts, smaller
+            start_embedded_runtime(num_cpus=2, object_store_memory=object_store_mb * mib)
         outcome = run_training(cfg)
         wall = time.monotonic() - started
-        ray.shutdown()
+        shutdown()
         sampler.done.set()
         sampler.join()
     pixels = rows * IMAGE_SIZE * IMAGE_SIZE

@@ -20,8 +20,8 @@ import tempfile
 import time
 
 import numpy as np
-import ray
 import torch
+from forgeml import runtime
 from forgeml.config import config_from_dict
 from forgeml.data.base import ModelInputs
 from forgeml.data.pipeline import prepare_data
@@ -99,8 +99,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         cfg = experiment(root, args.epochs, args.workers, args.threads, args.samples_per_class)
-        ray.init(address="local", num_cpus=max(2, args.workers + 1), include_dashboard=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        with runtime.environment(runtime.RAY_ENV_DEFAULTS):  # the runtime forgeml starts
+            runtime.start_embedded_runtime(num_cpus=max(2, args.workers + 1))
+        runtime.connect()  # forgeml's Ray Data settings, before the data is prepared
         storage = Storage(cfg.storage)
         rejects = storage.path("benchmark-rejected")
         data = prepare_data(cfg, open_source(cfg, storage), rejects, storage.fs)
@@ -109,7 +110,7 @@ def main() -> None:
 
         outcome = run_training(cfg)
         ours = [h["samples_per_s"] for h in outcome.metrics["history"]]
-        ray.shutdown()
+        runtime.shutdown()
 
     steady_plain = statistics.median(plain[1:])
     steady_ours = statistics.median(ours[1:])
