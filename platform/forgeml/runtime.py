@@ -178,7 +178,7 @@ def start_embedded_runtime(**init_options):
     Its runs' controllers poll their workers every 0.1 s, not 0.5 s as on clusters: a
     worker's ``ray.train.report`` waits until the controller's poll has taken the one
     before, so epochs shorter than the interval, and a run's end, wait for polls. A warm
-    tiny run of six epochs took 14.2-14.7 s instead of 17.1-19.6 s, for about 5 ms of
+    tiny run of six epochs took 14.2-16.3 s instead of 17.1-21.0 s, for about 5 ms of
     the controller's CPU a poll (2 cores); a cluster's controller, polling many workers,
     keeps the slower interval.
 
