@@ -14,8 +14,8 @@ import psutil
 #: lists the cluster's actors from inside a task (Ray Train's placement-group cleaner
 #: asks the State API the same way) and the Ray Train settings a worker starts with,
 #: lets the actor go, as a run lets its Train controller go, and stays up until its
-#: stdin closes. The actor's process cannot end
-#: (a thread that never returns), as a worker whose exit deadlocks in Ray core.
+#: stdin closes. The actor's process cannot end (a thread that never returns), as a
+#: worker whose exit deadlocks in Ray core.
 RUN = """
 import os
 import sys
